@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Boots the Veil guest kit under QEMU (-M microvm, KVM, PVH) and checks what it does.
+
+A peer check for the kit, independent of Veil's own VMM: every scenario boots the kit with a
+command line, compares the serial output and the exit status with what docs/guest-kit.md
+promises, and, for stamping scenarios, reads guest RAM back from the file that backs it.
+
+    python3 guests/kit/qemu-test.py [PATH-TO-veil-kit] [-k SUBSTRING]
+
+Without a path it uses guests/kit/target/x86_64-unknown-linux-gnu/release/veil-kit (run
+`cargo build --release` in guests/kit first). Needs qemu-system-x86_64 (Debian:
+qemu-system-x86) and /dev/kvm; skips everything, saying so, when either is missing. Prints one
+line per scenario with its wall time and ends with 'N passed, N failed'.
+"""
+
+import argparse
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+PAGE = 4096
+MASK = (1 << 64) - 1
+KIT_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ELF = os.path.join(KIT_DIR, "target", "x86_64-unknown-linux-gnu", "release", "veil-kit")
+# QEMU reports a write of N to the isa-debug-exit port as exit status (N << 1) | 1; a triple
+# fault with -no-reboot ends QEMU with status 0.
+TRIPLE_FAULT = "triple fault"
+
+
+def page_stamp(seed, gfn):
+    """veil_guest_abi::page_stamp: SplitMix64 of seed ^ gfn * golden ratio."""
+    z = (seed ^ ((gfn * 0x9E3779B97F4A7C15) & MASK)) + 0x9E3779B97F4A7C15 & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def gfns(first, count, stride=1):
+    return [first + i * stride for i in range(count)]
+
+
+class Scenario:
+    def __init__(self, name, cmdline, status, output, smp=1, mem="64M", stamped=(), untouched=(),
+                 prefill=None, timeout=120):
+        self.name = name
+        self.cmdline = cmdline
+        self.status = status  # kit exit status, or TRIPLE_FAULT
+        self.output = output  # exact serial output
+        self.smp = smp
+        self.mem = mem
+        self.stamped = stamped  # (seed, [gfn, ...]) pairs expected in RAM afterwards
+        self.untouched = untouched  # gfns whose first word must still be 0
+        self.prefill = prefill  # {gfn: u64} written into RAM before boot
+        self.timeout = timeout
+
+
+def mem_bytes(mem):
+    units = {"M": 1 << 20, "G": 1 << 30}
+    return int(mem[:-1]) * units[mem[-1]]
+
+
+def file_offset(gfn, mem):
+    """Offset of gfn's page in the RAM file: microvm puts RAM above 3 GiB at 4 GiB."""
+    addr = gfn * PAGE
+    low = min(mem_bytes(mem), 3 << 30)
+    if addr < low:
+        return addr
+    assert addr >= 4 << 30, "gfn in the PCI hole"
+    return low + addr - (4 << 30)
+
+
+def run(elf, sc, workdir):
+    ram = os.path.join(workdir, "ram")
+    with open(ram, "wb") as f:
+        f.truncate(mem_bytes(sc.mem))  # sparse, all zero: QEMU needs zero low RAM
+        for gfn, value in (sc.prefill or {}).items():
+            f.seek(file_offset(gfn, sc.mem))
+            f.write(struct.pack("<Q", value))
+    cmd = [
+        "qemu-system-x86_64", "-accel", "kvm", "-M", "microvm", "-m", sc.mem, "-smp", str(sc.smp),
+        "-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01",
+        "-object", f"memory-backend-file,id=m,size={sc.mem},mem-path={ram},share=on",
+        "-machine", "memory-backend=m",
+        "-kernel", elf, "-append", sc.cmdline,
+    ]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=sc.timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return [f"timed out after {sc.timeout} s"], sc.timeout
+    elapsed = time.monotonic() - start
+    problems = []
+    if proc.returncode == 0:
+        status = TRIPLE_FAULT
+    elif proc.returncode & 1:
+        status = proc.returncode >> 1
+    else:
+        status = f"QEMU exit {proc.returncode}"
+    if status != sc.status:
+        problems.append(f"status {status!r}, expected {sc.status!r}; stderr: {proc.stderr.decode()[-500:]}")
+    out = proc.stdout.decode(errors="replace")
+    if out != sc.output:
+        problems.append(f"output {out!r}, expected {sc.output!r}")
+    with open(ram, "rb") as f:
+        def word(gfn):
+            f.seek(file_offset(gfn, sc.mem))
+            return struct.unpack("<Q", f.read(8))[0]
+        for seed, pages in sc.stamped:
+            bad = [g for g in pages if word(g) != page_stamp(seed, g)]
+            if bad:
+                problems.append(f"{len(bad)} of {len(pages)} pages not stamped, first gfn {bad[0]:#x}")
+        bad = [g for g in sc.untouched if word(g) != 0]
+        if bad:
+            problems.append(f"pages written that should not be: {[hex(g) for g in bad[:8]]}")
+    return problems, elapsed
+
+
+def scenarios():
+    kit_mem = "gfns 0x100..0x1d3"  # filled in by main() from the ELF
+    yield Scenario("greet", "greet", 0, "Hello from the Veil guest kit!\n")
+    yield Scenario("empty command line greets", "", 0, "Hello from the Veil guest kit!\n")
+    yield Scenario(
+        "stamp and check 256 pages",
+        "greet stamp:seed=1,first=0x800,count=256 check:seed=1,first=0x800,count=256",
+        0, "Hello from the Veil guest kit!\nstamped 256 pages on 1 vCPUs\ncheck ok: 256 pages\n",
+        stamped=[(1, gfns(0x800, 256))], untouched=[0x7ff, 0x900])
+    yield Scenario(
+        "stride leaves the pages in between alone",
+        "stamp:seed=0x77,first=0x1000,count=100,stride=7 check:seed=0x77,first=0x1000,count=100,stride=7",
+        0, "stamped 100 pages on 1 vCPUs\ncheck ok: 100 pages\n",
+        stamped=[(0x77, gfns(0x1000, 100, 7))], untouched=[0x1001, 0x1006, 0x1000 + 700])
+    wrong = page_stamp(9, 0x805)
+    yield Scenario(
+        "check finds a wrong stamp",
+        "stamp:seed=1,first=0x800,count=16 check:seed=1,first=0x800,count=5 check:seed=9,first=0x805,count=3",
+        1, "stamped 16 pages on 1 vCPUs\ncheck ok: 5 pages\n"
+        f"check FAILED at gfn 0x805: found {page_stamp(1, 0x805):#x}, expected {wrong:#x}\n")
+    yield Scenario(
+        "check reads what the host wrote",
+        "check:seed=42,first=0x2000,count=64",
+        0, "check ok: 64 pages\n",
+        prefill={g: page_stamp(42, g) for g in gfns(0x2000, 64)})
+    yield Scenario("exit status", "greet exit:code=7 greet", 7, "Hello from the Veil guest kit!\n")
+    # QEMU can only report statuses up to 127: (status << 1) | 1 must fit in a byte.
+    yield Scenario("exit 0x-hex status", "exit:code=0x7f", 127, "")
+    yield Scenario("fault stops the guest", "greet fault greet", TRIPLE_FAULT,
+                   "Hello from the Veil guest kit!\n")
+    yield Scenario("unknown task", "greet bogus", 2,
+                   "veil-kit: error: bad task `bogus`: unknown task `bogus`\n")
+    yield Scenario("missing parameter", "stamp:seed=1,count=3", 2,
+                   "veil-kit: error: bad task `stamp:seed=1,count=3`: missing parameter `first`\n")
+    yield Scenario("bad number", "check:seed=1,first=0x,count=3", 2,
+                   "veil-kit: error: bad task `check:seed=1,first=0x,count=3`: bad number `0x`\n")
+    yield Scenario("unknown parameter", "exit:code=1,why=2", 2,
+                   "veil-kit: error: bad task `exit:code=1,why=2`: unknown parameter `why`\n")
+    yield Scenario("repeated parameter", "stamp:seed=1,seed=2,first=0x800,count=1", 2,
+                   "veil-kit: error: bad task `stamp:seed=1,seed=2,first=0x800,count=1`: "
+                   "repeated parameter `seed`\n")
+    yield Scenario("empty parameter list", "greet stamp:", 2,
+                   "veil-kit: error: bad task `stamp:`: empty parameter (stray `,` or `:`)\n")
+    yield Scenario("any whitespace separates tasks", "  greet \t  exit:code=3  ", 3,
+                   "Hello from the Veil guest kit!\n")
+    yield Scenario("exit code too big", "exit:code=256", 2,
+                   "veil-kit: error: bad task `exit:code=256`: exit code must be 0..=255\n")
+    yield Scenario("parameters on greet", "greet:x=1", 2,
+                   "veil-kit: error: bad task `greet:x=1`: takes no parameters\n")
+    yield Scenario("stride 0", "stamp:seed=1,first=0x800,count=2,stride=0", 2,
+                   "veil-kit: error: bad task `stamp:seed=1,first=0x800,count=2,stride=0`: "
+                   "stride must be at least 1\n")
+    yield Scenario("whole line checked before any task runs",
+                   "greet stamp:seed=1,first=0x800,count=4 stamp:seed=1,first=0x3fff,count=2", 2,
+                   "veil-kit: error: stamp: gfn 0x4000 is not RAM\n", untouched=[0x800])
+    yield Scenario("stamp into the kit image", "stamp:seed=1,first=0x80,count=3,stride=0x100", 2,
+                   f"veil-kit: error: stamp: gfn 0x180 is the kit's own memory (image, page tables "
+                   f"and stacks at {kit_mem}, AP trampoline at gfn 0x8)\n")
+    yield Scenario("check the AP trampoline page", "check:seed=1,first=0x4,count=3,stride=2", 2,
+                   f"veil-kit: error: check: gfn 0x8 is the kit's own memory (image, page tables "
+                   f"and stacks at {kit_mem}, AP trampoline at gfn 0x8)\n")
+    yield Scenario("stride jumps over the kit image", "stamp:seed=3,first=0x80,count=2,stride=0x200", 0,
+                   "stamped 2 pages on 1 vCPUs\n", stamped=[(3, [0x80, 0x280])])
+    yield Scenario("range past the address space", "stamp:seed=1,first=0x800,count=2,stride=0xffffffffffff",
+                   2, "veil-kit: error: stamp: page range runs past the 52-bit physical address space\n")
+    yield Scenario("too many cpus", "stamp:seed=1,first=0x800,count=2,cpus=33", 2,
+                   "veil-kit: error: stamp: cpus must be 1..=32\n")
+    yield Scenario(
+        # microvm with 5 GiB: 3 GiB at 0, 2 GiB at 4 GiB (up to gfn 0x180000).
+        "RAM above 4 GiB",
+        "stamp:seed=4,first=0x100000,count=0x100 check:seed=4,first=0x100000,count=0x100 "
+        "stamp:seed=4,first=0x17ff00,count=0x100",
+        0, "stamped 256 pages on 1 vCPUs\ncheck ok: 256 pages\nstamped 256 pages on 1 vCPUs\n",
+        mem="5G", stamped=[(4, gfns(0x100000, 256) + gfns(0x17FF00, 256))])
+    yield Scenario("PCI hole is not RAM", "stamp:seed=4,first=0xbffff,count=2", 2,
+                   "veil-kit: error: stamp: gfn 0xc0000 is not RAM\n", mem="5G")
+    yield Scenario("beyond the top of RAM", "check:seed=4,first=0x17ffff,count=2", 2,
+                   "veil-kit: error: check: gfn 0x180000 is not RAM\n", mem="5G")
+    yield Scenario(
+        "stamp on 2 vCPUs",
+        "stamp:seed=5,first=0x800,count=1024,cpus=2 check:seed=5,first=0x800,count=1024",
+        0, "stamped 1024 pages on 2 vCPUs\ncheck ok: 1024 pages\n", smp=2,
+        stamped=[(5, gfns(0x800, 1024))], untouched=[0x7ff, 0xc00])
+    yield Scenario(
+        "stamp on 4 vCPUs twice (APs restarted)",
+        "stamp:seed=6,first=0x800,count=1000,stride=3,cpus=4 check:seed=6,first=0x800,count=1000,stride=3 "
+        "stamp:seed=7,first=0x2000,count=3,cpus=4 check:seed=7,first=0x2000,count=3",
+        0, "stamped 1000 pages on 4 vCPUs\ncheck ok: 1000 pages\nstamped 3 pages on 4 vCPUs\n"
+        "check ok: 3 pages\n", smp=4,
+        stamped=[(6, gfns(0x800, 1000, 3)), (7, gfns(0x2000, 3))], untouched=[0x801, 0x2003])
+    yield Scenario(
+        "cpus above the VM's vCPUs", "stamp:seed=8,first=0x800,count=4,cpus=3", 2,
+        "veil-kit: error: stamp: only 1 of 2 application processors started (does the VM have 3 "
+        "vCPUs?)\n", smp=2)
+    yield Scenario(
+        "stamp 15360 pages (60 MiB) on 1 vCPU",
+        "stamp:seed=10,first=0x400,count=15360 check:seed=10,first=0x400,count=15360",
+        0, "stamped 15360 pages on 1 vCPUs\ncheck ok: 15360 pages\n",
+        stamped=[(10, gfns(0x400, 15360))])
+    yield Scenario(
+        "stamp 15360 pages (60 MiB) on 2 vCPUs",
+        "stamp:seed=11,first=0x400,count=15360,cpus=2",
+        0, "stamped 15360 pages on 2 vCPUs\n", smp=2, stamped=[(11, gfns(0x400, 15360))])
+
+
+def image_gfns(elf):
+    """[start, end) frames of the kit image, from its PT_LOAD segment."""
+    with open(elf, "rb") as f:
+        data = f.read()
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _, _, _, p_paddr, _, p_memsz = struct.unpack_from("<IIQQQQQ", data, phoff + i * phentsize)
+        if p_type == 1:
+            return p_paddr // PAGE, (p_paddr + p_memsz + PAGE - 1) // PAGE
+    raise ValueError("no PT_LOAD segment")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("elf", nargs="?", default=DEFAULT_ELF)
+    parser.add_argument("-k", dest="filter", default="", help="run scenarios whose name contains this")
+    args = parser.parse_args()
+    if not shutil.which("qemu-system-x86_64") or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("skipped: needs qemu-system-x86_64 and /dev/kvm")
+        return 0
+    if not os.path.exists(args.elf):
+        print(f"no kit at {args.elf}: run `cargo build --release` in guests/kit", file=sys.stderr)
+        return 1
+    start, end = image_gfns(args.elf)
+    passed = failed = 0
+    with tempfile.TemporaryDirectory() as workdir:
+        for sc in scenarios():
+            if args.filter not in sc.name:
+                continue
+            sc.output = sc.output.replace("gfns 0x100..0x1d3", f"gfns {start:#x}..{end:#x}")
+            problems, elapsed = run(args.elf, sc, workdir)
+            verdict = "ok  " if not problems else "FAIL"
+            print(f"{verdict} {elapsed:6.2f}s  {sc.name}", flush=True)
+            for p in problems:
+                print(f"       {p}")
+            passed += not problems
+            failed += bool(problems)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

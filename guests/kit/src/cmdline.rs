@@ -1,0 +1,186 @@
+//! The kit's command line: space-separated tasks, each `name` or `name:key=value,...`.
+//!
+//! Numbers are decimal or `0x` hex. Parsing allocates nothing: [`Tasks`] walks the line and
+//! yields one [`Task`] (or the first error) per word.
+
+/// A page range: `count` pages starting at frame `first`, `stride` frames apart, stamped or
+/// checked with `seed`.
+#[derive(Clone, Copy)]
+pub struct PageRange {
+    pub seed: u64,
+    pub first: u64,
+    pub count: u64,
+    pub stride: u64,
+}
+
+impl PageRange {
+    /// The `index`-th frame of the range (`index < count`, validated not to overflow).
+    #[inline]
+    pub fn gfn(&self, index: u64) -> u64 {
+        self.first + index * self.stride
+    }
+
+    /// The last frame, or `None` if it does not fit in a 52-bit physical address.
+    pub fn last(&self) -> Option<u64> {
+        let last = self
+            .first
+            .checked_add(self.count.checked_sub(1)?.checked_mul(self.stride)?)?;
+        (last < 1 << (52 - 12)).then_some(last)
+    }
+
+    /// The lowest frame of the range inside `[start, end)`, if any (no page-by-page scan: the
+    /// guest runs emulated).
+    pub fn first_hit(&self, start: u64, end: u64) -> Option<u64> {
+        let last = self.last()?;
+        if end <= self.first || start > last {
+            return None;
+        }
+        let index = start.saturating_sub(self.first).div_ceil(self.stride);
+        let gfn = self.gfn(index);
+        (index < self.count && gfn < end).then_some(gfn)
+    }
+}
+
+/// One task of the command line.
+#[derive(Clone, Copy)]
+pub enum Task {
+    Greet,
+    Stamp { range: PageRange, cpus: u64 },
+    Check(PageRange),
+    Fault,
+    Exit(u8),
+}
+
+/// Why a word of the command line is not a task.
+pub struct ParseError<'a> {
+    /// The whole word.
+    pub word: &'a [u8],
+    pub msg: &'static str,
+    /// The part `msg` is about (may be empty).
+    pub item: &'a [u8],
+}
+
+/// Iterator over the tasks of a command line.
+pub struct Tasks<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Tasks<'a> {
+    pub fn new(cmdline: &'a [u8]) -> Self {
+        Tasks { rest: cmdline }
+    }
+}
+
+impl<'a> Iterator for Tasks<'a> {
+    type Item = Result<Task, ParseError<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let start = self.rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        let rest = &self.rest[start..];
+        let len = rest
+            .iter()
+            .position(|b| b.is_ascii_whitespace())
+            .unwrap_or(rest.len());
+        self.rest = &rest[len..];
+        Some(parse_task(&rest[..len]))
+    }
+}
+
+fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
+    let err = |msg, item| ParseError { word, msg, item };
+    let (name, params) = match word.iter().position(|&b| b == b':') {
+        Some(i) => (&word[..i], Some(&word[i + 1..])),
+        None => (word, None),
+    };
+    let range = |p: [Option<u64>; 4]| -> Result<PageRange, ParseError<'_>> {
+        let stride = p[3].unwrap_or(1);
+        if stride == 0 {
+            return Err(err("stride must be at least 1", b""));
+        }
+        Ok(PageRange {
+            seed: p[0].ok_or(err("missing parameter", b"seed"))?,
+            first: p[1].ok_or(err("missing parameter", b"first"))?,
+            count: p[2].ok_or(err("missing parameter", b"count"))?,
+            stride,
+        })
+    };
+    match name {
+        b"greet" | b"fault" => {
+            if params.is_some() {
+                return Err(err("takes no parameters", b""));
+            }
+            Ok(if name == b"greet" {
+                Task::Greet
+            } else {
+                Task::Fault
+            })
+        }
+        b"stamp" => {
+            let [seed, first, count, stride, cpus] =
+                parse_params(word, params, ["seed", "first", "count", "stride", "cpus"])?;
+            let cpus = cpus.unwrap_or(1);
+            Ok(Task::Stamp {
+                range: range([seed, first, count, stride])?,
+                cpus,
+            })
+        }
+        b"check" => {
+            let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;
+            Ok(Task::Check(range(p)?))
+        }
+        b"exit" => {
+            let [code] = parse_params(word, params, ["code"])?;
+            let code = code.ok_or(err("missing parameter", b"code"))?;
+            let code = u8::try_from(code).map_err(|_| err("exit code must be 0..=255", b""))?;
+            Ok(Task::Exit(code))
+        }
+        _ => Err(err("unknown task", name)),
+    }
+}
+
+/// Parses `key=value,...` against `keys`; returns each key's value, `None` when absent.
+fn parse_params<'a, const N: usize>(
+    word: &'a [u8],
+    params: Option<&'a [u8]>,
+    keys: [&str; N],
+) -> Result<[Option<u64>; N], ParseError<'a>> {
+    let err = |msg, item| ParseError { word, msg, item };
+    let mut values = [None; N];
+    let Some(params) = params else {
+        return Ok(values);
+    };
+    for param in params.split(|&b| b == b',') {
+        if param.is_empty() {
+            return Err(err("empty parameter (stray `,` or `:`)", b""));
+        }
+        let eq = param
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or(err("expected key=value, got", param))?;
+        let (key, value) = (&param[..eq], &param[eq + 1..]);
+        let slot = keys
+            .iter()
+            .position(|k| k.as_bytes() == key)
+            .ok_or(err("unknown parameter", key))?;
+        if values[slot].is_some() {
+            return Err(err("repeated parameter", key));
+        }
+        values[slot] = Some(parse_number(value).ok_or(err("bad number", value))?);
+    }
+    Ok(values)
+}
+
+/// Decimal or `0x`/`0X` hex, no sign, no overflow.
+fn parse_number(s: &[u8]) -> Option<u64> {
+    let (digits, radix) = match s {
+        [b'0', b'x' | b'X', rest @ ..] => (rest, 16),
+        _ => (s, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &b| {
+        let digit = (b as char).to_digit(radix)?;
+        acc.checked_mul(radix.into())?.checked_add(digit.into())
+    })
+}

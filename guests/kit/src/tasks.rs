@@ -1,0 +1,186 @@
+//! Running the command line: check every task first, then run them in order.
+
+use crate::cmdline::{PageRange, ParseError, Task, Tasks};
+use crate::layout::{image_gfns, trampoline_gfn, MAX_CPUS};
+use crate::memmap::RamMap;
+use crate::serial::{begin_error, end_error, write_bytes, write_dec, write_hex, write_str};
+use crate::{arch, smp, EXIT_CHECK_FAILED, EXIT_OK};
+use veil_guest_abi::{page_stamp, PAGE_SIZE};
+
+/// Runs the whole command line and exits: 0 when every task ran, 1 when a check failed, 2 on
+/// a malformed line or a bad page range (reported before any task runs), or a task's own
+/// status (`exit`, `fault`).
+pub fn run_all(cmdline: &[u8], ram: &RamMap) -> ! {
+    // Validate everything first, so a typo in the last task does not leave half-done work.
+    let mut tasks = 0;
+    for task in Tasks::new(cmdline) {
+        validate(&task.unwrap_or_else(|e| report_parse_error(&e)), ram);
+        tasks += 1;
+    }
+    if tasks == 0 {
+        run(&Task::Greet);
+    }
+    for task in Tasks::new(cmdline) {
+        run(&task.unwrap_or_else(|e| report_parse_error(&e)));
+    }
+    arch::exit(EXIT_OK)
+}
+
+fn report_parse_error(e: &ParseError<'_>) -> ! {
+    begin_error();
+    write_str("bad task `");
+    write_bytes(e.word);
+    write_str("`: ");
+    write_str(e.msg);
+    if !e.item.is_empty() {
+        write_str(" `");
+        write_bytes(e.item);
+        write_str("`");
+    }
+    end_error()
+}
+
+/// Exits with status 2 if `task` cannot run: pages outside RAM or inside the kit's own memory,
+/// or too many vCPUs.
+fn validate(task: &Task, ram: &RamMap) {
+    let (name, range) = match task {
+        Task::Stamp { range, cpus } => {
+            if *cpus == 0 || *cpus > MAX_CPUS {
+                begin_error();
+                write_str("stamp: cpus must be 1..=");
+                write_dec(MAX_CPUS);
+                end_error();
+            }
+            ("stamp: ", range)
+        }
+        Task::Check(range) => ("check: ", range),
+        Task::Greet | Task::Fault | Task::Exit(_) => return,
+    };
+    if range.count == 0 {
+        return;
+    }
+    if range.last().is_none() {
+        begin_error();
+        write_str(name);
+        write_str("page range runs past the 52-bit physical address space");
+        end_error();
+    }
+    if ram.end_gfn() == 0 {
+        begin_error();
+        write_str(name);
+        write_str("the loader gave no memory map (hvm_start_info version 1 or later needed)");
+        end_error();
+    }
+    if let Some(gfn) = ram
+        .holes()
+        .find_map(|(start, end)| range.first_hit(start, end))
+    {
+        begin_error();
+        write_str(name);
+        write_str("gfn ");
+        write_hex(gfn);
+        write_str(" is not RAM");
+        end_error();
+    }
+    let (image_start, image_end) = image_gfns();
+    let tramp = trampoline_gfn();
+    if let Some(gfn) = range
+        .first_hit(image_start, image_end)
+        .or(range.first_hit(tramp, tramp + 1))
+    {
+        begin_error();
+        write_str(name);
+        write_str("gfn ");
+        write_hex(gfn);
+        write_str(" is the kit's own memory (image, page tables and stacks at gfns ");
+        write_hex(image_start);
+        write_str("..");
+        write_hex(image_end);
+        write_str(", AP trampoline at gfn ");
+        write_hex(tramp);
+        write_str(")");
+        end_error();
+    }
+}
+
+fn run(task: &Task) {
+    match *task {
+        Task::Greet => write_str(veil_guest_abi::KIT_GREETING),
+        Task::Stamp { range, cpus } => {
+            if cpus == 1 {
+                stamp(&range, 0, range.count);
+            } else {
+                smp::stamp_parallel(&range, cpus);
+            }
+            write_str("stamped ");
+            write_dec(range.count);
+            write_str(" pages on ");
+            write_dec(cpus);
+            write_str(" vCPUs\n");
+        }
+        Task::Check(range) => match check(&range) {
+            Ok(()) => {
+                write_str("check ok: ");
+                write_dec(range.count);
+                write_str(" pages\n");
+            }
+            Err(Mismatch {
+                gfn,
+                found,
+                expected,
+            }) => {
+                write_str("check FAILED at gfn ");
+                write_hex(gfn);
+                write_str(": found ");
+                write_hex(found);
+                write_str(", expected ");
+                write_hex(expected);
+                write_str("\n");
+                arch::exit(EXIT_CHECK_FAILED);
+            }
+        },
+        Task::Fault => {
+            // SAFETY: `ud2` raises #UD on purpose; there is no IDT, so the VMM sees the fault
+            // (or a triple fault) and nothing after it runs.
+            unsafe { core::arch::asm!("ud2", options(noreturn, nomem, nostack)) }
+        }
+        Task::Exit(code) => arch::exit(code),
+    }
+}
+
+/// Stamps pages `from..to` of `range`: one 8-byte store per page, the first word.
+///
+/// This is the kit's hot loop (a dozen instructions per page; see `page_stamp`).
+pub fn stamp(range: &PageRange, from: u64, to: u64) {
+    let mut gfn = range.gfn(from);
+    for _ in from..to {
+        // SAFETY: `validate` checked that every frame of the range is identity-mapped RAM
+        // outside the kit's own memory.
+        unsafe { ((gfn * PAGE_SIZE) as *mut u64).write_volatile(page_stamp(range.seed, gfn)) };
+        gfn += range.stride;
+    }
+}
+
+struct Mismatch {
+    gfn: u64,
+    found: u64,
+    expected: u64,
+}
+
+fn check(range: &PageRange) -> Result<(), Mismatch> {
+    let mut gfn = range.first;
+    for _ in 0..range.count {
+        // SAFETY: `validate` checked that every frame of the range is identity-mapped RAM.
+        let found = unsafe { ((gfn * PAGE_SIZE) as *const u64).read_volatile() };
+        let expected = page_stamp(range.seed, gfn);
+        if found != expected {
+            return Err(Mismatch {
+                gfn,
+                found,
+                expected,
+            });
+        }
+        gfn += range.stride;
+    }
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! Guest RAM: anonymous or backed by a shared file, registered with KVM, with dirty tracking.
+//!
+//! Dirty pages come from two places: KVM's log for guest writes and `vm-memory`'s bitmap for
+//! writes the VMM makes through [`GuestMemory`]. Migration needs both.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
+
+use crate::layout;
+
+/// Guest memory as the VMM sees it, tracking the pages the VMM writes.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Smallest guest Veil runs: room for the boot area, a kernel and its page tables.
+pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
+/// Largest guest Veil accepts.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+/// Granularity of guest memory sizes and of dirty tracking.
+pub const PAGE_SIZE: u64 = veil_guest_abi::PAGE_SIZE;
+
+/// Errors creating or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Below [`MIN_MEMORY_BYTES`].
+    #[error("Guest memory of {} is too small: Veil needs at least {}", human(*size), human(MIN_MEMORY_BYTES))]
+    TooSmall { size: u64 },
+    /// Above [`MAX_MEMORY_BYTES`].
+    #[error("Guest memory of {} is too large: Veil supports at most {}", human(*size), human(MAX_MEMORY_BYTES))]
+    TooLarge { size: u64 },
+    /// More anonymous memory than the host has.
+    #[error("Guest memory of {} is more than this host's {} of RAM", human(*size), human(*host))]
+    ExceedsHost { size: u64, host: u64 },
+    /// Not a whole number of pages.
+    #[error("Guest memory size {size} is not a multiple of 4 KiB")]
+    Unaligned { size: u64 },
+    /// The backing file could not be opened or sized.
+    #[error("Cannot use {} as guest memory", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// mmap failed.
+    #[error("Cannot map guest memory")]
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+    /// The regions could not be assembled.
+    #[error("Cannot assemble guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+    /// KVM refused a memory slot.
+    #[error("KVM refused guest memory slot {slot}")]
+    Register {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM could not report the dirty log.
+    #[error("Cannot read KVM's dirty log for slot {slot}")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// How much RAM and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes of guest RAM.
+    pub size: u64,
+    /// Back guest RAM with this file (shared mapping) instead of anonymous memory.
+    pub file: Option<PathBuf>,
+}
+
+/// The guest's RAM and its KVM slots.
+pub struct GuestRam {
+    memory: GuestMemory,
+    size: u64,
+    file: Option<PathBuf>,
+}
+
+impl GuestRam {
+    /// Checks the size and maps the memory.
+    pub fn new(config: &MemoryConfig) -> Result<Self, MemoryError> {
+        validate_size(
+            config.size,
+            config.file.is_none().then(host_memory_bytes).flatten(),
+        )?;
+        let file = config
+            .file
+            .as_deref()
+            .map(|p| open_backing_file(p, config.size))
+            .transpose()?;
+        let mut regions = Vec::new();
+        let mut file_offset = 0u64;
+        for (base, len) in layout::ram_regions(config.size) {
+            let len_usize =
+                usize::try_from(len).map_err(|_| MemoryError::TooLarge { size: len })?;
+            let mapping = match &file {
+                Some(f) => {
+                    let f = f.try_clone().map_err(|source| MemoryError::File {
+                        path: config.file.clone().unwrap_or_default(),
+                        source,
+                    })?;
+                    MmapRegion::from_file(FileOffset::new(f, file_offset), len_usize)
+                }
+                None => MmapRegion::new(len_usize),
+            }
+            .map_err(MemoryError::Map)?;
+            file_offset += len;
+            regions.push(
+                GuestRegionMmap::new(mapping, base)
+                    .ok_or(MemoryError::TooLarge { size: config.size })?,
+            );
+        }
+        let memory = GuestMemory::from_regions(regions).map_err(MemoryError::Regions)?;
+        Ok(Self {
+            memory,
+            size: config.size,
+            file: config.file.clone(),
+        })
+    }
+
+    /// The guest memory, for loading and inspecting.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Total bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The backing file, if any.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    /// `(slot, guest address, length)` of each region, in slot order.
+    pub fn slots(&self) -> impl Iterator<Item = (u32, GuestAddress, u64)> + '_ {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i as u32, r.start_addr(), r.len()))
+    }
+
+    /// Registers every region with KVM.
+    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        self.set_slots(vm, 0)
+    }
+
+    /// Turns KVM dirty logging on or off for every region.
+    pub fn set_dirty_logging(&self, vm: &VmFd, enabled: bool) -> Result<(), MemoryError> {
+        self.set_slots(vm, if enabled { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// Turns KVM dirty logging on or off for the region in `slot`.
+    pub fn set_slot_dirty_logging(
+        &self,
+        vm: &VmFd,
+        slot: u32,
+        enabled: bool,
+    ) -> Result<(), MemoryError> {
+        let region = self
+            .memory
+            .iter()
+            .nth(slot as usize)
+            .ok_or(MemoryError::Register {
+                slot,
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+        let flags = if enabled { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        register_region(vm, slot, region, flags)
+    }
+
+    fn set_slots(&self, vm: &VmFd, flags: u32) -> Result<(), MemoryError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            register_region(vm, slot as u32, region, flags)?;
+        }
+        Ok(())
+    }
+
+    /// Pages dirtied since the last call, per slot, by the guest (KVM's log; dirty logging must
+    /// be on) or by the VMM (`vm-memory`'s bitmap). Both sources are cleared.
+    pub fn take_dirty_pages(&self, vm: &VmFd) -> Result<Vec<DirtyBitmap>, MemoryError> {
+        let mut out = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = slot as u32;
+            let len = region.len() as usize;
+            let mut words = vm
+                .get_dirty_log(slot, len)
+                .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+            let mapping = region.get_mmap();
+            let vmm_dirty = mapping.bitmap();
+            let pages = len / PAGE_SIZE as usize;
+            for page in 0..pages {
+                if vmm_dirty.is_bit_set(page) {
+                    words[page / 64] |= 1 << (page % 64);
+                }
+            }
+            vmm_dirty.reset_addr_range(0, len);
+            out.push(DirtyBitmap {
+                base: region.start_addr(),
+                words,
+                pages,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Dirty pages of one region: bit `n` covers the page at `base + n * PAGE_SIZE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// First guest address of the region.
+    pub base: GuestAddress,
+    /// 64 pages per word, least significant bit first.
+    pub words: Vec<u64>,
+    /// Number of pages in the region.
+    pub pages: usize,
+}
+
+impl DirtyBitmap {
+    /// Guest addresses of the dirty pages, ascending.
+    pub fn dirty_addresses(&self) -> impl Iterator<Item = GuestAddress> + '_ {
+        (0..self.pages)
+            .filter(|p| self.words[p / 64] & (1 << (p % 64)) != 0)
+            .map(|p| GuestAddress(self.base.0 + p as u64 * PAGE_SIZE))
+    }
+}
+
+fn register_region(
+    vm: &VmFd,
+    slot: u32,
+    region: &GuestRegionMmap<AtomicBitmap>,
+    flags: u32,
+) -> Result<(), MemoryError> {
+    let mem_region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: region.start_addr().0,
+        memory_size: region.len(),
+        userspace_addr: region.as_ptr() as u64,
+    };
+    // SAFETY: the mapping lives as long as `GuestRam`, which the VM owns and drops only after
+    // the VM fd; the guest range does not overlap another slot (regions are disjoint).
+    unsafe { vm.set_user_memory_region(mem_region) }
+        .map_err(|source| MemoryError::Register { slot, source })
+}
+
+fn validate_size(size: u64, host: Option<u64>) -> Result<(), MemoryError> {
+    if size < MIN_MEMORY_BYTES {
+        return Err(MemoryError::TooSmall { size });
+    }
+    if size > MAX_MEMORY_BYTES {
+        return Err(MemoryError::TooLarge { size });
+    }
+    if !size.is_multiple_of(PAGE_SIZE) {
+        return Err(MemoryError::Unaligned { size });
+    }
+    match host {
+        Some(host) if size > host => Err(MemoryError::ExceedsHost { size, host }),
+        _ => Ok(()),
+    }
+}
+
+fn open_backing_file(path: &Path, size: u64) -> Result<File, MemoryError> {
+    let error = |source| MemoryError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(error)?;
+    // A shorter file is grown (the new part reads as zero); a longer one keeps its tail.
+    if file.metadata().map_err(error)?.len() < size {
+        file.set_len(size).map_err(error)?;
+    }
+    Ok(file)
+}
+
+/// Total RAM of this host, from /proc/meminfo.
+pub fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `1536 MiB`, `2 GiB`: sizes as operators write them.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while unit < UNITS.len() - 1 && value >= 1024 && value.is_multiple_of(1024) {
+        value /= 1024;
+        unit += 1;
+    }
+    format!("{value} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(matches!(
+            validate_size(8 << 20, None),
+            Err(MemoryError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            validate_size(2 << 40, None),
+            Err(MemoryError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            validate_size((16 << 20) + 1, None),
+            Err(MemoryError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            validate_size(64 << 30, Some(24 << 30)),
+            Err(MemoryError::ExceedsHost { .. })
+        ));
+        validate_size(64 << 30, None).unwrap();
+        validate_size(16 << 20, Some(24 << 30)).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_sizes() {
+        let e = validate_size(1 << 20, None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "Guest memory of 1 MiB is too small: Veil needs at least 16 MiB"
+        );
+    }
+
+    #[test]
+    fn file_backed_memory_is_the_file() {
+        let path = std::env::temp_dir().join(format!("veil-mem-{}", std::process::id()));
+        std::fs::write(&path, b"hello").unwrap();
+        let ram = GuestRam::new(&MemoryConfig {
+            size: 16 << 20,
+            file: Some(path.clone()),
+        })
+        .unwrap();
+        let mut buf = [0u8; 5];
+        ram.memory().read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(&buf, b"hello");
+        ram.memory()
+            .write_slice(b"bye", GuestAddress(0x1000))
+            .unwrap();
+        let contents = std::fs::read(&path).unwrap();
+        assert_eq!(contents.len(), 16 << 20);
+        assert_eq!(&contents[0x1000..0x1003], b"bye");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn vmm_writes_are_tracked_per_page() {
+        let ram = GuestRam::new(&MemoryConfig {
+            size: 16 << 20,
+            file: None,
+        })
+        .unwrap();
+        ram.memory()
+            .write_obj(7u64, GuestAddress(3 * PAGE_SIZE + 8))
+            .unwrap();
+        let region = ram.memory().iter().next().unwrap();
+        let bitmap = region.get_mmap();
+        assert!(bitmap.bitmap().is_bit_set(3));
+        assert!(!bitmap.bitmap().is_bit_set(4));
+    }
+}

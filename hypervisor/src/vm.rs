@@ -1,0 +1,470 @@
+//! A VM: KVM objects, RAM, vCPUs and the threads that run them.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootConfig, BootError, BootImage};
+use crate::control::{RunState, VmControl, VmStop};
+use crate::cpuid::{Cpuid, CpuidError};
+use crate::exits::{ExitAction, ExitHandlers};
+use crate::host::{open_kvm, HostError};
+use crate::layout;
+use crate::memory::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
+use crate::paravirt::{self, Paravirt, ParavirtFeatures, TransportChoice};
+use crate::power_on::{PowerOnError, PowerOnState};
+use crate::vcpu::{
+    self, install_kick_handler, KickTarget, Vcpu, VcpuError, VcpuState, VcpuStateError,
+};
+
+/// Errors creating or controlling a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("Cannot create the VM")]
+    Create(#[source] kvm_ioctls::Error),
+    #[error("Cannot set up the VM: {what} failed")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("Invalid vCPU count {requested}: this host allows 1 to {max}")]
+    VcpuCount { requested: u32, max: u32 },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("Cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("Cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+    #[error("The VM is not paused")]
+    NotPaused,
+    #[error(transparent)]
+    PowerOn(#[from] PowerOnError),
+    #[error("Cannot save the state of vCPU {vcpu}")]
+    SaveState {
+        vcpu: u32,
+        #[source]
+        source: VcpuStateError,
+    },
+}
+
+/// The shape of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub memory: MemoryConfig,
+    pub vcpus: u32,
+    pub boot: BootConfig,
+    /// Guest memory is encrypted (SEV): pages start private and migration control at 0.
+    pub encrypted_memory: bool,
+    /// How hypercalls reach Veil.
+    pub hypercall_transport: TransportChoice,
+}
+
+/// A VM that is set up but not running yet.
+pub struct Vm {
+    boot_config: BootConfig,
+    fd: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    vcpus: Vec<Vcpu>,
+    boot: BootImage,
+    control: Arc<VmControl>,
+    msr_indices: Vec<u32>,
+    paravirt: Arc<Paravirt>,
+    features: ParavirtFeatures,
+}
+
+impl Vm {
+    /// Creates the VM, its memory and vCPUs and loads the kernel. `customize_cpuid` adds what
+    /// upper layers implement (paravirt features, SEV) before vCPUs see the table.
+    pub fn create(
+        config: &VmConfig,
+        customize_cpuid: impl FnOnce(&mut Cpuid),
+    ) -> Result<Self, VmError> {
+        let kvm = open_kvm()?;
+        let max = kvm.get_max_vcpus().min(u32::MAX as usize) as u32;
+        if config.vcpus == 0 || config.vcpus > max {
+            return Err(VmError::VcpuCount {
+                requested: config.vcpus,
+                max,
+            });
+        }
+        let ram = GuestRam::new(&config.memory)?;
+        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        let setup = |what| move |source| VmError::Setup { what, source };
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(setup("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(setup("KVM_CREATE_PIT2"))?;
+        ram.register(&fd)?;
+        let ram = Arc::new(ram);
+        let features = paravirt::setup::enable(&kvm, &fd, config.hypercall_transport);
+        let paravirt = Arc::new(Paravirt::new(
+            Arc::clone(&ram),
+            config.encrypted_memory,
+            features.migration_control,
+        ));
+
+        let mut cpuid = Cpuid::supported(&kvm)?;
+        paravirt::setup::advertise(&mut cpuid, &features);
+        customize_cpuid(&mut cpuid);
+        let vcpus = (0..config.vcpus)
+            .map(|id| Vcpu::new(&fd, id, &cpuid, config.vcpus))
+            .collect::<Result<Vec<_>, _>>()?;
+        for v in &vcpus {
+            v.setup_lapic_lint()?;
+        }
+        let boot = boot::load(ram.memory(), &config.boot)?;
+        vcpus[0].setup_boot_entry(boot.entry)?;
+
+        Ok(Self {
+            boot_config: config.boot.clone(),
+            fd: Arc::new(fd),
+            ram,
+            control: Arc::new(VmControl::new(vcpus.len())),
+            vcpus,
+            boot,
+            msr_indices: vcpu::stateful_msrs(&kvm),
+            paravirt,
+            features,
+        })
+    }
+
+    /// The page-state map, migration control and blockers.
+    pub fn paravirt(&self) -> &Arc<Paravirt> {
+        &self.paravirt
+    }
+
+    /// The paravirtual features enabled and advertised.
+    pub fn paravirt_features(&self) -> ParavirtFeatures {
+        self.features
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        self.ram.memory()
+    }
+
+    /// RAM and its slots.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The KVM VM.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// What was loaded where.
+    pub fn boot_image(&self) -> &BootImage {
+        &self.boot
+    }
+
+    /// The VM's run control, for devices that stop the VM.
+    pub fn control(&self) -> Arc<VmControl> {
+        Arc::clone(&self.control)
+    }
+
+    /// Raises `gsi` whenever `event` is written.
+    pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(event, gsi)
+            .map_err(|source| VmError::Setup {
+                what: "KVM_IRQFD",
+                source,
+            })
+    }
+
+    /// Starts one thread per vCPU. MSR and hypercall exits not claimed in `handlers` go to
+    /// the VM's paravirtual state.
+    pub fn start(self, mut handlers: ExitHandlers) -> Result<RunningVm, VmError> {
+        install_kick_handler().map_err(VmError::Signal)?;
+        if handlers.msr.is_none() && self.features.migration_control {
+            handlers.msr = Some(self.paravirt.clone());
+        }
+        if handlers.hypercall.is_none() {
+            handlers.hypercall = Some(self.paravirt.clone());
+        }
+        handlers.hypercall_port = handlers.hypercall_port.or(self.features.hypercall_port);
+        let power_on = PowerOnState::capture(&self.fd, &self.vcpus, &self.msr_indices)?;
+        let handlers = Arc::new(handlers);
+        let vcpus: Vec<Arc<Mutex<Vcpu>>> = self
+            .vcpus
+            .into_iter()
+            .map(|v| Arc::new(Mutex::new(v)))
+            .collect();
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in &vcpus {
+            let (vcpu, control, handlers, ram) = (
+                Arc::clone(vcpu),
+                Arc::clone(&self.control),
+                Arc::clone(&handlers),
+                Arc::clone(&self.ram),
+            );
+            let id = lock(&vcpu).id;
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || run_vcpu(&vcpu, &control, &handlers, ram.memory()));
+            match spawned {
+                Ok(handle) => {
+                    self.control
+                        .add_thread(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
+                    threads.push(handle);
+                }
+                Err(e) => {
+                    self.control.request_stop(VmStop::Requested);
+                    return Err(VmError::Thread(e));
+                }
+            }
+        }
+        let supervisor = {
+            let reset = Reset {
+                power_on,
+                boot: self.boot_config,
+                vm: Arc::clone(&self.fd),
+                ram: Arc::clone(&self.ram),
+                vcpus: vcpus.clone(),
+                paravirt: Arc::clone(&self.paravirt),
+                control: Arc::clone(&self.control),
+            };
+            std::thread::Builder::new()
+                .name("vm-reset".into())
+                .spawn(move || reset.serve())
+                .map_err(|e| {
+                    self.control.request_stop(VmStop::Requested);
+                    VmError::Thread(e)
+                })?
+        };
+        Ok(RunningVm {
+            supervisor: Mutex::new(Some(supervisor)),
+            fd: self.fd,
+            ram: self.ram,
+            vcpus,
+            control: self.control,
+            threads: Mutex::new(threads),
+            msr_indices: self.msr_indices,
+            paravirt: self.paravirt,
+            features: self.features,
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run_vcpu(
+    vcpu: &Mutex<Vcpu>,
+    control: &VmControl,
+    handlers: &ExitHandlers,
+    memory: &GuestMemory,
+) {
+    let (id, kick) = {
+        let mut v = lock(vcpu);
+        (v.id, KickTarget::arm(&mut v.fd))
+    };
+    loop {
+        kick.clear();
+        if !control.vcpu_may_run() {
+            break;
+        }
+        let mut v = lock(vcpu);
+        match handlers.run_once(id, &mut v.fd, memory) {
+            Ok(ExitAction::Resume | ExitAction::Interrupted) => {}
+            Ok(ExitAction::Halted) => {
+                control.request_stop(VmStop::Halted { vcpu: id });
+                break;
+            }
+            Ok(ExitAction::Fault(report)) => {
+                control.request_stop(VmStop::Fault(report));
+                break;
+            }
+            Err(e) => {
+                control.request_stop(VmStop::HostError {
+                    vcpu: id,
+                    message: format!("KVM_RUN failed: {e}"),
+                });
+                break;
+            }
+        }
+    }
+    drop(kick);
+    control.vcpu_exited();
+}
+
+/// A VM whose vCPUs are running (or paused, or stopped).
+pub struct RunningVm {
+    fd: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    control: Arc<VmControl>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+    msr_indices: Vec<u32>,
+    paravirt: Arc<Paravirt>,
+    features: ParavirtFeatures,
+}
+
+/// Performs guest-requested resets: back to power-on state, kernel reloaded, paravirtual state
+/// reset; guest RAM otherwise kept, as on a PC.
+struct Reset {
+    power_on: PowerOnState,
+    boot: BootConfig,
+    vm: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    paravirt: Arc<Paravirt>,
+    control: Arc<VmControl>,
+}
+
+impl Reset {
+    fn serve(self) {
+        while self.control.wait_for_reset() {
+            tracing::info!("guest requested a reset");
+            match self.reset() {
+                Ok(()) => self.control.finish_reset(),
+                Err(e) => self.control.request_stop(VmStop::HostError {
+                    vcpu: 0,
+                    message: format!("reset failed: {e}"),
+                }),
+            }
+        }
+    }
+
+    fn reset(&self) -> Result<(), VmError> {
+        self.power_on.restore_platform(&self.vm)?;
+        for v in &self.vcpus {
+            self.power_on.restore_vcpu(&lock(v))?;
+        }
+        boot::load(self.ram.memory(), &self.boot)?;
+        self.paravirt.reset_guest();
+        Ok(())
+    }
+}
+
+impl RunningVm {
+    /// Resets the guest as if it had asked (vCPUs to power-on state, kernel reloaded).
+    pub fn reset(&self) {
+        self.control.request_reset();
+    }
+
+    /// The page-state map, migration control and blockers.
+    pub fn paravirt(&self) -> &Arc<Paravirt> {
+        &self.paravirt
+    }
+
+    /// The paravirtual features enabled and advertised.
+    pub fn paravirt_features(&self) -> ParavirtFeatures {
+        self.features
+    }
+
+    /// Parks all vCPUs; returns once none is in the guest.
+    pub fn pause(&self) -> RunState {
+        self.control.pause()
+    }
+
+    /// Resumes parked vCPUs.
+    pub fn resume(&self) -> RunState {
+        self.control.resume()
+    }
+
+    /// Asks the VM to stop; [`RunningVm::wait`] returns once it has.
+    pub fn stop(&self) {
+        self.control.request_stop(VmStop::Requested);
+    }
+
+    /// Running, paused or stopped.
+    pub fn run_state(&self) -> RunState {
+        self.control.run_state()
+    }
+
+    /// Blocks until the VM stops and its threads are gone.
+    pub fn wait(&self) -> VmStop {
+        let reason = self.control.wait_stopped();
+        for t in lock(&self.threads).drain(..) {
+            // A vCPU thread that panicked already stopped the VM; its reason stands.
+            let _ = t.join();
+        }
+        if let Some(t) = lock(&self.supervisor).take() {
+            let _ = t.join();
+        }
+        reason
+    }
+
+    /// The run control shared with devices.
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        self.ram.memory()
+    }
+
+    /// RAM and its slots.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The KVM VM.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Every vCPU's state; the VM must be paused.
+    pub fn save_vcpu_states(&self) -> Result<Vec<VcpuState>, VmError> {
+        if self.control.run_state() != RunState::Paused {
+            return Err(VmError::NotPaused);
+        }
+        self.vcpus
+            .iter()
+            .map(|v| {
+                let v = lock(v);
+                VcpuState::save(&v.fd, &self.msr_indices, true)
+                    .map_err(|source| VmError::SaveState { vcpu: v.id, source })
+            })
+            .collect()
+    }
+
+    /// Writes saved states back into the vCPUs; the VM must be paused.
+    pub fn restore_vcpu_states(&self, states: &[VcpuState]) -> Result<(), VmError> {
+        if self.control.run_state() != RunState::Paused {
+            return Err(VmError::NotPaused);
+        }
+        for (v, state) in self.vcpus.iter().zip(states) {
+            let v = lock(v);
+            state
+                .restore(&v.fd)
+                .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !lock(&self.threads).is_empty() {
+            self.control.request_stop(VmStop::Requested);
+            self.wait();
+        }
+    }
+}

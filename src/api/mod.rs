@@ -1,0 +1,22 @@
+//! The control API: JSON lines over a UNIX socket.
+//!
+//! One request per line, one response per line:
+//!
+//! ```text
+//! -> {"command":"status"}
+//! <- {"ok":true,"result":{"state":"running","vcpus":1,...}}
+//! -> {"command":"frobnicate"}
+//! <- {"ok":false,"error":"Malformed request: unknown variant `frobnicate`, ..."}
+//! ```
+//!
+//! Commands: `status`, `pause`, `resume`, `shutdown`. See `docs/api.md`.
+
+mod client;
+mod protocol;
+mod server;
+mod status;
+
+pub use client::{ApiClient, ClientError};
+pub use protocol::{Request, Response};
+pub use server::{ApiServer, ServerError};
+pub use status::{PageStateSummary, VmStatus};

@@ -1,0 +1,84 @@
+//! The API's messages.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the server reads; longer ones are refused without being buffered.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// VM state, vCPUs, memory, migratability and the page-state summary.
+    Status,
+    /// Park every vCPU.
+    Pause,
+    /// Let parked vCPUs run.
+    Resume,
+    /// Stop the VM; `veil run` then exits.
+    Shutdown,
+}
+
+/// The server's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn success(result: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn failure(error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            result: None,
+            error: Some(error.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_tagged_json() {
+        for r in [
+            Request::Status,
+            Request::Pause,
+            Request::Resume,
+            Request::Shutdown,
+        ] {
+            let text = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        }
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
+    }
+
+    #[test]
+    fn malformed_requests_do_not_parse() {
+        for bad in [
+            "",
+            "{}",
+            r#"{"command":"frobnicate"}"#,
+            r#"{"command":7}"#,
+            "[1,2]",
+            "\u{0}",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad:?}");
+        }
+    }
+}

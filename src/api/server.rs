@@ -1,0 +1,139 @@
+//! Serves the control API for one VM.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
+use super::status::{state_name, VmStatus};
+use crate::Vm;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("Cannot listen on API socket {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("API socket {} is in use by a running VMM", path.display())]
+    InUse { path: PathBuf },
+}
+
+/// The API server; stops and removes its socket when dropped.
+pub struct ApiServer {
+    path: PathBuf,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on `path` (mode 0600) and serves requests for `vm` on a background thread.
+    pub fn start(path: &Path, vm: Arc<Vm>) -> Result<Self, ServerError> {
+        let bind_error = |source| ServerError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            std::fs::remove_file(path).map_err(bind_error)?;
+        }
+        let listener = UnixListener::bind(path).map_err(bind_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_error)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop_flag = Arc::clone(&stopping);
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stop_flag.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let vm = Arc::clone(&vm);
+                    // One thread per client: a slow client never blocks another.
+                    let _ = std::thread::Builder::new()
+                        .name("api-client".into())
+                        .spawn(move || serve_client(stream, &vm));
+                }
+            })
+            .map_err(bind_error)?;
+        Ok(Self {
+            path: path.to_owned(),
+            stopping,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        // Wake the accept loop so it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_client(stream: UnixStream, vm: &Vm) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        let read = (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line);
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let response = if line.len() > MAX_REQUEST_BYTES {
+            Response::failure(format!("Request longer than {MAX_REQUEST_BYTES} bytes"))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => handle(request, vm),
+                Err(e) => Response::failure(format!("Malformed request: {e}")),
+            }
+        };
+        let mut text = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        text.push(b'\n');
+        if writer.write_all(&text).is_err() {
+            return;
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            // The rest of an oversized line cannot be trusted to be a request boundary.
+            return;
+        }
+    }
+}
+
+fn handle(request: Request, vm: &Vm) -> Response {
+    let state = |s| serde_json::json!({ "state": state_name(s) });
+    match request {
+        Request::Status => match serde_json::to_value(VmStatus::of(vm.inner())) {
+            Ok(v) => Response::success(v),
+            Err(e) => Response::failure(format!("Cannot encode status: {e}")),
+        },
+        Request::Pause => Response::success(state(vm.pause())),
+        Request::Resume => Response::success(state(vm.resume())),
+        Request::Shutdown => {
+            vm.stop();
+            Response::success(serde_json::json!({ "state": "stopping" }))
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! What `status` reports.
+
+use serde::Serialize;
+use veil_hypervisor::paravirt::{BlockerEvent, Migratability, ParavirtFeatures};
+use veil_hypervisor::RunState;
+
+/// Shared ranges listed in full up to this many; the counts are always exact.
+pub const MAX_LISTED_RANGES: usize = 64;
+
+/// The page-state map in brief.
+#[derive(Debug, Clone, Serialize)]
+pub struct PageStateSummary {
+    pub gfn_count: u64,
+    pub shared_pages: u64,
+    pub shared_runs: u64,
+    /// The first [`MAX_LISTED_RANGES`] shared GFN ranges, `[start, end)`.
+    pub shared_ranges: Vec<[u64; 2]>,
+    pub map_bytes: u64,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub state: &'static str,
+    pub vcpus: usize,
+    pub memory_bytes: u64,
+    pub memory_file: Option<String>,
+    pub migratability: Migratability,
+    pub migration_control: u64,
+    pub blocker_events: Vec<BlockerEvent>,
+    /// `None` for a guest without encrypted memory: every page is plain data.
+    pub page_states: Option<PageStateSummary>,
+    pub paravirt: ParavirtFeatures,
+}
+
+pub fn state_name(state: RunState) -> &'static str {
+    match state {
+        RunState::Running => "running",
+        RunState::Paused => "paused",
+        RunState::Stopped => "stopped",
+    }
+}
+
+impl VmStatus {
+    pub fn of(vm: &veil_hypervisor::RunningVm) -> Self {
+        let paravirt = vm.paravirt();
+        let page_states = paravirt.page_states().as_ref().map(|map| {
+            let ranges = map.shared_ranges();
+            PageStateSummary {
+                gfn_count: map.gfn_count(),
+                shared_pages: map.shared_pages(),
+                shared_runs: map.shared_run_count(),
+                shared_ranges: ranges
+                    .iter()
+                    .take(MAX_LISTED_RANGES)
+                    .map(|r| [r.start, r.end])
+                    .collect(),
+                map_bytes: map.memory_bytes(),
+            }
+        });
+        Self {
+            state: state_name(vm.run_state()),
+            vcpus: vm.vcpu_count(),
+            memory_bytes: vm.ram().size(),
+            memory_file: vm.ram().file().map(|p| p.display().to_string()),
+            migratability: paravirt.migratability(),
+            migration_control: paravirt.migration_control(),
+            blocker_events: paravirt.with_blockers(|b| b.events().cloned().collect()),
+            page_states,
+            paravirt: vm.paravirt_features(),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Builds a VM from a few choices and wires its devices.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
+use veil_devices::{Bus, BusError, ExitPort, ResetPort, Serial, SerialSink};
+use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
+use veil_hypervisor::paravirt::TransportChoice;
+use veil_hypervisor::{
+    BootConfig, ExitHandlers, GuestMemory, MemoryConfig, RunState, RunningVm, VmConfig, VmError,
+    VmStop,
+};
+
+/// The legacy IRQ line of COM1.
+const COM1_IRQ: u32 = 4;
+/// The i8042 keyboard controller's command port.
+const I8042_COMMAND_PORT: u64 = 0x64;
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No kernel was given.
+    #[error("No kernel given: set one with VmBuilder::kernel (or --kernel)")]
+    NoKernel,
+    /// The serial output could not be opened.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// A device could not be placed.
+    #[error("Cannot place a device on the bus")]
+    Bus(#[from] BusError),
+    /// The VM could not be created or started.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// Where guest serial output goes.
+pub enum SerialOutput {
+    /// A standard sink: stdout, a file, a UNIX socket, or nowhere.
+    Sink(SerialSink),
+    /// Any writer (a buffer, a pipe, a logger).
+    Writer(Box<dyn Write + Send>),
+}
+
+/// Chooses memory, vCPUs, kernel and serial output, then starts the VM.
+pub struct VmBuilder {
+    memory: MemoryConfig,
+    vcpus: u32,
+    boot: BootConfig,
+    kernel_set: bool,
+    serial: SerialOutput,
+    hypercall_transport: TransportChoice,
+    encrypted_memory: bool,
+}
+
+impl Default for VmBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VmBuilder {
+    /// 256 MiB, one vCPU, serial to stdout; a kernel must still be chosen.
+    pub fn new() -> Self {
+        Self {
+            memory: MemoryConfig {
+                size: 256 << 20,
+                file: None,
+            },
+            vcpus: 1,
+            boot: BootConfig::default(),
+            kernel_set: false,
+            serial: SerialOutput::Sink(SerialSink::Stdout),
+            hypercall_transport: TransportChoice::Auto,
+            encrypted_memory: false,
+        }
+    }
+
+    /// Gives the guest the paravirtual state of an SEV guest: a page-state map starting
+    /// all-private and migration control starting at 0 (not ready). SEV launch sets this; on
+    /// its own it encrypts nothing.
+    pub fn encrypted_memory(mut self, encrypted: bool) -> Self {
+        self.encrypted_memory = encrypted;
+        self
+    }
+
+    /// How the guest's hypercalls reach Veil (default: probe the host once per boot).
+    pub fn hypercall_transport(mut self, transport: TransportChoice) -> Self {
+        self.hypercall_transport = transport;
+        self
+    }
+
+    /// Bytes of guest RAM (16 MiB to 1 TiB, a multiple of 4 KiB).
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.memory.size = bytes;
+        self
+    }
+
+    /// Backs guest RAM with this file (created or grown as needed; shared mapping).
+    pub fn memory_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.memory.file = Some(path.into());
+        self
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(mut self, count: u32) -> Self {
+        self.vcpus = count;
+        self
+    }
+
+    /// The kernel: an ELF with a PVH note, or a bzImage.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.boot.kernel = path.into();
+        self.kernel_set = true;
+        self
+    }
+
+    /// An initial ramdisk.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.boot.initrd = Some(path.into());
+        self
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.boot.cmdline = cmdline.into();
+        self
+    }
+
+    /// Sends serial output to a standard sink.
+    pub fn serial(mut self, sink: SerialSink) -> Self {
+        self.serial = SerialOutput::Sink(sink);
+        self
+    }
+
+    /// Sends serial output to any writer.
+    pub fn serial_writer(mut self, writer: impl Write + Send + 'static) -> Self {
+        self.serial = SerialOutput::Writer(Box::new(writer));
+        self
+    }
+
+    /// Creates the VM, loads the kernel and starts the vCPUs.
+    pub fn start(self) -> Result<Vm, Error> {
+        if !self.kernel_set {
+            return Err(Error::NoKernel);
+        }
+        let out = match self.serial {
+            SerialOutput::Sink(sink) => sink.open()?,
+            SerialOutput::Writer(w) => w,
+        };
+        let config = VmConfig {
+            memory: self.memory,
+            vcpus: self.vcpus,
+            boot: self.boot,
+            encrypted_memory: self.encrypted_memory,
+            hypercall_transport: self.hypercall_transport,
+        };
+        let vm = veil_hypervisor::Vm::create(&config, |_| {})?;
+
+        let serial = Serial::new(IrqTrigger::new().map_err(SerialError::Eventfd)?, out);
+        vm.register_irqfd(serial.interrupt(), COM1_IRQ)?;
+        let control = vm.control();
+        let exit_port =
+            ExitPort::new(move |status| control.request_stop(VmStop::GuestExit(status)));
+        let control = vm.control();
+        let reset_register = ResetPort::control_register(move || control.request_reset());
+        let control = vm.control();
+        let keyboard_reset = ResetPort::keyboard_controller(move || control.request_reset());
+        let mut pio = Bus::new();
+        pio.insert(
+            Arc::new(Mutex::new(serial)),
+            u64::from(COM1_PORT),
+            SERIAL_PORT_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(exit_port)),
+            u64::from(EXIT_PORT),
+            ExitPort::LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(reset_register)),
+            u64::from(RESET_CONTROL_PORT),
+            1,
+        )?;
+        pio.insert(Arc::new(Mutex::new(keyboard_reset)), I8042_COMMAND_PORT, 1)?;
+
+        let running = vm.start(ExitHandlers {
+            pio,
+            ..Default::default()
+        })?;
+        Ok(Vm { running })
+    }
+}
+
+/// A running VM.
+pub struct Vm {
+    running: RunningVm,
+}
+
+impl Vm {
+    /// Parks every vCPU; returns the state reached (`Stopped` if the VM ended meanwhile).
+    pub fn pause(&self) -> RunState {
+        self.running.pause()
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) -> RunState {
+        self.running.resume()
+    }
+
+    /// Asks the VM to stop; [`Vm::wait`] then returns [`VmStop::Requested`].
+    pub fn stop(&self) {
+        self.running.stop()
+    }
+
+    /// Running, paused or stopped.
+    pub fn state(&self) -> RunState {
+        self.running.run_state()
+    }
+
+    /// Waits for the VM to stop and says why it did.
+    pub fn wait(&self) -> VmStop {
+        self.running.wait()
+    }
+
+    /// Guest memory, readable and writable from the host at any time.
+    pub fn memory(&self) -> &GuestMemory {
+        self.running.memory()
+    }
+
+    /// The hypervisor-level handle, for what this facade does not cover.
+    pub fn inner(&self) -> &RunningVm {
+        &self.running
+    }
+}

@@ -1,0 +1,203 @@
+//! Command-line syntax of `veil`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use veil::SerialSink;
+
+/// Veil: a KVM hypervisor that launches and live-migrates AMD SEV guests.
+#[derive(Debug, Parser)]
+#[command(name = "veil", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level for Veil's own messages on stderr (error, warn, info, debug, trace);
+    /// the VEIL_LOG environment variable overrides it.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel and run it until it exits; veil exits with the guest's status.
+    Run(RunArgs),
+    /// Boot the bundled greeting guest: a quick check that this host can run Veil.
+    Demo(MachineArgs),
+    /// Report what this host's KVM can do for Veil (capabilities, SEV, hypercall exits).
+    HostInfo(HostInfoArgs),
+    /// Talk to a running VMM through its API socket (see `veil run --api-socket`).
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+
+    /// Print the VMM's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum CtlCommand {
+    /// VM state, vCPUs, memory, migratability (with reasons and since when) and shared pages.
+    Status,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+    /// Stop the VM (the `veil run` serving it exits).
+    Shutdown,
+}
+
+/// The machine's shape, shared by every command that boots a guest.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
+    /// Guest RAM, in bytes or with a K, M, G or T suffix (binary units): 16M to 1T.
+    #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "SIZE")]
+    pub memory: u64,
+
+    /// Back guest RAM with this file (shared mapping, created or grown to SIZE): the file
+    /// holds the guest's memory, so it can be pre-filled and inspected.
+    #[arg(long, value_name = "PATH")]
+    pub memory_file: Option<PathBuf>,
+
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u32,
+
+    /// Where the guest's COM1 output goes: stdio, file:PATH, unix:PATH (Veil listens; clients
+    /// see output, including what came before they connected), or null.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "SINK")]
+    pub serial: SerialSink,
+
+    /// Serve the control API (JSON lines, mode 0600) on this UNIX socket; `veil ctl` speaks it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// How guest hypercalls reach Veil: `exit` (vmmcall, KVM_EXIT_HYPERCALL), `port` (Veil's
+    /// I/O-port transport, for hosts that cannot deliver hypercall exits), or `auto` (probe the
+    /// host once per boot and choose).
+    #[arg(long, default_value = "auto", value_enum, value_name = "HOW")]
+    pub hypercall_transport: Transport,
+}
+
+/// `--hypercall-transport` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Transport {
+    Auto,
+    Exit,
+    Port,
+}
+
+impl From<Transport> for veil_hypervisor::paravirt::TransportChoice {
+    fn from(t: Transport) -> Self {
+        match t {
+            Transport::Auto => Self::Auto,
+            Transport::Exit => Self::Exit,
+            Transport::Port => Self::Port,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel to boot: an ELF with a PVH entry note, or a bzImage.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: PathBuf,
+
+    /// Initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, default_value = "", value_name = "STR")]
+    pub cmdline: String,
+
+    #[command(flatten)]
+    pub machine: MachineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HostInfoArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `512M`, `1G`, `1GiB`, `65536`: binary units.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let invalid = || {
+        format!("'{text}' is not a size: use a number of bytes, optionally with K, M, G or T (e.g. 512M)")
+    };
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, suffix) = trimmed.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(invalid()),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// `stdio`, `file:PATH`, `unix:PATH`, `null`.
+pub fn parse_serial(text: &str) -> Result<SerialSink, String> {
+    let (kind, path) = text.split_once(':').unwrap_or((text, ""));
+    match (kind, path) {
+        ("stdio", "") => Ok(SerialSink::Stdout),
+        ("null", "") => Ok(SerialSink::Null),
+        ("file", p) if !p.is_empty() => Ok(SerialSink::File(p.into())),
+        ("unix", p) if !p.is_empty() => Ok(SerialSink::UnixSocket(p.into())),
+        _ => Err(format!(
+            "'{text}' is not a serial sink: use stdio, file:PATH, unix:PATH or null"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("64g"), Ok(64 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert!(parse_size("12X").unwrap_err().contains("not a size"));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn serial_sinks_parse() {
+        assert_eq!(parse_serial("stdio"), Ok(SerialSink::Stdout));
+        assert_eq!(
+            parse_serial("file:/tmp/x"),
+            Ok(SerialSink::File("/tmp/x".into()))
+        );
+        assert_eq!(
+            parse_serial("unix:/run/s"),
+            Ok(SerialSink::UnixSocket("/run/s".into()))
+        );
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp:1234").is_err());
+    }
+}

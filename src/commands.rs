@@ -1,0 +1,144 @@
+//! What each `veil` subcommand does: wiring only, the work is in the library crates.
+
+use std::error::Error;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use veil::{VmBuilder, VmStop};
+use veil_hypervisor::probe::{probe_host, HostInfo};
+
+use crate::cli::{Command, HostInfoArgs, MachineArgs, RunArgs};
+
+type CommandResult = Result<ExitCode, Box<dyn Error>>;
+
+/// `veil run` exits with this status when stopped by SIGINT or SIGTERM, like a shell would.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// The guest could not go on.
+#[derive(Debug, thiserror::Error)]
+#[error("The guest stopped: {0}")]
+struct GuestFailed(VmStop);
+
+pub fn dispatch(command: Command) -> CommandResult {
+    match command {
+        Command::Run(args) => run(args),
+        Command::Demo(machine) => demo(machine),
+        Command::HostInfo(args) => host_info(args),
+        Command::Ctl(args) => crate::ctl::run(args),
+    }
+}
+
+/// A builder with the machine options applied, and the API socket to serve (if any).
+fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>) {
+    let builder = builder
+        .memory_bytes(args.memory)
+        .vcpus(args.vcpus)
+        .serial(args.serial)
+        .hypercall_transport(args.hypercall_transport.into());
+    let builder = match args.memory_file {
+        Some(path) => builder.memory_file(path),
+        None => builder,
+    };
+    (builder, args.api_socket)
+}
+
+fn run(args: RunArgs) -> CommandResult {
+    let mut builder = VmBuilder::new().kernel(args.kernel).cmdline(args.cmdline);
+    if let Some(initrd) = args.initrd {
+        builder = builder.initrd(initrd);
+    }
+    run_until_stopped(machine(builder, args.machine))
+}
+
+fn demo(args: MachineArgs) -> CommandResult {
+    let kernel = bundled_kit()?;
+    run_until_stopped(machine(
+        VmBuilder::new().kernel(kernel.path).cmdline("greet"),
+        args,
+    ))
+}
+
+/// The bundled kit guest in an anonymous in-memory file, so the binary works from anywhere.
+struct BundledKernel {
+    path: PathBuf,
+    _file: File,
+}
+
+fn bundled_kit() -> Result<BundledKernel, Box<dyn Error>> {
+    // SAFETY: the name is a valid NUL-terminated string; the flags are valid for memfd_create.
+    let fd = unsafe { libc::memfd_create(c"veil-kit".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(veil_guests::KIT_ELF)?;
+    Ok(BundledKernel {
+        path: PathBuf::from(format!("/proc/self/fd/{fd}")),
+        _file: file,
+    })
+}
+
+fn run_until_stopped((builder, api_socket): (VmBuilder, Option<PathBuf>)) -> CommandResult {
+    let vm = Arc::new(builder.start()?);
+    let _api = api_socket
+        .map(|path| veil::api::ApiServer::start(&path, Arc::clone(&vm)))
+        .transpose()?;
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let signal_handle = signals.handle();
+    let on_signal = Arc::clone(&vm);
+    let watcher = std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            on_signal.stop();
+        }
+    });
+    let stop = vm.wait();
+    signal_handle.close();
+    let _ = watcher.join();
+    match stop {
+        VmStop::GuestExit(status) => Ok(ExitCode::from(status)),
+        VmStop::Requested => Ok(ExitCode::from(EXIT_INTERRUPTED)),
+        other => Err(Box::new(GuestFailed(other))),
+    }
+}
+
+fn host_info(args: HostInfoArgs) -> CommandResult {
+    let info = probe_host()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print_host_info(&info);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_host_info(info: &HostInfo) {
+    println!("KVM API version     {}", info.kvm_api_version);
+    println!(
+        "vCPUs               up to {} (recommended {})",
+        info.max_vcpus, info.recommended_vcpus
+    );
+    println!("VM types            {}", info.vm_types.join(", "));
+    println!("Capabilities");
+    for cap in &info.capabilities {
+        let state = if cap.value > 0 { "yes" } else { "no " };
+        println!("  {state} {:<38} {}", cap.name, cap.used_for);
+    }
+    println!("SEV                 {}", info.sev.summary);
+    println!(
+        "Hypercall exits     {} ({}; probe took {:.1} ms)",
+        if info.hypercall_exits.delivered {
+            "delivered"
+        } else {
+            "NOT delivered"
+        },
+        info.hypercall_exits.detail,
+        info.hypercall_exits.elapsed_us as f64 / 1000.0
+    );
+}

@@ -1,0 +1,89 @@
+//! Shared by the end-to-end tests: running `veil`, temporary files, and page-stamp checks.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use veil_guest_abi::{page_stamp, PAGE_SIZE};
+
+/// The `veil` binary under test.
+pub fn veil() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_veil"));
+    cmd.env_remove("VEIL_LOG");
+    cmd
+}
+
+/// The kit guest built by this workspace.
+pub fn kit() -> &'static Path {
+    veil_guests::kit_elf_path()
+}
+
+/// Runs `veil run` on the kit with `cmdline` and extra arguments.
+pub fn run_kit(cmdline: &str, extra: &[&str]) -> Output {
+    veil()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kit())
+        .args(["--cmdline", cmdline])
+        .args(extra)
+        .output()
+        .expect("veil runs")
+}
+
+/// Text of stdout and stderr, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("veil-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The gfns `first, first + stride, ...` (`count` of them).
+pub fn gfns(first: u64, count: u64, stride: u64) -> impl Iterator<Item = u64> {
+    (0..count).map(move |i| first + i * stride)
+}
+
+/// Writes the stamp of `seed` into the first word of each page of a memory file.
+pub fn write_stamps(file: &File, seed: u64, pages: impl Iterator<Item = u64>) {
+    for gfn in pages {
+        file.write_all_at(&page_stamp(seed, gfn).to_le_bytes(), gfn * PAGE_SIZE)
+            .unwrap();
+    }
+}
+
+/// The pages of a memory file whose first word is not the stamp of `seed`.
+pub fn wrong_stamps(file: &File, seed: u64, pages: impl Iterator<Item = u64>) -> Vec<u64> {
+    pages
+        .filter(|&gfn| {
+            let mut word = [0u8; 8];
+            file.read_exact_at(&mut word, gfn * PAGE_SIZE).unwrap();
+            u64::from_le_bytes(word) != page_stamp(seed, gfn)
+        })
+        .collect()
+}

@@ -1,0 +1,89 @@
+//! Veil embedded as a library: build, run, capture, pause, resume, stop.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use veil::{RunState, VmBuilder, VmStop};
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn kit_vm(cmdline: &str, capture: &Capture) -> veil::Vm {
+    VmBuilder::new()
+        .kernel(veil_guests::kit_elf_path())
+        .cmdline(cmdline)
+        .memory_bytes(32 << 20)
+        .serial_writer(capture.clone())
+        .start()
+        .expect("VM starts")
+}
+
+#[test]
+fn captures_the_greeting_and_the_exit_status() {
+    let capture = Capture::default();
+    let vm = kit_vm("greet exit:code=3", &capture);
+    assert_eq!(vm.wait(), VmStop::GuestExit(3));
+    assert_eq!(capture.text(), "Hello from the Veil guest kit!\n");
+    assert_eq!(vm.state(), RunState::Stopped);
+}
+
+#[test]
+fn a_missing_kernel_is_an_error_not_a_panic() {
+    let err = VmBuilder::new().start().err().expect("no kernel");
+    assert!(err.to_string().contains("No kernel given"));
+    let err = VmBuilder::new()
+        .kernel("/nonexistent")
+        .start()
+        .err()
+        .expect("missing kernel");
+    assert!(err.to_string().contains("Cannot read kernel /nonexistent"));
+}
+
+#[test]
+fn a_running_guest_pauses_resumes_and_stops() {
+    let capture = Capture::default();
+    let vm = kit_vm("greet spin", &capture);
+    // Wait for the guest to be past its greeting, so it is spinning in the guest.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !capture.text().contains("Hello") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no greeting: {:?}",
+            capture.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(vm.pause(), RunState::Paused);
+    let states = vm
+        .inner()
+        .save_vcpu_states()
+        .expect("paused vCPUs can be saved");
+    let rip = states[0].regs.rip;
+    // The kit runs above 1 MiB in long mode.
+    assert!(rip >= 0x10_0000, "rip {rip:#x}");
+    assert_ne!(states[0].sregs.efer & (1 << 10), 0, "long mode active");
+    // Saved state round-trips through serde, as migration will use it.
+    let json = serde_json::to_string(&states[0]).unwrap();
+    let back: veil_hypervisor::vcpu::VcpuState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.regs.rip, rip);
+    vm.inner().restore_vcpu_states(&[back]).unwrap();
+    assert_eq!(vm.resume(), RunState::Running);
+    vm.stop();
+    assert_eq!(vm.wait(), VmStop::Requested);
+}

@@ -1,0 +1,150 @@
+//! `veil run` and `veil demo` as an operator uses them.
+
+mod common;
+
+use common::{describe, kit, run_kit, veil, TempDir};
+
+const GREETING: &str = "Hello from the Veil guest kit!";
+
+#[test]
+fn demo_greets_and_exits_cleanly() {
+    let out = veil().args(["demo", "--memory", "32M"]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(GREETING),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn run_returns_the_guests_exit_status() {
+    let out = run_kit("greet exit:code=7", &["--memory", "32M"]);
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(GREETING));
+}
+
+#[test]
+fn serial_output_can_go_to_a_file() {
+    let dir = TempDir::new("serial-file");
+    let log = dir.path("console.log");
+    let out = run_kit(
+        "greet",
+        &[
+            "--memory",
+            "32M",
+            "--serial",
+            &format!("file:{}", log.display()),
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(GREETING));
+    assert!(std::fs::read_to_string(&log).unwrap().contains(GREETING));
+}
+
+#[test]
+fn a_faulting_guest_is_reported_with_vcpu_rip_and_bytes() {
+    let out = run_kit("greet fault", &["--memory", "32M"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("vCPU 0 stopped on"), "{}", describe(&out));
+    assert!(stderr.contains("at RIP 0x"), "{}", describe(&out));
+    // ud2 is 0f 0b, whether KVM reports the bytes or Veil reads them from guest memory.
+    assert!(
+        stderr.contains("instruction bytes: 0f 0b"),
+        "{}",
+        describe(&out)
+    );
+}
+
+fn assert_refused(args: &[&str], expected: &str) {
+    let out = veil().args(args).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded\n{}",
+        describe(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected {expected:?}\n{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_a_reason() {
+    let kit = kit().to_str().unwrap();
+    assert_refused(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "Cannot read kernel /nonexistent/vmlinux",
+    );
+    assert_refused(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "caused by: No such file or directory",
+    );
+    assert_refused(
+        &["run", "--kernel", "Cargo.toml"],
+        "neither an ELF nor a bzImage",
+    );
+    assert_refused(
+        &["run", "--kernel", kit, "--memory", "1M"],
+        "too small: Veil needs at least 16 MiB",
+    );
+    assert_refused(&["run", "--kernel", kit, "--memory", "2T"], "too large");
+    assert_refused(
+        &["run", "--kernel", kit, "--memory", "12Q"],
+        "is not a size",
+    );
+    assert_refused(
+        &["run", "--kernel", kit, "--vcpus", "0"],
+        "Invalid vCPU count 0",
+    );
+    assert_refused(
+        &["run", "--kernel", kit, "--serial", "tcp:1"],
+        "is not a serial sink",
+    );
+    assert_refused(&["run"], "--kernel <FILE>");
+    let host_bytes = veil_hypervisor::memory::host_memory_bytes().unwrap();
+    let too_much = format!("{}G", host_bytes / (1 << 30) + 2);
+    assert_refused(
+        &["run", "--kernel", kit, "--memory", &too_much],
+        "more than this host's",
+    );
+}
+
+#[test]
+fn help_explains_every_command() {
+    for cmd in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["demo", "--help"],
+        &["host-info", "--help"],
+    ] {
+        let out = veil().args(cmd).output().unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: veil"),
+            "{cmd:?}"
+        );
+    }
+}
+
+#[test]
+fn host_info_reports_capabilities_and_hypercall_delivery() {
+    let out = veil().args(["host-info", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["kvm_api_version"], 12);
+    assert!(info["hypercall_exits"]["delivered"].is_boolean());
+    assert!(info["sev"]["summary"].as_str().unwrap().contains("SEV"));
+    let names: Vec<&str> = info["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"KVM_CAP_EXIT_HYPERCALL"));
+    let text = veil().arg("host-info").output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("Hypercall exits"));
+}
