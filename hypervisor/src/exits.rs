@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use veil_devices::Bus;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -47,7 +47,7 @@ pub struct ExitHandlers {
     pub msr: Option<Arc<dyn MsrHandler>>,
     /// Hypercalls; without one, every call returns -KVM_ENOSYS.
     pub hypercall: Option<Arc<dyn HypercallHandler>>,
-    /// Veil's port transport: an `out` to this port is a hypercall with the registers as
+    /// Veil's port transport: an `in eax` from this port is a hypercall with the registers as
     /// `vmmcall` would pass them (see `veil_guest_abi::HYPERCALL_PORT`).
     pub hypercall_port: Option<u16>,
 }
@@ -156,11 +156,29 @@ impl ExitHandlers {
         })
     }
 
-    /// The port transport: the same registers and result as `KVM_EXIT_HYPERCALL`, and the
-    /// checks KVM makes before that exit (CPL 0, 32-bit truncation) made here instead.
+    /// Asks KVM to copy the registers the port transport reads into `kvm_run` on every exit,
+    /// saving two ioctls per hypercall, when the host supports it (`supported_sync_regs` is
+    /// `KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS)`).
+    pub fn prepare_vcpu(&self, fd: &mut VcpuFd, supported_sync_regs: u64) {
+        let wanted = (SyncReg::Register as u64) | (SyncReg::SystemRegister as u64);
+        if self.hypercall_port.is_some() && supported_sync_regs & wanted == wanted {
+            fd.set_sync_valid_reg(SyncReg::Register);
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
+    }
+
+    /// The port transport (`in eax, port`): the same registers and result as
+    /// `KVM_EXIT_HYPERCALL`, and the checks KVM makes before that exit (CPL 0, 32-bit
+    /// truncation) made here instead. The result travels as the `in`'s data, so no register is
+    /// written: the guest sign-extends EAX into RAX (every hypercall result fits 32 bits).
     fn port_hypercall(&self, vcpu_id: u32, fd: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
-        let mut regs = fd.get_regs()?;
-        let sregs = fd.get_sregs()?;
+        let synced = fd.get_kvm_run().kvm_valid_regs & (SyncReg::SystemRegister as u64) != 0;
+        let (regs, sregs) = if synced {
+            let sync = fd.sync_regs();
+            (sync.regs, sync.sregs)
+        } else {
+            (fd.get_regs()?, fd.get_sregs()?)
+        };
         let long_mode = sregs.efer & EFER_LMA != 0 && sregs.cs.l == 1;
         let cpl = sregs.cs.selector & 3;
         let result = if cpl != 0 {
@@ -171,18 +189,14 @@ impl ExitHandlers {
                 None => KVM_ENOSYS_RESULT,
             }
         };
-        regs.rax = if long_mode {
-            result
-        } else {
-            result & 0xffff_ffff
-        };
-        fd.set_regs(&regs)
+        io_in_data(fd).copy_from_slice(&(result as u32).to_le_bytes());
+        Ok(())
     }
 
     fn classify(&self, vcpu_id: u32, exit: VcpuExit<'_>) -> Classified {
         let resume = Classified::Action(ExitAction::Resume);
         match exit {
-            VcpuExit::IoOut(port, _) if Some(port) == self.hypercall_port => {
+            VcpuExit::IoIn(port, data) if Some(port) == self.hypercall_port && data.len() == 4 => {
                 Classified::PortHypercall
             }
             VcpuExit::IoOut(port, data) => {
@@ -241,6 +255,19 @@ impl ExitHandlers {
             VcpuExit::FailEntry(reason, _) => Classified::Fault(FaultKind::FailedEntry { reason }),
             other => Classified::Fault(FaultKind::UnexpectedExit(format!("{other:?}"))),
         }
+    }
+}
+
+/// The data buffer of the `KVM_EXIT_IO` in progress (4 bytes for `in eax`).
+fn io_in_data(fd: &mut VcpuFd) -> &mut [u8] {
+    let run = fd.get_kvm_run();
+    // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the active member; KVM places
+    // `size * count` bytes of data at `data_offset` inside the mapped kvm_run area, and the
+    // caller checked this is one 4-byte `in`.
+    unsafe {
+        let io = run.__bindgen_anon_1.io;
+        let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+        std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), 4)
     }
 }
 

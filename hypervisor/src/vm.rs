@@ -82,7 +82,12 @@ pub struct Vm {
     msr_indices: Vec<u32>,
     paravirt: Arc<Paravirt>,
     features: ParavirtFeatures,
+    /// `KVM_CAP_SYNC_REGS`: the register sets KVM can mirror in `kvm_run`.
+    sync_regs: u64,
 }
+
+/// `KVM_CAP_SYNC_REGS`.
+const KVM_CAP_SYNC_REGS: u64 = 74;
 
 impl Vm {
     /// Creates the VM, its memory and vCPUs and loads the kernel. `customize_cpuid` adds what
@@ -141,6 +146,7 @@ impl Vm {
             msr_indices: vcpu::stateful_msrs(&kvm),
             paravirt,
             features,
+            sync_regs: kvm.check_extension_raw(KVM_CAP_SYNC_REGS).max(0) as u64,
         })
     }
 
@@ -201,6 +207,7 @@ impl Vm {
         }
         handlers.hypercall_port = handlers.hypercall_port.or(self.features.hypercall_port);
         let power_on = PowerOnState::capture(&self.fd, &self.vcpus, &self.msr_indices)?;
+        let sync_regs = self.sync_regs;
         let handlers = Arc::new(handlers);
         let vcpus: Vec<Arc<Mutex<Vcpu>>> = self
             .vcpus
@@ -218,7 +225,7 @@ impl Vm {
             let id = lock(&vcpu).id;
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(&vcpu, &control, &handlers, ram.memory()));
+                .spawn(move || run_vcpu(&vcpu, &control, &handlers, ram.memory(), sync_regs));
             match spawned {
                 Ok(handle) => {
                     self.control
@@ -272,9 +279,11 @@ fn run_vcpu(
     control: &VmControl,
     handlers: &ExitHandlers,
     memory: &GuestMemory,
+    sync_regs: u64,
 ) {
     let (id, kick) = {
         let mut v = lock(vcpu);
+        handlers.prepare_vcpu(&mut v.fd, sync_regs);
         (v.id, KickTarget::arm(&mut v.fd))
     };
     loop {

@@ -159,7 +159,7 @@ pub const PACKET_FLAG_COMPRESSED: u32 = 1;
 pub const MAX_PACKET_BYTES: usize = 4096;
 
 fn check_length(len: usize) -> Result<(), CryptoError> {
-    if len == 0 || len % 16 != 0 || len > MAX_PACKET_BYTES {
+    if len == 0 || !len.is_multiple_of(16) || len > MAX_PACKET_BYTES {
         return Err(CryptoError::BadLength(len));
     }
     Ok(())

@@ -19,11 +19,14 @@ pub const EXIT_PORT: u16 = 0xf4;
 /// How to reset the machine, as on every PC: write 0x6 (or 0xe) to the reset control register.
 pub const RESET_CONTROL_PORT: u16 = 0xcf9;
 
-/// Veil's fallback hypercall transport: `out HYPERCALL_PORT, al` with the hypercall's registers
-/// loaded (RAX = number, RBX/RCX/RDX = a0/a1/a2); the result comes back in RAX. Used where the
-/// host cannot deliver `vmmcall` exits; advertised in [`VEIL_CPUID_FEATURES`]. A port below 0x100
-/// so the `out imm8, al` form leaves RDX (a2) alone.
-pub const HYPERCALL_PORT: u16 = 0xf5;
+/// Veil's fallback hypercall transport: `in eax, HYPERCALL_PORT` with the hypercall's registers
+/// loaded (RAX = number, RBX/RCX/RDX = a0/a1/a2); the result comes back in EAX, to be
+/// sign-extended into RAX in 64-bit mode (`movsxd rax, eax`; every result fits 32 bits). Used
+/// where the host cannot deliver `vmmcall` exits; advertised in [`VEIL_CPUID_FEATURES`]. A port
+/// below 0x100 so the `in eax, imm8` form leaves RDX (a2) alone.
+pub const HYPERCALL_PORT: u16 = HYPERCALL_PORT_U8 as u16;
+/// [`HYPERCALL_PORT`] as the 8-bit immediate `out` takes.
+pub const HYPERCALL_PORT_U8: u8 = 0xf5;
 
 /// Veil's CPUID signature leaf: EAX = highest Veil leaf, EBX:ECX:EDX = "VeilVeilVeil".
 pub const VEIL_CPUID_SIGNATURE: u32 = 0x4000_0100;

@@ -49,6 +49,18 @@ pub enum Task {
     Check(PageRange),
     Fault,
     Exit(u8),
+    /// Loop forever (until the VMM stops the VM).
+    Spin,
+    /// `KVM_HC_MAP_GPA_RANGE` (or hypercall `nr`) with a result to expect.
+    Hypercall { nr: u64, gpa: u64, pages: u64, attrs: u64, expect: u64 },
+    /// Write `MSR_KVM_MIGRATION_CONTROL`.
+    MsrWrite(u64),
+    /// Read `MSR_KVM_MIGRATION_CONTROL` and expect a value.
+    MsrRead(u64),
+    /// Reset the machine; the tasks after this one run after the reboot.
+    Reset,
+    /// Time `count` hypercall round trips against as many bare I/O exits.
+    HypercallBench(u64),
 }
 
 /// Why a word of the command line is not a task.
@@ -105,15 +117,39 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         })
     };
     match name {
-        b"greet" | b"fault" => {
+        b"greet" | b"fault" | b"spin" | b"reset" => {
             if params.is_some() {
                 return Err(err("takes no parameters", b""));
             }
-            Ok(if name == b"greet" {
-                Task::Greet
-            } else {
-                Task::Fault
+            Ok(match name {
+                b"greet" => Task::Greet,
+                b"fault" => Task::Fault,
+                b"spin" => Task::Spin,
+                _ => Task::Reset,
             })
+        }
+        b"hypercall" => {
+            let [nr, gpa, pages, attrs, expect] =
+                parse_params(word, params, ["nr", "gpa", "pages", "attrs", "expect"])?;
+            Ok(Task::Hypercall {
+                nr: nr.unwrap_or(12),
+                gpa: gpa.ok_or(err("missing parameter", b"gpa"))?,
+                pages: pages.ok_or(err("missing parameter", b"pages"))?,
+                attrs: attrs.unwrap_or(0),
+                expect: expect.ok_or(err("missing parameter", b"expect"))?,
+            })
+        }
+        b"msr-write" => {
+            let [value] = parse_params(word, params, ["value"])?;
+            Ok(Task::MsrWrite(value.ok_or(err("missing parameter", b"value"))?))
+        }
+        b"msr-read" => {
+            let [expect] = parse_params(word, params, ["expect"])?;
+            Ok(Task::MsrRead(expect.ok_or(err("missing parameter", b"expect"))?))
+        }
+        b"hcbench" => {
+            let [count] = parse_params(word, params, ["count"])?;
+            Ok(Task::HypercallBench(count.unwrap_or(1000).max(1)))
         }
         b"stamp" => {
             let [seed, first, count, stride, cpus] =
@@ -170,8 +206,12 @@ fn parse_params<'a, const N: usize>(
     Ok(values)
 }
 
-/// Decimal or `0x`/`0X` hex, no sign, no overflow.
+/// Decimal or `0x`/`0X` hex, no overflow; a leading `-` gives the two's complement (hypercall
+/// results such as `-22`).
 fn parse_number(s: &[u8]) -> Option<u64> {
+    if let [b'-', rest @ ..] = s {
+        return parse_number(rest).map(u64::wrapping_neg);
+    }
     let (digits, radix) = match s {
         [b'0', b'x' | b'X', rest @ ..] => (rest, 16),
         _ => (s, 10),

@@ -20,6 +20,8 @@ mod layout;
 mod mem;
 mod memmap;
 mod paging;
+mod paravirt;
+mod reset;
 mod serial;
 mod smp;
 mod tasks;

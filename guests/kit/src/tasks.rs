@@ -4,7 +4,7 @@ use crate::cmdline::{PageRange, ParseError, Task, Tasks};
 use crate::layout::{image_gfns, trampoline_gfn, MAX_CPUS};
 use crate::memmap::RamMap;
 use crate::serial::{begin_error, end_error, write_bytes, write_dec, write_hex, write_str};
-use crate::{arch, smp, EXIT_CHECK_FAILED, EXIT_OK};
+use crate::{arch, paravirt, reset, smp, EXIT_CHECK_FAILED, EXIT_OK};
 use veil_guest_abi::{page_stamp, PAGE_SIZE};
 
 /// Runs the whole command line and exits: 0 when every task ran, 1 when a check failed, 2 on
@@ -18,10 +18,15 @@ pub fn run_all(cmdline: &[u8], ram: &RamMap) -> ! {
         tasks += 1;
     }
     if tasks == 0 {
-        run(&Task::Greet);
+        run(&Task::Greet, 0);
     }
-    for task in Tasks::new(cmdline) {
-        run(&task.unwrap_or_else(|e| report_parse_error(&e)));
+    // After a `reset` task, carry on with the task that followed it.
+    let resume_from = reset::take_resume_point();
+    if resume_from > 0 {
+        write_str("veil-kit: resumed after reset\n");
+    }
+    for (index, task) in Tasks::new(cmdline).enumerate().skip(resume_from) {
+        run(&task.unwrap_or_else(|e| report_parse_error(&e)), index);
     }
     arch::exit(EXIT_OK)
 }
@@ -54,7 +59,7 @@ fn validate(task: &Task, ram: &RamMap) {
             ("stamp: ", range)
         }
         Task::Check(range) => ("check: ", range),
-        Task::Greet | Task::Fault | Task::Exit(_) => return,
+        _ => return,
     };
     if range.count == 0 {
         return;
@@ -103,8 +108,26 @@ fn validate(task: &Task, ram: &RamMap) {
     }
 }
 
-fn run(task: &Task) {
+fn run(task: &Task, index: usize) {
     match *task {
+        Task::Spin => loop {
+            arch::pause();
+        },
+        Task::Hypercall { nr, gpa, pages, attrs, expect } => {
+            let result = paravirt::hypercall(paravirt::transport(), nr, gpa, pages, attrs);
+            report_value("hypercall", result, expect);
+        }
+        Task::MsrWrite(value) => {
+            paravirt::wrmsr(paravirt::MSR_KVM_MIGRATION_CONTROL, value);
+            write_str("msr-write ok: ");
+            write_hex(value);
+            write_str("\n");
+        }
+        Task::MsrRead(expect) => {
+            report_value("msr-read", paravirt::rdmsr(paravirt::MSR_KVM_MIGRATION_CONTROL), expect);
+        }
+        Task::Reset => reset::reset_and_resume_at(index + 1),
+        Task::HypercallBench(count) => hypercall_bench(count),
         Task::Greet => write_str(veil_guest_abi::KIT_GREETING),
         Task::Stamp { range, cpus } => {
             if cpus == 1 {
@@ -146,6 +169,50 @@ fn run(task: &Task) {
         }
         Task::Exit(code) => arch::exit(code),
     }
+}
+
+/// Prints `<what> ok: <value>`, or a failure and exits with status 1.
+fn report_value(what: &str, value: u64, expect: u64) {
+    write_str(what);
+    if value == expect {
+        write_str(" ok: ");
+        write_hex(value);
+        write_str("\n");
+    } else {
+        write_str(" FAILED: got ");
+        write_hex(value);
+        write_str(", expected ");
+        write_hex(expect);
+        write_str("\n");
+        arch::exit(EXIT_CHECK_FAILED);
+    }
+}
+
+/// Average TSC cycles of a hypercall round trip (a valid MAP_GPA_RANGE of the kit's first RAM
+/// page above its image... any page: it is marked shared then private again) and of a bare I/O
+/// exit, measured alternately so both see the same host conditions.
+fn hypercall_bench(count: u64) {
+    let transport = paravirt::transport();
+    let (image_start, _) = image_gfns();
+    let gpa = (image_start - 1) * PAGE_SIZE;
+    let (mut hypercall_cycles, mut exit_cycles) = (0u64, 0u64);
+    for i in 0..count {
+        let t0 = arch::rdtsc();
+        let attrs = if i % 2 == 0 { 0 } else { 0x10 };
+        paravirt::hypercall(transport, 12, gpa, 1, attrs);
+        let t1 = arch::rdtsc();
+        paravirt::bare_exit(transport, 12, gpa, 1, attrs);
+        let t2 = arch::rdtsc();
+        hypercall_cycles += t1 - t0;
+        exit_cycles += t2 - t1;
+    }
+    write_str("hcbench: ");
+    write_dec(count);
+    write_str(" round trips, hypercall ");
+    write_dec(hypercall_cycles / count);
+    write_str(" cycles, bare exit ");
+    write_dec(exit_cycles / count);
+    write_str(" cycles\n");
 }
 
 /// Stamps pages `from..to` of `range`: one 8-byte store per page, the first word.
