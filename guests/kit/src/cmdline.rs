@@ -61,6 +61,8 @@ pub enum Task {
     Reset,
     /// Time `count` hypercall round trips against as many bare I/O exits.
     HypercallBench(u64),
+    /// Share every other page of `count` pages from `first`: the worst case for a run list.
+    ShareAlternate { first: u64, count: u64 },
 }
 
 /// Why a word of the command line is not a task.
@@ -146,6 +148,13 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         b"msr-read" => {
             let [expect] = parse_params(word, params, ["expect"])?;
             Ok(Task::MsrRead(expect.ok_or(err("missing parameter", b"expect"))?))
+        }
+        b"share-alternate" => {
+            let [first, count] = parse_params(word, params, ["first", "count"])?;
+            Ok(Task::ShareAlternate {
+                first: first.ok_or(err("missing parameter", b"first"))?,
+                count: count.ok_or(err("missing parameter", b"count"))?,
+            })
         }
         b"hcbench" => {
             let [count] = parse_params(word, params, ["count"])?;

@@ -128,6 +128,18 @@ fn run(task: &Task, index: usize) {
         }
         Task::Reset => reset::reset_and_resume_at(index + 1),
         Task::HypercallBench(count) => hypercall_bench(count),
+        Task::ShareAlternate { first, count } => {
+            let transport = paravirt::transport();
+            for gfn in (first..first + count).step_by(2) {
+                let result = paravirt::hypercall(transport, 12, gfn * PAGE_SIZE, 1, 0);
+                if result != 0 {
+                    report_value("share-alternate", result, 0);
+                }
+            }
+            write_str("share-alternate ok: ");
+            write_dec(count.div_ceil(2));
+            write_str(" pages shared\n");
+        }
         Task::Greet => write_str(veil_guest_abi::KIT_GREETING),
         Task::Stamp { range, cpus } => {
             if cpus == 1 {
