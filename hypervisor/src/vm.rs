@@ -115,26 +115,16 @@ impl Vm {
             ..Default::default()
         })
         .map_err(setup("KVM_CREATE_PIT2"))?;
-        ram.register(&fd)?;
         let ram = Arc::new(ram);
-        let features = paravirt::setup::enable(&kvm, &fd, config.hypercall_transport);
-        let paravirt = Arc::new(Paravirt::new(
-            Arc::clone(&ram),
-            config.encrypted_memory,
-            features.migration_control,
-        ));
-
-        let mut cpuid = Cpuid::supported(&kvm)?;
-        paravirt::setup::advertise(&mut cpuid, &features);
-        customize_cpuid(&mut cpuid);
-        let vcpus = (0..config.vcpus)
-            .map(|id| Vcpu::new(&fd, id, &cpuid, config.vcpus))
-            .collect::<Result<Vec<_>, _>>()?;
-        for v in &vcpus {
-            v.setup_lapic_lint()?;
-        }
-        let boot = boot::load(ram.memory(), &config.boot)?;
-        vcpus[0].setup_boot_entry(boot.entry)?;
+        // Registering memory waits for a KVM grace period (milliseconds): let it overlap the
+        // rest of the set-up, none of which needs the memory slots.
+        let (registered, rest) = std::thread::scope(|scope| {
+            let registering = scope.spawn(|| ram.register(&fd));
+            let rest = Self::setup_cpus_and_boot(&kvm, &fd, &ram, config, customize_cpuid);
+            (registering.join(), rest)
+        });
+        registered.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        let (features, paravirt, vcpus, boot) = rest?;
 
         Ok(Self {
             boot_config: config.boot.clone(),
@@ -148,6 +138,35 @@ impl Vm {
             features,
             sync_regs: kvm.check_extension_raw(KVM_CAP_SYNC_REGS).max(0) as u64,
         })
+    }
+
+    /// Paravirtual features, CPUID, vCPUs and the loaded kernel.
+    #[allow(clippy::type_complexity)]
+    fn setup_cpus_and_boot(
+        kvm: &kvm_ioctls::Kvm,
+        fd: &VmFd,
+        ram: &Arc<GuestRam>,
+        config: &VmConfig,
+        customize_cpuid: impl FnOnce(&mut Cpuid),
+    ) -> Result<(ParavirtFeatures, Arc<Paravirt>, Vec<Vcpu>, BootImage), VmError> {
+        let features = paravirt::setup::enable(kvm, fd, config.hypercall_transport);
+        let paravirt = Arc::new(Paravirt::new(
+            Arc::clone(ram),
+            config.encrypted_memory,
+            features.migration_control,
+        ));
+        let mut cpuid = Cpuid::supported(kvm)?;
+        paravirt::setup::advertise(&mut cpuid, &features);
+        customize_cpuid(&mut cpuid);
+        let vcpus = (0..config.vcpus)
+            .map(|id| Vcpu::new(fd, id, &cpuid, config.vcpus))
+            .collect::<Result<Vec<_>, _>>()?;
+        for v in &vcpus {
+            v.setup_lapic_lint()?;
+        }
+        let boot = boot::load(ram.memory(), &config.boot)?;
+        vcpus[0].setup_boot_entry(boot.entry)?;
+        Ok((features, paravirt, vcpus, boot))
     }
 
     /// The page-state map, migration control and blockers.

@@ -1,5 +1,7 @@
 //! From the PVH start info to the tasks: copy the boot data out, finish the page tables, run.
 
+use core::mem::MaybeUninit;
+
 use crate::memmap::{MemmapEntry, RamMap, MAX_MEMMAP_ENTRIES};
 use crate::{paging, serial, tasks};
 use veil_guest_abi::CMDLINE_MAX;
@@ -27,8 +29,10 @@ struct HvmStartInfo {
 pub extern "C" fn kit_main(start_info: u64) -> ! {
     // Locals on the BSP stack (inside the kit image): the boot area below 1 MiB may be reused
     // afterwards (the AP trampoline, or stamped pages), so nothing keeps pointing into it.
-    let mut cmdline = [0u8; CMDLINE_MAX];
-    let mut memmap = [MemmapEntry::default(); MAX_MEMMAP_ENTRIES];
+    // Left uninitialised: zeroing 4 KiB costs the emulated guest milliseconds, and only the
+    // copied prefix is ever read.
+    let mut cmdline = [MaybeUninit::<u8>::uninit(); CMDLINE_MAX];
+    let mut memmap = [MaybeUninit::<MemmapEntry>::uninit(); MAX_MEMMAP_ENTRIES];
 
     // SAFETY: the PVH contract: EBX held the address of a valid hvm_start_info, below 4 GiB
     // (a 32-bit register), so it is identity-mapped; it is only read.
@@ -41,35 +45,41 @@ pub extern "C" fn kit_main(start_info: u64) -> ! {
         serial::write_hex(start_info);
         serial::end_error();
     }
-    let cmdline_len = copy_cmdline(info.cmdline_paddr, &mut cmdline);
-    let entries = copy_memmap(&info, &mut memmap);
+    let cmdline = copy_cmdline(info.cmdline_paddr, &mut cmdline);
+    let memmap = copy_memmap(&info, &mut memmap);
 
-    let ram = RamMap::new(&memmap[..entries]);
+    let ram = RamMap::new(memmap);
     paging::map_ram(ram.end_gfn());
-    tasks::run_all(&cmdline[..cmdline_len], &ram)
+    tasks::run_all(cmdline, &ram)
 }
 
-/// Copies the NUL-terminated command line; returns its length (0 when there is none).
-fn copy_cmdline(paddr: u64, buf: &mut [u8; CMDLINE_MAX]) -> usize {
-    if paddr == 0 || paddr >= 1 << 32 {
-        return 0;
-    }
-    for (i, slot) in buf.iter_mut().enumerate().take(CMDLINE_MAX - 1) {
-        // SAFETY: the loader put a NUL-terminated string of at most CMDLINE_MAX bytes at
-        // `paddr` (below 4 GiB, so mapped); reading stops at the NUL.
-        let byte = unsafe { core::ptr::read_volatile((paddr + i as u64) as *const u8) };
-        if byte == 0 {
-            return i;
+/// Copies the NUL-terminated command line into `buf`; returns the copy (empty when there is
+/// none).
+fn copy_cmdline(paddr: u64, buf: &mut [MaybeUninit<u8>; CMDLINE_MAX]) -> &[u8] {
+    let mut len = 0;
+    if paddr != 0 && paddr < 1 << 32 {
+        while len < CMDLINE_MAX - 1 {
+            // SAFETY: the loader put a NUL-terminated string of at most CMDLINE_MAX bytes at
+            // `paddr` (below 4 GiB, so mapped); reading stops at the NUL.
+            let byte = unsafe { core::ptr::read_volatile((paddr + len as u64) as *const u8) };
+            if byte == 0 {
+                break;
+            }
+            buf[len].write(byte);
+            len += 1;
         }
-        *slot = byte;
     }
-    CMDLINE_MAX - 1
+    // SAFETY: the first `len` bytes were written just above.
+    unsafe { core::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) }
 }
 
-/// Copies the memory map (start info version 1 and later); returns the number of entries.
-fn copy_memmap(info: &HvmStartInfo, buf: &mut [MemmapEntry; MAX_MEMMAP_ENTRIES]) -> usize {
+/// Copies the memory map (start info version 1 and later) into `buf`; returns the copy.
+fn copy_memmap<'a>(
+    info: &HvmStartInfo,
+    buf: &'a mut [MaybeUninit<MemmapEntry>; MAX_MEMMAP_ENTRIES],
+) -> &'a [MemmapEntry] {
     if info.version < 1 || info.memmap_paddr == 0 || info.memmap_paddr >= 1 << 32 {
-        return 0;
+        return &[];
     }
     let count = info.memmap_entries as usize;
     if count > MAX_MEMMAP_ENTRIES {
@@ -82,7 +92,8 @@ fn copy_memmap(info: &HvmStartInfo, buf: &mut [MemmapEntry; MAX_MEMMAP_ENTRIES])
     for (i, slot) in buf.iter_mut().enumerate().take(count) {
         // SAFETY: the loader's table has `count` entries at `memmap_paddr` (below 4 GiB, so
         // mapped); read_unaligned because nothing promises its alignment.
-        *slot = unsafe { core::ptr::read_unaligned(table.add(i)) };
+        slot.write(unsafe { core::ptr::read_unaligned(table.add(i)) });
     }
-    count
+    // SAFETY: the first `count` entries were written just above.
+    unsafe { core::slice::from_raw_parts(buf.as_ptr().cast::<MemmapEntry>(), count) }
 }

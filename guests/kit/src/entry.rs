@@ -48,14 +48,38 @@ kit_gdt_ptr:
     .long kit_gdt
     .popsection
 
-    /* ---- Page tables and stacks: inside the image, never zeroed (see link.ld). ---- */
+    /* ---- The boot page tables, built by the assembler: the loader copies them with the
+     * image, so the emulated guest spends no time on them. They map the first GiB with 2 MiB
+     * pages, and the LAPIC's 2 MiB page uncached (PCD | PWT). RAM above 1 GiB is mapped by
+     * `paging::map_ram` into `kit_pd`. ---- */
+    .pushsection .data.kit_page_tables, "aw", @progbits
+    .balign 4096
+    .globl kit_pml4, kit_pdpt
+kit_pml4:
+    .quad kit_pdpt + 3
+    .fill 511, 8, 0
+kit_pdpt:
+    .quad kit_pd_low + 3
+    .quad 0
+    .quad 0
+    .quad kit_pd_mmio + 3
+    .fill 508, 8, 0
+kit_pd_low:
+    .set kit_pde, 0
+    .rept 512
+    .quad (kit_pde << 21) | 0x83
+    .set kit_pde, kit_pde + 1
+    .endr
+kit_pd_mmio:
+    .fill 503, 8, 0
+    .quad 0xfee00000 | 0x9b
+    .fill 8, 8, 0
+    .popsection
+
+    /* ---- More page directories and the stacks: inside the image, never zeroed (link.ld). ---- */
     .pushsection .noinit.kit, "aw", @nobits
     .balign 4096
-    .globl kit_pml4, kit_pdpt, kit_pd
-kit_pml4:
-    .skip 4096
-kit_pdpt:
-    .skip 4096
+    .globl kit_pd
 kit_pd:
     .skip 4096 * {mapped_gib}
     .balign 16
@@ -105,36 +129,6 @@ pvh_entry32:
     shrl $2, %ecx
     xorl %eax, %eax
     rep stosl
-
-    /* Zero the PML4 and the PDPT (adjacent pages). EAX is still 0. */
-    movl $kit_pml4, %edi
-    movl $2048, %ecx
-    rep stosl
-
-    /* PML4[0] -> PDPT; PDPT[0..4] -> the first four page directories. */
-    movl $kit_pdpt + 3, %eax
-    movl %eax, kit_pml4
-    movl $kit_pd + 3, %eax
-    movl $kit_pdpt, %edi
-    movl $4, %ecx
-1:
-    movl %eax, (%edi)
-    addl $4096, %eax
-    addl $8, %edi
-    decl %ecx
-    jnz 1b
-
-    /* 2048 PDEs mapping 0..4 GiB with 2 MiB pages: present, writable, PS. */
-    movl $kit_pd, %edi
-    movl $0x83, %eax
-    movl $2048, %ecx
-2:
-    movl %eax, (%edi)
-    movl $0, 4(%edi)
-    addl $0x200000, %eax
-    addl $8, %edi
-    decl %ecx
-    jnz 2b
 
     KIT_ENTER_LONG_MODE kit_bsp_entry64
 
