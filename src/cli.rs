@@ -64,7 +64,8 @@ pub struct MachineArgs {
     pub memory: u64,
 
     /// Back guest RAM with this file (shared mapping, created or grown to SIZE): the file
-    /// holds the guest's memory, so it can be pre-filled and inspected.
+    /// holds the guest's memory, so it can be pre-filled and inspected. Offsets are guest
+    /// addresses below 3 GiB; RAM above the 3-4 GiB MMIO hole follows on at offset 3 GiB.
     #[arg(long, value_name = "PATH")]
     pub memory_file: Option<PathBuf>,
 

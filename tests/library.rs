@@ -83,7 +83,13 @@ fn a_running_guest_pauses_resumes_and_stops() {
     let back: veil_hypervisor::vcpu::VcpuState = serde_json::from_str(&json).unwrap();
     assert_eq!(back.regs.rip, rip);
     vm.inner().restore_vcpu_states(&[back]).unwrap();
+    let platform = vm.inner().save_platform_state().unwrap();
+    let platform: veil_hypervisor::platform::PlatformState =
+        serde_json::from_str(&serde_json::to_string(&platform).unwrap()).unwrap();
+    vm.inner().restore_platform_state(&platform).unwrap();
     assert_eq!(vm.resume(), RunState::Running);
+    // Saving needs a paused VM: a running one is refused, not read mid-flight.
+    assert!(vm.inner().save_vcpu_states().is_err());
     vm.stop();
     assert_eq!(vm.wait(), VmStop::Requested);
 }

@@ -98,3 +98,89 @@ fn a_guest_that_finds_wrong_data_says_so() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("check FAILED at gfn 0x800"));
 }
+
+#[test]
+fn dirty_logging_reports_exactly_the_pages_written_by_guest_and_host() {
+    use std::collections::BTreeSet;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let serial = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let vm = veil::VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(format!(
+            "dirty-loop:seed=3,first={FIRST_FREE_GFN:#x},count=64,stride=2"
+        ))
+        .memory_bytes(64 << 20)
+        .serial_writer(Sink(serial.clone()))
+        .start()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !String::from_utf8_lossy(&serial.lock().unwrap()).contains("stamping") {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let running = vm.inner();
+    let (ram, fd) = (running.ram(), running.fd());
+    ram.set_dirty_logging(fd, true).unwrap();
+    ram.take_dirty_pages(fd).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A write by the VMM itself is tracked too.
+    let host_gfn = FIRST_FREE_GFN + 0x100;
+    running
+        .memory()
+        .write_obj(1u64, GuestAddress(host_gfn << 12))
+        .unwrap();
+    let dirty: BTreeSet<u64> = ram
+        .take_dirty_pages(fd)
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.dirty_addresses().map(|a| a.0 >> 12).collect::<Vec<_>>())
+        .collect();
+    let stamped: BTreeSet<u64> = gfns(FIRST_FREE_GFN, 64, 2).collect();
+    assert!(
+        stamped.is_subset(&dirty),
+        "missing: {:?}",
+        stamped.difference(&dirty).collect::<Vec<_>>()
+    );
+    assert!(dirty.contains(&host_gfn));
+    // Pages between the stamped ones, and the rest of free RAM, were not written.
+    let untouched = gfns(FIRST_FREE_GFN + 1, 64, 2).chain(FIRST_FREE_GFN + 0x101..0x4000);
+    let wrongly_dirty: Vec<u64> = untouched.filter(|g| dirty.contains(g)).collect();
+    assert_eq!(wrongly_dirty, Vec::<u64>::new());
+    // Off again: KVM no longer keeps a log for the slot.
+    ram.set_slot_dirty_logging(fd, 0, false).unwrap();
+    assert!(ram.take_dirty_pages(fd).is_err());
+    vm.stop();
+    vm.wait();
+}
+
+#[test]
+fn a_64gib_guest_reaches_its_highest_pages_through_a_sparse_memory_file() {
+    let dir = TempDir::new("64g");
+    let mem = dir.path("ram");
+    let file = File::create(&mem).unwrap();
+    file.set_len(64 << 30).unwrap();
+    // The last GiB of a 64 GiB guest sits at 64..65 GiB (RAM skips the 3..4 GiB hole).
+    let high = (64u64 << 30) >> 12;
+    write_stamps(&file, 7, gfns(high, 4, 0x1000));
+    let out = run_kit(
+        &format!("check:seed=7,first={high:#x},count=4,stride=0x1000 stamp:seed=8,first={:#x},count=4,stride=0x1000", high + 1),
+        &["--memory", "64G", "--memory-file", mem.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let file = File::open(&mem).unwrap();
+    assert_eq!(
+        wrong_stamps(&file, 8, gfns(high + 1, 4, 0x1000)),
+        Vec::<u64>::new()
+    );
+}

@@ -148,3 +148,97 @@ fn host_info_reports_capabilities_and_hypercall_delivery() {
     let text = veil().arg("host-info").output().unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("Hypercall exits"));
 }
+
+#[test]
+fn ctrl_c_stops_the_vm_cleanly() {
+    use std::io::Read;
+    let mut child = veil()
+        .args([
+            "run",
+            "--memory",
+            "32M",
+            "--cmdline",
+            "greet spin",
+            "--kernel",
+        ])
+        .arg(kit())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(GREETING) {
+        let mut buf = [0u8; 64];
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "veil exited before greeting");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// Runs `veil run` on the kit inside `wrapper` (a command line that ends by running veil).
+fn run_wrapped(wrapper: &[&str]) -> std::process::Output {
+    std::process::Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .arg(env!("CARGO_BIN_EXE_veil"))
+        .args(["run", "--memory", "32M", "--kernel"])
+        .arg(kit())
+        .output()
+        .unwrap()
+}
+
+fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() == 0 }
+}
+
+#[test]
+fn a_host_without_kvm_is_told_so() {
+    if !is_root() {
+        eprintln!("skipped: hiding /dev/kvm needs root (a private mount namespace)");
+        return;
+    }
+    // A private /dev without kvm, in a mount namespace of its own.
+    let out = run_wrapped(&[
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /dev && exec \"$0\" \"$@\"",
+    ]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("/dev/kvm does not exist: this host has no KVM"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn a_user_without_access_to_kvm_is_told_so() {
+    if !is_root() {
+        eprintln!("skipped: switching to an unprivileged user needs root");
+        return;
+    }
+    let out = run_wrapped(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied opening /dev/kvm"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -12,6 +12,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod paravirt;
+pub mod platform;
 pub mod power_on;
 pub mod probe;
 pub mod vcpu;

@@ -15,6 +15,7 @@ use crate::host::{open_kvm, HostError};
 use crate::layout;
 use crate::memory::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
 use crate::paravirt::{self, Paravirt, ParavirtFeatures, TransportChoice};
+use crate::platform::{PlatformError, PlatformState};
 use crate::power_on::{PowerOnError, PowerOnState};
 use crate::vcpu::{
     self, install_kick_handler, KickTarget, Vcpu, VcpuError, VcpuState, VcpuStateError,
@@ -51,6 +52,8 @@ pub enum VmError {
     NotPaused,
     #[error(transparent)]
     PowerOn(#[from] PowerOnError),
+    #[error("Cannot save or restore the VM's device state")]
+    Platform(#[from] PlatformError),
     #[error("Cannot save the state of vCPU {vcpu}")]
     SaveState {
         vcpu: u32,
@@ -471,6 +474,23 @@ impl RunningVm {
                     .map_err(|source| VmError::SaveState { vcpu: v.id, source })
             })
             .collect()
+    }
+
+    /// The VM-wide device state KVM holds (interrupt controllers, PIT, clock); the VM must be
+    /// paused.
+    pub fn save_platform_state(&self) -> Result<PlatformState, VmError> {
+        if self.control.run_state() != RunState::Paused {
+            return Err(VmError::NotPaused);
+        }
+        Ok(PlatformState::save(&self.fd)?)
+    }
+
+    /// Writes VM-wide device state back; the VM must be paused.
+    pub fn restore_platform_state(&self, state: &PlatformState) -> Result<(), VmError> {
+        if self.control.run_state() != RunState::Paused {
+            return Err(VmError::NotPaused);
+        }
+        Ok(state.restore(&self.fd)?)
     }
 
     /// Writes saved states back into the vCPUs; the VM must be paused.

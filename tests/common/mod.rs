@@ -69,10 +69,22 @@ pub fn gfns(first: u64, count: u64, stride: u64) -> impl Iterator<Item = u64> {
     (0..count).map(move |i| first + i * stride)
 }
 
+/// Where guest page `gfn` lives in a `--memory-file`: RAM in address order, without the
+/// 32-bit MMIO hole (3 to 4 GiB).
+pub fn file_offset(gfn: u64) -> u64 {
+    let gpa = gfn * PAGE_SIZE;
+    let hole = veil_hypervisor::layout::HIGH_RAM_START - veil_hypervisor::layout::MMIO32_START;
+    if gpa >= veil_hypervisor::layout::HIGH_RAM_START {
+        gpa - hole
+    } else {
+        gpa
+    }
+}
+
 /// Writes the stamp of `seed` into the first word of each page of a memory file.
 pub fn write_stamps(file: &File, seed: u64, pages: impl Iterator<Item = u64>) {
     for gfn in pages {
-        file.write_all_at(&page_stamp(seed, gfn).to_le_bytes(), gfn * PAGE_SIZE)
+        file.write_all_at(&page_stamp(seed, gfn).to_le_bytes(), file_offset(gfn))
             .unwrap();
     }
 }
@@ -82,7 +94,7 @@ pub fn wrong_stamps(file: &File, seed: u64, pages: impl Iterator<Item = u64>) ->
     pages
         .filter(|&gfn| {
             let mut word = [0u8; 8];
-            file.read_exact_at(&mut word, gfn * PAGE_SIZE).unwrap();
+            file.read_exact_at(&mut word, file_offset(gfn)).unwrap();
             u64::from_le_bytes(word) != page_stamp(seed, gfn)
         })
         .collect()

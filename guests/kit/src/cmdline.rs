@@ -61,6 +61,8 @@ pub enum Task {
     Reset,
     /// Time `count` hypercall round trips against as many bare I/O exits.
     HypercallBench(u64),
+    /// Stamp the range over and over, forever: a guest that keeps dirtying memory.
+    DirtyLoop(PageRange),
     /// Share every other page of `count` pages from `first`: the worst case for a run list.
     ShareAlternate { first: u64, count: u64 },
 }
@@ -168,6 +170,10 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 range: range([seed, first, count, stride])?,
                 cpus,
             })
+        }
+        b"dirty-loop" => {
+            let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;
+            Ok(Task::DirtyLoop(range(p)?))
         }
         b"check" => {
             let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;

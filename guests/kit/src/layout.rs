@@ -7,7 +7,7 @@
 use veil_guest_abi::PAGE_SIZE;
 
 /// The identity map covers RAM up to this many GiB (one page-directory page per GiB).
-pub const MAPPED_GIB: usize = 64;
+pub const MAPPED_GIB: usize = 128;
 /// The BSP's stack.
 pub const BSP_STACK_SIZE: usize = 64 * 1024;
 /// Each application processor's stack: stamping needs a few hundred bytes.

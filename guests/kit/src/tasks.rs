@@ -59,6 +59,7 @@ fn validate(task: &Task, ram: &RamMap) {
             ("stamp: ", range)
         }
         Task::Check(range) => ("check: ", range),
+        Task::DirtyLoop(range) => ("dirty-loop: ", range),
         _ => return,
     };
     if range.count == 0 {
@@ -128,6 +129,14 @@ fn run(task: &Task, index: usize) {
         }
         Task::Reset => reset::reset_and_resume_at(index + 1),
         Task::HypercallBench(count) => hypercall_bench(count),
+        Task::DirtyLoop(range) => {
+            write_str("dirty-loop: stamping ");
+            write_dec(range.count);
+            write_str(" pages forever\n");
+            loop {
+                stamp(&range, 0, range.count);
+            }
+        }
         Task::ShareAlternate { first, count } => {
             let transport = paravirt::transport();
             for gfn in (first..first + count).step_by(2) {
