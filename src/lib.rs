@@ -1,16 +1,16 @@
 //! Veil as a library: boot a guest in a KVM VM from your own program.
 //!
 //! ```no_run
-//! use std::sync::{Arc, Mutex};
 //! # fn main() -> Result<(), veil::Error> {
+//! let output = veil::CapturedOutput::new();
 //! let vm = veil::VmBuilder::new()
 //!     .kernel(veil_guests::kit_elf_path())
 //!     .cmdline("greet")
 //!     .memory_bytes(64 << 20)
-//!     .serial_writer(std::io::sink())
+//!     .serial_writer(output.clone())
 //!     .start()?;
 //! let stop = vm.wait();
-//! println!("guest stopped: {stop}");
+//! println!("guest said {:?} and stopped: {stop}", output.text());
 //! # Ok(()) }
 //! ```
 //!
@@ -19,7 +19,9 @@
 
 pub mod api;
 mod builder;
+mod capture;
 
 pub use builder::{Error, SerialOutput, Vm, VmBuilder};
+pub use capture::CapturedOutput;
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};

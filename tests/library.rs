@@ -1,30 +1,10 @@
 //! Veil embedded as a library: build, run, capture, pause, resume, stop.
 
-use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use veil::{RunState, VmBuilder, VmStop};
+use veil::{CapturedOutput, RunState, VmBuilder, VmStop};
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn kit_vm(cmdline: &str, capture: &Capture) -> veil::Vm {
+fn kit_vm(cmdline: &str, capture: &CapturedOutput) -> veil::Vm {
     VmBuilder::new()
         .kernel(veil_guests::kit_elf_path())
         .cmdline(cmdline)
@@ -36,7 +16,7 @@ fn kit_vm(cmdline: &str, capture: &Capture) -> veil::Vm {
 
 #[test]
 fn captures_the_greeting_and_the_exit_status() {
-    let capture = Capture::default();
+    let capture = CapturedOutput::new();
     let vm = kit_vm("greet exit:code=3", &capture);
     assert_eq!(vm.wait(), VmStop::GuestExit(3));
     assert_eq!(capture.text(), "Hello from the Veil guest kit!\n");
@@ -57,18 +37,11 @@ fn a_missing_kernel_is_an_error_not_a_panic() {
 
 #[test]
 fn a_running_guest_pauses_resumes_and_stops() {
-    let capture = Capture::default();
+    let capture = CapturedOutput::new();
     let vm = kit_vm("greet spin", &capture);
     // Wait for the guest to be past its greeting, so it is spinning in the guest.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !capture.text().contains("Hello") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no greeting: {:?}",
-            capture.text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let greeted = capture.wait_for("Hello", Duration::from_secs(20));
+    assert!(greeted, "no greeting: {:?}", capture.text());
     assert_eq!(vm.pause(), RunState::Paused);
     let states = vm
         .inner()

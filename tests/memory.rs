@@ -104,31 +104,17 @@ fn dirty_logging_reports_exactly_the_pages_written_by_guest_and_host() {
     use std::collections::BTreeSet;
     use vm_memory::{Bytes, GuestAddress};
 
-    let serial = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    let serial = veil::CapturedOutput::new();
     let vm = veil::VmBuilder::new()
         .kernel(common::kit())
         .cmdline(format!(
             "dirty-loop:seed=3,first={FIRST_FREE_GFN:#x},count=64,stride=2"
         ))
         .memory_bytes(64 << 20)
-        .serial_writer(Sink(serial.clone()))
+        .serial_writer(serial.clone())
         .start()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !String::from_utf8_lossy(&serial.lock().unwrap()).contains("stamping") {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    assert!(serial.wait_for("stamping", std::time::Duration::from_secs(20)));
     let running = vm.inner();
     let (ram, fd) = (running.ram(), running.fd());
     ram.set_dirty_logging(fd, true).unwrap();

@@ -3,39 +3,20 @@
 
 mod common;
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::TempDir;
 use serde_json::Value;
 use veil::api::{ApiClient, ApiServer, Request};
-use veil::{VmBuilder, VmStop};
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use veil::{CapturedOutput, VmBuilder, VmStop};
 
 /// A kit guest with encrypted memory (the paravirtual state of an SEV guest) and its API.
 struct Guest {
     vm: Arc<veil::Vm>,
-    serial: Capture,
+    serial: CapturedOutput,
     api: ApiServer,
     socket: std::path::PathBuf,
     _dir: TempDir,
@@ -45,7 +26,7 @@ impl Guest {
     fn start(name: &str, encrypted: bool, cmdline: &str) -> Self {
         let dir = TempDir::new(name);
         let socket = dir.path("api.sock");
-        let serial = Capture::default();
+        let serial = CapturedOutput::new();
         let vm = Arc::new(
             VmBuilder::new()
                 .kernel(veil_guests::kit_elf_path())
@@ -68,22 +49,13 @@ impl Guest {
 
     /// Waits until the guest printed `text` (the guest runs emulated: allow seconds).
     fn wait_for(&self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.serial.text().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "guest never printed {text:?}; it printed:\n{}",
-                self.serial.text()
-            );
-            assert!(
-                self.vm.inner().control().stop_reason().is_none()
-                    || self.serial.text().contains(text),
-                "guest stopped: {:?}\n{}",
-                self.vm.inner().control().stop_reason(),
-                self.serial.text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let printed = self.serial.wait_for(text, Duration::from_secs(30));
+        assert!(
+            printed,
+            "guest never printed {text:?} (stop: {:?}); it printed:\n{}",
+            self.vm.inner().control().stop_reason(),
+            self.serial.text()
+        );
     }
 
     fn status(&self) -> Value {
@@ -280,7 +252,7 @@ fn a_plain_guest_has_no_map_and_starts_migratable() {
 
 #[test]
 fn a_reserved_control_bit_is_a_fault_that_stops_the_guest_with_its_rip() {
-    let capture = Capture::default();
+    let capture = CapturedOutput::new();
     let vm = VmBuilder::new()
         .kernel(veil_guests::kit_elf_path())
         .cmdline("msr-write:value=0x4")

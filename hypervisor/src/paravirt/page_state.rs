@@ -171,15 +171,9 @@ impl PageStateMap {
     /// Pages of `state` within `gfns`.
     pub fn count_in(&self, gfns: &Range<u64>, state: PageState) -> u64 {
         let shared = match &self.repr {
-            Repr::Runs(runs) => {
-                let first = runs
-                    .range(..=gfns.start)
-                    .next_back()
-                    .map_or(gfns.start, |(&s, _)| s);
-                runs.range(first..gfns.end)
-                    .map(|(&s, &e)| e.min(gfns.end).saturating_sub(s.max(gfns.start)))
-                    .sum()
-            }
+            Repr::Runs(runs) => shared_runs_within(runs, gfns)
+                .map(|r| r.end - r.start)
+                .sum(),
             Repr::Bitmap { words, .. } => count_set(words, gfns.clone()),
         };
         match state {
@@ -191,16 +185,7 @@ impl PageStateMap {
     /// The maximal runs of each state within `gfns`, in order.
     pub fn runs_in(&self, gfns: Range<u64>) -> impl Iterator<Item = PageRun> + '_ {
         let shared: Vec<Range<u64>> = match &self.repr {
-            Repr::Runs(runs) => {
-                let first = runs
-                    .range(..=gfns.start)
-                    .next_back()
-                    .map_or(gfns.start, |(&s, _)| s);
-                runs.range(first..gfns.end)
-                    .map(|(&s, &e)| s.max(gfns.start)..e.min(gfns.end))
-                    .filter(|r| !r.is_empty())
-                    .collect()
-            }
+            Repr::Runs(runs) => shared_runs_within(runs, &gfns).collect(),
             Repr::Bitmap { words, .. } => bitmap_runs(words, gfns.clone()),
         };
         let mut out = Vec::with_capacity(shared.len() * 2 + 1);
@@ -262,6 +247,21 @@ impl PageStateMap {
         }
         Ok(map)
     }
+}
+
+/// The shared runs overlapping `gfns`, clipped to it, in order.
+fn shared_runs_within<'a>(
+    runs: &'a BTreeMap<u64, u64>,
+    gfns: &'a Range<u64>,
+) -> impl Iterator<Item = Range<u64>> + 'a {
+    // The run starting at or before `gfns.start` may reach into it.
+    let first = runs
+        .range(..=gfns.start)
+        .next_back()
+        .map_or(gfns.start, |(&s, _)| s);
+    runs.range(first..gfns.end)
+        .map(|(&s, &e)| s.max(gfns.start)..e.min(gfns.end))
+        .filter(|r| !r.is_empty())
 }
 
 fn set_runs(runs: &mut BTreeMap<u64, u64>, gfns: Range<u64>, state: PageState) {
