@@ -165,37 +165,36 @@ fn check_length(len: usize) -> Result<(), CryptoError> {
     Ok(())
 }
 
+/// The packet MAC. A launch secret also binds the launch measurement (`bound`); data packets
+/// bind nothing more.
 fn packet_mac(
     tik: &Key,
     context: PacketContext,
     flags: u32,
     iv: &[u8; 16],
     ciphertext: &[u8],
+    bound: &[u8],
 ) -> [u8; 32] {
     let len = (ciphertext.len() as u32).to_le_bytes();
+    let flags = flags.to_le_bytes();
     hmac(
         tik,
-        &[
-            &[context as u8],
-            &flags.to_le_bytes(),
-            iv,
-            &len,
-            &len,
-            ciphertext,
-        ],
+        &[&[context as u8], &flags, iv, &len, &len, ciphertext, bound],
     )
 }
 
-/// Encrypts `data` in place and returns the header.
+/// Encrypts `data` in place and returns the header. `bound` is extra data the MAC covers (the
+/// launch measurement for a secret; empty otherwise).
 pub fn seal_packet(
     keys: &TransportKeys,
     context: PacketContext,
     iv: [u8; 16],
     data: &mut [u8],
+    bound: &[u8],
 ) -> Result<[u8; PACKET_HEADER_BYTES], CryptoError> {
     check_length(data.len())?;
     aes_ctr(&keys.tek, &iv, data);
-    let mac = packet_mac(&keys.tik, context, 0, &iv, data);
+    let mac = packet_mac(&keys.tik, context, 0, &iv, data, bound);
     let mut header = [0u8; PACKET_HEADER_BYTES];
     header[4..20].copy_from_slice(&iv);
     header[20..].copy_from_slice(&mac);
@@ -208,6 +207,7 @@ pub fn open_packet(
     context: PacketContext,
     header: &[u8; PACKET_HEADER_BYTES],
     data: &mut [u8],
+    bound: &[u8],
 ) -> Result<(), CryptoError> {
     check_length(data.len())?;
     let flags = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
@@ -216,7 +216,7 @@ pub fn open_packet(
     }
     let iv: [u8; 16] = header[4..20].try_into().expect("16 bytes");
     if !mac_matches(
-        &packet_mac(&keys.tik, context, flags, &iv, data),
+        &packet_mac(&keys.tik, context, flags, &iv, data, bound),
         &header[20..],
     ) {
         return Err(CryptoError::BadMac);
@@ -314,17 +314,17 @@ mod tests {
     fn packets_round_trip_and_reject_any_flipped_byte() {
         let plain: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
         let mut data = plain.clone();
-        let header = seal_packet(&keys(), PacketContext::Data, [5; 16], &mut data).unwrap();
+        let header = seal_packet(&keys(), PacketContext::Data, [5; 16], &mut data, &[]).unwrap();
         assert_ne!(data, plain);
         let mut opened = data.clone();
-        open_packet(&keys(), PacketContext::Data, &header, &mut opened).unwrap();
+        open_packet(&keys(), PacketContext::Data, &header, &mut opened, &[]).unwrap();
         assert_eq!(opened, plain);
         for i in 0..PACKET_HEADER_BYTES {
             let mut bad = header;
             bad[i] ^= 0x80;
             let mut d = data.clone();
             assert!(
-                open_packet(&keys(), PacketContext::Data, &bad, &mut d).is_err(),
+                open_packet(&keys(), PacketContext::Data, &bad, &mut d, &[]).is_err(),
                 "header byte {i}"
             );
             assert_eq!(d, data, "nothing decrypted on failure");
@@ -333,14 +333,19 @@ mod tests {
             let mut d = data.clone();
             d[i] ^= 1;
             assert_eq!(
-                open_packet(&keys(), PacketContext::Data, &header, &mut d),
+                open_packet(&keys(), PacketContext::Data, &header, &mut d, &[]),
                 Err(CryptoError::BadMac)
             );
         }
         let mut d = data.clone();
         assert!(
-            open_packet(&keys(), PacketContext::Vmsa, &header, &mut d).is_err(),
+            open_packet(&keys(), PacketContext::Vmsa, &header, &mut d, &[]).is_err(),
             "context is bound"
+        );
+        let mut d = data.clone();
+        assert!(
+            open_packet(&keys(), PacketContext::Data, &header, &mut d, b"more").is_err(),
+            "bound data counts"
         );
     }
 
@@ -349,7 +354,7 @@ mod tests {
         for len in [0, 15, 4112] {
             let mut d = vec![0; len];
             assert_eq!(
-                seal_packet(&keys(), PacketContext::Data, [0; 16], &mut d),
+                seal_packet(&keys(), PacketContext::Data, [0; 16], &mut d, &[]),
                 Err(CryptoError::BadLength(len))
             );
         }

@@ -1,0 +1,174 @@
+//! What Veil asks of the SEV firmware, whichever backend provides it.
+//!
+//! The commands follow the AMD SEV API (publication 55766); firmware status codes arrive as
+//! typed [`SevError`]s. Guest memory is passed as slices of the VMM's mapping of guest RAM:
+//! the hardware backend hands their addresses to KVM, the emulated one reads and writes them.
+
+use serde::Serialize;
+pub use sev::error::SevError;
+
+use crate::policy::GuestPolicy;
+
+/// The commands, for error messages (names as in the SEV API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    PlatformStatus,
+    PdhCertExport,
+    LaunchStart,
+    LaunchUpdateData,
+    LaunchMeasure,
+    LaunchSecret,
+    LaunchFinish,
+    SendStart,
+    SendUpdateData,
+    SendFinish,
+    SendCancel,
+    ReceiveStart,
+    ReceiveUpdateData,
+    ReceiveFinish,
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Command::PlatformStatus => "PLATFORM_STATUS",
+            Command::PdhCertExport => "PDH_CERT_EXPORT",
+            Command::LaunchStart => "LAUNCH_START",
+            Command::LaunchUpdateData => "LAUNCH_UPDATE_DATA",
+            Command::LaunchMeasure => "LAUNCH_MEASURE",
+            Command::LaunchSecret => "LAUNCH_SECRET",
+            Command::LaunchFinish => "LAUNCH_FINISH",
+            Command::SendStart => "SEND_START",
+            Command::SendUpdateData => "SEND_UPDATE_DATA",
+            Command::SendFinish => "SEND_FINISH",
+            Command::SendCancel => "SEND_CANCEL",
+            Command::ReceiveStart => "RECEIVE_START",
+            Command::ReceiveUpdateData => "RECEIVE_UPDATE_DATA",
+            Command::ReceiveFinish => "RECEIVE_FINISH",
+        };
+        f.write_str(name)
+    }
+}
+
+/// A firmware command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    /// The firmware answered with a status code.
+    #[error("The SEV firmware refused {command}: {status}")]
+    Status { command: Command, status: SevError },
+    /// The platform cannot be used at all.
+    #[error("This host has no SEV: {reason}; for testing use --sev-platform emulated")]
+    Unavailable { reason: String },
+    /// Talking to the firmware failed.
+    #[error("SEV {command} failed")]
+    Io {
+        command: Command,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FirmwareError {
+    /// The firmware's status code, when it gave one.
+    pub fn status(&self) -> Option<SevError> {
+        match self {
+            FirmwareError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Which firmware this is and what it protects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlatformStatus {
+    pub api_major: u8,
+    pub api_minor: u8,
+    pub build: u8,
+    /// UNINIT, INIT or WORKING.
+    pub state: &'static str,
+    pub guests: u32,
+    /// `false` for the software model: it encrypts nothing.
+    pub confidential: bool,
+}
+
+/// The firmware's handle for one guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Handle(pub u32);
+
+/// LAUNCH_MEASURE's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchMeasurement {
+    pub measure: [u8; 32],
+    pub mnonce: [u8; 16],
+}
+
+/// A transport packet: the 52-byte header and the encrypted payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub header: [u8; crate::crypto::PACKET_HEADER_BYTES],
+    pub data: Vec<u8>,
+}
+
+/// What SEND_START gives the target for RECEIVE_START.
+#[derive(Debug, Clone)]
+pub struct SendStart {
+    pub policy: GuestPolicy,
+    /// The source platform's PDH certificate.
+    pub pdh: sev::certs::sev::sev::Certificate,
+    /// The wrapped transport keys (`crypto::SESSION_BYTES`).
+    pub session: [u8; crate::crypto::SESSION_BYTES],
+}
+
+/// The SEV firmware as Veil uses it.
+pub trait Firmware: Send {
+    /// API version, state and whether memory is really encrypted.
+    fn platform_status(&mut self) -> Result<PlatformStatus, FirmwareError>;
+    /// The platform's certificate chain (PDH, PEK, OCA, CEK, ASK, ARK).
+    fn certificate_chain(&mut self) -> Result<sev::certs::sev::Chain, FirmwareError>;
+
+    /// Starts launching a guest, with the owner's session or (without one) fresh keys.
+    fn launch_start(
+        &mut self,
+        policy: GuestPolicy,
+        owner: Option<&sev::launch::sev::Start>,
+    ) -> Result<Handle, FirmwareError>;
+    /// Measures (and on hardware encrypts in place) one piece of the initial image.
+    fn launch_update_data(&mut self, guest: Handle, data: &mut [u8]) -> Result<(), FirmwareError>;
+    /// The launch measurement, for the owner to verify.
+    fn launch_measure(&mut self, guest: Handle) -> Result<LaunchMeasurement, FirmwareError>;
+    /// Decrypts an owner's secret into guest memory (`dest`, the size of the payload).
+    fn launch_secret(
+        &mut self,
+        guest: Handle,
+        secret: &Packet,
+        dest: &mut [u8],
+    ) -> Result<(), FirmwareError>;
+    /// Ends the launch: the guest may run.
+    fn launch_finish(&mut self, guest: Handle) -> Result<(), FirmwareError>;
+
+    /// Starts sending a running guest to the platform whose chain is `target`.
+    fn send_start(
+        &mut self,
+        guest: Handle,
+        target: &sev::certs::sev::Chain,
+    ) -> Result<SendStart, FirmwareError>;
+    /// Encrypts one page (or part of one) for the target.
+    fn send_update_data(&mut self, guest: Handle, page: &[u8]) -> Result<Packet, FirmwareError>;
+    /// The guest has been sent.
+    fn send_finish(&mut self, guest: Handle) -> Result<(), FirmwareError>;
+    /// Abandons a send; the guest keeps running here.
+    fn send_cancel(&mut self, guest: Handle) -> Result<(), FirmwareError>;
+
+    /// Starts receiving a guest from the source that produced `start`.
+    fn receive_start(&mut self, start: &SendStart) -> Result<Handle, FirmwareError>;
+    /// Verifies and decrypts one packet into guest memory (`dest`, the payload's size);
+    /// nothing is written when it does not verify.
+    fn receive_update_data(
+        &mut self,
+        guest: Handle,
+        packet: &Packet,
+        dest: &mut [u8],
+    ) -> Result<(), FirmwareError>;
+    /// The guest has been received and may run.
+    fn receive_finish(&mut self, guest: Handle) -> Result<(), FirmwareError>;
+}
