@@ -8,6 +8,8 @@ use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
 use veil_devices::{Bus, BusError, ExitPort, ResetPort, Serial, SerialSink};
 use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
 use veil_hypervisor::paravirt::TransportChoice;
+
+use crate::sev_launch::{self, SevConfig, SevLaunch, SevLaunchError};
 use veil_hypervisor::{
     BootConfig, ExitHandlers, GuestMemory, MemoryConfig, RunState, RunningVm, VmConfig, VmError,
     VmStop,
@@ -33,6 +35,9 @@ pub enum Error {
     /// The VM could not be created or started.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The SEV launch failed.
+    #[error("SEV launch failed")]
+    Sev(#[from] SevLaunchError),
 }
 
 /// Where guest serial output goes.
@@ -52,6 +57,7 @@ pub struct VmBuilder {
     serial: SerialOutput,
     hypercall_transport: TransportChoice,
     encrypted_memory: bool,
+    sev: Option<SevConfig>,
 }
 
 impl Default for VmBuilder {
@@ -74,7 +80,14 @@ impl VmBuilder {
             serial: SerialOutput::Sink(SerialSink::Stdout),
             hypercall_transport: TransportChoice::Auto,
             encrypted_memory: false,
+            sev: None,
         }
+    }
+
+    /// Launches the guest under SEV: measured by the firmware, memory private by default.
+    pub fn sev(mut self, config: SevConfig) -> Self {
+        self.sev = Some(config);
+        self
     }
 
     /// Gives the guest the paravirtual state of an SEV guest: a page-state map starting
@@ -149,14 +162,36 @@ impl VmBuilder {
             SerialOutput::Sink(sink) => sink.open()?,
             SerialOutput::Writer(w) => w,
         };
+        // Open the firmware first: a host without SEV should fail before anything is built.
+        let firmware = self
+            .sev
+            .as_ref()
+            .map(sev_launch::open_firmware)
+            .transpose()?;
         let config = VmConfig {
             memory: self.memory,
             vcpus: self.vcpus,
             boot: self.boot,
-            encrypted_memory: self.encrypted_memory,
+            encrypted_memory: self.encrypted_memory || self.sev.is_some(),
             hypercall_transport: self.hypercall_transport,
         };
-        let vm = veil_hypervisor::Vm::create(&config, |_| {})?;
+        let vm = veil_hypervisor::Vm::create(&config, |cpuid| {
+            if let Some(sev) = &self.sev {
+                sev_launch::advertise_sev(cpuid, &sev.platform);
+            }
+        })?;
+        let sev = match (self.sev, firmware) {
+            (Some(sev), Some(firmware)) => {
+                let launched =
+                    sev_launch::launch(&sev, firmware, vm.memory(), &vm.boot_image().loaded)?;
+                sev_launch::block_if_nosend(sev.policy, vm.paravirt());
+                Some(SevGuest {
+                    config: sev,
+                    launch: launched,
+                })
+            }
+            _ => None,
+        };
 
         let serial = Serial::new(IrqTrigger::new().map_err(SerialError::Eventfd)?, out);
         vm.register_irqfd(serial.interrupt(), COM1_IRQ)?;
@@ -189,13 +224,20 @@ impl VmBuilder {
             pio,
             ..Default::default()
         })?;
-        Ok(Vm { running })
+        Ok(Vm { running, sev })
     }
+}
+
+/// An SEV guest's firmware context.
+pub struct SevGuest {
+    pub config: SevConfig,
+    pub launch: SevLaunch,
 }
 
 /// A running VM.
 pub struct Vm {
     running: RunningVm,
+    sev: Option<SevGuest>,
 }
 
 impl Vm {
@@ -227,6 +269,11 @@ impl Vm {
     /// Guest memory, readable and writable from the host at any time.
     pub fn memory(&self) -> &GuestMemory {
         self.running.memory()
+    }
+
+    /// The SEV launch, for an SEV guest.
+    pub fn sev(&self) -> Option<&SevGuest> {
+        self.sev.as_ref()
     }
 
     /// The hypervisor-level handle, for what this facade does not cover.

@@ -21,13 +21,130 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a kernel and run it until it exits; veil exits with the guest's status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Boot the bundled greeting guest: a quick check that this host can run Veil.
     Demo(MachineArgs),
     /// Report what this host's KVM can do for Veil (capabilities, SEV, hypercall exits).
     HostInfo(HostInfoArgs),
     /// Talk to a running VMM through its API socket (see `veil run --api-socket`).
     Ctl(CtlArgs),
+    /// The SEV platform: its status and certificate chain.
+    #[command(subcommand)]
+    Sev(SevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SevCommand {
+    /// API version, state and whether the platform really encrypts.
+    Status {
+        #[command(flatten)]
+        platform: SevPlatformArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the platform's certificate chain (PDH, PEK, OCA, CEK, ASK, ARK; the layout of
+    /// `sevctl export --full`) for guest owners and migration peers.
+    ExportChain {
+        #[command(flatten)]
+        platform: SevPlatformArgs,
+        /// Where to write the chain.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// Which SEV firmware to use.
+#[derive(Debug, Args)]
+pub struct SevPlatformArgs {
+    /// `hardware`: the AMD Secure Processor (/dev/sev). `emulated`: Veil's software model of
+    /// the firmware, for hosts without SEV: the full SEV flow runs, but guest memory is NOT
+    /// encrypted and gets no confidentiality.
+    #[arg(long, value_enum, default_value = "hardware", value_name = "WHICH")]
+    pub sev_platform: PlatformChoice,
+
+    /// Where the emulated platform keeps its identity (keys and certificate chain).
+    #[arg(long, default_value = "/var/lib/veil/sev-emulated", value_name = "DIR")]
+    pub sev_state_dir: PathBuf,
+}
+
+/// `--sev-platform` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlatformChoice {
+    Hardware,
+    Emulated,
+}
+
+impl SevPlatformArgs {
+    pub fn platform(&self) -> veil::sev_launch::SevPlatform {
+        match self.sev_platform {
+            PlatformChoice::Hardware => veil::sev_launch::SevPlatform::Hardware,
+            PlatformChoice::Emulated => veil::sev_launch::SevPlatform::Emulated {
+                state_dir: self.sev_state_dir.clone(),
+            },
+        }
+    }
+}
+
+/// SEV launch options of `veil run`.
+#[derive(Debug, Args)]
+pub struct SevLaunchArgs {
+    /// Launch the guest under AMD SEV: its image is measured by the firmware and its memory is
+    /// private unless the guest shares it.
+    #[arg(long)]
+    pub sev: bool,
+
+    /// The guest policy, hex (bit 0 NODBG, 1 NOKS, 2 ES, 3 NOSEND, 4 DOMAIN, 5 SEV; bits 23:16
+    /// and 31:24 the minimum firmware API version). NOSEND makes the guest permanently
+    /// unmigratable; ES is refused. Default 0x1 (NODBG).
+    #[arg(long, requires = "sev", value_parser = parse_hex_u32, value_name = "HEX")]
+    pub sev_policy: Option<u32>,
+
+    #[command(flatten)]
+    pub platform: SevPlatformArgs,
+
+    /// The guest owner's LAUNCH_START session blob (128 bytes), from their `sev` tooling.
+    #[arg(long, requires_all = ["sev", "sev_owner_cert"], value_name = "FILE")]
+    pub sev_owner_session: Option<PathBuf>,
+
+    /// The guest owner's Diffie-Hellman certificate (SEV format) matching the session.
+    #[arg(long, requires_all = ["sev", "sev_owner_session"], value_name = "FILE")]
+    pub sev_owner_cert: Option<PathBuf>,
+
+    /// After measuring, wait until this file holds the owner's secret (JSON: gpa, header, data
+    /// in hex) and inject it into guest memory. Write the file atomically (write, then rename).
+    #[arg(long, requires = "sev", value_name = "FILE")]
+    pub sev_secret: Option<PathBuf>,
+
+    /// Write the launch measurement, its nonce, the firmware version and the measured ranges
+    /// here as JSON (it is also printed on stderr).
+    #[arg(long, requires = "sev", value_name = "FILE")]
+    pub sev_measurement_out: Option<PathBuf>,
+}
+
+impl SevLaunchArgs {
+    /// The launch configuration, when `--sev` was given.
+    pub fn config(&self) -> Option<veil::sev_launch::SevConfig> {
+        self.sev.then(|| veil::sev_launch::SevConfig {
+            platform: self.platform.platform(),
+            policy: veil_sev::policy::GuestPolicy(self.sev_policy.unwrap_or(DEFAULT_SEV_POLICY)),
+            owner_session: self
+                .sev_owner_session
+                .clone()
+                .zip(self.sev_owner_cert.clone()),
+            secret: self.sev_secret.clone(),
+            measurement_out: self.sev_measurement_out.clone(),
+        })
+    }
+}
+
+/// NODBG, as QEMU defaults to.
+const DEFAULT_SEV_POLICY: u32 = 0x1;
+
+/// `0x1`, `1`, `0x00050003`.
+pub fn parse_hex_u32(text: &str) -> Result<u32, String> {
+    let digits = text.trim_start_matches("0x").trim_start_matches("0X");
+    u32::from_str_radix(digits, 16).map_err(|_| format!("'{text}' is not a 32-bit hex number"))
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +240,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub machine: MachineArgs,
+
+    #[command(flatten)]
+    pub sev: SevLaunchArgs,
 }
 
 #[derive(Debug, Args)]

@@ -13,7 +13,9 @@ use signal_hook::iterator::Signals;
 use veil::{VmBuilder, VmStop};
 use veil_hypervisor::probe::{probe_host, HostInfo};
 
-use crate::cli::{Command, HostInfoArgs, MachineArgs, RunArgs};
+use crate::cli::{
+    Command, HostInfoArgs, MachineArgs, PlatformChoice, RunArgs, SevCommand, SevPlatformArgs,
+};
 
 type CommandResult = Result<ExitCode, Box<dyn Error>>;
 
@@ -27,10 +29,11 @@ struct GuestFailed(VmStop);
 
 pub fn dispatch(command: Command) -> CommandResult {
     match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Demo(machine) => demo(machine),
         Command::HostInfo(args) => host_info(args),
         Command::Ctl(args) => crate::ctl::run(args),
+        Command::Sev(command) => sev(command),
     }
 }
 
@@ -52,6 +55,9 @@ fn run(args: RunArgs) -> CommandResult {
     let mut builder = VmBuilder::new().kernel(args.kernel).cmdline(args.cmdline);
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
+    }
+    if let Some(sev) = args.sev.config() {
+        builder = builder.sev(sev);
     }
     run_until_stopped(machine(builder, args.machine))
 }
@@ -108,6 +114,64 @@ fn run_until_stopped((builder, api_socket): (VmBuilder, Option<PathBuf>)) -> Com
     }
 }
 
+fn sev(command: SevCommand) -> CommandResult {
+    match command {
+        SevCommand::Status { platform, json } => {
+            let status = open_firmware(&platform)?.platform_status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("platform      {}", platform_name(&platform));
+                println!(
+                    "API version   {}.{} (build {})",
+                    status.api_major, status.api_minor, status.build
+                );
+                println!("state         {}", status.state);
+                println!("guests        {}", status.guests);
+                if status.confidential {
+                    println!("memory        encrypted by the AMD Secure Processor");
+                } else {
+                    println!("memory        NOT encrypted: the emulated platform gives no confidentiality");
+                }
+            }
+        }
+        SevCommand::ExportChain { platform, out } => {
+            use sev::parser::Encoder;
+            let chain = open_firmware(&platform)?.certificate_chain()?;
+            let mut bytes = Vec::new();
+            chain.encode(&mut bytes, ())?;
+            std::fs::write(&out, bytes)
+                .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            eprintln!(
+                "veil: wrote the {} platform's certificate chain to {}",
+                platform_name(&platform),
+                out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn platform_name(args: &SevPlatformArgs) -> &'static str {
+    match args.sev_platform {
+        PlatformChoice::Hardware => "hardware",
+        PlatformChoice::Emulated => "emulated",
+    }
+}
+
+fn open_firmware(
+    args: &SevPlatformArgs,
+) -> Result<Box<dyn veil_sev::firmware::Firmware>, Box<dyn Error>> {
+    let config = veil::sev_launch::SevConfig {
+        platform: args.platform(),
+        policy: veil_sev::policy::GuestPolicy(0),
+        owner_session: None,
+        secret: None,
+        measurement_out: None,
+    };
+    Ok(veil::sev_launch::open_firmware(&config)?)
+}
+
 fn host_info(args: HostInfoArgs) -> CommandResult {
     let info = probe_host()?;
     if args.json {
@@ -131,6 +195,9 @@ fn print_host_info(info: &HostInfo) {
         println!("  {state} {:<38} {}", cap.name, cap.used_for);
     }
     println!("SEV                 {}", info.sev.summary);
+    if !info.sev.kvm_sev_vm_type || !info.sev.dev_sev {
+        println!("                    (--sev-platform emulated runs the SEV flow in software, with no confidentiality)");
+    }
     println!(
         "Hypercall exits     {} ({}; probe took {:.1} ms)",
         if info.hypercall_exits.delivered {

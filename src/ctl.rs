@@ -73,6 +73,22 @@ fn print_status(s: &Value) {
         "migration control  {:#x}",
         s["migration_control"].as_u64().unwrap_or(0)
     );
+    if let Some(sev) = s["sev"].as_object() {
+        let memory = if sev["confidential"].as_bool() == Some(true) {
+            "encrypted"
+        } else {
+            "NOT encrypted (emulated platform: no confidentiality)"
+        };
+        println!(
+            "SEV                {} platform, policy {:#x}, memory {memory}",
+            sev["platform"].as_str().unwrap_or("?"),
+            sev["policy"].as_u64().unwrap_or(0)
+        );
+        println!(
+            "launch measurement {}",
+            sev["measurement"].as_str().unwrap_or("?")
+        );
+    }
     match s["page_states"].as_object() {
         None => {
             println!("page states        none (memory is not encrypted: every page is plain data)")

@@ -20,8 +20,9 @@
 pub mod api;
 mod builder;
 mod capture;
+pub mod sev_launch;
 
-pub use builder::{Error, SerialOutput, Vm, VmBuilder};
+pub use builder::{Error, SerialOutput, SevGuest, Vm, VmBuilder};
 pub use capture::CapturedOutput;
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};

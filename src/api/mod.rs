@@ -19,4 +19,4 @@ mod status;
 pub use client::{ApiClient, ClientError};
 pub use protocol::{Request, Response};
 pub use server::{ApiServer, ServerError};
-pub use status::{PageStateSummary, VmStatus};
+pub use status::{PageStateSummary, SevStatus, VmStatus};

@@ -125,7 +125,7 @@ fn serve_client(stream: UnixStream, vm: &Vm) {
 fn handle(request: Request, vm: &Vm) -> Response {
     let state = |s| serde_json::json!({ "state": state_name(s) });
     match request {
-        Request::Status => match serde_json::to_value(VmStatus::of(vm.inner())) {
+        Request::Status => match serde_json::to_value(VmStatus::of(vm)) {
             Ok(v) => Response::success(v),
             Err(e) => Response::failure(format!("Cannot encode status: {e}")),
         },

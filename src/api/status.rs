@@ -31,6 +31,20 @@ pub struct VmStatus {
     /// `None` for a guest without encrypted memory: every page is plain data.
     pub page_states: Option<PageStateSummary>,
     pub paravirt: ParavirtFeatures,
+    /// `None` for a guest launched without SEV.
+    pub sev: Option<SevStatus>,
+}
+
+/// An SEV guest's launch.
+#[derive(Debug, Clone, Serialize)]
+pub struct SevStatus {
+    /// `hardware` or `emulated`.
+    pub platform: &'static str,
+    /// `false` on the emulated platform: the guest's memory is not encrypted.
+    pub confidential: bool,
+    pub policy: u32,
+    pub measurement: String,
+    pub mnonce: String,
 }
 
 pub fn state_name(state: RunState) -> &'static str {
@@ -42,7 +56,18 @@ pub fn state_name(state: RunState) -> &'static str {
 }
 
 impl VmStatus {
-    pub fn of(vm: &veil_hypervisor::RunningVm) -> Self {
+    pub fn of(vm: &crate::Vm) -> Self {
+        let sev = vm.sev().map(|guest| SevStatus {
+            platform: match guest.config.platform {
+                crate::sev_launch::SevPlatform::Hardware => "hardware",
+                crate::sev_launch::SevPlatform::Emulated { .. } => "emulated",
+            },
+            confidential: guest.launch.measurement.confidential,
+            policy: guest.config.policy.0,
+            measurement: guest.launch.measurement.measurement.clone(),
+            mnonce: guest.launch.measurement.mnonce.clone(),
+        });
+        let vm = vm.inner();
         let paravirt = vm.paravirt();
         let page_states = paravirt.page_states().as_ref().map(|map| {
             let ranges = map.shared_ranges();
@@ -68,6 +93,7 @@ impl VmStatus {
             blocker_events: paravirt.with_blockers(|b| b.events().cloned().collect()),
             page_states,
             paravirt: vm.paravirt_features(),
+            sev,
         }
     }
 }

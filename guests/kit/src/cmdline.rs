@@ -61,6 +61,8 @@ pub enum Task {
     Reset,
     /// Time `count` hypercall round trips against as many bare I/O exits.
     HypercallBench(u64),
+    /// Print `len` bytes at guest-physical `gpa` in hex (an injected launch secret).
+    ReadSecret { gpa: u64, len: u64 },
     /// Stamp the range over and over, forever: a guest that keeps dirtying memory.
     DirtyLoop(PageRange),
     /// Share every other page of `count` pages from `first`: the worst case for a run list.
@@ -170,6 +172,14 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 range: range([seed, first, count, stride])?,
                 cpus,
             })
+        }
+        b"read-secret" => {
+            let [gpa, len] = parse_params(word, params, ["gpa", "len"])?;
+            let len = len.ok_or(err("missing parameter", b"len"))?;
+            if len > 256 {
+                return Err(err("len must be at most 256", b""));
+            }
+            Ok(Task::ReadSecret { gpa: gpa.ok_or(err("missing parameter", b"gpa"))?, len })
         }
         b"dirty-loop" => {
             let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;

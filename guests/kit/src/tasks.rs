@@ -60,6 +60,10 @@ fn validate(task: &Task, ram: &RamMap) {
         }
         Task::Check(range) => ("check: ", range),
         Task::DirtyLoop(range) => ("dirty-loop: ", range),
+        Task::ReadSecret { gpa, len } => {
+            let range = PageRange { seed: 0, first: gpa / PAGE_SIZE, count: (gpa + len).div_ceil(PAGE_SIZE) - gpa / PAGE_SIZE, stride: 1 };
+            return validate(&Task::Check(range), ram);
+        }
         _ => return,
     };
     if range.count == 0 {
@@ -129,6 +133,16 @@ fn run(task: &Task, index: usize) {
         }
         Task::Reset => reset::reset_and_resume_at(index + 1),
         Task::HypercallBench(count) => hypercall_bench(count),
+        Task::ReadSecret { gpa, len } => {
+            write_str("secret: ");
+            for i in 0..len {
+                // SAFETY: `validate` checked the bytes are identity-mapped RAM outside the kit.
+                let byte = unsafe { ((gpa + i) as *const u8).read_volatile() };
+                let hex = b"0123456789abcdef";
+                write_bytes(&[hex[usize::from(byte >> 4)], hex[usize::from(byte & 0xf)]]);
+            }
+            write_str("\n");
+        }
         Task::DirtyLoop(range) => {
             write_str("dirty-loop: stamping ");
             write_dec(range.count);

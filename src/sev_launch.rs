@@ -1,0 +1,382 @@
+//! Launching a guest under SEV: the firmware measures exactly what was loaded, the owner checks
+//! the measurement and may send a secret, then the guest runs.
+//!
+//! Measured, in this order (the order the loader wrote them, `BootImage::loaded`): the kernel
+//! image, the command line, the initrd, then the boot structures (PVH start info, module list,
+//! memory map or zero page, boot GDT). Each range is widened to 16-byte alignment, as
+//! LAUNCH_UPDATE_DATA requires. The list is written with the measurement so an owner can
+//! recompute the digest.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use veil_hypervisor::boot::LoadedKind;
+use veil_hypervisor::cpuid::{Cpuid, Register};
+use veil_hypervisor::paravirt::BlockReason;
+use veil_hypervisor::GuestMemory;
+use veil_sev::emulated::firmware::EmulatedFirmware;
+use veil_sev::emulated::identity::{IdentityError, PlatformIdentity};
+use veil_sev::firmware::{Firmware, FirmwareError, Handle, Packet};
+use veil_sev::policy::GuestPolicy;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// CPUID leaf of AMD's memory-encryption features.
+const CPUID_MEM_ENCRYPT: u32 = 0x8000_001f;
+/// EAX bit 1: SEV.
+const CPUID_SEV: u32 = 1 << 1;
+/// The C-bit the emulated platform reports (that of current EPYC parts). Nominal: the model
+/// encrypts nothing, so a guest setting it gains nothing.
+const EMULATED_C_BIT: u32 = 51;
+/// Physical address bits the emulated platform reports as lost to encryption.
+const EMULATED_PHYS_REDUCTION: u32 = 1;
+/// LAUNCH_UPDATE_DATA's alignment for address and length.
+const LAUNCH_ALIGN: u64 = 16;
+
+/// Which firmware runs the SEV flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SevPlatform {
+    /// The AMD Secure Processor through /dev/sev and KVM.
+    Hardware,
+    /// Veil's software model, with its identity kept in `state_dir`. No confidentiality.
+    Emulated { state_dir: PathBuf },
+}
+
+/// How to launch an SEV guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SevConfig {
+    pub platform: SevPlatform,
+    pub policy: GuestPolicy,
+    /// The guest owner's LAUNCH_START data: the 128-byte session blob and their DH certificate
+    /// (SEV format), as files. Without them the firmware makes its own session.
+    pub owner_session: Option<(PathBuf, PathBuf)>,
+    /// Wait after measuring until this file holds the owner's secret (see [`SecretFile`]).
+    pub secret: Option<PathBuf>,
+    /// Where to write the measurement (see [`MeasurementFile`]).
+    pub measurement_out: Option<PathBuf>,
+}
+
+/// Errors launching under SEV.
+#[derive(Debug, thiserror::Error)]
+pub enum SevLaunchError {
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
+    #[error("Cannot use the emulated SEV platform's state in {}", dir.display())]
+    Identity {
+        dir: PathBuf,
+        #[source]
+        source: IdentityError,
+    },
+    #[error("SEV-ES and SEV-SNP guests are not supported (policy {0}): upstream KVM cannot migrate their encrypted register state")]
+    EncryptedState(GuestPolicy),
+    #[error("Cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a valid {what}", path.display())]
+    Invalid { path: PathBuf, what: &'static str },
+    #[error("Cannot write the measurement to {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The secret's destination {gpa:#x}+{len} is not guest RAM")]
+    SecretOutsideRam { gpa: u64, len: usize },
+}
+
+/// What `--sev-measurement-out` holds: the measurement and everything needed to check it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeasurementFile {
+    /// HMAC-SHA256 over the launch, hex.
+    pub measurement: String,
+    /// The firmware's nonce, hex.
+    pub mnonce: String,
+    pub api_major: u8,
+    pub api_minor: u8,
+    pub build: u8,
+    pub policy: u32,
+    /// Whether the platform really encrypts (false for the emulated one).
+    pub confidential: bool,
+    /// The measured ranges, in order.
+    pub measured: Vec<MeasuredRange>,
+}
+
+/// One LAUNCH_UPDATE_DATA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeasuredRange {
+    pub what: String,
+    pub gpa: u64,
+    pub len: u64,
+}
+
+/// What `--sev-secret` must hold: a LAUNCH_SECRET packet from the owner and where to put it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecretFile {
+    /// Guest-physical address of the secret.
+    pub gpa: u64,
+    /// The 52-byte packet header, hex.
+    pub header: String,
+    /// The encrypted secret, hex.
+    pub data: String,
+}
+
+/// Adds the memory-encryption leaf for an SEV guest.
+pub fn advertise_sev(cpuid: &mut Cpuid, platform: &SevPlatform) {
+    let (c_bit, reduction) = match platform {
+        SevPlatform::Emulated { .. } => (EMULATED_C_BIT, EMULATED_PHYS_REDUCTION),
+        SevPlatform::Hardware => {
+            let host = std::arch::x86_64::__cpuid(CPUID_MEM_ENCRYPT);
+            (host.ebx & 0x3f, (host.ebx >> 6) & 0x3f)
+        }
+    };
+    cpuid.set_register(CPUID_MEM_ENCRYPT, 0, Register::Eax, CPUID_SEV);
+    cpuid.set_register(
+        CPUID_MEM_ENCRYPT,
+        0,
+        Register::Ebx,
+        c_bit | (reduction << 6),
+    );
+}
+
+/// Opens the firmware the configuration asks for.
+pub fn open_firmware(config: &SevConfig) -> Result<Box<dyn Firmware>, SevLaunchError> {
+    if config.policy.has(GuestPolicy::ES) {
+        return Err(SevLaunchError::EncryptedState(config.policy));
+    }
+    match &config.platform {
+        SevPlatform::Emulated { state_dir } => {
+            let identity = PlatformIdentity::load_or_create(state_dir).map_err(|source| {
+                SevLaunchError::Identity {
+                    dir: state_dir.clone(),
+                    source,
+                }
+            })?;
+            tracing::warn!(
+                "SEV runs on the emulated platform: the guest's memory is NOT encrypted and gets no confidentiality"
+            );
+            Ok(Box::new(EmulatedFirmware::new(identity)))
+        }
+        SevPlatform::Hardware => Err(FirmwareError::Unavailable {
+            reason: hardware_absence(),
+        }
+        .into()),
+    }
+}
+
+/// Why this host cannot run SEV on hardware.
+fn hardware_absence() -> String {
+    if !Path::new("/dev/sev").exists() {
+        "/dev/sev does not exist (is the ccp module loaded and SEV enabled in the firmware?)".into()
+    } else {
+        "the SEV hardware backend is not available in this build".into()
+    }
+}
+
+/// A launched SEV guest: its firmware context and measurement.
+pub struct SevLaunch {
+    /// Locked by whoever drives the firmware next (migration's SEND_*).
+    pub firmware: std::sync::Mutex<Box<dyn Firmware>>,
+    pub handle: Handle,
+    pub measurement: MeasurementFile,
+}
+
+/// LAUNCH_START, LAUNCH_UPDATE_DATA over what was loaded, LAUNCH_MEASURE, the owner's secret,
+/// LAUNCH_FINISH. The VM must not have run.
+pub fn launch(
+    config: &SevConfig,
+    mut firmware: Box<dyn Firmware>,
+    memory: &GuestMemory,
+    loaded: &[veil_hypervisor::boot::LoadedRange],
+) -> Result<SevLaunch, SevLaunchError> {
+    let owner = config
+        .owner_session
+        .as_ref()
+        .map(|(session, cert)| read_owner_start(config.policy, session, cert))
+        .transpose()?;
+    let handle = firmware.launch_start(config.policy, owner.as_ref())?;
+    let mut measured = Vec::new();
+    for range in loaded {
+        let start = range.start.0 & !(LAUNCH_ALIGN - 1);
+        let end = (range.start.0 + range.len).next_multiple_of(LAUNCH_ALIGN);
+        // SAFETY: the VM has not started and nothing else holds guest memory.
+        let data = unsafe { guest_bytes(memory, start, (end - start) as usize) }.ok_or(
+            SevLaunchError::SecretOutsideRam {
+                gpa: start,
+                len: (end - start) as usize,
+            },
+        )?;
+        firmware.launch_update_data(handle, data)?;
+        measured.push(MeasuredRange {
+            what: kind_name(range.kind).into(),
+            gpa: start,
+            len: end - start,
+        });
+    }
+    let m = firmware.launch_measure(handle)?;
+    let status = firmware.platform_status()?;
+    let measurement = MeasurementFile {
+        measurement: hex::encode(m.measure),
+        mnonce: hex::encode(m.mnonce),
+        api_major: status.api_major,
+        api_minor: status.api_minor,
+        build: status.build,
+        policy: config.policy.0,
+        confidential: status.confidential,
+        measured,
+    };
+    if let Some(path) = &config.measurement_out {
+        write_atomically(
+            path,
+            &serde_json::to_vec_pretty(&measurement).unwrap_or_default(),
+        )?;
+    }
+    eprintln!(
+        "veil: SEV launch measurement {} mnonce {} (policy {})",
+        measurement.measurement, measurement.mnonce, config.policy
+    );
+    if let Some(path) = &config.secret {
+        inject_secret(firmware.as_mut(), handle, memory, path)?;
+    }
+    firmware.launch_finish(handle)?;
+    Ok(SevLaunch {
+        firmware: std::sync::Mutex::new(firmware),
+        handle,
+        measurement,
+    })
+}
+
+/// Blocks the migration of a guest whose policy forbids sending it.
+pub fn block_if_nosend(policy: GuestPolicy, paravirt: &veil_hypervisor::paravirt::Paravirt) {
+    if policy.has(GuestPolicy::NOSEND) {
+        paravirt.with_blockers(|b| b.block(BlockReason::SevPolicyNoSend, None));
+    }
+}
+
+fn kind_name(kind: LoadedKind) -> &'static str {
+    match kind {
+        LoadedKind::Kernel => "kernel",
+        LoadedKind::Initrd => "initrd",
+        LoadedKind::Cmdline => "cmdline",
+        LoadedKind::BootParams => "boot-params",
+    }
+}
+
+/// A mutable view of guest RAM for the firmware (hardware encrypts it in place).
+///
+/// # Safety
+/// Nothing else may access those bytes while the slice lives: no vCPU runs (the VM has not
+/// started) and the caller holds no other reference into them.
+// Guest RAM is shared memory behind `&GuestMemory`; exclusivity comes from the VM not running,
+// which the `unsafe` contract states.
+#[allow(clippy::mut_from_ref)]
+unsafe fn guest_bytes(memory: &GuestMemory, gpa: u64, len: usize) -> Option<&mut [u8]> {
+    let region = memory.find_region(GuestAddress(gpa))?;
+    let offset = gpa - region.start_addr().0;
+    if offset + len as u64 > region.len() {
+        return None;
+    }
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(offset))
+        .ok()?;
+    // SAFETY: the range lies inside one mapped region (checked above), which outlives the
+    // borrow of `memory`; exclusivity is the caller's promise.
+    Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
+}
+
+fn read_owner_start(
+    policy: GuestPolicy,
+    session_path: &Path,
+    cert_path: &Path,
+) -> Result<sev::launch::sev::Start, SevLaunchError> {
+    use sev::parser::Decoder;
+    let read = |path: &Path| {
+        fs::read(path).map_err(|source| SevLaunchError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let session = read(session_path)?;
+    let session: [u8; 128] = session.try_into().map_err(|_| SevLaunchError::Invalid {
+        path: session_path.to_owned(),
+        what: "128-byte SEV session blob",
+    })?;
+    let cert = sev::certs::sev::sev::Certificate::decode(&mut read(cert_path)?.as_slice(), ())
+        .map_err(|_| SevLaunchError::Invalid {
+            path: cert_path.to_owned(),
+            what: "SEV certificate",
+        })?;
+    let field = |range: std::ops::Range<usize>| session[range].to_vec();
+    Ok(sev::launch::sev::Start {
+        policy: owner_policy(policy),
+        cert,
+        session: sev::launch::sev::Session {
+            nonce: field(0..16).try_into().unwrap_or_default(),
+            wrap_tk: field(16..48).try_into().unwrap_or_default(),
+            wrap_iv: field(48..64).try_into().unwrap_or_default(),
+            wrap_mac: field(64..96).try_into().unwrap_or_default(),
+            policy_mac: field(96..128).try_into().unwrap_or_default(),
+        },
+    })
+}
+
+/// The `sev` crate's policy struct for a policy word (its `From<u32>` misreads the version).
+fn owner_policy(policy: GuestPolicy) -> sev::launch::sev::Policy {
+    let (major, minor) = policy.min_api();
+    sev::launch::sev::Policy {
+        flags: sev::launch::sev::PolicyFlags::from_bits_truncate(policy.0 as u16),
+        minfw: sev::firmware::host::Version { major, minor },
+    }
+}
+
+fn inject_secret(
+    firmware: &mut dyn Firmware,
+    handle: Handle,
+    memory: &GuestMemory,
+    path: &Path,
+) -> Result<(), SevLaunchError> {
+    eprintln!(
+        "veil: waiting for the guest owner's secret in {}",
+        path.display()
+    );
+    // The owner writes the file once it has checked the measurement (atomically: write then
+    // rename), so its existence means it is complete.
+    while !path.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let invalid = || SevLaunchError::Invalid {
+        path: path.to_owned(),
+        what: "SEV secret file (JSON with gpa, header, data)",
+    };
+    let text = fs::read(path).map_err(|source| SevLaunchError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file: SecretFile = serde_json::from_slice(&text).map_err(|_| invalid())?;
+    let header: [u8; 52] = hex::decode(&file.header)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(invalid)?;
+    let data = hex::decode(&file.data).map_err(|_| invalid())?;
+    let outside = SevLaunchError::SecretOutsideRam {
+        gpa: file.gpa,
+        len: data.len(),
+    };
+    // SAFETY: the VM has not started and nothing else holds guest memory.
+    let dest = unsafe { guest_bytes(memory, file.gpa, data.len()) }.ok_or(outside)?;
+    firmware.launch_secret(handle, &Packet { header, data }, dest)?;
+    Ok(())
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SevLaunchError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, contents)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|source| SevLaunchError::Write {
+            path: path.to_owned(),
+            source,
+        })
+}
