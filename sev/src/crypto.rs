@@ -225,6 +225,36 @@ pub fn open_packet(
     Ok(())
 }
 
+/// Verifies the MAC over `ciphertext` and only then decrypts it into `dest` (same length):
+/// `dest` is untouched when the packet does not verify.
+pub fn open_packet_into(
+    keys: &TransportKeys,
+    context: PacketContext,
+    header: &[u8; PACKET_HEADER_BYTES],
+    ciphertext: &[u8],
+    dest: &mut [u8],
+    bound: &[u8],
+) -> Result<(), CryptoError> {
+    check_length(ciphertext.len())?;
+    if dest.len() != ciphertext.len() {
+        return Err(CryptoError::BadLength(dest.len()));
+    }
+    let flags = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    if flags != 0 {
+        return Err(CryptoError::BadFlags(flags));
+    }
+    let iv: [u8; 16] = header[4..20].try_into().expect("16 bytes");
+    if !mac_matches(
+        &packet_mac(&keys.tik, context, flags, &iv, ciphertext, bound),
+        &header[20..],
+    ) {
+        return Err(CryptoError::BadMac);
+    }
+    dest.copy_from_slice(ciphertext);
+    aes_ctr(&keys.tek, &iv, dest);
+    Ok(())
+}
+
 /// The launch measurement:
 /// `HMAC(TIK, 0x04 | api_major | api_minor | build | LE32 policy | digest | mnonce)`.
 pub fn launch_measurement(

@@ -49,6 +49,7 @@ pub struct EmulatedFirmware {
     identity: PlatformIdentity,
     guests: HashMap<u32, Guest>,
     next_handle: u32,
+    iv_rng: rand::rngs::StdRng,
 }
 
 fn fail(command: Command, status: SevError) -> FirmwareError {
@@ -90,6 +91,7 @@ impl EmulatedFirmware {
             identity,
             guests: HashMap::new(),
             next_handle: 1,
+            iv_rng: rand::SeedableRng::from_entropy(),
         }
     }
 
@@ -310,11 +312,15 @@ impl Firmware for EmulatedFirmware {
 
     fn send_update_data(&mut self, guest: Handle, page: &[u8]) -> Result<Packet, FirmwareError> {
         const C: Command = Command::SendUpdateData;
+        let mut iv = [0u8; 16];
+        // A userspace CSPRNG (seeded from the OS): a system call per packet would cost more
+        // than its crypto.
+        self.iv_rng.fill_bytes(&mut iv);
         let GuestState::Sending(keys) = &self.guest(C, guest)?.state else {
             return Err(fail(C, SevError::InvalidGuestState));
         };
         let mut data = page.to_vec();
-        let header = crypto::seal_packet(keys, PacketContext::Data, random(), &mut data, &[])
+        let header = crypto::seal_packet(keys, PacketContext::Data, iv, &mut data, &[])
             .map_err(|e| fail(C, crypto_status(e)))?;
         Ok(Packet { header, data })
     }
