@@ -19,6 +19,7 @@ use veil_hypervisor::GuestMemory;
 use veil_sev::emulated::firmware::EmulatedFirmware;
 use veil_sev::emulated::identity::{IdentityError, PlatformIdentity};
 use veil_sev::firmware::{Firmware, FirmwareError, Handle, Packet};
+use veil_sev::flow::{Launch, Measured};
 use veil_sev::policy::GuestPolicy;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -197,7 +198,8 @@ pub fn launch(
         .as_ref()
         .map(|(session, cert)| read_owner_start(config.policy, session, cert))
         .transpose()?;
-    let handle = firmware.launch_start(config.policy, owner.as_ref())?;
+    let status = firmware.platform_status()?;
+    let mut launch = Launch::start(firmware.as_mut(), config.policy, owner.as_ref())?;
     let mut measured = Vec::new();
     for range in loaded {
         let start = range.start.0 & !(LAUNCH_ALIGN - 1);
@@ -209,15 +211,15 @@ pub fn launch(
                 len: (end - start) as usize,
             },
         )?;
-        firmware.launch_update_data(handle, data)?;
+        launch.update_data(data)?;
         measured.push(MeasuredRange {
             what: kind_name(range.kind).into(),
             gpa: start,
             len: end - start,
         });
     }
-    let m = firmware.launch_measure(handle)?;
-    let status = firmware.platform_status()?;
+    let mut launch = launch.measure()?;
+    let m = launch.measurement();
     let measurement = MeasurementFile {
         measurement: hex::encode(m.measure),
         mnonce: hex::encode(m.mnonce),
@@ -239,9 +241,9 @@ pub fn launch(
         measurement.measurement, measurement.mnonce, config.policy
     );
     if let Some(path) = &config.secret {
-        inject_secret(firmware.as_mut(), handle, memory, path)?;
+        inject_secret(&mut launch, memory, path)?;
     }
-    firmware.launch_finish(handle)?;
+    let handle = launch.finish()?;
     Ok(SevLaunch {
         firmware: std::sync::Mutex::new(firmware),
         handle,
@@ -333,8 +335,7 @@ fn owner_policy(policy: GuestPolicy) -> sev::launch::sev::Policy {
 }
 
 fn inject_secret(
-    firmware: &mut dyn Firmware,
-    handle: Handle,
+    launch: &mut Launch<'_, Measured>,
     memory: &GuestMemory,
     path: &Path,
 ) -> Result<(), SevLaunchError> {
@@ -367,7 +368,7 @@ fn inject_secret(
     };
     // SAFETY: the VM has not started and nothing else holds guest memory.
     let dest = unsafe { guest_bytes(memory, file.gpa, data.len()) }.ok_or(outside)?;
-    firmware.launch_secret(handle, &Packet { header, data }, dest)?;
+    launch.inject_secret(&Packet { header, data }, dest)?;
     Ok(())
 }
 

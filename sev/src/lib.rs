@@ -8,4 +8,5 @@
 pub mod crypto;
 pub mod emulated;
 pub mod firmware;
+pub mod flow;
 pub mod policy;
