@@ -9,4 +9,5 @@ pub mod crypto;
 pub mod emulated;
 pub mod firmware;
 pub mod flow;
+pub mod hardware;
 pub mod policy;
