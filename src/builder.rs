@@ -8,6 +8,7 @@ use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
 use veil_devices::{Bus, BusError, ExitPort, ResetPort, Serial, SerialSink};
 use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
 use veil_hypervisor::paravirt::TransportChoice;
+use veil_hypervisor::VmSetup;
 
 use crate::sev_launch::{self, SevConfig, SevLaunch, SevLaunchError};
 use veil_hypervisor::{
@@ -163,11 +164,7 @@ impl VmBuilder {
             SerialOutput::Writer(w) => w,
         };
         // Open the firmware first: a host without SEV should fail before anything is built.
-        let firmware = self
-            .sev
-            .as_ref()
-            .map(sev_launch::open_firmware)
-            .transpose()?;
+        let mut sev_setup = self.sev.as_ref().map(sev_launch::prepare).transpose()?;
         let config = VmConfig {
             memory: self.memory,
             vcpus: self.vcpus,
@@ -175,15 +172,15 @@ impl VmBuilder {
             encrypted_memory: self.encrypted_memory || self.sev.is_some(),
             hypercall_transport: self.hypercall_transport,
         };
-        let vm = veil_hypervisor::Vm::create(&config, |cpuid| {
-            if let Some(sev) = &self.sev {
-                sev_launch::advertise_sev(cpuid, &sev.platform);
-            }
-        })?;
-        let sev = match (self.sev, firmware) {
-            (Some(sev), Some(firmware)) => {
+        let setup_hooks: &mut dyn VmSetup = match &mut sev_setup {
+            Some(sev) => sev,
+            None => &mut (),
+        };
+        let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
+        let sev = match (self.sev, sev_setup) {
+            (Some(sev), Some(setup)) => {
                 let launched =
-                    sev_launch::launch(&sev, firmware, vm.memory(), &vm.boot_image().loaded)?;
+                    sev_launch::launch(&sev, setup, vm.memory(), &vm.boot_image().loaded)?;
                 sev_launch::block_if_nosend(sev.policy, vm.paravirt());
                 Some(SevGuest {
                     config: sev,

@@ -162,14 +162,7 @@ fn platform_name(args: &SevPlatformArgs) -> &'static str {
 fn open_firmware(
     args: &SevPlatformArgs,
 ) -> Result<Box<dyn veil_sev::firmware::Firmware>, Box<dyn Error>> {
-    let config = veil::sev_launch::SevConfig {
-        platform: args.platform(),
-        policy: veil_sev::policy::GuestPolicy(0),
-        owner_session: None,
-        secret: None,
-        measurement_out: None,
-    };
-    Ok(veil::sev_launch::open_firmware(&config)?)
+    Ok(veil::sev_launch::open_platform(&args.platform())?)
 }
 
 fn host_info(args: HostInfoArgs) -> CommandResult {

@@ -12,14 +12,20 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use veil_hypervisor::boot::LoadedKind;
 use veil_hypervisor::cpuid::{Cpuid, Register};
 use veil_hypervisor::paravirt::BlockReason;
 use veil_hypervisor::GuestMemory;
+
+use kvm_ioctls::VmFd;
+use veil_hypervisor::vm::{SetupHookError, VmSetup};
+use veil_hypervisor::GuestRam;
 use veil_sev::emulated::firmware::EmulatedFirmware;
 use veil_sev::emulated::identity::{IdentityError, PlatformIdentity};
 use veil_sev::firmware::{Firmware, FirmwareError, Handle, Packet};
 use veil_sev::flow::{Launch, Measured};
+use veil_sev::hardware::{sev_cpuid, HardwareFirmware, SEV_DEVICE};
 use veil_sev::policy::GuestPolicy;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -125,30 +131,19 @@ pub struct SecretFile {
     pub data: String,
 }
 
-/// Adds the memory-encryption leaf for an SEV guest.
-pub fn advertise_sev(cpuid: &mut Cpuid, platform: &SevPlatform) {
-    let (c_bit, reduction) = match platform {
-        SevPlatform::Emulated { .. } => (EMULATED_C_BIT, EMULATED_PHYS_REDUCTION),
-        SevPlatform::Hardware => {
-            let host = std::arch::x86_64::__cpuid(CPUID_MEM_ENCRYPT);
-            (host.ebx & 0x3f, (host.ebx >> 6) & 0x3f)
-        }
-    };
-    cpuid.set_register(CPUID_MEM_ENCRYPT, 0, Register::Eax, CPUID_SEV);
-    cpuid.set_register(
-        CPUID_MEM_ENCRYPT,
-        0,
-        Register::Ebx,
-        c_bit | (reduction << 6),
-    );
+/// The SEV part of building a VM: the firmware, opened as early as it can be.
+pub struct SevSetup {
+    platform: SevPlatform,
+    firmware: Option<Box<dyn Firmware>>,
 }
 
-/// Opens the firmware the configuration asks for.
-pub fn open_firmware(config: &SevConfig) -> Result<Box<dyn Firmware>, SevLaunchError> {
+/// Checks the policy and opens the firmware, or (hardware) checks it can be opened once the VM
+/// exists: a host without SEV fails here, before anything is built.
+pub fn prepare(config: &SevConfig) -> Result<SevSetup, SevLaunchError> {
     if config.policy.has(GuestPolicy::ES) {
         return Err(SevLaunchError::EncryptedState(config.policy));
     }
-    match &config.platform {
+    let firmware: Option<Box<dyn Firmware>> = match &config.platform {
         SevPlatform::Emulated { state_dir } => {
             let identity = PlatformIdentity::load_or_create(state_dir).map_err(|source| {
                 SevLaunchError::Identity {
@@ -159,21 +154,88 @@ pub fn open_firmware(config: &SevConfig) -> Result<Box<dyn Firmware>, SevLaunchE
             tracing::warn!(
                 "SEV runs on the emulated platform: the guest's memory is NOT encrypted and gets no confidentiality"
             );
-            Ok(Box::new(EmulatedFirmware::new(identity)))
+            Some(Box::new(EmulatedFirmware::new(identity)))
         }
-        SevPlatform::Hardware => Err(FirmwareError::Unavailable {
-            reason: hardware_absence(),
+        SevPlatform::Hardware => {
+            if !Path::new(SEV_DEVICE).exists() {
+                return Err(FirmwareError::Unavailable {
+                    reason: format!(
+                        "{SEV_DEVICE} does not exist (is the ccp module loaded and SEV enabled in the BIOS?)"
+                    ),
+                }
+                .into());
+            }
+            // Opened in `before_vcpus`: KVM_SEV_INIT needs the VM and must precede its vCPUs.
+            None
         }
-        .into()),
+    };
+    Ok(SevSetup {
+        platform: config.platform.clone(),
+        firmware,
+    })
+}
+
+/// Opens the firmware on its own, for `veil sev` commands (no VM).
+pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLaunchError> {
+    match platform {
+        SevPlatform::Emulated { .. } => Ok(prepare(&SevConfig {
+            platform: platform.clone(),
+            policy: GuestPolicy(0),
+            owner_session: None,
+            secret: None,
+            measurement_out: None,
+        })?
+        .firmware
+        .expect("the emulated firmware opens without a VM")),
+        SevPlatform::Hardware => {
+            prepare(&SevConfig {
+                platform: SevPlatform::Hardware,
+                policy: GuestPolicy(0),
+                owner_session: None,
+                secret: None,
+                measurement_out: None,
+            })?;
+            // The backend speaks to the platform through a VM; a scratch one serves.
+            let unavailable = |e: &dyn std::fmt::Display| FirmwareError::Unavailable {
+                reason: format!("cannot create a VM to reach the SEV firmware: {e}"),
+            };
+            let kvm = veil_hypervisor::host::open_kvm().map_err(|e| unavailable(&e))?;
+            let vm = kvm.create_vm().map_err(|e| unavailable(&e))?;
+            Ok(Box::new(HardwareFirmware::open(Arc::new(vm))?))
+        }
     }
 }
 
-/// Why this host cannot run SEV on hardware.
-fn hardware_absence() -> String {
-    if !Path::new("/dev/sev").exists() {
-        "/dev/sev does not exist (is the ccp module loaded and SEV enabled in the firmware?)".into()
-    } else {
-        "the SEV hardware backend is not available in this build".into()
+impl VmSetup for SevSetup {
+    fn customize_cpuid(&mut self, cpuid: &mut Cpuid) {
+        let (c_bit, reduction) = match self.platform {
+            SevPlatform::Emulated { .. } => (EMULATED_C_BIT, EMULATED_PHYS_REDUCTION),
+            SevPlatform::Hardware => sev_cpuid().map_or((0, 0), |c| {
+                (u32::from(c.c_bit), u32::from(c.phys_addr_reduction))
+            }),
+        };
+        cpuid.set_register(CPUID_MEM_ENCRYPT, 0, Register::Eax, CPUID_SEV);
+        cpuid.set_register(
+            CPUID_MEM_ENCRYPT,
+            0,
+            Register::Ebx,
+            c_bit | (reduction << 6),
+        );
+    }
+
+    fn before_vcpus(&mut self, vm: &Arc<VmFd>, ram: &GuestRam) -> Result<(), SetupHookError> {
+        if self.platform == SevPlatform::Hardware {
+            let mut firmware = HardwareFirmware::open(Arc::clone(vm))?;
+            for (_, base, len) in ram.slots() {
+                let region = ram
+                    .memory()
+                    .find_region(base)
+                    .ok_or("guest RAM slot without a region")?;
+                firmware.register_ram(region.as_ptr() as u64, len)?;
+            }
+            self.firmware = Some(Box::new(firmware));
+        }
+        Ok(())
     }
 }
 
@@ -189,10 +251,13 @@ pub struct SevLaunch {
 /// LAUNCH_FINISH. The VM must not have run.
 pub fn launch(
     config: &SevConfig,
-    mut firmware: Box<dyn Firmware>,
+    setup: SevSetup,
     memory: &GuestMemory,
     loaded: &[veil_hypervisor::boot::LoadedRange],
 ) -> Result<SevLaunch, SevLaunchError> {
+    let mut firmware = setup.firmware.ok_or(FirmwareError::Unavailable {
+        reason: "the SEV firmware was not opened while the VM was built".into(),
+    })?;
     let owner = config
         .owner_session
         .as_ref()

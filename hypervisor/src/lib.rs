@@ -22,4 +22,4 @@ pub use boot::BootConfig;
 pub use control::{RunState, VmControl, VmStop};
 pub use exits::{ExitHandlers, FaultReport, HypercallHandler, MsrHandler};
 pub use memory::{GuestMemory, GuestRam, MemoryConfig};
-pub use vm::{RunningVm, Vm, VmConfig, VmError};
+pub use vm::{RunningVm, Vm, VmConfig, VmError, VmSetup};

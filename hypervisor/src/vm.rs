@@ -52,6 +52,8 @@ pub enum VmError {
     NotPaused,
     #[error(transparent)]
     PowerOn(#[from] PowerOnError),
+    #[error("VM set-up failed")]
+    SetupHook(#[source] SetupHookError),
     #[error("Cannot save or restore the VM's device state")]
     Platform(#[from] PlatformError),
     #[error("Cannot save the state of vCPU {vcpu}")]
@@ -92,13 +94,27 @@ pub struct Vm {
 /// `KVM_CAP_SYNC_REGS`.
 const KVM_CAP_SYNC_REGS: u64 = 74;
 
+/// What upper layers add while a VM is built (SEV needs both).
+pub trait VmSetup {
+    /// Adds what upper layers implement to the CPUID, before any vCPU sees it.
+    fn customize_cpuid(&mut self, _cpuid: &mut Cpuid) {}
+
+    /// Runs once the VM and its RAM exist and before any vCPU does (SEV_INIT must).
+    fn before_vcpus(&mut self, _vm: &Arc<VmFd>, _ram: &GuestRam) -> Result<(), SetupHookError> {
+        Ok(())
+    }
+}
+
+/// A [`VmSetup`] hook failed.
+pub type SetupHookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// No additions.
+impl VmSetup for () {}
+
 impl Vm {
-    /// Creates the VM, its memory and vCPUs and loads the kernel. `customize_cpuid` adds what
-    /// upper layers implement (paravirt features, SEV) before vCPUs see the table.
-    pub fn create(
-        config: &VmConfig,
-        customize_cpuid: impl FnOnce(&mut Cpuid),
-    ) -> Result<Self, VmError> {
+    /// Creates the VM, its memory and vCPUs and loads the kernel; `setup` adds what upper
+    /// layers implement (paravirt features, SEV).
+    pub fn create(config: &VmConfig, setup_hooks: &mut dyn VmSetup) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
         let max = kvm.get_max_vcpus().min(u32::MAX as usize) as u32;
         if config.vcpus == 0 || config.vcpus > max {
@@ -119,11 +135,17 @@ impl Vm {
         })
         .map_err(setup("KVM_CREATE_PIT2"))?;
         let ram = Arc::new(ram);
+        let fd = Arc::new(fd);
+        setup_hooks
+            .before_vcpus(&fd, &ram)
+            .map_err(VmError::SetupHook)?;
         // Registering memory waits for a KVM grace period (milliseconds): let it overlap the
         // rest of the set-up, none of which needs the memory slots.
         let (registered, rest) = std::thread::scope(|scope| {
             let registering = scope.spawn(|| ram.register(&fd));
-            let rest = Self::setup_cpus_and_boot(&kvm, &fd, &ram, config, customize_cpuid);
+            let rest = Self::setup_cpus_and_boot(&kvm, &fd, &ram, config, |cpuid| {
+                setup_hooks.customize_cpuid(cpuid)
+            });
             (registering.join(), rest)
         });
         registered.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
@@ -131,7 +153,7 @@ impl Vm {
 
         Ok(Self {
             boot_config: config.boot.clone(),
-            fd: Arc::new(fd),
+            fd,
             ram,
             control: Arc::new(VmControl::new(vcpus.len())),
             vcpus,
