@@ -11,4 +11,4 @@ mod state;
 pub use blockers::{BlockReason, Blocker, BlockerEvent, Migratability, MigrationBlockers};
 pub use page_state::{PageRun, PageState, PageStateMap, PageStateSnapshot};
 pub use setup::{ParavirtFeatures, TransportChoice};
-pub use state::Paravirt;
+pub use state::{Paravirt, ParavirtSnapshot, RestoreError};

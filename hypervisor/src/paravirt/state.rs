@@ -10,14 +10,41 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::blockers::{BlockReason, Migratability, MigrationBlockers};
 use super::map_gpa_range::{self, HC_EINVAL, HC_ENOSYS, HC_SUCCESS, KVM_HC_MAP_GPA_RANGE};
 use super::migration_control::{decode_write, encode, MSR_KVM_MIGRATION_CONTROL};
-use super::page_state::PageStateMap;
+use super::page_state::{InvalidSnapshot, PageStateMap, PageStateSnapshot};
 use crate::exits::{HypercallHandler, MsrHandler};
 use crate::memory::{GuestRam, PAGE_SIZE};
+use serde::{Deserialize, Serialize};
 
 struct Control {
     ready: bool,
     never: Option<u8>,
     blockers: MigrationBlockers,
+}
+
+/// The paravirtual state that travels with a migrated VM. Host-side blockers (SEV policy,
+/// devices) are not in it: the target derives them from its own configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParavirtSnapshot {
+    /// The shared list; `None` for a plain guest.
+    pub page_states: Option<PageStateSnapshot>,
+    /// `MSR_KVM_MIGRATION_CONTROL` as the guest last set it.
+    pub migration_control: u64,
+    /// Why the page-state map stopped being trustworthy, if it did: the target cannot trust it
+    /// either.
+    pub map_untrusted: Option<String>,
+}
+
+/// A snapshot that does not fit this VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("The page-state map is for {found} pages but this VM has {expected}")]
+    MapSize { found: u64, expected: u64 },
+    #[error("A page-state map for a plain guest, or none for an encrypted one")]
+    MapPresence,
+    #[error(transparent)]
+    Map(#[from] InvalidSnapshot),
+    #[error("Migration control value {0:#x} is not one a guest could have set")]
+    Control(u64),
 }
 
 /// The paravirtual state of one VM.
@@ -92,6 +119,67 @@ impl Paravirt {
     pub fn migration_control(&self) -> u64 {
         let control = self.lock_control();
         encode(control.ready, control.never)
+    }
+
+    /// What travels with the VM in a migration.
+    pub fn snapshot(&self) -> ParavirtSnapshot {
+        let map_untrusted = self.with_blockers(|b| match b.migratability() {
+            Migratability::PermanentlyBlocked { reasons } => {
+                reasons.iter().find_map(|r| match &r.reason {
+                    BlockReason::PageStateUntrusted { detail } => Some(detail.clone()),
+                    _ => None,
+                })
+            }
+            _ => None,
+        });
+        ParavirtSnapshot {
+            page_states: self.page_states().as_ref().map(PageStateMap::snapshot),
+            migration_control: self.migration_control(),
+            map_untrusted,
+        }
+    }
+
+    /// Takes over a migrated VM's state (its blockers follow from it).
+    pub fn restore(&self, snapshot: &ParavirtSnapshot) -> Result<(), RestoreError> {
+        let write = decode_write(snapshot.migration_control, true)
+            .ok_or(RestoreError::Control(snapshot.migration_control))?;
+        let map = match (&snapshot.page_states, self.encrypted) {
+            (Some(s), true) => {
+                let expected = self.ram_gfns.last().map_or(0, |r| r.end);
+                if s.gfn_count != expected {
+                    return Err(RestoreError::MapSize {
+                        found: s.gfn_count,
+                        expected,
+                    });
+                }
+                Some(PageStateMap::from_snapshot(s)?)
+            }
+            (None, false) => None,
+            _ => return Err(RestoreError::MapPresence),
+        };
+        *self.map.write().unwrap_or_else(|e| e.into_inner()) = map;
+        let mut control = self.lock_control();
+        control.ready = write.ready;
+        control.never = write.never;
+        if write.ready {
+            control.blockers.unblock(&BlockReason::GuestNotReady, None);
+        } else {
+            control.blockers.block(BlockReason::GuestNotReady, None);
+        }
+        if let Some(code) = write.never {
+            control
+                .blockers
+                .block(BlockReason::GuestRequestedNever { code }, None);
+        }
+        if let Some(detail) = &snapshot.map_untrusted {
+            control.blockers.block(
+                BlockReason::PageStateUntrusted {
+                    detail: detail.clone(),
+                },
+                None,
+            );
+        }
+        Ok(())
     }
 
     /// Handles `KVM_HC_MAP_GPA_RANGE`; returns the guest's RAX.
@@ -262,6 +350,35 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn snapshots_carry_the_map_control_and_distrust_to_another_vm() {
+        let source = paravirt(true);
+        source.call(0, 12, [0x40_0000, 4, 0], true);
+        source.write(0, MSR_KVM_MIGRATION_CONTROL, 1);
+        source.call(0, 12, [0x40_0000, 1, 1 << 6], true);
+        let snap = source.snapshot();
+        let target = paravirt(true);
+        target.restore(&snap).unwrap();
+        assert_eq!(target.snapshot(), snap);
+        assert_eq!(
+            target.page_states().as_ref().unwrap().shared_ranges(),
+            vec![0x400..0x404]
+        );
+        assert!(matches!(
+            target.migratability(),
+            Migratability::PermanentlyBlocked { .. }
+        ));
+        assert!(
+            paravirt(false).restore(&snap).is_err(),
+            "a map for a plain guest"
+        );
+        let bad = ParavirtSnapshot {
+            migration_control: 1 << 7,
+            ..snap
+        };
+        assert!(target.restore(&bad).is_err());
     }
 
     #[test]
