@@ -8,6 +8,7 @@ use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
 use veil_devices::{Bus, BusError, ExitPort, ResetPort, Serial, SerialSink};
 use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
 use veil_hypervisor::paravirt::TransportChoice;
+use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::VmSetup;
 
 use crate::sev_launch::{self, SevConfig, SevLaunch, SevLaunchError};
@@ -39,6 +40,12 @@ pub enum Error {
     /// The SEV launch failed.
     #[error("SEV launch failed")]
     Sev(#[from] SevLaunchError),
+    /// Taking over a saved guest failed before it could run here.
+    #[error("Cannot take over the incoming guest")]
+    Receive(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// SEV guests arrive through the firmware's RECEIVE commands, not a plain restore.
+    #[error("An SEV guest cannot be restored without the SEV firmware's RECEIVE flow")]
+    IncomingSev,
 }
 
 /// Where guest serial output goes.
@@ -48,6 +55,11 @@ pub enum SerialOutput {
     /// Any writer (a buffer, a pipe, a logger).
     Writer(Box<dyn Write + Send>),
 }
+
+/// Fills a new VM's memory with a saved guest's RAM and returns the rest of its state.
+pub type ReceiveGuest<'a> = Box<
+    dyn FnOnce(&GuestMemory) -> Result<VmSnapshot, Box<dyn std::error::Error + Send + Sync>> + 'a,
+>;
 
 /// Chooses memory, vCPUs, kernel and serial output, then starts the VM.
 pub struct VmBuilder {
@@ -159,6 +171,20 @@ impl VmBuilder {
         if !self.kernel_set {
             return Err(Error::NoKernel);
         }
+        self.build(None)
+    }
+
+    /// Creates the VM and, instead of booting a kernel, takes over a guest saved elsewhere
+    /// (the receiving end of a migration): `receive` fills guest memory and returns the saved
+    /// state, which is restored before the vCPUs start. The shape (memory, vCPUs) must match.
+    pub fn start_incoming(self, receive: ReceiveGuest<'_>) -> Result<Vm, Error> {
+        if self.sev.is_some() {
+            return Err(Error::IncomingSev);
+        }
+        self.build(Some(receive))
+    }
+
+    fn build(self, incoming: Option<ReceiveGuest<'_>>) -> Result<Vm, Error> {
         let out = match self.serial {
             SerialOutput::Sink(sink) => sink.open()?,
             SerialOutput::Writer(w) => w,
@@ -168,7 +194,7 @@ impl VmBuilder {
         let config = VmConfig {
             memory: self.memory,
             vcpus: self.vcpus,
-            boot: self.boot,
+            boot: incoming.is_none().then_some(self.boot),
             encrypted_memory: self.encrypted_memory || self.sev.is_some(),
             hypercall_transport: self.hypercall_transport,
         };
@@ -177,10 +203,14 @@ impl VmBuilder {
             None => &mut (),
         };
         let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
+        if let Some(receive) = incoming {
+            let snapshot = receive(vm.memory()).map_err(Error::Receive)?;
+            vm.restore(&snapshot)?;
+        }
         let sev = match (self.sev, sev_setup) {
             (Some(sev), Some(setup)) => {
-                let launched =
-                    sev_launch::launch(&sev, setup, vm.memory(), &vm.boot_image().loaded)?;
+                let loaded = vm.boot_image().map_or(&[][..], |b| &b.loaded);
+                let launched = sev_launch::launch(&sev, setup, vm.memory(), loaded)?;
                 sev_launch::block_if_nosend(sev.policy, vm.paravirt());
                 Some(SevGuest {
                     config: sev,

@@ -22,7 +22,7 @@ mod builder;
 mod capture;
 pub mod sev_launch;
 
-pub use builder::{Error, SerialOutput, SevGuest, Vm, VmBuilder};
+pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder};
 pub use capture::CapturedOutput;
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};

@@ -14,12 +14,13 @@ use crate::exits::{ExitAction, ExitHandlers};
 use crate::host::{open_kvm, HostError};
 use crate::layout;
 use crate::memory::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
-use crate::paravirt::{self, Paravirt, ParavirtFeatures, TransportChoice};
+use crate::paravirt::{self, Paravirt, ParavirtFeatures, ParavirtSnapshot, TransportChoice};
 use crate::platform::{PlatformError, PlatformState};
 use crate::power_on::{PowerOnError, PowerOnState};
 use crate::vcpu::{
     self, install_kick_handler, KickTarget, Vcpu, VcpuError, VcpuState, VcpuStateError,
 };
+use serde::{Deserialize, Serialize};
 
 /// Errors creating or controlling a VM.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,16 @@ pub enum VmError {
     PowerOn(#[from] PowerOnError),
     #[error("VM set-up failed")]
     SetupHook(#[source] SetupHookError),
+    #[error("The saved VM has {found} {what}, this one {expected}")]
+    SnapshotShape {
+        what: &'static str,
+        found: u64,
+        expected: u64,
+    },
+    #[error("Cannot restore the paravirtual state")]
+    Paravirt(#[from] crate::paravirt::RestoreError),
+    #[error("The guest asked for a reset, but its kernel is not on this host (it migrated in)")]
+    NoKernelToReset,
     #[error("Cannot save or restore the VM's device state")]
     Platform(#[from] PlatformError),
     #[error("Cannot save the state of vCPU {vcpu}")]
@@ -69,26 +80,38 @@ pub enum VmError {
 pub struct VmConfig {
     pub memory: MemoryConfig,
     pub vcpus: u32,
-    pub boot: BootConfig,
+    /// The kernel to boot; `None` for a VM that takes over a migrated guest
+    /// ([`Vm::restore`]) instead of booting.
+    pub boot: Option<BootConfig>,
     /// Guest memory is encrypted (SEV): pages start private and migration control at 0.
     pub encrypted_memory: bool,
     /// How hypercalls reach Veil.
     pub hypercall_transport: TransportChoice,
 }
 
+/// A paused VM's state besides its RAM: what a migration sends after the memory.
+#[derive(Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub vcpus: Vec<VcpuState>,
+    pub platform: PlatformState,
+    pub paravirt: ParavirtSnapshot,
+}
+
 /// A VM that is set up but not running yet.
 pub struct Vm {
-    boot_config: BootConfig,
+    boot_config: Option<BootConfig>,
     fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     vcpus: Vec<Vcpu>,
-    boot: BootImage,
+    boot: Option<BootImage>,
     control: Arc<VmControl>,
     msr_indices: Vec<u32>,
     paravirt: Arc<Paravirt>,
     features: ParavirtFeatures,
     /// `KVM_CAP_SYNC_REGS`: the register sets KVM can mirror in `kvm_run`.
     sync_regs: u64,
+    /// Captured before anything (a restore) can change the vCPUs: what a reset returns to.
+    power_on: PowerOnState,
 }
 
 /// `KVM_CAP_SYNC_REGS`.
@@ -150,6 +173,8 @@ impl Vm {
         });
         registered.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let (features, paravirt, vcpus, boot) = rest?;
+        let msr_indices = vcpu::stateful_msrs(&kvm);
+        let power_on = PowerOnState::capture(&fd, &vcpus, &msr_indices)?;
 
         Ok(Self {
             boot_config: config.boot.clone(),
@@ -158,10 +183,11 @@ impl Vm {
             control: Arc::new(VmControl::new(vcpus.len())),
             vcpus,
             boot,
-            msr_indices: vcpu::stateful_msrs(&kvm),
+            msr_indices,
             paravirt,
             features,
             sync_regs: kvm.check_extension_raw(KVM_CAP_SYNC_REGS).max(0) as u64,
+            power_on,
         })
     }
 
@@ -173,7 +199,15 @@ impl Vm {
         ram: &Arc<GuestRam>,
         config: &VmConfig,
         customize_cpuid: impl FnOnce(&mut Cpuid),
-    ) -> Result<(ParavirtFeatures, Arc<Paravirt>, Vec<Vcpu>, BootImage), VmError> {
+    ) -> Result<
+        (
+            ParavirtFeatures,
+            Arc<Paravirt>,
+            Vec<Vcpu>,
+            Option<BootImage>,
+        ),
+        VmError,
+    > {
         let features = paravirt::setup::enable(kvm, fd, config.hypercall_transport);
         let paravirt = Arc::new(Paravirt::new(
             Arc::clone(ram),
@@ -189,8 +223,14 @@ impl Vm {
         for v in &vcpus {
             v.setup_lapic_lint()?;
         }
-        let boot = boot::load(ram.memory(), &config.boot)?;
-        vcpus[0].setup_boot_entry(boot.entry)?;
+        let boot = config
+            .boot
+            .as_ref()
+            .map(|b| boot::load(ram.memory(), b))
+            .transpose()?;
+        if let Some(boot) = &boot {
+            vcpus[0].setup_boot_entry(boot.entry)?;
+        }
         Ok((features, paravirt, vcpus, boot))
     }
 
@@ -219,9 +259,29 @@ impl Vm {
         &self.fd
     }
 
-    /// What was loaded where.
-    pub fn boot_image(&self) -> &BootImage {
-        &self.boot
+    /// What was loaded where (`None` for a VM created to take over a migrated guest).
+    pub fn boot_image(&self) -> Option<&BootImage> {
+        self.boot.as_ref()
+    }
+
+    /// Takes over a guest saved with [`RunningVm::snapshot`]; guest memory must already hold
+    /// its RAM. Call before [`Vm::start`].
+    pub fn restore(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
+        if snapshot.vcpus.len() != self.vcpus.len() {
+            return Err(VmError::SnapshotShape {
+                what: "vCPUs",
+                found: snapshot.vcpus.len() as u64,
+                expected: self.vcpus.len() as u64,
+            });
+        }
+        for (v, state) in self.vcpus.iter().zip(&snapshot.vcpus) {
+            state
+                .restore(&v.fd)
+                .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
+        }
+        snapshot.platform.restore(&self.fd)?;
+        self.paravirt.restore(&snapshot.paravirt)?;
+        Ok(())
     }
 
     /// The VM's run control, for devices that stop the VM.
@@ -250,7 +310,7 @@ impl Vm {
             handlers.hypercall = Some(self.paravirt.clone());
         }
         handlers.hypercall_port = handlers.hypercall_port.or(self.features.hypercall_port);
-        let power_on = PowerOnState::capture(&self.fd, &self.vcpus, &self.msr_indices)?;
+        let power_on = self.power_on;
         let sync_regs = self.sync_regs;
         let handlers = Arc::new(handlers);
         let vcpus: Vec<Arc<Mutex<Vcpu>>> = self
@@ -376,7 +436,8 @@ pub struct RunningVm {
 /// reset; guest RAM otherwise kept, as on a PC.
 struct Reset {
     power_on: PowerOnState,
-    boot: BootConfig,
+    /// `None` when the kernel is not on this host (the guest migrated in).
+    boot: Option<BootConfig>,
     vm: Arc<VmFd>,
     ram: Arc<GuestRam>,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
@@ -399,11 +460,12 @@ impl Reset {
     }
 
     fn reset(&self) -> Result<(), VmError> {
+        let boot = self.boot.as_ref().ok_or(VmError::NoKernelToReset)?;
         self.power_on.restore_platform(&self.vm)?;
         for v in &self.vcpus {
             self.power_on.restore_vcpu(&lock(v))?;
         }
-        boot::load(self.ram.memory(), &self.boot)?;
+        boot::load(self.ram.memory(), boot)?;
         self.paravirt.reset_guest();
         Ok(())
     }
@@ -513,6 +575,15 @@ impl RunningVm {
             return Err(VmError::NotPaused);
         }
         Ok(state.restore(&self.fd)?)
+    }
+
+    /// Everything but RAM that a migration carries; the VM must be paused.
+    pub fn snapshot(&self) -> Result<VmSnapshot, VmError> {
+        Ok(VmSnapshot {
+            vcpus: self.save_vcpu_states()?,
+            platform: self.save_platform_state()?,
+            paravirt: self.paravirt.snapshot(),
+        })
     }
 
     /// Writes saved states back into the vCPUs; the VM must be paused.
