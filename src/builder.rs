@@ -177,6 +177,7 @@ impl VmBuilder {
     /// Creates the VM and, instead of booting a kernel, takes over a guest saved elsewhere
     /// (the receiving end of a migration): `receive` fills guest memory and returns the saved
     /// state, which is restored before the vCPUs start. The shape (memory, vCPUs) must match.
+    /// The VM comes back paused: [`Vm::resume`] runs the guest.
     pub fn start_incoming(self, receive: ReceiveGuest<'_>) -> Result<Vm, Error> {
         if self.sev.is_some() {
             return Err(Error::IncomingSev);
@@ -184,7 +185,7 @@ impl VmBuilder {
         self.build(Some(receive))
     }
 
-    fn build(self, incoming: Option<ReceiveGuest<'_>>) -> Result<Vm, Error> {
+    fn build(self, receive: Option<ReceiveGuest<'_>>) -> Result<Vm, Error> {
         let out = match self.serial {
             SerialOutput::Sink(sink) => sink.open()?,
             SerialOutput::Writer(w) => w,
@@ -194,7 +195,7 @@ impl VmBuilder {
         let config = VmConfig {
             memory: self.memory,
             vcpus: self.vcpus,
-            boot: incoming.is_none().then_some(self.boot),
+            boot: receive.is_none().then_some(self.boot),
             encrypted_memory: self.encrypted_memory || self.sev.is_some(),
             hypercall_transport: self.hypercall_transport,
         };
@@ -203,10 +204,14 @@ impl VmBuilder {
             None => &mut (),
         };
         let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
-        if let Some(receive) = incoming {
-            let snapshot = receive(vm.memory()).map_err(Error::Receive)?;
-            vm.restore(&snapshot)?;
-        }
+        let incoming = match receive {
+            Some(receive) => {
+                let snapshot = receive(vm.memory()).map_err(Error::Receive)?;
+                vm.restore(&snapshot)?;
+                true
+            }
+            None => false,
+        };
         let sev = match (self.sev, sev_setup) {
             (Some(sev), Some(setup)) => {
                 let loaded = vm.boot_image().map_or(&[][..], |b| &b.loaded);
@@ -247,10 +252,15 @@ impl VmBuilder {
         )?;
         pio.insert(Arc::new(Mutex::new(keyboard_reset)), I8042_COMMAND_PORT, 1)?;
 
-        let running = vm.start(ExitHandlers {
+        let handlers = ExitHandlers {
             pio,
             ..Default::default()
-        })?;
+        };
+        let running = if incoming {
+            vm.start_paused(handlers)?
+        } else {
+            vm.start(handlers)?
+        };
         Ok(Vm { running, sev })
     }
 }

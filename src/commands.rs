@@ -110,6 +110,10 @@ fn run_until_stopped((builder, api_socket): (VmBuilder, Option<PathBuf>)) -> Com
     match stop {
         VmStop::GuestExit(status) => Ok(ExitCode::from(status)),
         VmStop::Requested => Ok(ExitCode::from(EXIT_INTERRUPTED)),
+        VmStop::Migrated => {
+            eprintln!("veil: the guest migrated to another host");
+            Ok(ExitCode::SUCCESS)
+        }
         other => Err(Box::new(GuestFailed(other))),
     }
 }

@@ -50,6 +50,12 @@ fn a_running_guest_continues_in_another_vm() {
         .unwrap();
     source.stop();
     assert_eq!(source.wait(), VmStop::Requested);
+    assert_eq!(
+        target.state(),
+        RunState::Paused,
+        "an incoming guest waits to be told to run"
+    );
+    assert_eq!(target.resume(), RunState::Running);
 
     // Wipe a stamp in each VM: only the one where the guest now runs writes it again.
     let wiped = FIRST + 10;

@@ -17,6 +17,8 @@ pub enum VmStop {
     Halted { vcpu: u32 },
     /// The host asked (Ctrl-C, `shutdown`, the library's `stop`).
     Requested,
+    /// The guest migrated away and runs on another host now.
+    Migrated,
     /// KVM failed under a vCPU.
     HostError { vcpu: u32, message: String },
 }
@@ -28,6 +30,7 @@ impl std::fmt::Display for VmStop {
             VmStop::Fault(report) => report.fmt(f),
             VmStop::Halted { vcpu } => write!(f, "vCPU {vcpu} halted with no way to wake it"),
             VmStop::Requested => write!(f, "stopped on request"),
+            VmStop::Migrated => write!(f, "the guest migrated to another host"),
             VmStop::HostError { vcpu, message } => write!(f, "vCPU {vcpu}: {message}"),
         }
     }
@@ -162,6 +165,14 @@ impl VmControl {
             state.target = RunState::Running;
         }
         self.changed.notify_all();
+    }
+
+    /// Makes vCPUs park as soon as their threads start: for a VM that must not run until told.
+    pub(crate) fn hold(&self) {
+        let mut state = self.lock();
+        if state.target == RunState::Running {
+            state.target = RunState::Paused;
+        }
     }
 
     /// Lets parked vCPUs run again (not while a reset is under way).

@@ -299,6 +299,13 @@ impl Vm {
             })
     }
 
+    /// Starts the vCPU threads parked: the guest runs once [`RunningVm::resume`] is called
+    /// (a migrated-in guest, once the source has let it go).
+    pub fn start_paused(self, handlers: ExitHandlers) -> Result<RunningVm, VmError> {
+        self.control.hold();
+        self.start(handlers)
+    }
+
     /// Starts one thread per vCPU. MSR and hypercall exits not claimed in `handlers` go to
     /// the VM's paravirtual state.
     pub fn start(self, mut handlers: ExitHandlers) -> Result<RunningVm, VmError> {
@@ -500,6 +507,11 @@ impl RunningVm {
     /// Asks the VM to stop; [`RunningVm::wait`] returns once it has.
     pub fn stop(&self) {
         self.control.request_stop(VmStop::Requested);
+    }
+
+    /// Stops the VM for good because its guest now runs elsewhere.
+    pub fn hand_over(&self) {
+        self.control.request_stop(VmStop::Migrated);
     }
 
     /// Running, paused or stopped.

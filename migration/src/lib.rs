@@ -1,8 +1,13 @@
 //! Live migration of Veil guests between hosts.
 //!
-//! So far: the wire protocol ([`protocol`]) — framing, messages, limits and the order both
-//! sides must keep — as pure code without I/O policy. The transport (TLS, UNIX, TCP), the
-//! pre-copy sender and the receiver that applies what arrives come next; see
-//! `docs/migration.md`.
+//! - [`protocol`]: framing, messages, limits and the order both sides must keep.
+//! - [`sender`]: pre-copy of a running plain guest over any byte stream.
+//! - [`receiver`]: accepting a guest, filling a new VM's memory, and running it only once the
+//!   source has let go.
+//!
+//! Not yet: SEV guests (private pages through the firmware), the TLS/TCP/UNIX transports and
+//! the commands; see `docs/migration.md`.
 
 pub mod protocol;
+pub mod receiver;
+pub mod sender;

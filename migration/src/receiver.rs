@@ -1,0 +1,158 @@
+//! The target side: accept a guest over any byte stream, fill a new VM's memory with it and
+//! hand back its state; run it only once the source has let it go.
+//!
+//! In three steps, so the VM can be built in between: [`accept`] reads the `Hello` and says
+//! yes or no (nothing is applied before), [`Incoming::receive_into`] writes memory and returns
+//! the saved state, and after the VM has restored it, [`Incoming::acknowledge`] and
+//! [`Incoming::wait_complete`] tell when the guest may run.
+
+use std::io::{Read, Write};
+
+use veil_hypervisor::memory::PAGE_SIZE;
+use veil_hypervisor::vm::VmSnapshot;
+use veil_hypervisor::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::protocol::{
+    read_frame, write_frame, Features, HelloReply, Message, PageContent, ProtocolError,
+    ReceiverAction, ReceiverSession, SessionError, ShapeError, VmShape,
+};
+
+/// Why receiving failed; whatever arrived is discarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("Refused the incoming guest: {0}")]
+    Refused(String),
+    #[error("The source ended the migration: {0}")]
+    Aborted(String),
+    #[error("Migration protocol error")]
+    Protocol(#[from] ProtocolError),
+    #[error("Migration out of order")]
+    Session(#[from] SessionError),
+    #[error("A memory chunk does not fit the guest")]
+    Shape(#[from] ShapeError),
+    #[error("Cannot write guest memory")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("The guest state cannot be decoded")]
+    State(#[from] serde_json::Error),
+    #[error("The source sent an SEV guest; SEV migration is not implemented yet")]
+    Sev,
+}
+
+/// A guest whose source has been accepted.
+pub struct Incoming<S> {
+    stream: S,
+    session: ReceiverSession,
+    shape: VmShape,
+}
+
+/// Reads the source's `Hello` and accepts the guest if `check` (this host's judgement of the
+/// VM's shape) agrees; otherwise tells the source why not.
+pub fn accept<S: Read + Write>(
+    mut stream: S,
+    check: impl FnOnce(&VmShape) -> Result<(), String>,
+) -> Result<Incoming<S>, ReceiveError> {
+    let mut session = ReceiverSession::new();
+    let frame = read_frame(&mut stream)?;
+    let action = session.on_message(&frame.message);
+    let hello = match (action, frame.message) {
+        (Ok(ReceiverAction::CheckHello), Message::Hello(hello)) => hello,
+        (Err(e), _) => {
+            let _ = write_frame(&mut stream, &Message::error(e.to_string()));
+            return Err(e.into());
+        }
+        (Ok(other), _) => return Err(ReceiveError::Aborted(format!("{other:?}"))),
+    };
+    let verdict = if hello.vm.sev().is_some() {
+        Err("SEV migration is not implemented on this host yet".to_string())
+    } else {
+        check(&hello.vm)
+    };
+    let reply = match &verdict {
+        Ok(()) => HelloReply::accept(hello.features.intersection(Features::KNOWN), None),
+        Err(reason) => HelloReply::refuse(reason.clone()),
+    };
+    let reply = Message::HelloReply(reply);
+    session.send(&reply)?;
+    write_frame(&mut stream, &reply)?;
+    verdict.map_err(ReceiveError::Refused)?;
+    Ok(Incoming {
+        stream,
+        session,
+        shape: hello.vm,
+    })
+}
+
+impl<S: Read + Write> Incoming<S> {
+    /// The guest's memory layout and vCPUs: build the VM to match.
+    pub fn shape(&self) -> &VmShape {
+        &self.shape
+    }
+
+    /// Writes arriving memory into `memory` until the state arrives, and returns it.
+    pub fn receive_into(&mut self, memory: &GuestMemory) -> Result<VmSnapshot, ReceiveError> {
+        let result = self.receive_memory(memory);
+        if let Err(e) = &result {
+            self.report(e);
+        }
+        result
+    }
+
+    fn receive_memory(&mut self, memory: &GuestMemory) -> Result<VmSnapshot, ReceiveError> {
+        let zero = vec![0u8; PAGE_SIZE as usize];
+        loop {
+            let frame = read_frame(&mut self.stream)?;
+            match self.session.on_message(&frame.message)? {
+                ReceiverAction::WritePages => {
+                    let Message::MemoryChunk(chunk) = &frame.message else {
+                        unreachable!("the session said WritePages")
+                    };
+                    chunk.validate(&self.shape)?;
+                    for page in &chunk.pages {
+                        let at = GuestAddress(page.gfn * PAGE_SIZE);
+                        match &page.content {
+                            PageContent::Zero => memory.write_slice(&zero, at)?,
+                            PageContent::Plain(bytes) => memory.write_slice(&bytes[..], at)?,
+                            PageContent::Encrypted { .. } => return Err(ReceiveError::Sev),
+                        }
+                    }
+                }
+                ReceiverAction::Finish => {
+                    let Message::State(state) = &frame.message else {
+                        unreachable!("the session said Finish")
+                    };
+                    return Ok(serde_json::from_slice(&state.bytes)?);
+                }
+                ReceiverAction::Discard { reason, .. } => {
+                    return Err(ReceiveError::Aborted(reason))
+                }
+                ReceiverAction::StartSev => return Err(ReceiveError::Sev),
+                other => return Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
+            }
+        }
+    }
+
+    /// The guest is ready here (restored, paused): tell the source, which then stops it.
+    pub fn acknowledge(&mut self) -> Result<(), ReceiveError> {
+        self.session.send(&Message::Ack)?;
+        write_frame(&mut self.stream, &Message::Ack)?;
+        Ok(())
+    }
+
+    /// Waits for the source's `Complete`: from then on the guest runs only here.
+    pub fn wait_complete(&mut self) -> Result<(), ReceiveError> {
+        let frame = read_frame(&mut self.stream)?;
+        match self.session.on_message(&frame.message)? {
+            ReceiverAction::Run => Ok(()),
+            ReceiverAction::Discard { reason, .. } => Err(ReceiveError::Aborted(reason)),
+            other => Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Tells the source why this side gave up (best effort: the link may be gone).
+    pub fn report(&mut self, error: &ReceiveError) {
+        if self.session.ending().is_none() {
+            let _ = write_frame(&mut self.stream, &Message::error(error.to_string()));
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The source side: pre-copy a running plain guest to a target over any byte stream.
+//!
+//! A first pass sends all RAM (zero pages as a few bytes each), then passes send what the
+//! guest dirtied meanwhile, until what is left would take no longer than the downtime budget at
+//! the rate measured so far (or the pass limit is hit). Then the guest is paused, the last
+//! dirty pages and the state go out, and only once the target acknowledges is the guest stopped
+//! here and `Complete` sent. Any failure before that resumes the guest here, as it was.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use veil_hypervisor::memory::PAGE_SIZE;
+use veil_hypervisor::{RunState, RunningVm};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::protocol::{
+    read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryChunkRef, MemoryRegion, Message,
+    PageContentRef, PageRef, ProtocolError, SenderAction, SenderSession, SessionError, State,
+    VmShape, PROTOCOL_VERSION,
+};
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// The longest the guest may be paused at the end (QEMU's and Cloud Hypervisor's default:
+    /// 300 ms).
+    pub downtime: Duration,
+    /// Passes over dirty memory before stopping anyway.
+    pub max_passes: u32,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            downtime: Duration::from_millis(300),
+            max_passes: 30,
+        }
+    }
+}
+
+/// What a completed migration did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SendReport {
+    /// Dirty-page passes after the first full one.
+    pub passes: u32,
+    /// Pages sent, including re-sent ones.
+    pub pages_sent: u64,
+    /// Pages that went as zero pages.
+    pub zero_pages: u64,
+    /// Pages sent more than once (dirtied after being sent).
+    pub pages_resent: u64,
+    /// Bytes written to the stream.
+    pub bytes: u64,
+    /// From the handshake to `Complete`.
+    pub total: Duration,
+    /// How long the guest was paused.
+    pub downtime: Duration,
+}
+
+/// Why a migration failed; the guest is running here again unless said otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("The target refused the guest: {0}")]
+    Refused(String),
+    #[error("The target ended the migration: {0}")]
+    Aborted(String),
+    #[error("SEV guests cannot be migrated yet")]
+    Sev,
+    #[error("Migration protocol error")]
+    Protocol(#[from] ProtocolError),
+    #[error("This VM cannot be described to a target")]
+    Shape(#[from] crate::protocol::ShapeError),
+    #[error("Cannot encode a memory chunk")]
+    Chunk(#[from] crate::protocol::MessageError),
+    #[error("Migration out of order")]
+    Session(#[from] SessionError),
+    #[error("Cannot read guest state")]
+    Vm(#[from] veil_hypervisor::VmError),
+    #[error("Cannot track dirty pages")]
+    Memory(#[from] veil_hypervisor::memory::MemoryError),
+    #[error("Cannot read guest memory")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("Cannot encode the guest state")]
+    Encode(#[from] serde_json::Error),
+    #[error("The guest stopped during migration")]
+    GuestStopped,
+}
+
+/// The shape a target must match.
+pub fn shape_of(vm: &RunningVm) -> Result<VmShape, SendError> {
+    let memory = vm
+        .ram()
+        .slots()
+        .map(|(_, base, len)| MemoryRegion { gpa: base.0, len })
+        .collect();
+    Ok(VmShape::new(
+        memory,
+        vm.vcpu_count() as u32,
+        None,
+        Vec::new(),
+    )?)
+}
+
+struct Sender<'a, S> {
+    vm: &'a RunningVm,
+    stream: &'a mut S,
+    session: SenderSession,
+    encoder: ChunkEncoder,
+    page: Vec<u8>,
+    sent: Vec<u64>,
+    report: SendReport,
+}
+
+/// Migrates `vm` over `stream`. On success the guest has stopped here and runs on the target;
+/// on failure it runs here as before (unless the failure came after `Complete` was sent).
+pub fn send<S: Read + Write>(
+    vm: &RunningVm,
+    stream: &mut S,
+    options: &SendOptions,
+) -> Result<SendReport, SendError> {
+    if vm.paravirt().page_states().is_some() {
+        return Err(SendError::Sev);
+    }
+    let started = Instant::now();
+    let mut sender = Sender {
+        vm,
+        stream,
+        session: SenderSession::new(),
+        encoder: ChunkEncoder::new(),
+        page: vec![0; PAGE_SIZE as usize],
+        sent: Vec::new(),
+        report: SendReport::default(),
+    };
+    let result = sender.run(options, started);
+    // Whatever happened, stop tracking; resume the guest unless it may now run elsewhere.
+    let _ = vm.ram().set_dirty_logging(vm.fd(), false);
+    match result {
+        Ok(()) => {
+            vm.hand_over();
+            sender.report.total = started.elapsed();
+            Ok(sender.report)
+        }
+        Err(e) => {
+            if sender.session.ending().is_none() {
+                let _ = write_frame(sender.stream, &Message::error(e.to_string()));
+            }
+            if sender.session.guest_may_resume_here() && vm.run_state() == RunState::Paused {
+                vm.resume();
+            }
+            Err(e)
+        }
+    }
+}
+
+impl<S: Read + Write> Sender<'_, S> {
+    fn run(&mut self, options: &SendOptions, started: Instant) -> Result<(), SendError> {
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            features: Features::ZERO_PAGES,
+            vm: shape_of(self.vm)?,
+        });
+        self.send(&hello)?;
+        match self.receive()? {
+            SenderAction::Accepted => {}
+            SenderAction::Refused { reason } => return Err(SendError::Refused(reason)),
+            other => return Err(unexpected(other)),
+        }
+        let (ram, fd) = (self.vm.ram(), self.vm.fd());
+        ram.set_dirty_logging(fd, true)?;
+        ram.take_dirty_pages(fd)?;
+        let all: Vec<u64> = ram
+            .slots()
+            .flat_map(|(_, base, len)| base.0 / PAGE_SIZE..(base.0 + len) / PAGE_SIZE)
+            .collect();
+        self.send_pages(&all)?;
+        let mut rate = self.report.bytes as f64 / started.elapsed().as_secs_f64().max(1e-6);
+        loop {
+            let dirty = self.dirty_gfns()?;
+            let left = Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / rate);
+            if left <= options.downtime || self.report.passes >= options.max_passes {
+                self.send_pages(&dirty)?;
+                break;
+            }
+            let pass_start = (Instant::now(), self.report.bytes);
+            self.send_pages(&dirty)?;
+            self.report.passes += 1;
+            let elapsed = pass_start.0.elapsed().as_secs_f64().max(1e-6);
+            rate = (self.report.bytes - pass_start.1) as f64 / elapsed;
+        }
+        let paused = Instant::now();
+        if self.vm.pause() != RunState::Paused {
+            return Err(SendError::GuestStopped);
+        }
+        let dirty = self.dirty_gfns()?;
+        self.send_pages(&dirty)?;
+        let snapshot = self.vm.snapshot()?;
+        self.send(&Message::State(State {
+            bytes: serde_json::to_vec(&snapshot)?,
+        }))?;
+        match self.receive()? {
+            SenderAction::Commit => {}
+            other => return Err(unexpected(other)),
+        }
+        // The target holds the guest: from here on it must never run here again.
+        self.send(&Message::Complete)?;
+        self.report.downtime = paused.elapsed();
+        Ok(())
+    }
+
+    fn send(&mut self, message: &Message) -> Result<(), SendError> {
+        self.session.send(message)?;
+        write_frame(self.stream, message)?;
+        Ok(())
+    }
+
+    fn receive(&mut self) -> Result<SenderAction, SendError> {
+        let frame = read_frame(self.stream)?;
+        match self.session.on_message(&frame.message)? {
+            SenderAction::Abort { reason, .. } => Err(SendError::Aborted(reason)),
+            action => Ok(action),
+        }
+    }
+
+    fn dirty_gfns(&self) -> Result<Vec<u64>, SendError> {
+        let bitmaps = self.vm.ram().take_dirty_pages(self.vm.fd())?;
+        Ok(bitmaps
+            .iter()
+            .flat_map(|b| {
+                b.dirty_addresses()
+                    .map(|a| a.0 / PAGE_SIZE)
+                    .collect::<Vec<_>>()
+            })
+            .collect())
+    }
+
+    fn send_pages(&mut self, gfns: &[u64]) -> Result<(), SendError> {
+        let zero_pages = self.session.features().contains(Features::ZERO_PAGES);
+        let mut out = ChunkOut {
+            encoder: &mut self.encoder,
+            session: &mut self.session,
+            stream: &mut *self.stream,
+            bytes: &mut self.report.bytes,
+        };
+        for &gfn in gfns {
+            self.vm
+                .memory()
+                .read_slice(&mut self.page, GuestAddress(gfn * PAGE_SIZE))?;
+            let content = if zero_pages && self.page.iter().all(|&b| b == 0) {
+                self.report.zero_pages += 1;
+                PageContentRef::Zero
+            } else {
+                PageContentRef::Plain(self.page.as_slice().try_into().expect("one page"))
+            };
+            out.push(PageRef { gfn, content })?;
+            self.report.pages_sent += 1;
+            if self.sent.binary_search(&gfn).is_ok() {
+                self.report.pages_resent += 1;
+            }
+        }
+        out.flush()?;
+        self.sent.extend_from_slice(gfns);
+        self.sent.sort_unstable();
+        self.sent.dedup();
+        Ok(())
+    }
+}
+
+/// Where memory chunks go: the encoder, the session that checks them, the stream.
+struct ChunkOut<'a, S> {
+    encoder: &'a mut ChunkEncoder,
+    session: &'a mut SenderSession,
+    stream: &'a mut S,
+    bytes: &'a mut u64,
+}
+
+impl<S: Write> ChunkOut<'_, S> {
+    fn push(&mut self, page: PageRef<'_>) -> Result<(), SendError> {
+        if !self.encoder.push(page)? {
+            self.flush()?;
+            self.encoder.push(page)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SendError> {
+        if let Some(frame) = self.encoder.frame() {
+            let payload = &frame[crate::protocol::frame::HEADER_BYTES..];
+            let chunk = MemoryChunkRef::parse(payload)?;
+            self.session.send_memory_chunk(&chunk)?;
+            self.stream.write_all(frame).map_err(ProtocolError::Io)?;
+            *self.bytes += frame.len() as u64;
+        }
+        self.encoder.clear();
+        Ok(())
+    }
+}
+
+fn unexpected(action: SenderAction) -> SendError {
+    SendError::Aborted(format!("unexpected answer from the target: {action:?}"))
+}

@@ -1,0 +1,159 @@
+//! Live migration of a plain guest that keeps dirtying memory, over a socket, in one process:
+//! pre-copy, stop-and-copy, the target takes over and the source lets go.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use veil::{CapturedOutput, RunState, VmBuilder, VmStop};
+use veil_guest_abi::page_stamp;
+use veil_migration::receiver;
+use veil_migration::sender::{self, SendError, SendOptions};
+use vm_memory::{Bytes, GuestAddress};
+
+const FIRST: u64 = 0x800;
+const PAGES: u64 = 256;
+
+fn dirtying_guest(memory: u64) -> (veil::Vm, CapturedOutput) {
+    let out = CapturedOutput::new();
+    let vm = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(format!("dirty-loop:seed=3,first={FIRST:#x},count={PAGES}"))
+        .memory_bytes(memory)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("stamping", Duration::from_secs(20)));
+    (vm, out)
+}
+
+fn word(memory: &veil_hypervisor::GuestMemory, gfn: u64) -> u64 {
+    memory.read_obj(GuestAddress(gfn << 12)).unwrap()
+}
+
+#[test]
+fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
+    let (source, _) = dirtying_guest(64 << 20);
+    // Host data the guest never touches must arrive too.
+    source
+        .memory()
+        .write_obj(0x1234_5678u64, GuestAddress(0x3000 << 12))
+        .unwrap();
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+
+    let report = std::thread::scope(|scope| {
+        let sending =
+            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
+        let mut incoming = receiver::accept(from_source, |shape| {
+            (shape.vcpus() == 1)
+                .then_some(())
+                .ok_or_else(|| "one vCPU only here".to_string())
+        })
+        .unwrap();
+        let memory = incoming.shape().ram_bytes();
+        let target = VmBuilder::new()
+            .memory_bytes(memory)
+            .serial_writer(std::io::sink())
+            .start_incoming(Box::new(|mem| Ok(incoming.receive_into(mem)?)))
+            .unwrap();
+        incoming.acknowledge().unwrap();
+        incoming.wait_complete().unwrap();
+        assert_eq!(target.resume(), RunState::Running);
+        let report = sending.join().unwrap().expect("migration succeeds");
+
+        // The source has let go; the guest runs on the target: a wiped stamp comes back there.
+        assert_eq!(source.wait(), VmStop::Migrated);
+        assert_eq!(word(target.memory(), 0x3000), 0x1234_5678);
+        let wiped = FIRST + 17;
+        target
+            .memory()
+            .write_obj(0u64, GuestAddress(wiped << 12))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while word(target.memory(), wiped) != page_stamp(3, wiped) {
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not continue on the target"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for gfn in FIRST..FIRST + PAGES {
+            assert_eq!(
+                word(target.memory(), gfn),
+                page_stamp(3, gfn),
+                "gfn {gfn:#x}"
+            );
+        }
+        target.stop();
+        target.wait();
+        report
+    });
+    eprintln!("{report:?}");
+    // 64 MiB of mostly zero RAM went as zero pages; the guest's pages went more than once.
+    assert!(report.zero_pages > 15_000, "{report:?}");
+    assert!(
+        report.bytes < 8 << 20,
+        "zero pages must cost almost nothing: {report:?}"
+    );
+    assert!(report.downtime < Duration::from_secs(2), "{report:?}");
+}
+
+#[test]
+fn a_refused_guest_keeps_running_on_the_source_and_the_reason_comes_back() {
+    let (source, _) = dirtying_guest(32 << 20);
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let err = std::thread::scope(|scope| {
+        let sending =
+            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
+        let refused = receiver::accept(from_source, |_| Err("not enough memory here".into()));
+        assert!(refused.is_err());
+        sending.join().unwrap().unwrap_err()
+    });
+    assert!(
+        matches!(&err, SendError::Refused(r) if r == "not enough memory here"),
+        "{err}"
+    );
+    assert_eq!(source.state(), RunState::Running);
+    // Still running: a wiped stamp comes back on the source.
+    let wiped = FIRST + 3;
+    source
+        .memory()
+        .write_obj(0u64, GuestAddress(wiped << 12))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while word(source.memory(), wiped) != page_stamp(3, wiped) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    source.stop();
+    source.wait();
+}
+
+#[test]
+fn a_target_that_dies_mid_migration_leaves_the_guest_running_on_the_source() {
+    let (source, _) = dirtying_guest(32 << 20);
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let err = std::thread::scope(|scope| {
+        let sending =
+            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
+        let incoming = receiver::accept(from_source, |_| Ok(())).unwrap();
+        // The target goes away after the handshake, in the middle of the first pass.
+        drop(incoming);
+        sending.join().unwrap().unwrap_err()
+    });
+    eprintln!("{err}");
+    assert_eq!(source.state(), RunState::Running);
+    let wiped = FIRST + 5;
+    source
+        .memory()
+        .write_obj(0u64, GuestAddress(wiped << 12))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while word(source.memory(), wiped) != page_stamp(3, wiped) {
+        assert!(Instant::now() < deadline, "the source guest is not running");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    source.stop();
+    source.wait();
+}
