@@ -28,6 +28,8 @@ pub enum Command {
     HostInfo(HostInfoArgs),
     /// Talk to a running VMM through its API socket (see `veil run --api-socket`).
     Ctl(CtlArgs),
+    /// Wait for one migrating guest, take it over and run it (as `veil run` would).
+    Receive(ReceiveArgs),
     /// The SEV platform: its status and certificate chain.
     #[command(subcommand)]
     Sev(SevCommand),
@@ -161,7 +163,7 @@ pub struct CtlArgs {
     pub command: CtlCommand,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum CtlCommand {
     /// VM state, vCPUs, memory, migratability (with reasons and since when) and shared pages.
     Status,
@@ -171,6 +173,41 @@ pub enum CtlCommand {
     Resume,
     /// Stop the VM (the `veil run` serving it exits).
     Shutdown,
+    /// Live-migrate the guest to a `veil receive` (pre-copy; plain guests only for now). On
+    /// success the guest runs on the target and this VMM exits; on failure it keeps running
+    /// here and the reason is printed.
+    Migrate {
+        /// The target: unix:PATH, or tcp:HOST:PORT with --insecure.
+        #[arg(long, value_name = "ENDPOINT")]
+        to: String,
+        /// The longest the guest may be paused at the end.
+        #[arg(long, default_value_t = 300, value_name = "N")]
+        downtime_ms: u64,
+        /// Allow plain TCP: the guest's memory crosses the network unencrypted and the target
+        /// is not authenticated (TLS is not implemented yet).
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Where to wait for the source: unix:PATH, or tcp:ADDR:PORT with --insecure.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub listen: String,
+
+    /// Accept plain TCP: the guest's memory arrives unencrypted from an unauthenticated peer
+    /// (TLS is not implemented yet).
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// Where the guest's COM1 output goes once it runs here (as for `run`).
+    #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "SINK")]
+    pub serial: SerialSink,
+
+    /// Serve the control API on this UNIX socket once the guest runs here.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// The machine's shape, shared by every command that boots a guest.

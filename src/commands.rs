@@ -14,7 +14,8 @@ use veil::{VmBuilder, VmStop};
 use veil_hypervisor::probe::{probe_host, HostInfo};
 
 use crate::cli::{
-    Command, HostInfoArgs, MachineArgs, PlatformChoice, RunArgs, SevCommand, SevPlatformArgs,
+    Command, HostInfoArgs, MachineArgs, PlatformChoice, ReceiveArgs, RunArgs, SevCommand,
+    SevPlatformArgs,
 };
 
 type CommandResult = Result<ExitCode, Box<dyn Error>>;
@@ -33,6 +34,7 @@ pub fn dispatch(command: Command) -> CommandResult {
         Command::Demo(machine) => demo(machine),
         Command::HostInfo(args) => host_info(args),
         Command::Ctl(args) => crate::ctl::run(args),
+        Command::Receive(args) => receive(args),
         Command::Sev(command) => sev(command),
     }
 }
@@ -92,7 +94,58 @@ fn bundled_kit() -> Result<BundledKernel, Box<dyn Error>> {
 }
 
 fn run_until_stopped((builder, api_socket): (VmBuilder, Option<PathBuf>)) -> CommandResult {
-    let vm = Arc::new(builder.start()?);
+    serve_until_stopped(builder.start()?, api_socket)
+}
+
+fn receive(args: ReceiveArgs) -> CommandResult {
+    use veil_migration::{receiver, transport};
+    let endpoint: transport::Endpoint = args.listen.parse()?;
+    let listener = transport::listen(&endpoint, args.insecure)?;
+    eprintln!("veil: waiting for a guest on {endpoint}");
+    let stream = listener.accept()?;
+    let host_memory = veil_hypervisor::memory::host_memory_bytes().unwrap_or(u64::MAX);
+    let mut incoming = receiver::accept(stream, |shape| {
+        let size = shape.ram_bytes();
+        let regions: Vec<(u64, u64)> = shape.memory().iter().map(|r| (r.gpa, r.len)).collect();
+        let ours: Vec<(u64, u64)> = veil_hypervisor::layout::ram_regions(size)
+            .into_iter()
+            .map(|(gpa, len)| (gpa.0, len))
+            .collect();
+        if size > host_memory {
+            Err(format!(
+                "the guest's {} of RAM is more than this host has",
+                veil_hypervisor::memory::human(size)
+            ))
+        } else if regions != ours {
+            Err("the guest's memory layout is not one this version of Veil builds".into())
+        } else {
+            Ok(())
+        }
+    })?;
+    let shape = incoming.shape().clone();
+    let vm = VmBuilder::new()
+        .memory_bytes(shape.ram_bytes())
+        .vcpus(shape.vcpus())
+        .serial(args.serial)
+        .start_incoming(Box::new(|memory| Ok(incoming.receive_into(memory)?)));
+    let vm = match vm {
+        Ok(vm) => vm,
+        Err(e) => {
+            incoming.report(&veil_migration::receiver::ReceiveError::Aborted(
+                e.to_string(),
+            ));
+            return Err(e.into());
+        }
+    };
+    incoming.acknowledge()?;
+    incoming.wait_complete()?;
+    vm.resume();
+    eprintln!("veil: the guest arrived from {endpoint} and runs here");
+    serve_until_stopped(vm, args.api_socket)
+}
+
+fn serve_until_stopped(vm: veil::Vm, api_socket: Option<PathBuf>) -> CommandResult {
+    let vm = Arc::new(vm);
     let _api = api_socket
         .map(|path| veil::api::ApiServer::start(&path, Arc::clone(&vm)))
         .transpose()?;

@@ -15,11 +15,20 @@ use crate::cli::{CtlArgs, CtlCommand};
 struct Refused(String);
 
 pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
-    let request = match args.command {
+    let request = match &args.command {
         CtlCommand::Status => Request::Status,
         CtlCommand::Pause => Request::Pause,
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
+        CtlCommand::Migrate {
+            to,
+            downtime_ms,
+            insecure,
+        } => Request::Migrate {
+            to: to.clone(),
+            downtime_ms: Some(*downtime_ms),
+            insecure: *insecure,
+        },
     };
     let response = ApiClient::connect(&args.api_socket)?.request(&request)?;
     if !response.ok {
@@ -30,6 +39,18 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else if matches!(args.command, CtlCommand::Status) {
         print_status(&result);
+    } else if matches!(args.command, CtlCommand::Migrate { .. }) {
+        println!(
+            "migrated to {} in {:.0} ms (downtime {:.1} ms): {} bytes, {} dirty passes, {} pages sent ({} zero, {} re-sent)",
+            result["to"].as_str().unwrap_or("?"),
+            result["total_ms"].as_f64().unwrap_or(0.0),
+            result["downtime_ms"].as_f64().unwrap_or(0.0),
+            result["bytes"],
+            result["passes"],
+            result["pages_sent"],
+            result["zero_pages"],
+            result["pages_resent"]
+        );
     } else {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }

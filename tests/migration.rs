@@ -157,3 +157,102 @@ fn a_target_that_dies_mid_migration_leaves_the_guest_running_on_the_source() {
     source.stop();
     source.wait();
 }
+
+fn read_until(stdout: &mut std::process::ChildStdout, needle: &str) {
+    use std::io::Read;
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let mut buf = [0u8; 256];
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "stream ended before {needle:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn ctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    common::veil()
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
+    use std::process::Stdio;
+    let dir = common::TempDir::new("cli-migrate");
+    let (source_api, target_api, target_socket) =
+        (dir.path("a.sock"), dir.path("b.sock"), dir.path("m.sock"));
+    let mut target = common::veil()
+        .args(["receive", "--listen"])
+        .arg(format!("unix:{}", target_socket.display()))
+        .arg("--api-socket")
+        .arg(&target_api)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut source = common::veil()
+        .args(["run", "--memory", "32M", "--api-socket"])
+        .arg(&source_api)
+        .args(["--cmdline", "greet spin", "--kernel"])
+        .arg(common::kit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    read_until(source.stdout.as_mut().unwrap(), "Hello");
+    while !target_socket.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let out = ctl(
+        &source_api,
+        &[
+            "migrate",
+            "--to",
+            &format!("unix:{}", target_socket.display()),
+        ],
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("migrated to unix:") && report.contains("downtime"),
+        "{report}"
+    );
+
+    let status = source.wait().unwrap();
+    assert!(
+        status.success(),
+        "the source exits 0 once its guest runs elsewhere"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(source.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("the guest migrated to another host"), "{err}");
+
+    while !target_api.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&ctl(&target_api, &["--json", "status"]).stdout).unwrap();
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["memory_bytes"], 32 << 20);
+    ctl(&target_api, &["shutdown"]);
+    target.wait().unwrap();
+
+    // Plain TCP is refused without --insecure, on both ends.
+    let out = common::veil()
+        .args(["receive", "--listen", "tcp:127.0.0.1:45999"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pass --insecure"),
+        "{}",
+        common::describe(&out)
+    );
+}

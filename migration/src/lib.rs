@@ -5,9 +5,11 @@
 //! - [`receiver`]: accepting a guest, filling a new VM's memory, and running it only once the
 //!   source has let go.
 //!
-//! Not yet: SEV guests (private pages through the firmware), the TLS/TCP/UNIX transports and
-//! the commands; see `docs/migration.md`.
+//! - [`transport`]: UNIX sockets, and plain TCP only when explicitly insecure.
+//!
+//! Not yet: SEV guests (private pages through the firmware) and TLS; see `docs/migration.md`.
 
 pub mod protocol;
 pub mod receiver;
 pub mod sender;
+pub mod transport;

@@ -17,6 +17,16 @@ pub enum Request {
     Resume,
     /// Stop the VM; `veil run` then exits.
     Shutdown,
+    /// Live-migrate the guest to a `veil receive` at `to` (`unix:PATH` or `tcp:HOST:PORT`);
+    /// answers when it is done, with a report, or with the reason it failed.
+    Migrate {
+        to: String,
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+        /// Allow plain TCP (no TLS yet).
+        #[serde(default)]
+        insecure: bool,
+    },
 }
 
 /// The server's answer.

@@ -11,6 +11,8 @@ use std::thread::JoinHandle;
 use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
 use crate::Vm;
+use veil_migration::sender::SendOptions;
+use veil_migration::transport::Endpoint;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -135,5 +137,50 @@ fn handle(request: Request, vm: &Vm) -> Response {
             vm.stop();
             Response::success(serde_json::json!({ "state": "stopping" }))
         }
+        Request::Migrate {
+            to,
+            downtime_ms,
+            insecure,
+        } => match migrate(vm, &to, downtime_ms, insecure) {
+            Ok(report) => Response::success(report),
+            Err(e) => Response::failure(error_chain(&*e)),
+        },
     }
+}
+
+fn migrate(
+    vm: &Vm,
+    to: &str,
+    downtime_ms: Option<u64>,
+    insecure: bool,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let endpoint: Endpoint = to.parse()?;
+    let mut stream = veil_migration::transport::connect(&endpoint, insecure)?;
+    let mut options = SendOptions::default();
+    if let Some(ms) = downtime_ms {
+        options.downtime = std::time::Duration::from_millis(ms);
+    }
+    let r = veil_migration::sender::send(vm.inner(), &mut stream, &options)?;
+    Ok(serde_json::json!({
+        "to": endpoint.to_string(),
+        "total_ms": r.total.as_secs_f64() * 1e3,
+        "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+        "bytes": r.bytes,
+        "passes": r.passes,
+        "pages_sent": r.pages_sent,
+        "zero_pages": r.zero_pages,
+        "pages_resent": r.pages_resent,
+    }))
+}
+
+/// An error and its causes in one line, for a response.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
