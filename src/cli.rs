@@ -187,6 +187,11 @@ pub enum CtlCommand {
         /// is not authenticated (TLS is not implemented yet).
         #[arg(long)]
         insecure: bool,
+        /// If the guest is temporarily unmigratable (it has not set KVM_MIGRATION_READY, e.g.
+        /// while rebooting), wait up to this long (e.g. 30s) instead of refusing at once. A
+        /// permanently blocked guest is refused at once either way.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        wait_ready: Option<std::time::Duration>,
     },
 }
 

@@ -24,10 +24,12 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             to,
             downtime_ms,
             insecure,
+            wait_ready,
         } => Request::Migrate {
             to: to.clone(),
             downtime_ms: Some(*downtime_ms),
             insecure: *insecure,
+            wait_ready_ms: wait_ready.map(|d| d.as_millis() as u64),
         },
     };
     let response = ApiClient::connect(&args.api_socket)?.request(&request)?;

@@ -256,3 +256,130 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         common::describe(&out)
     );
 }
+
+fn plain_guest(cmdline: &str) -> veil::Vm {
+    let out = CapturedOutput::new();
+    let vm = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(cmdline)
+        .memory_bytes(32 << 20)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("Hello", Duration::from_secs(20)));
+    vm
+}
+
+/// Tries to migrate `vm` to a target that accepts anything.
+fn try_migrate(vm: &veil::Vm, options: &SendOptions) -> Result<(), SendError> {
+    let (to_target, from_source) = UnixStream::pair().unwrap();
+    std::thread::scope(|scope| {
+        // A target that accepts and would receive, if the source ever sent.
+        scope.spawn(move || {
+            if let Ok(mut incoming) = receiver::accept(from_source, |_| Ok(())) {
+                let memory = veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig {
+                    size: incoming.shape().ram_bytes(),
+                    file: None,
+                })
+                .unwrap();
+                let _ = incoming.receive_into(memory.memory());
+            }
+        });
+        let mut to_target = to_target;
+        let result = sender::send(vm.inner(), &mut to_target, options).map(drop);
+        // Hang up, so the target stops waiting for a Hello that will not come.
+        drop(to_target);
+        result
+    })
+}
+
+#[test]
+fn a_temporarily_blocked_guest_is_refused_with_since_when_or_waited_for() {
+    let vm = plain_guest("msr-write:value=0 greet spin");
+    let err = try_migrate(&vm, &SendOptions::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("The guest is temporarily blocked since 20"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("KVM_MIGRATION_READY"), "{err}");
+    let started = Instant::now();
+    let options = SendOptions {
+        wait_ready: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let err = try_migrate(&vm, &options).unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(300), "it waited");
+    assert!(matches!(err, SendError::TemporarilyBlocked { .. }), "{err}");
+    assert_eq!(vm.state(), RunState::Running);
+    vm.stop();
+    vm.wait();
+}
+
+#[test]
+fn a_permanently_blocked_guest_is_refused_at_once_even_when_waiting() {
+    let vm = plain_guest("msr-write:value=0x0703 greet spin");
+    let started = Instant::now();
+    let options = SendOptions {
+        wait_ready: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let err = try_migrate(&vm, &options).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no waiting for a permanent block"
+    );
+    assert!(err.to_string().contains("permanently blocked"), "{err}");
+    assert!(err.to_string().contains("reason code 7"), "{err}");
+    assert_eq!(vm.state(), RunState::Running);
+    vm.stop();
+    vm.wait();
+}
+
+#[test]
+fn a_guest_that_becomes_unmigratable_mid_way_stays_on_the_source() {
+    let (source, _) = dirtying_guest(32 << 20);
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let (err, target_saw) = std::thread::scope(|scope| {
+        let sending =
+            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
+        let mut incoming = receiver::accept(from_source, |_| Ok(())).unwrap();
+        // The handshake is done and the first pass under way: now the guest clears READY
+        // (as Linux does for a reboot), seen by Veil exactly as a guest write would be.
+        source.inner().paravirt().with_blockers(|b| {
+            b.block(
+                veil_hypervisor::paravirt::BlockReason::GuestNotReady,
+                Some(0),
+            )
+        });
+        let memory = veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig {
+            size: 32 << 20,
+            file: None,
+        })
+        .unwrap();
+        let target_saw = incoming
+            .receive_into(memory.memory())
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        (sending.join().unwrap().unwrap_err(), target_saw)
+    });
+    assert!(matches!(err, SendError::BlockedDuringMigration(_)), "{err}");
+    assert!(
+        target_saw.contains("became unmigratable"),
+        "the target learns why: {target_saw}"
+    );
+    assert_eq!(source.state(), RunState::Running);
+    let wiped = FIRST + 9;
+    source
+        .memory()
+        .write_obj(0u64, GuestAddress(wiped << 12))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while word(source.memory(), wiped) != page_stamp(3, wiped) {
+        assert!(Instant::now() < deadline, "the source guest is not running");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    source.stop();
+    source.wait();
+}

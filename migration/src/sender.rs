@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use veil_hypervisor::memory::PAGE_SIZE;
+use veil_hypervisor::paravirt::{Blocker, Migratability};
 use veil_hypervisor::{RunState, RunningVm};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -27,6 +28,9 @@ pub struct SendOptions {
     pub downtime: Duration,
     /// Passes over dirty memory before stopping anyway.
     pub max_passes: u32,
+    /// If the guest is temporarily unmigratable (it has not set `KVM_MIGRATION_READY`), wait
+    /// this long for it before giving up; `None` refuses at once.
+    pub wait_ready: Option<Duration>,
 }
 
 impl Default for SendOptions {
@@ -34,6 +38,7 @@ impl Default for SendOptions {
         Self {
             downtime: Duration::from_millis(300),
             max_passes: 30,
+            wait_ready: None,
         }
     }
 }
@@ -84,6 +89,52 @@ pub enum SendError {
     Encode(#[from] serde_json::Error),
     #[error("The guest stopped during migration")]
     GuestStopped,
+    #[error("The guest cannot be migrated: it is permanently blocked: {0}")]
+    PermanentlyBlocked(String),
+    #[error("The guest is temporarily blocked since {since}: {reasons}")]
+    TemporarilyBlocked { since: String, reasons: String },
+    #[error("The guest became unmigratable during migration: {0}")]
+    BlockedDuringMigration(String),
+}
+
+/// How often to look again while waiting for a temporarily blocked guest.
+const READY_POLL: Duration = Duration::from_millis(10);
+
+/// `Ok` if the guest may be migrated now, or why not.
+fn check_migratable(vm: &RunningVm) -> Result<(), SendError> {
+    match vm.paravirt().migratability() {
+        Migratability::Migratable => Ok(()),
+        Migratability::PermanentlyBlocked { reasons } => {
+            Err(SendError::PermanentlyBlocked(describe(&reasons)))
+        }
+        Migratability::TemporarilyBlocked { reasons } => Err(SendError::TemporarilyBlocked {
+            since: reasons
+                .iter()
+                .map(|r| r.since)
+                .min()
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .unwrap_or_default(),
+            reasons: describe(&reasons),
+        }),
+    }
+}
+
+fn describe(reasons: &[Blocker]) -> String {
+    let parts: Vec<String> = reasons.iter().map(|r| r.reason.to_string()).collect();
+    parts.join("; ")
+}
+
+/// Waits up to `wait` for a temporarily blocked guest; a permanent block ends the wait at once.
+fn wait_until_migratable(vm: &RunningVm, wait: Option<Duration>) -> Result<(), SendError> {
+    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+    loop {
+        match check_migratable(vm) {
+            Err(SendError::TemporarilyBlocked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(READY_POLL)
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The shape a target must match.
@@ -121,6 +172,8 @@ pub fn send<S: Read + Write>(
     if vm.paravirt().page_states().is_some() {
         return Err(SendError::Sev);
     }
+    // Refuse before touching the target or the guest: nothing to undo.
+    wait_until_migratable(vm, options.wait_ready)?;
     let started = Instant::now();
     let mut sender = Sender {
         vm,
@@ -175,6 +228,9 @@ impl<S: Read + Write> Sender<'_, S> {
         self.send_pages(&all)?;
         let mut rate = self.report.bytes as f64 / started.elapsed().as_secs_f64().max(1e-6);
         loop {
+            // A guest that clears READY (reboot, kexec, suspend) or blocks itself for good
+            // mid-way must not be moved: give up and let it run here.
+            during_migration(self.vm)?;
             let dirty = self.dirty_gfns()?;
             let left = Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / rate);
             if left <= options.downtime || self.report.passes >= options.max_passes {
@@ -191,6 +247,8 @@ impl<S: Read + Write> Sender<'_, S> {
         if self.vm.pause() != RunState::Paused {
             return Err(SendError::GuestStopped);
         }
+        // With every vCPU parked nothing can change it any more: the last word.
+        during_migration(self.vm)?;
         let dirty = self.dirty_gfns()?;
         self.send_pages(&dirty)?;
         let snapshot = self.vm.snapshot()?;
@@ -293,6 +351,10 @@ impl<S: Write> ChunkOut<'_, S> {
         self.encoder.clear();
         Ok(())
     }
+}
+
+fn during_migration(vm: &RunningVm) -> Result<(), SendError> {
+    check_migratable(vm).map_err(|e| SendError::BlockedDuringMigration(e.to_string()))
 }
 
 fn unexpected(action: SenderAction) -> SendError {

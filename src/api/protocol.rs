@@ -26,6 +26,9 @@ pub enum Request {
         /// Allow plain TCP (no TLS yet).
         #[serde(default)]
         insecure: bool,
+        /// Wait this long for a temporarily blocked guest instead of refusing at once.
+        #[serde(default)]
+        wait_ready_ms: Option<u64>,
     },
 }
 

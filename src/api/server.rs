@@ -141,7 +141,8 @@ fn handle(request: Request, vm: &Vm) -> Response {
             to,
             downtime_ms,
             insecure,
-        } => match migrate(vm, &to, downtime_ms, insecure) {
+            wait_ready_ms,
+        } => match migrate(vm, &to, downtime_ms, insecure, wait_ready_ms) {
             Ok(report) => Response::success(report),
             Err(e) => Response::failure(error_chain(&*e)),
         },
@@ -153,6 +154,7 @@ fn migrate(
     to: &str,
     downtime_ms: Option<u64>,
     insecure: bool,
+    wait_ready_ms: Option<u64>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let endpoint: Endpoint = to.parse()?;
     let mut stream = veil_migration::transport::connect(&endpoint, insecure)?;
@@ -160,6 +162,7 @@ fn migrate(
     if let Some(ms) = downtime_ms {
         options.downtime = std::time::Duration::from_millis(ms);
     }
+    options.wait_ready = wait_ready_ms.map(std::time::Duration::from_millis);
     let r = veil_migration::sender::send(vm.inner(), &mut stream, &options)?;
     Ok(serde_json::json!({
         "to": endpoint.to_string(),
