@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// A migration endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +54,30 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// How long either side waits for its peer before giving up on a silent connection (a peer
+/// that died without closing it, a link that went down).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A connected byte stream.
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+}
+
+impl Stream {
+    fn with_timeouts(self) -> io::Result<Self> {
+        match &self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(Some(PEER_TIMEOUT))?;
+                s.set_write_timeout(Some(PEER_TIMEOUT))?;
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(Some(PEER_TIMEOUT))?;
+                s.set_write_timeout(Some(PEER_TIMEOUT))?;
+            }
+        }
+        Ok(self)
+    }
 }
 
 impl Read for Stream {
@@ -95,7 +116,7 @@ fn check_insecure(endpoint: &Endpoint, insecure: bool) -> Result<(), TransportEr
 pub fn connect(endpoint: &Endpoint, insecure: bool) -> Result<Stream, TransportError> {
     check_insecure(endpoint, insecure)?;
     let error = |e| TransportError::Connect(endpoint.to_string(), e);
-    Ok(match endpoint {
+    let stream = match endpoint {
         Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(error)?),
         Endpoint::Tcp(addr) => {
             let s = TcpStream::connect(addr).map_err(error)?;
@@ -103,7 +124,8 @@ pub fn connect(endpoint: &Endpoint, insecure: bool) -> Result<Stream, TransportE
             s.set_nodelay(true).map_err(error)?;
             Stream::Tcp(s)
         }
-    })
+    };
+    stream.with_timeouts().map_err(error)
 }
 
 /// A listening endpoint that takes one source.
@@ -113,16 +135,17 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Waits for the source.
+    /// Waits for the source (as long as it takes); once connected, a silent source times out.
     pub fn accept(&self) -> io::Result<Stream> {
-        Ok(match self {
+        let stream = match self {
             Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
-        })
+        };
+        stream.with_timeouts()
     }
 }
 
