@@ -10,6 +10,7 @@ use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
 use veil_hypervisor::paravirt::TransportChoice;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::VmSetup;
+use veil_migration::monitor::MigrationMonitor;
 
 use crate::sev_launch::{self, SevConfig, SevLaunch, SevLaunchError};
 use veil_hypervisor::{
@@ -261,7 +262,11 @@ impl VmBuilder {
         } else {
             vm.start(handlers)?
         };
-        Ok(Vm { running, sev })
+        Ok(Vm {
+            running,
+            sev,
+            migration: Arc::new(MigrationMonitor::new()),
+        })
     }
 }
 
@@ -275,6 +280,7 @@ pub struct SevGuest {
 pub struct Vm {
     running: RunningVm,
     sev: Option<SevGuest>,
+    migration: Arc<MigrationMonitor>,
 }
 
 impl Vm {
@@ -306,6 +312,11 @@ impl Vm {
     /// Guest memory, readable and writable from the host at any time.
     pub fn memory(&self) -> &GuestMemory {
         self.running.memory()
+    }
+
+    /// The outgoing migration's progress and cancel switch.
+    pub fn migration(&self) -> &Arc<MigrationMonitor> {
+        &self.migration
     }
 
     /// The SEV launch, for an SEV guest.

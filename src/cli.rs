@@ -193,6 +193,9 @@ pub enum CtlCommand {
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         wait_ready: Option<std::time::Duration>,
     },
+    /// Stop the migration under way; the guest keeps running here and the target discards
+    /// what it received.
+    MigrateCancel,
 }
 
 #[derive(Debug, Args)]

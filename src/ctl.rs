@@ -31,6 +31,7 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             insecure: *insecure,
             wait_ready_ms: wait_ready.map(|d| d.as_millis() as u64),
         },
+        CtlCommand::MigrateCancel => Request::MigrateCancel,
     };
     let response = ApiClient::connect(&args.api_socket)?.request(&request)?;
     if !response.ok {
@@ -53,6 +54,8 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             result["zero_pages"],
             result["pages_resent"]
         );
+    } else if matches!(args.command, CtlCommand::MigrateCancel) {
+        println!("cancelling the migration");
     } else {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }
@@ -111,6 +114,21 @@ fn print_status(s: &Value) {
             "launch measurement {}",
             sev["measurement"].as_str().unwrap_or("?")
         );
+    }
+    let m = &s["migration"];
+    match m["phase"].as_str() {
+        Some("idle") | None => {}
+        Some(phase) => println!(
+            "migration progress {phase}: {} bytes, {} pages sent, {} left, {} dirty passes{}",
+            m["bytes_sent"],
+            m["pages_sent"],
+            m["pages_left"],
+            m["passes"],
+            m["error"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ),
     }
     match s["page_states"].as_object() {
         None => {

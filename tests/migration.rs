@@ -383,3 +383,52 @@ fn a_guest_that_becomes_unmigratable_mid_way_stays_on_the_source() {
     source.stop();
     source.wait();
 }
+
+#[test]
+fn a_cancelled_migration_leaves_the_guest_on_the_source_and_tells_the_target() {
+    use veil_migration::monitor::{MigrationMonitor, Phase};
+    let (source, _) = dirtying_guest(64 << 20);
+    let monitor = std::sync::Arc::new(MigrationMonitor::new());
+    let options = SendOptions {
+        monitor: monitor.clone(),
+        ..Default::default()
+    };
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let (err, target_saw) = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| sender::send(source.inner(), &mut to_target, &options));
+        let mut incoming = receiver::accept(from_source, |_| Ok(())).unwrap();
+        // Cancel as soon as the first pass is under way.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while monitor.progress().phase != Phase::FirstPass {
+            assert!(Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        assert!(monitor.cancel());
+        let memory = veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig {
+            size: 64 << 20,
+            file: None,
+        })
+        .unwrap();
+        let target_saw = incoming
+            .receive_into(memory.memory())
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        (sending.join().unwrap().unwrap_err(), target_saw)
+    });
+    assert!(matches!(err, SendError::Cancelled), "{err}");
+    assert!(
+        target_saw.contains("cancelled by the operator"),
+        "{target_saw}"
+    );
+    let progress = monitor.progress();
+    assert_eq!(progress.phase, Phase::Failed);
+    assert_eq!(
+        progress.error.as_deref(),
+        Some("The migration was cancelled")
+    );
+    assert!(!monitor.cancel(), "nothing left to cancel");
+    assert_eq!(source.state(), RunState::Running);
+    source.stop();
+    source.wait();
+}

@@ -5,10 +5,12 @@
 //! - [`receiver`]: accepting a guest, filling a new VM's memory, and running it only once the
 //!   source has let go.
 //!
+//! - [`monitor`]: progress and cancel for a migration under way.
 //! - [`transport`]: UNIX sockets, and plain TCP only when explicitly insecure.
 //!
 //! Not yet: SEV guests (private pages through the firmware) and TLS; see `docs/migration.md`.
 
+pub mod monitor;
 pub mod protocol;
 pub mod receiver;
 pub mod sender;

@@ -9,6 +9,9 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use crate::monitor::{MigrationMonitor, Phase};
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::paravirt::{Blocker, Migratability};
 use veil_hypervisor::{RunState, RunningVm};
@@ -31,6 +34,8 @@ pub struct SendOptions {
     /// If the guest is temporarily unmigratable (it has not set `KVM_MIGRATION_READY`), wait
     /// this long for it before giving up; `None` refuses at once.
     pub wait_ready: Option<Duration>,
+    /// Where progress is published and cancel requests come from.
+    pub monitor: Arc<MigrationMonitor>,
 }
 
 impl Default for SendOptions {
@@ -39,6 +44,7 @@ impl Default for SendOptions {
             downtime: Duration::from_millis(300),
             max_passes: 30,
             wait_ready: None,
+            monitor: Arc::new(MigrationMonitor::new()),
         }
     }
 }
@@ -95,6 +101,10 @@ pub enum SendError {
     TemporarilyBlocked { since: String, reasons: String },
     #[error("The guest became unmigratable during migration: {0}")]
     BlockedDuringMigration(String),
+    #[error("The migration was cancelled")]
+    Cancelled,
+    #[error("A migration of this guest is already under way")]
+    AlreadyMigrating,
 }
 
 /// How often to look again while waiting for a temporarily blocked guest.
@@ -154,6 +164,7 @@ pub fn shape_of(vm: &RunningVm) -> Result<VmShape, SendError> {
 
 struct Sender<'a, S> {
     vm: &'a RunningVm,
+    monitor: &'a MigrationMonitor,
     stream: &'a mut S,
     session: SenderSession,
     encoder: ChunkEncoder,
@@ -172,11 +183,31 @@ pub fn send<S: Read + Write>(
     if vm.paravirt().page_states().is_some() {
         return Err(SendError::Sev);
     }
+    if !options.monitor.begin() {
+        return Err(SendError::AlreadyMigrating);
+    }
+    let result = send_claimed(vm, stream, options);
+    options.monitor.update(|p| match &result {
+        Ok(_) => p.phase = Phase::Completed,
+        Err(e) => {
+            p.phase = Phase::Failed;
+            p.error = Some(e.to_string());
+        }
+    });
+    result
+}
+
+fn send_claimed<S: Read + Write>(
+    vm: &RunningVm,
+    stream: &mut S,
+    options: &SendOptions,
+) -> Result<SendReport, SendError> {
     // Refuse before touching the target or the guest: nothing to undo.
     wait_until_migratable(vm, options.wait_ready)?;
     let started = Instant::now();
     let mut sender = Sender {
         vm,
+        monitor: &options.monitor,
         stream,
         session: SenderSession::new(),
         encoder: ChunkEncoder::new(),
@@ -195,7 +226,11 @@ pub fn send<S: Read + Write>(
         }
         Err(e) => {
             if sender.session.ending().is_none() {
-                let _ = write_frame(sender.stream, &Message::error(e.to_string()));
+                let message = match e {
+                    SendError::Cancelled => Message::cancel("cancelled by the operator"),
+                    _ => Message::error(e.to_string()),
+                };
+                let _ = write_frame(sender.stream, &message);
             }
             if sender.session.guest_may_resume_here() && vm.run_state() == RunState::Paused {
                 vm.resume();
@@ -225,6 +260,7 @@ impl<S: Read + Write> Sender<'_, S> {
             .slots()
             .flat_map(|(_, base, len)| base.0 / PAGE_SIZE..(base.0 + len) / PAGE_SIZE)
             .collect();
+        self.phase(Phase::FirstPass, all.len());
         self.send_pages(&all)?;
         let mut rate = self.report.bytes as f64 / started.elapsed().as_secs_f64().max(1e-6);
         loop {
@@ -232,6 +268,8 @@ impl<S: Read + Write> Sender<'_, S> {
             // mid-way must not be moved: give up and let it run here.
             during_migration(self.vm)?;
             let dirty = self.dirty_gfns()?;
+            self.phase(Phase::DirtyPasses, dirty.len());
+            self.monitor.update(|p| p.rate = rate);
             let left = Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / rate);
             if left <= options.downtime || self.report.passes >= options.max_passes {
                 self.send_pages(&dirty)?;
@@ -240,6 +278,8 @@ impl<S: Read + Write> Sender<'_, S> {
             let pass_start = (Instant::now(), self.report.bytes);
             self.send_pages(&dirty)?;
             self.report.passes += 1;
+            let passes = self.report.passes;
+            self.monitor.update(|p| p.passes = passes);
             let elapsed = pass_start.0.elapsed().as_secs_f64().max(1e-6);
             rate = (self.report.bytes - pass_start.1) as f64 / elapsed;
         }
@@ -250,6 +290,7 @@ impl<S: Read + Write> Sender<'_, S> {
         // With every vCPU parked nothing can change it any more: the last word.
         during_migration(self.vm)?;
         let dirty = self.dirty_gfns()?;
+        self.phase(Phase::StopAndCopy, dirty.len());
         self.send_pages(&dirty)?;
         let snapshot = self.vm.snapshot()?;
         self.send(&Message::State(State {
@@ -263,6 +304,13 @@ impl<S: Read + Write> Sender<'_, S> {
         self.send(&Message::Complete)?;
         self.report.downtime = paused.elapsed();
         Ok(())
+    }
+
+    fn phase(&self, phase: Phase, pages_left: usize) {
+        self.monitor.update(|p| {
+            p.phase = phase;
+            p.pages_left = pages_left as u64;
+        });
     }
 
     fn send(&mut self, message: &Message) -> Result<(), SendError> {
@@ -298,6 +346,7 @@ impl<S: Read + Write> Sender<'_, S> {
             session: &mut self.session,
             stream: &mut *self.stream,
             bytes: &mut self.report.bytes,
+            monitor: self.monitor,
         };
         for &gfn in gfns {
             self.vm
@@ -311,6 +360,10 @@ impl<S: Read + Write> Sender<'_, S> {
             };
             out.push(PageRef { gfn, content })?;
             self.report.pages_sent += 1;
+            self.monitor.update(|p| {
+                p.pages_sent += 1;
+                p.pages_left = p.pages_left.saturating_sub(1);
+            });
             if self.sent.binary_search(&gfn).is_ok() {
                 self.report.pages_resent += 1;
             }
@@ -329,6 +382,7 @@ struct ChunkOut<'a, S> {
     session: &'a mut SenderSession,
     stream: &'a mut S,
     bytes: &'a mut u64,
+    monitor: &'a MigrationMonitor,
 }
 
 impl<S: Write> ChunkOut<'_, S> {
@@ -347,8 +401,14 @@ impl<S: Write> ChunkOut<'_, S> {
             self.session.send_memory_chunk(&chunk)?;
             self.stream.write_all(frame).map_err(ProtocolError::Io)?;
             *self.bytes += frame.len() as u64;
+            let bytes = *self.bytes;
+            self.monitor.update(|p| p.bytes_sent = bytes);
         }
         self.encoder.clear();
+        // Between chunks: the earliest a cancel can take effect without a torn frame.
+        if self.monitor.cancelled() {
+            return Err(SendError::Cancelled);
+        }
         Ok(())
     }
 }

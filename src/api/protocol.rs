@@ -30,6 +30,8 @@ pub enum Request {
         #[serde(default)]
         wait_ready_ms: Option<u64>,
     },
+    /// Stop the migration under way; the guest keeps running here.
+    MigrateCancel,
 }
 
 /// The server's answer.

@@ -146,6 +146,13 @@ fn handle(request: Request, vm: &Vm) -> Response {
             Ok(report) => Response::success(report),
             Err(e) => Response::failure(error_chain(&*e)),
         },
+        Request::MigrateCancel => {
+            if vm.migration().cancel() {
+                Response::success(serde_json::json!({ "cancelling": true }))
+            } else {
+                Response::failure("No migration is under way")
+            }
+        }
     }
 }
 
@@ -163,6 +170,7 @@ fn migrate(
         options.downtime = std::time::Duration::from_millis(ms);
     }
     options.wait_ready = wait_ready_ms.map(std::time::Duration::from_millis);
+    options.monitor = std::sync::Arc::clone(vm.migration());
     let r = veil_migration::sender::send(vm.inner(), &mut stream, &options)?;
     Ok(serde_json::json!({
         "to": endpoint.to_string(),

@@ -33,6 +33,8 @@ pub struct VmStatus {
     pub paravirt: ParavirtFeatures,
     /// `None` for a guest launched without SEV.
     pub sev: Option<SevStatus>,
+    /// The outgoing migration, under way or last.
+    pub migration: veil_migration::monitor::Progress,
 }
 
 /// An SEV guest's launch.
@@ -67,6 +69,7 @@ impl VmStatus {
             measurement: guest.launch.measurement.measurement.clone(),
             mnonce: guest.launch.measurement.mnonce.clone(),
         });
+        let migration = vm.migration().progress();
         let vm = vm.inner();
         let paravirt = vm.paravirt();
         let page_states = paravirt.page_states().as_ref().map(|map| {
@@ -94,6 +97,7 @@ impl VmStatus {
             page_states,
             paravirt: vm.paravirt_features(),
             sev,
+            migration,
         }
     }
 }

@@ -1,0 +1,121 @@
+//! Watching and cancelling a migration in progress.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// No migration has run.
+    #[default]
+    Idle,
+    /// Agreeing with the target.
+    Handshake,
+    /// Sending all of memory once.
+    FirstPass,
+    /// Sending what the guest dirtied meanwhile.
+    DirtyPasses,
+    /// The guest is paused: last pages and state.
+    StopAndCopy,
+    /// The guest runs on the target.
+    Completed,
+    /// The migration failed or was cancelled; the guest runs here.
+    Failed,
+}
+
+impl Phase {
+    /// Whether a migration is under way.
+    pub fn is_active(self) -> bool {
+        !matches!(self, Phase::Idle | Phase::Completed | Phase::Failed)
+    }
+}
+
+/// A migration's progress, for `status` and progress displays.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    /// Dirty passes so far (after the first full one).
+    pub passes: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    /// Pages dirty at the start of the current pass.
+    pub pages_left: u64,
+    /// Bytes per second over the last pass.
+    pub rate: f64,
+    /// Why the last migration failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Shared by a migration and whoever watches or cancels it.
+#[derive(Debug, Default)]
+pub struct MigrationMonitor {
+    cancel: AtomicBool,
+    progress: Mutex<Progress>,
+}
+
+impl MigrationMonitor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The progress now.
+    pub fn progress(&self) -> Progress {
+        self.lock().clone()
+    }
+
+    /// Asks the migration under way to stop; `false` when none is.
+    pub fn cancel(&self) -> bool {
+        let active = self.lock().phase.is_active();
+        if active {
+            self.cancel.store(true, Ordering::Release);
+        }
+        active
+    }
+
+    /// Claims the monitor for a new migration; `false` if one is already under way.
+    pub(crate) fn begin(&self) -> bool {
+        let mut p = self.lock();
+        if p.phase.is_active() {
+            return false;
+        }
+        *p = Progress {
+            phase: Phase::Handshake,
+            ..Default::default()
+        };
+        self.cancel.store(false, Ordering::Release);
+        true
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.lock());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_only_applies_to_a_migration_under_way() {
+        let m = MigrationMonitor::new();
+        assert!(!m.cancel());
+        assert!(m.begin());
+        assert!(!m.begin(), "one migration at a time");
+        assert!(m.cancel());
+        assert!(m.cancelled());
+        m.update(|p| p.phase = Phase::Failed);
+        assert!(m.begin(), "a new migration after a failed one");
+        assert!(!m.cancelled(), "a new migration starts uncancelled");
+    }
+}
