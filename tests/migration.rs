@@ -65,19 +65,7 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
         // The source has let go; the guest runs on the target: a wiped stamp comes back there.
         assert_eq!(source.wait(), VmStop::Migrated);
         assert_eq!(word(target.memory(), 0x3000), 0x1234_5678);
-        let wiped = FIRST + 17;
-        target
-            .memory()
-            .write_obj(0u64, GuestAddress(wiped << 12))
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while word(target.memory(), wiped) != page_stamp(3, wiped) {
-            assert!(
-                Instant::now() < deadline,
-                "the guest did not continue on the target"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        common::assert_guest_restamps(target.memory(), 3, FIRST + 17);
         for gfn in FIRST..FIRST + PAGES {
             assert_eq!(
                 word(target.memory(), gfn),
@@ -116,16 +104,7 @@ fn a_refused_guest_keeps_running_on_the_source_and_the_reason_comes_back() {
     );
     assert_eq!(source.state(), RunState::Running);
     // Still running: a wiped stamp comes back on the source.
-    let wiped = FIRST + 3;
-    source
-        .memory()
-        .write_obj(0u64, GuestAddress(wiped << 12))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while word(source.memory(), wiped) != page_stamp(3, wiped) {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::assert_guest_restamps(source.memory(), 3, FIRST + 3);
     source.stop();
     source.wait();
 }
@@ -144,43 +123,9 @@ fn a_target_that_dies_mid_migration_leaves_the_guest_running_on_the_source() {
     });
     eprintln!("{err}");
     assert_eq!(source.state(), RunState::Running);
-    let wiped = FIRST + 5;
-    source
-        .memory()
-        .write_obj(0u64, GuestAddress(wiped << 12))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while word(source.memory(), wiped) != page_stamp(3, wiped) {
-        assert!(Instant::now() < deadline, "the source guest is not running");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::assert_guest_restamps(source.memory(), 3, FIRST + 5);
     source.stop();
     source.wait();
-}
-
-fn read_until(stdout: &mut std::process::ChildStdout, needle: &str) {
-    use std::io::Read;
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains(needle) {
-        let mut buf = [0u8; 256];
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "stream ended before {needle:?}: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
-}
-
-fn ctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
-    common::veil()
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -206,12 +151,12 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    read_until(source.stdout.as_mut().unwrap(), "Hello");
+    common::read_until(source.stdout.as_mut().unwrap(), "Hello");
     while !target_socket.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let out = ctl(
+    let out = common::ctl(
         &source_api,
         &[
             "migrate",
@@ -239,10 +184,10 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let status: serde_json::Value =
-        serde_json::from_slice(&ctl(&target_api, &["--json", "status"]).stdout).unwrap();
+        serde_json::from_slice(&common::ctl(&target_api, &["--json", "status"]).stdout).unwrap();
     assert_eq!(status["state"], "running");
     assert_eq!(status["memory_bytes"], 32 << 20);
-    ctl(&target_api, &["shutdown"]);
+    common::ctl(&target_api, &["shutdown"]);
     target.wait().unwrap();
 
     // Plain TCP is refused without --insecure, on both ends.
@@ -370,16 +315,7 @@ fn a_guest_that_becomes_unmigratable_mid_way_stays_on_the_source() {
         "the target learns why: {target_saw}"
     );
     assert_eq!(source.state(), RunState::Running);
-    let wiped = FIRST + 9;
-    source
-        .memory()
-        .write_obj(0u64, GuestAddress(wiped << 12))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while word(source.memory(), wiped) != page_stamp(3, wiped) {
-        assert!(Instant::now() < deadline, "the source guest is not running");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::assert_guest_restamps(source.memory(), 3, FIRST + 9);
     source.stop();
     source.wait();
 }

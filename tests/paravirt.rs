@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -268,16 +267,6 @@ fn a_reserved_control_bit_is_a_fault_that_stops_the_guest_with_its_rip() {
     }
 }
 
-fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
-    common::veil()
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn veil_ctl_reads_status_pauses_resumes_and_shuts_down() {
     let dir = TempDir::new("ctl");
@@ -297,20 +286,14 @@ fn veil_ctl_reads_status_pauses_resumes_and_shuts_down() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains("Hello") {
-        let mut buf = [0u8; 64];
-        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-        assert!(n > 0, "veil exited early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    common::read_until(&mut stdout, "Hello");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
         0o600
     );
 
-    let out = ctl(&socket, &["status"]);
+    let out = common::ctl(&socket, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", common::describe(&out));
     assert!(text.contains("state              running"), "{text}");
@@ -322,13 +305,14 @@ fn veil_ctl_reads_status_pauses_resumes_and_shuts_down() {
     assert!(text.contains("page states        none"), "{text}");
 
     assert_eq!(
-        String::from_utf8_lossy(&ctl(&socket, &["pause"]).stdout).trim(),
+        String::from_utf8_lossy(&common::ctl(&socket, &["pause"]).stdout).trim(),
         "paused"
     );
-    let json: Value = serde_json::from_slice(&ctl(&socket, &["--json", "status"]).stdout).unwrap();
+    let json: Value =
+        serde_json::from_slice(&common::ctl(&socket, &["--json", "status"]).stdout).unwrap();
     assert_eq!(json["state"], "paused");
     assert_eq!(
-        String::from_utf8_lossy(&ctl(&socket, &["resume"]).stdout).trim(),
+        String::from_utf8_lossy(&common::ctl(&socket, &["resume"]).stdout).trim(),
         "running"
     );
 
@@ -345,12 +329,12 @@ fn veil_ctl_reads_status_pauses_resumes_and_shuts_down() {
         .starts_with("Malformed request"));
 
     assert_eq!(
-        String::from_utf8_lossy(&ctl(&socket, &["shutdown"]).stdout).trim(),
+        String::from_utf8_lossy(&common::ctl(&socket, &["shutdown"]).stdout).trim(),
         "stopping"
     );
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "stopped on request");
-    let out = ctl(&socket, &["status"]);
+    let out = common::ctl(&socket, &["status"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Cannot connect to the API socket"));
 }

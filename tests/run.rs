@@ -151,7 +151,6 @@ fn host_info_reports_capabilities_and_hypercall_delivery() {
 
 #[test]
 fn ctrl_c_stops_the_vm_cleanly() {
-    use std::io::Read;
     let mut child = veil()
         .args([
             "run",
@@ -167,13 +166,7 @@ fn ctrl_c_stops_the_vm_cleanly() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains(GREETING) {
-        let mut buf = [0u8; 64];
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "veil exited before greeting");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    common::read_until(&mut stdout, GREETING);
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = std::time::Instant::now();

@@ -222,13 +222,7 @@ fn a_nosend_policy_makes_the_guest_permanently_unmigratable() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains("Hello") {
-        let mut buf = [0u8; 64];
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "veil exited early");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    common::read_until(&mut stdout, "Hello");
     let out = veil()
         .arg("ctl")
         .arg("--api-socket")

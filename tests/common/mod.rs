@@ -99,3 +99,45 @@ pub fn wrong_stamps(file: &File, seed: u64, pages: impl Iterator<Item = u64>) ->
         })
         .collect()
 }
+
+/// Reads a child's output until `needle` appears; panics if it ends first.
+pub fn read_until(stream: &mut impl std::io::Read, needle: &str) {
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "output ended before {needle:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// `veil ctl --api-socket SOCKET ARGS...`.
+pub fn ctl(socket: &Path, args: &[&str]) -> Output {
+    veil()
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Wipes the stamp of page `gfn` and waits until a guest stamping with `seed` writes it again:
+/// proof that the guest runs on this memory.
+pub fn assert_guest_restamps(memory: &veil_hypervisor::GuestMemory, seed: u64, gfn: u64) {
+    use vm_memory::{Bytes, GuestAddress};
+    let at = GuestAddress(gfn * PAGE_SIZE);
+    memory.write_obj(0u64, at).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while memory.read_obj::<u64>(at).unwrap() != page_stamp(seed, gfn) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no guest is stamping gfn {gfn:#x} here"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
