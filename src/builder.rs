@@ -11,6 +11,7 @@ use veil_hypervisor::paravirt::TransportChoice;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::VmSetup;
 use veil_migration::monitor::MigrationMonitor;
+use veil_sev::firmware::{Firmware, Handle};
 
 use crate::sev_launch::{self, SevConfig, SevLaunch, SevLaunchError};
 use veil_hypervisor::{
@@ -44,8 +45,9 @@ pub enum Error {
     /// Taking over a saved guest failed before it could run here.
     #[error("Cannot take over the incoming guest")]
     Receive(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// SEV guests arrive through the firmware's RECEIVE commands, not a plain restore.
-    #[error("An SEV guest cannot be restored without the SEV firmware's RECEIVE flow")]
+    /// An SEV guest must arrive into an SEV VM through the firmware, and a plain one into a
+    /// plain VM.
+    #[error("The incoming guest's SEV-ness does not match this VM's (--sev-platform)")]
     IncomingSev,
 }
 
@@ -57,9 +59,16 @@ pub enum SerialOutput {
     Writer(Box<dyn Write + Send>),
 }
 
-/// Fills a new VM's memory with a saved guest's RAM and returns the rest of its state.
+/// Fills a new VM's memory with a saved guest's RAM and returns the rest of its state; for an
+/// SEV guest it receives private pages through the firmware it is given and returns the
+/// firmware's handle for the guest.
 pub type ReceiveGuest<'a> = Box<
-    dyn FnOnce(&GuestMemory) -> Result<VmSnapshot, Box<dyn std::error::Error + Send + Sync>> + 'a,
+    dyn FnOnce(
+            &GuestMemory,
+            Option<&mut dyn Firmware>,
+        )
+            -> Result<(VmSnapshot, Option<Handle>), Box<dyn std::error::Error + Send + Sync>>
+        + 'a,
 >;
 
 /// Chooses memory, vCPUs, kernel and serial output, then starts the VM.
@@ -180,9 +189,6 @@ impl VmBuilder {
     /// state, which is restored before the vCPUs start. The shape (memory, vCPUs) must match.
     /// The VM comes back paused: [`Vm::resume`] runs the guest.
     pub fn start_incoming(self, receive: ReceiveGuest<'_>) -> Result<Vm, Error> {
-        if self.sev.is_some() {
-            return Err(Error::IncomingSev);
-        }
         self.build(Some(receive))
     }
 
@@ -205,16 +211,25 @@ impl VmBuilder {
             None => &mut (),
         };
         let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
-        let incoming = match receive {
-            Some(receive) => {
-                let snapshot = receive(vm.memory()).map_err(Error::Receive)?;
+        let incoming = receive.is_some();
+        let sev = match (receive, self.sev, sev_setup) {
+            (Some(receive), sev, mut setup) => {
+                let firmware = setup.as_mut().and_then(|s| s.firmware_mut());
+                let (snapshot, handle) = receive(vm.memory(), firmware).map_err(Error::Receive)?;
                 vm.restore(&snapshot)?;
-                true
+                match (sev, setup, handle) {
+                    (Some(config), Some(setup), Some(handle)) => {
+                        sev_launch::block_if_nosend(config.policy, vm.paravirt());
+                        Some(SevGuest {
+                            config,
+                            launch: setup.received(handle)?,
+                        })
+                    }
+                    (None, None, None) => None,
+                    _ => return Err(Error::IncomingSev),
+                }
             }
-            None => false,
-        };
-        let sev = match (self.sev, sev_setup) {
-            (Some(sev), Some(setup)) => {
+            (None, Some(sev), Some(setup)) => {
                 let loaded = vm.boot_image().map_or(&[][..], |b| &b.loaded);
                 let launched = sev_launch::launch(&sev, setup, vm.memory(), loaded)?;
                 sev_launch::block_if_nosend(sev.policy, vm.paravirt());
@@ -223,7 +238,7 @@ impl VmBuilder {
                     launch: launched,
                 })
             }
-            _ => None,
+            (None, _, _) => None,
         };
 
         let serial = Serial::new(IrqTrigger::new().map_err(SerialError::Eventfd)?, out);

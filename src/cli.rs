@@ -192,6 +192,10 @@ pub enum CtlCommand {
         /// permanently blocked guest is refused at once either way.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         wait_ready: Option<std::time::Duration>,
+        /// For an SEV guest: trust the platform whose chain (from `veil sev export-chain`) is
+        /// in FILE as a target, besides AMD's roots. An emulated target needs this.
+        #[arg(long, value_name = "FILE")]
+        sev_trust_chain: Option<PathBuf>,
     },
     /// Stop the migration under way; the guest keeps running here and the target discards
     /// what it received.
@@ -216,6 +220,13 @@ pub struct ReceiveArgs {
     /// Serve the control API on this UNIX socket once the guest runs here.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Accept SEV guests: their private pages arrive through this host's SEV firmware.
+    #[arg(long)]
+    pub sev: bool,
+
+    #[command(flatten)]
+    pub sev_platform: SevPlatformArgs,
 }
 
 /// The machine's shape, shared by every command that boots a guest.

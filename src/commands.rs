@@ -103,31 +103,57 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     let listener = transport::listen(&endpoint, args.insecure)?;
     eprintln!("veil: waiting for a guest on {endpoint}");
     let stream = listener.accept()?;
+    // An SEV host sends its chain in the handshake so the source can verify it.
+    let sev_chain = if args.sev {
+        use sev::parser::Encoder;
+        let chain =
+            veil::sev_launch::open_platform(&args.sev_platform.platform())?.certificate_chain()?;
+        let mut bytes = Vec::new();
+        chain.encode(&mut bytes, ())?;
+        Some(bytes)
+    } else {
+        None
+    };
     let host_memory = veil_hypervisor::memory::host_memory_bytes().unwrap_or(u64::MAX);
-    let mut incoming = receiver::accept(stream, |shape| {
-        let size = shape.ram_bytes();
-        let regions: Vec<(u64, u64)> = shape.memory().iter().map(|r| (r.gpa, r.len)).collect();
-        let ours: Vec<(u64, u64)> = veil_hypervisor::layout::ram_regions(size)
-            .into_iter()
-            .map(|(gpa, len)| (gpa.0, len))
-            .collect();
-        if size > host_memory {
-            Err(format!(
-                "the guest's {} of RAM is more than this host has",
-                veil_hypervisor::memory::human(size)
-            ))
-        } else if regions != ours {
-            Err("the guest's memory layout is not one this version of Veil builds".into())
-        } else {
-            Ok(())
-        }
-    })?;
+    let mut incoming = receiver::accept(
+        stream,
+        |shape| {
+            let size = shape.ram_bytes();
+            let regions: Vec<(u64, u64)> = shape.memory().iter().map(|r| (r.gpa, r.len)).collect();
+            let ours: Vec<(u64, u64)> = veil_hypervisor::layout::ram_regions(size)
+                .into_iter()
+                .map(|(gpa, len)| (gpa.0, len))
+                .collect();
+            if size > host_memory {
+                Err(format!(
+                    "the guest's {} of RAM is more than this host has",
+                    veil_hypervisor::memory::human(size)
+                ))
+            } else if regions != ours {
+                Err("the guest's memory layout is not one this version of Veil builds".into())
+            } else {
+                Ok(())
+            }
+        },
+        sev_chain,
+    )?;
     let shape = incoming.shape().clone();
-    let vm = VmBuilder::new()
+    let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
-        .serial(args.serial)
-        .start_incoming(Box::new(|memory| Ok(incoming.receive_into(memory)?)));
+        .serial(args.serial);
+    if let Some(sev) = shape.sev() {
+        builder = builder.sev(veil::sev_launch::SevConfig {
+            platform: args.sev_platform.platform(),
+            policy: sev.policy,
+            owner_session: None,
+            secret: None,
+            measurement_out: None,
+        });
+    }
+    let vm = builder.start_incoming(Box::new(|memory, firmware| {
+        Ok(incoming.receive_into(memory, firmware)?)
+    }));
     let vm = match vm {
         Ok(vm) => vm,
         Err(e) => {

@@ -25,11 +25,19 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             downtime_ms,
             insecure,
             wait_ready,
+            sev_trust_chain,
         } => Request::Migrate {
             to: to.clone(),
             downtime_ms: Some(*downtime_ms),
             insecure: *insecure,
             wait_ready_ms: wait_ready.map(|d| d.as_millis() as u64),
+            // Read by the VMM, which may run elsewhere in the filesystem: make it absolute.
+            sev_trust_chain: sev_trust_chain.as_ref().map(|p| {
+                std::path::absolute(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string()
+            }),
         },
         CtlCommand::MigrateCancel => Request::MigrateCancel,
     };

@@ -206,6 +206,28 @@ pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLau
     }
 }
 
+impl SevSetup {
+    /// The firmware, for receiving a migrating guest.
+    pub fn firmware_mut(&mut self) -> Option<&mut dyn Firmware> {
+        match &mut self.firmware {
+            Some(firmware) => Some(firmware.as_mut()),
+            None => None,
+        }
+    }
+
+    /// The firmware context of a guest received with RECEIVE_*.
+    pub fn received(self, handle: Handle) -> Result<SevLaunch, SevLaunchError> {
+        let firmware = self.firmware.ok_or(FirmwareError::Unavailable {
+            reason: "the SEV firmware was not opened while the VM was built".into(),
+        })?;
+        Ok(SevLaunch {
+            firmware: std::sync::Mutex::new(firmware),
+            handle,
+            measurement: None,
+        })
+    }
+}
+
 impl VmSetup for SevSetup {
     fn customize_cpuid(&mut self, cpuid: &mut Cpuid) {
         let (c_bit, reduction) = match self.platform {
@@ -239,12 +261,13 @@ impl VmSetup for SevSetup {
     }
 }
 
-/// A launched SEV guest: its firmware context and measurement.
+/// A launched (or received) SEV guest: its firmware context and launch measurement.
 pub struct SevLaunch {
     /// Locked by whoever drives the firmware next (migration's SEND_*).
     pub firmware: std::sync::Mutex<Box<dyn Firmware>>,
     pub handle: Handle,
-    pub measurement: MeasurementFile,
+    /// `None` for a guest that migrated in: it was measured where it was launched.
+    pub measurement: Option<MeasurementFile>,
 }
 
 /// LAUNCH_START, LAUNCH_UPDATE_DATA over what was loaded, LAUNCH_MEASURE, the owner's secret,
@@ -312,7 +335,7 @@ pub fn launch(
     Ok(SevLaunch {
         firmware: std::sync::Mutex::new(firmware),
         handle,
-        measurement,
+        measurement: Some(measurement),
     })
 }
 

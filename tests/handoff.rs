@@ -43,9 +43,9 @@ fn a_running_guest_continues_in_another_vm() {
     let target = VmBuilder::new()
         .memory_bytes(64 << 20)
         .serial_writer(target_out.clone())
-        .start_incoming(Box::new(|memory| {
+        .start_incoming(Box::new(|memory, _| {
             copy_ram(source.memory(), memory);
-            Ok(snapshot)
+            Ok((snapshot, None))
         }))
         .unwrap();
     source.stop();
@@ -105,7 +105,7 @@ fn a_saved_guest_does_not_fit_a_vm_of_another_shape() {
     let err = VmBuilder::new()
         .memory_bytes(32 << 20)
         .serial_writer(std::io::sink())
-        .start_incoming(Box::new(|_| Ok(snapshot)))
+        .start_incoming(Box::new(|_, _| Ok((snapshot, None))))
         .err()
         .expect("one vCPU cannot take two vCPUs' state");
     assert!(

@@ -43,19 +43,29 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
 
     let report = std::thread::scope(|scope| {
-        let sending =
-            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
-        let mut incoming = receiver::accept(from_source, |shape| {
-            (shape.vcpus() == 1)
-                .then_some(())
-                .ok_or_else(|| "one vCPU only here".to_string())
-        })
+        let sending = scope.spawn(|| {
+            sender::send(
+                source.inner(),
+                &mut to_target,
+                &SendOptions::default(),
+                None,
+            )
+        });
+        let mut incoming = receiver::accept(
+            from_source,
+            |shape| {
+                (shape.vcpus() == 1)
+                    .then_some(())
+                    .ok_or_else(|| "one vCPU only here".to_string())
+            },
+            None,
+        )
         .unwrap();
         let memory = incoming.shape().ram_bytes();
         let target = VmBuilder::new()
             .memory_bytes(memory)
             .serial_writer(std::io::sink())
-            .start_incoming(Box::new(|mem| Ok(incoming.receive_into(mem)?)))
+            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
             .unwrap();
         incoming.acknowledge().unwrap();
         incoming.wait_complete().unwrap();
@@ -92,9 +102,15 @@ fn a_refused_guest_keeps_running_on_the_source_and_the_reason_comes_back() {
     let (source, _) = dirtying_guest(32 << 20);
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
     let err = std::thread::scope(|scope| {
-        let sending =
-            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
-        let refused = receiver::accept(from_source, |_| Err("not enough memory here".into()));
+        let sending = scope.spawn(|| {
+            sender::send(
+                source.inner(),
+                &mut to_target,
+                &SendOptions::default(),
+                None,
+            )
+        });
+        let refused = receiver::accept(from_source, |_| Err("not enough memory here".into()), None);
         assert!(refused.is_err());
         sending.join().unwrap().unwrap_err()
     });
@@ -114,9 +130,15 @@ fn a_target_that_dies_mid_migration_leaves_the_guest_running_on_the_source() {
     let (source, _) = dirtying_guest(32 << 20);
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
     let err = std::thread::scope(|scope| {
-        let sending =
-            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
-        let incoming = receiver::accept(from_source, |_| Ok(())).unwrap();
+        let sending = scope.spawn(|| {
+            sender::send(
+                source.inner(),
+                &mut to_target,
+                &SendOptions::default(),
+                None,
+            )
+        });
+        let incoming = receiver::accept(from_source, |_| Ok(()), None).unwrap();
         // The target goes away after the handshake, in the middle of the first pass.
         drop(incoming);
         sending.join().unwrap().unwrap_err()
@@ -221,17 +243,17 @@ fn try_migrate(vm: &veil::Vm, options: &SendOptions) -> Result<(), SendError> {
     std::thread::scope(|scope| {
         // A target that accepts and would receive, if the source ever sent.
         scope.spawn(move || {
-            if let Ok(mut incoming) = receiver::accept(from_source, |_| Ok(())) {
+            if let Ok(mut incoming) = receiver::accept(from_source, |_| Ok(()), None) {
                 let memory = veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig {
                     size: incoming.shape().ram_bytes(),
                     file: None,
                 })
                 .unwrap();
-                let _ = incoming.receive_into(memory.memory());
+                let _ = incoming.receive_into(memory.memory(), None);
             }
         });
         let mut to_target = to_target;
-        let result = sender::send(vm.inner(), &mut to_target, options).map(drop);
+        let result = sender::send(vm.inner(), &mut to_target, options, None).map(drop);
         // Hang up, so the target stops waiting for a Hello that will not come.
         drop(to_target);
         result
@@ -286,9 +308,15 @@ fn a_guest_that_becomes_unmigratable_mid_way_stays_on_the_source() {
     let (source, _) = dirtying_guest(32 << 20);
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
     let (err, target_saw) = std::thread::scope(|scope| {
-        let sending =
-            scope.spawn(|| sender::send(source.inner(), &mut to_target, &SendOptions::default()));
-        let mut incoming = receiver::accept(from_source, |_| Ok(())).unwrap();
+        let sending = scope.spawn(|| {
+            sender::send(
+                source.inner(),
+                &mut to_target,
+                &SendOptions::default(),
+                None,
+            )
+        });
+        let mut incoming = receiver::accept(from_source, |_| Ok(()), None).unwrap();
         // The handshake is done and the first pass under way: now the guest clears READY
         // (as Linux does for a reboot), seen by Veil exactly as a guest write would be.
         source.inner().paravirt().with_blockers(|b| {
@@ -303,7 +331,7 @@ fn a_guest_that_becomes_unmigratable_mid_way_stays_on_the_source() {
         })
         .unwrap();
         let target_saw = incoming
-            .receive_into(memory.memory())
+            .receive_into(memory.memory(), None)
             .map(drop)
             .unwrap_err()
             .to_string();
@@ -331,8 +359,8 @@ fn a_cancelled_migration_leaves_the_guest_on_the_source_and_tells_the_target() {
     };
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
     let (err, target_saw) = std::thread::scope(|scope| {
-        let sending = scope.spawn(|| sender::send(source.inner(), &mut to_target, &options));
-        let mut incoming = receiver::accept(from_source, |_| Ok(())).unwrap();
+        let sending = scope.spawn(|| sender::send(source.inner(), &mut to_target, &options, None));
+        let mut incoming = receiver::accept(from_source, |_| Ok(()), None).unwrap();
         // Cancel as soon as the first pass is under way.
         let deadline = Instant::now() + Duration::from_secs(20);
         while monitor.progress().phase != Phase::FirstPass {
@@ -346,7 +374,7 @@ fn a_cancelled_migration_leaves_the_guest_on_the_source_and_tells_the_target() {
         })
         .unwrap();
         let target_saw = incoming
-            .receive_into(memory.memory())
+            .receive_into(memory.memory(), None)
             .map(drop)
             .unwrap_err()
             .to_string();
@@ -364,6 +392,209 @@ fn a_cancelled_migration_leaves_the_guest_on_the_source_and_tells_the_target() {
         Some("The migration was cancelled")
     );
     assert!(!monitor.cancel(), "nothing left to cancel");
+    assert_eq!(source.state(), RunState::Running);
+    source.stop();
+    source.wait();
+}
+
+/// A stream that keeps a copy of everything written through it.
+struct Tee<'a> {
+    inner: &'a mut UnixStream,
+    copy: Vec<u8>,
+}
+
+impl std::io::Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.copy.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Whether `word` (little-endian) appears anywhere in `bytes`.
+fn contains(bytes: &[u8], word: u64) -> bool {
+    memchr::memmem::find(bytes, &word.to_le_bytes()).is_some()
+}
+
+#[test]
+fn an_sev_guest_migrates_between_emulated_platforms_without_leaking_private_pages() {
+    use sev::parser::Encoder;
+    use veil::sev_launch::{open_platform, SevConfig, SevPlatform};
+    use veil_sev::policy::GuestPolicy;
+    let dir = common::TempDir::new("sev-migrate");
+    let source_platform = SevPlatform::Emulated {
+        state_dir: dir.path("source"),
+    };
+    let target_platform = SevPlatform::Emulated {
+        state_dir: dir.path("target"),
+    };
+    let sev = |platform: &SevPlatform| SevConfig {
+        platform: platform.clone(),
+        policy: GuestPolicy(GuestPolicy::NODBG),
+        owner_session: None,
+        secret: None,
+        measurement_out: None,
+    };
+    // Shares four pages and stamps them (seed 9), sets READY, then keeps stamping 64 private
+    // pages (seed 3).
+    let out = CapturedOutput::new();
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(format!(
+            "hypercall:gpa=0x900000,pages=4,attrs=0,expect=0 stamp:seed=9,first=0x900,count=4 \
+             msr-write:value=1 dirty-loop:seed=3,first={FIRST:#x},count=64"
+        ))
+        .memory_bytes(16 << 20)
+        .sev(sev(&source_platform))
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("stamping", Duration::from_secs(20)));
+
+    let target_chain = open_platform(&target_platform)
+        .unwrap()
+        .certificate_chain()
+        .unwrap();
+    let mut chain_bytes = Vec::new();
+    target_chain.encode(&mut chain_bytes, ()).unwrap();
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let mut tee = Tee {
+        inner: &mut to_target,
+        copy: Vec::new(),
+    };
+    let target = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            let guest = source.sev().unwrap();
+            let mut firmware = guest.launch.firmware.lock().unwrap();
+            let source_sev = sender::SevSource {
+                firmware: firmware.as_mut(),
+                guest: guest.launch.handle,
+                policy: guest.config.policy,
+                platform: veil_migration::protocol::SevPlatform::Emulated,
+                trusted_arks: vec![target_chain.ca.ark],
+            };
+            sender::send(
+                source.inner(),
+                &mut tee,
+                &SendOptions::default(),
+                Some(source_sev),
+            )
+        });
+        let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(chain_bytes)).unwrap();
+        let target = VmBuilder::new()
+            .memory_bytes(incoming.shape().ram_bytes())
+            .sev(sev(&target_platform))
+            .serial_writer(std::io::sink())
+            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
+            .unwrap();
+        incoming.acknowledge().unwrap();
+        incoming.wait_complete().unwrap();
+        target.resume();
+        let report = sending.join().unwrap().expect("SEV migration succeeds");
+        eprintln!("{report:?}");
+        target
+    });
+    assert_eq!(source.wait(), VmStop::Migrated);
+    // The guest carries on, its private pages intact, on the target.
+    common::assert_guest_restamps(target.memory(), 3, FIRST + 17);
+    for gfn in FIRST..FIRST + 64 {
+        assert_eq!(word(target.memory(), gfn), page_stamp(3, gfn));
+    }
+    // The page-state map came along.
+    let map = target.inner().paravirt().page_states();
+    assert_eq!(map.as_ref().unwrap().shared_ranges(), vec![0x900..0x904]);
+    drop(map);
+    // No private page's plaintext crossed the wire; the shared pages did, in the clear.
+    let wire = tee.copy;
+    for gfn in FIRST..FIRST + 64 {
+        assert!(
+            !contains(&wire, page_stamp(3, gfn)),
+            "private gfn {gfn:#x} leaked"
+        );
+    }
+    for gfn in 0x900..0x904 {
+        assert!(
+            contains(&wire, page_stamp(9, gfn)),
+            "shared gfn {gfn:#x} missing"
+        );
+    }
+    target.stop();
+    target.wait();
+}
+
+#[test]
+fn an_sev_guest_is_not_sent_to_an_untrusted_platform() {
+    use veil::sev_launch::{open_platform, SevConfig, SevPlatform};
+    use veil_sev::policy::GuestPolicy;
+    let dir = common::TempDir::new("sev-untrusted");
+    let config = SevConfig {
+        platform: SevPlatform::Emulated {
+            state_dir: dir.path("source"),
+        },
+        policy: GuestPolicy(GuestPolicy::NODBG),
+        owner_session: None,
+        secret: None,
+        measurement_out: None,
+    };
+    let out = CapturedOutput::new();
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline("msr-write:value=1 greet spin")
+        .memory_bytes(32 << 20)
+        .sev(config)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("Hello", Duration::from_secs(20)));
+    let target = SevPlatform::Emulated {
+        state_dir: dir.path("target"),
+    };
+    let mut chain = Vec::new();
+    sev::parser::Encoder::encode(
+        &open_platform(&target).unwrap().certificate_chain().unwrap(),
+        &mut chain,
+        (),
+    )
+    .unwrap();
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let err = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            let guest = source.sev().unwrap();
+            let mut firmware = guest.launch.firmware.lock().unwrap();
+            let source_sev = sender::SevSource {
+                firmware: firmware.as_mut(),
+                guest: guest.launch.handle,
+                policy: guest.config.policy,
+                platform: veil_migration::protocol::SevPlatform::Emulated,
+                // Only AMD's roots: an emulated platform is not among them.
+                trusted_arks: veil_sev::emulated::identity::amd_arks().unwrap(),
+            };
+            sender::send(
+                source.inner(),
+                &mut to_target,
+                &SendOptions::default(),
+                Some(source_sev),
+            )
+        });
+        let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(chain)).unwrap();
+        let memory = veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig {
+            size: 32 << 20,
+            file: None,
+        })
+        .unwrap();
+        let _ = incoming.receive_into(memory.memory(), None);
+        sending.join().unwrap().unwrap_err()
+    });
+    assert!(matches!(err, SendError::UntrustedTarget(_)), "{err}");
     assert_eq!(source.state(), RunState::Running);
     source.stop();
     source.wait();

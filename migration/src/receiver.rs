@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::GuestMemory;
+use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::protocol::{
@@ -35,8 +36,30 @@ pub enum ReceiveError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("The guest state cannot be decoded")]
     State(#[from] serde_json::Error),
-    #[error("The source sent an SEV guest; SEV migration is not implemented yet")]
+    #[error("An encrypted page arrived without an SEV session to receive it")]
     Sev,
+    #[error("The source's PDH certificate does not decode")]
+    BadPdh,
+    #[error("SEV firmware error")]
+    Firmware(#[from] veil_sev::firmware::FirmwareError),
+}
+
+/// A mutable view of guest RAM for RECEIVE_UPDATE_DATA (hardware writes the page encrypted
+/// in place).
+///
+/// # Safety
+/// Nothing else may access those bytes while the slice lives (the VM has not started).
+#[allow(clippy::mut_from_ref)] // Guest RAM is shared memory behind `&GuestMemory`.
+unsafe fn guest_page(memory: &GuestMemory, at: GuestAddress, len: usize) -> Option<&mut [u8]> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    let region = memory.find_region(at)?;
+    let offset = at.0 - region.start_addr().0;
+    if offset + len as u64 > region.len() {
+        return None;
+    }
+    let host = region.get_host_address(MemoryRegionAddress(offset)).ok()?;
+    // SAFETY: inside one mapped region that outlives the borrow; exclusivity is the caller's.
+    Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
 }
 
 /// A guest whose source has been accepted.
@@ -48,9 +71,11 @@ pub struct Incoming<S> {
 
 /// Reads the source's `Hello` and accepts the guest if `check` (this host's judgement of the
 /// VM's shape) agrees; otherwise tells the source why not.
+/// `sev_chain` is this host's SEV certificate chain (encoded), when it can receive SEV guests.
 pub fn accept<S: Read + Write>(
     mut stream: S,
     check: impl FnOnce(&VmShape) -> Result<(), String>,
+    sev_chain: Option<Vec<u8>>,
 ) -> Result<Incoming<S>, ReceiveError> {
     let mut session = ReceiverSession::new();
     let frame = read_frame(&mut stream)?;
@@ -63,13 +88,20 @@ pub fn accept<S: Read + Write>(
         }
         (Ok(other), _) => return Err(ReceiveError::Aborted(format!("{other:?}"))),
     };
-    let verdict = if hello.vm.sev().is_some() {
-        Err("SEV migration is not implemented on this host yet".to_string())
+    let sev = hello.vm.sev().is_some();
+    let verdict = if sev && sev_chain.is_none() {
+        Err(
+            "this host does not receive SEV guests (start veil receive with --sev-platform)"
+                .to_string(),
+        )
     } else {
         check(&hello.vm)
     };
     let reply = match &verdict {
-        Ok(()) => HelloReply::accept(hello.features.intersection(Features::KNOWN), None),
+        Ok(()) => HelloReply::accept(
+            hello.features.intersection(Features::KNOWN),
+            if sev { sev_chain } else { None },
+        ),
         Err(reason) => HelloReply::refuse(reason.clone()),
     };
     let reply = Message::HelloReply(reply);
@@ -89,17 +121,28 @@ impl<S: Read + Write> Incoming<S> {
         &self.shape
     }
 
-    /// Writes arriving memory into `memory` until the state arrives, and returns it.
-    pub fn receive_into(&mut self, memory: &GuestMemory) -> Result<VmSnapshot, ReceiveError> {
-        let result = self.receive_memory(memory);
+    /// Writes arriving memory into `memory` until the state arrives, and returns it. An SEV
+    /// guest's private pages go through `firmware` (RECEIVE_START, RECEIVE_UPDATE_DATA,
+    /// RECEIVE_FINISH); its handle for the guest is returned with the state.
+    pub fn receive_into(
+        &mut self,
+        memory: &GuestMemory,
+        firmware: Option<&mut dyn Firmware>,
+    ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
+        let result = self.receive_memory(memory, firmware);
         if let Err(e) = &result {
             self.report(e);
         }
         result
     }
 
-    fn receive_memory(&mut self, memory: &GuestMemory) -> Result<VmSnapshot, ReceiveError> {
+    fn receive_memory(
+        &mut self,
+        memory: &GuestMemory,
+        mut firmware: Option<&mut dyn Firmware>,
+    ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
         let zero = vec![0u8; PAGE_SIZE as usize];
+        let mut sev: Option<veil_sev::flow::Receiver<'_>> = None;
         loop {
             let frame = read_frame(&mut self.stream)?;
             match self.session.on_message(&frame.message)? {
@@ -113,20 +156,47 @@ impl<S: Read + Write> Incoming<S> {
                         match &page.content {
                             PageContent::Zero => memory.write_slice(&zero, at)?,
                             PageContent::Plain(bytes) => memory.write_slice(&bytes[..], at)?,
-                            PageContent::Encrypted { .. } => return Err(ReceiveError::Sev),
+                            PageContent::Encrypted { header, data } => {
+                                let receiver = sev.as_mut().ok_or(ReceiveError::Sev)?;
+                                let packet = Packet {
+                                    header: *header,
+                                    data: data.clone(),
+                                };
+                                // SAFETY: the VM has not started; nothing else touches its RAM.
+                                let dest = unsafe { guest_page(memory, at, data.len()) }
+                                    .ok_or(ReceiveError::Sev)?;
+                                receiver.update_data(&packet, dest)?;
+                            }
                         }
                     }
+                }
+                ReceiverAction::StartSev => {
+                    use sev::parser::Decoder;
+                    let Message::SevStart(start) = &frame.message else {
+                        unreachable!("the session said StartSev")
+                    };
+                    let firmware = firmware.take().ok_or(ReceiveError::Sev)?;
+                    let pdh =
+                        sev::certs::sev::sev::Certificate::decode(&mut start.pdh.as_slice(), ())
+                            .map_err(|_| ReceiveError::BadPdh)?;
+                    let start = SendStart {
+                        policy: start.policy,
+                        pdh,
+                        session: start.session,
+                    };
+                    sev = Some(veil_sev::flow::Receiver::start(firmware, &start)?);
                 }
                 ReceiverAction::Finish => {
                     let Message::State(state) = &frame.message else {
                         unreachable!("the session said Finish")
                     };
-                    return Ok(serde_json::from_slice(&state.bytes)?);
+                    let snapshot = serde_json::from_slice(&state.bytes)?;
+                    let handle = sev.take().map(|r| r.finish()).transpose()?;
+                    return Ok((snapshot, handle));
                 }
                 ReceiverAction::Discard { reason, .. } => {
                     return Err(ReceiveError::Aborted(reason))
                 }
-                ReceiverAction::StartSev => return Err(ReceiveError::Sev),
                 other => return Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
             }
         }

@@ -19,9 +19,11 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::protocol::{
     read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryChunkRef, MemoryRegion, Message,
-    PageContentRef, PageRef, ProtocolError, SenderAction, SenderSession, SessionError, State,
-    VmShape, PROTOCOL_VERSION,
+    PageContentRef, PageRef, ProtocolError, SenderAction, SenderSession, SessionError, SevPlatform,
+    SevShape, SevStart, State, VmShape, PROTOCOL_VERSION,
 };
+use veil_sev::firmware::{Firmware, Handle};
+use veil_sev::policy::GuestPolicy;
 
 /// How to migrate.
 #[derive(Debug, Clone)]
@@ -47,6 +49,17 @@ impl Default for SendOptions {
             monitor: Arc::new(MigrationMonitor::new()),
         }
     }
+}
+
+/// An SEV guest's firmware context on the source, and whom it may be sent to.
+pub struct SevSource<'f> {
+    pub firmware: &'f mut dyn Firmware,
+    pub guest: Handle,
+    pub policy: GuestPolicy,
+    pub platform: SevPlatform,
+    /// The ARKs a target's certificate chain must end in: AMD's for hardware targets, the
+    /// configured ones for emulated platforms.
+    pub trusted_arks: Vec<sev::certs::sev::ca::Certificate>,
 }
 
 /// What a completed migration did.
@@ -75,8 +88,14 @@ pub enum SendError {
     Refused(String),
     #[error("The target ended the migration: {0}")]
     Aborted(String),
-    #[error("SEV guests cannot be migrated yet")]
+    #[error("An SEV guest needs its firmware context to be migrated")]
     Sev,
+    #[error("The target's SEV platform is not trusted")]
+    UntrustedTarget(#[source] veil_sev::emulated::identity::IdentityError),
+    #[error("The target did not send its SEV certificate chain, or sent one that does not decode")]
+    NoTargetChain,
+    #[error("SEV firmware error")]
+    Firmware(#[from] veil_sev::firmware::FirmwareError),
     #[error("Migration protocol error")]
     Protocol(#[from] ProtocolError),
     #[error("This VM cannot be described to a target")]
@@ -148,7 +167,7 @@ fn wait_until_migratable(vm: &RunningVm, wait: Option<Duration>) -> Result<(), S
 }
 
 /// The shape a target must match.
-pub fn shape_of(vm: &RunningVm) -> Result<VmShape, SendError> {
+pub fn shape_of(vm: &RunningVm, sev: Option<SevShape>) -> Result<VmShape, SendError> {
     let memory = vm
         .ram()
         .slots()
@@ -157,13 +176,16 @@ pub fn shape_of(vm: &RunningVm) -> Result<VmShape, SendError> {
     Ok(VmShape::new(
         memory,
         vm.vcpu_count() as u32,
-        None,
+        sev,
         Vec::new(),
     )?)
 }
 
 struct Sender<'a, S> {
     vm: &'a RunningVm,
+    /// The SEV context until SEND_START, then the send in progress (cancelled if dropped).
+    sev_source: Option<SevSource<'a>>,
+    sev_send: Option<veil_sev::flow::Sender<'a>>,
     monitor: &'a MigrationMonitor,
     stream: &'a mut S,
     session: SenderSession,
@@ -175,18 +197,19 @@ struct Sender<'a, S> {
 
 /// Migrates `vm` over `stream`. On success the guest has stopped here and runs on the target;
 /// on failure it runs here as before (unless the failure came after `Complete` was sent).
-pub fn send<S: Read + Write>(
-    vm: &RunningVm,
-    stream: &mut S,
-    options: &SendOptions,
+pub fn send<'f, S: Read + Write>(
+    vm: &'f RunningVm,
+    stream: &'f mut S,
+    options: &'f SendOptions,
+    sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError> {
-    if vm.paravirt().page_states().is_some() {
+    if vm.paravirt().page_states().is_some() != sev.is_some() {
         return Err(SendError::Sev);
     }
     if !options.monitor.begin() {
         return Err(SendError::AlreadyMigrating);
     }
-    let result = send_claimed(vm, stream, options);
+    let result = send_claimed(vm, stream, options, sev);
     options.monitor.update(|p| match &result {
         Ok(_) => p.phase = Phase::Completed,
         Err(e) => {
@@ -197,16 +220,19 @@ pub fn send<S: Read + Write>(
     result
 }
 
-fn send_claimed<S: Read + Write>(
-    vm: &RunningVm,
-    stream: &mut S,
-    options: &SendOptions,
+fn send_claimed<'f, S: Read + Write>(
+    vm: &'f RunningVm,
+    stream: &'f mut S,
+    options: &'f SendOptions,
+    sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError> {
     // Refuse before touching the target or the guest: nothing to undo.
     wait_until_migratable(vm, options.wait_ready)?;
     let started = Instant::now();
     let mut sender = Sender {
         vm,
+        sev_source: sev,
+        sev_send: None,
         monitor: &options.monitor,
         stream,
         session: SenderSession::new(),
@@ -240,18 +266,31 @@ fn send_claimed<S: Read + Write>(
     }
 }
 
-impl<S: Read + Write> Sender<'_, S> {
+impl<'a, S: Read + Write> Sender<'a, S> {
     fn run(&mut self, options: &SendOptions, started: Instant) -> Result<(), SendError> {
+        let sev_shape = self.sev_source.as_ref().map(|s| SevShape {
+            policy: s.policy,
+            platform: s.platform,
+        });
         let hello = Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             features: Features::ZERO_PAGES,
-            vm: shape_of(self.vm)?,
+            vm: shape_of(self.vm, sev_shape)?,
         });
         self.send(&hello)?;
-        match self.receive()? {
+        let frame = read_frame(self.stream)?;
+        let chain = match &frame.message {
+            Message::HelloReply(reply) => reply.sev_chain.clone(),
+            _ => None,
+        };
+        match self.session.on_message(&frame.message)? {
             SenderAction::Accepted => {}
             SenderAction::Refused { reason } => return Err(SendError::Refused(reason)),
+            SenderAction::Abort { reason, .. } => return Err(SendError::Aborted(reason)),
             other => return Err(unexpected(other)),
+        }
+        if let Some(source) = self.sev_source.take() {
+            self.start_sev(source, chain)?;
         }
         let (ram, fd) = (self.vm.ram(), self.vm.fd());
         ram.set_dirty_logging(fd, true)?;
@@ -301,9 +340,39 @@ impl<S: Read + Write> Sender<'_, S> {
             other => return Err(unexpected(other)),
         }
         // The target holds the guest: from here on it must never run here again.
+        if let Some(send) = self.sev_send.take() {
+            send.finish()?;
+        }
         self.send(&Message::Complete)?;
         self.report.downtime = paused.elapsed();
         Ok(())
+    }
+
+    /// Verifies the target's chain against the trusted roots, SEND_START, and sends the
+    /// target what it needs for RECEIVE_START.
+    fn start_sev(
+        &mut self,
+        source: SevSource<'a>,
+        chain: Option<Vec<u8>>,
+    ) -> Result<(), SendError> {
+        use sev::parser::{Decoder, Encoder};
+        let chain = chain
+            .and_then(|bytes| sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ()).ok())
+            .ok_or(SendError::NoTargetChain)?;
+        veil_sev::emulated::identity::verify_chain(&chain, &source.trusted_arks)
+            .map_err(SendError::UntrustedTarget)?;
+        let (send, start) = veil_sev::flow::Sender::start(source.firmware, source.guest, &chain)?;
+        self.sev_send = Some(send);
+        let mut pdh = Vec::new();
+        start
+            .pdh
+            .encode(&mut pdh, ())
+            .map_err(|_| SendError::NoTargetChain)?;
+        self.send(&Message::SevStart(SevStart {
+            policy: start.policy,
+            pdh,
+            session: start.session,
+        }))
     }
 
     fn phase(&self, phase: Phase, pages_left: usize) {
@@ -348,11 +417,24 @@ impl<S: Read + Write> Sender<'_, S> {
             bytes: &mut self.report.bytes,
             monitor: self.monitor,
         };
+        // Page states as they are when each page goes: a page that changes state afterwards is
+        // dirty again and goes again under its new state.
+        let states = self.vm.paravirt().page_states();
         for &gfn in gfns {
             self.vm
                 .memory()
                 .read_slice(&mut self.page, GuestAddress(gfn * PAGE_SIZE))?;
-            let content = if zero_pages && self.page.iter().all(|&b| b == 0) {
+            let private = states.as_ref().is_some_and(|map| map.is_private(gfn));
+            let packet;
+            let content = if private {
+                // A private page's plaintext never reaches the stream.
+                let send = self.sev_send.as_mut().ok_or(SendError::Sev)?;
+                packet = send.update_data(&self.page)?;
+                PageContentRef::Encrypted {
+                    header: &packet.header,
+                    data: &packet.data,
+                }
+            } else if zero_pages && self.page.iter().all(|&b| b == 0) {
                 self.report.zero_pages += 1;
                 PageContentRef::Zero
             } else {

@@ -29,6 +29,10 @@ pub enum Request {
         /// Wait this long for a temporarily blocked guest instead of refusing at once.
         #[serde(default)]
         wait_ready_ms: Option<u64>,
+        /// For an SEV guest: a certificate chain file (as `veil sev export-chain` writes)
+        /// whose ARK is trusted as a target root, besides AMD's.
+        #[serde(default)]
+        sev_trust_chain: Option<String>,
     },
     /// Stop the migration under way; the guest keeps running here.
     MigrateCancel,

@@ -142,7 +142,15 @@ fn handle(request: Request, vm: &Vm) -> Response {
             downtime_ms,
             insecure,
             wait_ready_ms,
-        } => match migrate(vm, &to, downtime_ms, insecure, wait_ready_ms) {
+            sev_trust_chain,
+        } => match migrate(
+            vm,
+            &to,
+            downtime_ms,
+            insecure,
+            wait_ready_ms,
+            sev_trust_chain,
+        ) {
             Ok(report) => Response::success(report),
             Err(e) => Response::failure(error_chain(&*e)),
         },
@@ -162,6 +170,7 @@ fn migrate(
     downtime_ms: Option<u64>,
     insecure: bool,
     wait_ready_ms: Option<u64>,
+    sev_trust_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let endpoint: Endpoint = to.parse()?;
     let mut stream = veil_migration::transport::connect(&endpoint, insecure)?;
@@ -171,7 +180,39 @@ fn migrate(
     }
     options.wait_ready = wait_ready_ms.map(std::time::Duration::from_millis);
     options.monitor = std::sync::Arc::clone(vm.migration());
-    let r = veil_migration::sender::send(vm.inner(), &mut stream, &options)?;
+    let r = match vm.sev() {
+        None => veil_migration::sender::send(vm.inner(), &mut stream, &options, None)?,
+        Some(guest) => {
+            let mut trusted_arks = veil_sev::emulated::identity::amd_arks()?;
+            if let Some(path) = sev_trust_chain {
+                use sev::parser::Decoder;
+                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+                let chain = sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ())
+                    .map_err(|e| format!("{path} is not an SEV certificate chain: {e}"))?;
+                trusted_arks.push(chain.ca.ark);
+            }
+            let mut firmware = guest
+                .launch
+                .firmware
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let source = veil_migration::sender::SevSource {
+                firmware: firmware.as_mut(),
+                guest: guest.launch.handle,
+                policy: guest.config.policy,
+                platform: match guest.config.platform {
+                    crate::sev_launch::SevPlatform::Hardware => {
+                        veil_migration::protocol::SevPlatform::Hardware
+                    }
+                    crate::sev_launch::SevPlatform::Emulated { .. } => {
+                        veil_migration::protocol::SevPlatform::Emulated
+                    }
+                },
+                trusted_arks,
+            };
+            veil_migration::sender::send(vm.inner(), &mut stream, &options, Some(source))?
+        }
+    };
     Ok(serde_json::json!({
         "to": endpoint.to_string(),
         "total_ms": r.total.as_secs_f64() * 1e3,

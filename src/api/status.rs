@@ -45,8 +45,9 @@ pub struct SevStatus {
     /// `false` on the emulated platform: the guest's memory is not encrypted.
     pub confidential: bool,
     pub policy: u32,
-    pub measurement: String,
-    pub mnonce: String,
+    /// `None` for a guest that migrated in (it was measured where it was launched).
+    pub measurement: Option<String>,
+    pub mnonce: Option<String>,
 }
 
 pub fn state_name(state: RunState) -> &'static str {
@@ -64,10 +65,17 @@ impl VmStatus {
                 crate::sev_launch::SevPlatform::Hardware => "hardware",
                 crate::sev_launch::SevPlatform::Emulated { .. } => "emulated",
             },
-            confidential: guest.launch.measurement.confidential,
+            confidential: matches!(
+                guest.config.platform,
+                crate::sev_launch::SevPlatform::Hardware
+            ),
             policy: guest.config.policy.0,
-            measurement: guest.launch.measurement.measurement.clone(),
-            mnonce: guest.launch.measurement.mnonce.clone(),
+            measurement: guest
+                .launch
+                .measurement
+                .as_ref()
+                .map(|m| m.measurement.clone()),
+            mnonce: guest.launch.measurement.as_ref().map(|m| m.mnonce.clone()),
         });
         let migration = vm.migration().progress();
         let vm = vm.inner();
