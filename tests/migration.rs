@@ -599,3 +599,128 @@ fn an_sev_guest_is_not_sent_to_an_untrusted_platform() {
     source.stop();
     source.wait();
 }
+
+#[test]
+fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
+    use std::process::Stdio;
+    let dir = common::TempDir::new("cli-sev-migrate");
+    let (source_api, target_api, target_socket) =
+        (dir.path("a.sock"), dir.path("b.sock"), dir.path("m.sock"));
+    let (source_state, target_state, chain) = (
+        dir.path("source"),
+        dir.path("target"),
+        dir.path("target.chain"),
+    );
+    let exported = common::veil()
+        .args([
+            "sev",
+            "export-chain",
+            "--sev-platform",
+            "emulated",
+            "--sev-state-dir",
+        ])
+        .arg(&target_state)
+        .arg("--out")
+        .arg(&chain)
+        .output()
+        .unwrap();
+    assert!(exported.status.success(), "{}", common::describe(&exported));
+    let mut target = common::veil()
+        .args([
+            "receive",
+            "--sev",
+            "--sev-platform",
+            "emulated",
+            "--sev-state-dir",
+        ])
+        .arg(&target_state)
+        .arg("--listen")
+        .arg(format!("unix:{}", target_socket.display()))
+        .arg("--api-socket")
+        .arg(&target_api)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut source = common::veil()
+        .args([
+            "run",
+            "--memory",
+            "16M",
+            "--sev",
+            "--sev-platform",
+            "emulated",
+            "--sev-state-dir",
+        ])
+        .arg(&source_state)
+        .arg("--api-socket")
+        .arg(&source_api)
+        .args(["--cmdline", "msr-write:value=1 greet spin", "--kernel"])
+        .arg(common::kit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::read_until(source.stdout.as_mut().unwrap(), "Hello");
+    while !target_socket.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let to = format!("unix:{}", target_socket.display());
+    // Without trusting the emulated target's root, the guest is not sent.
+    let refused = common::ctl(&source_api, &["migrate", "--to", &to]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not trusted"),
+        "{}",
+        common::describe(&refused)
+    );
+    // The target gave up on that attempt; start another one.
+    target.wait().unwrap();
+    let mut target = common::veil()
+        .args([
+            "receive",
+            "--sev",
+            "--sev-platform",
+            "emulated",
+            "--sev-state-dir",
+        ])
+        .arg(&target_state)
+        .arg("--listen")
+        .arg(&to)
+        .arg("--api-socket")
+        .arg(&target_api)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while !target_socket.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = common::ctl(
+        &source_api,
+        &[
+            "migrate",
+            "--to",
+            &to,
+            "--sev-trust-chain",
+            chain.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(source.wait().unwrap().success());
+    while !target_api.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&common::ctl(&target_api, &["--json", "status"]).stdout).unwrap();
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["sev"]["platform"], "emulated");
+    assert!(
+        status["sev"]["measurement"].is_null(),
+        "measured where it was launched"
+    );
+    assert_eq!(
+        status["migratability"]["state"], "migratable",
+        "READY travelled with it"
+    );
+    common::ctl(&target_api, &["shutdown"]);
+    target.wait().unwrap();
+}
