@@ -66,3 +66,23 @@ fn a_running_guest_pauses_resumes_and_stops() {
     vm.stop();
     assert_eq!(vm.wait(), VmStop::Requested);
 }
+
+#[test]
+fn the_api_server_shuts_down_even_if_its_socket_file_was_removed() {
+    let capture = CapturedOutput::new();
+    let vm = std::sync::Arc::new(kit_vm("greet spin", &capture));
+    let path = std::env::temp_dir().join(format!("veil-api-gone-{}.sock", std::process::id()));
+    let server = veil::api::ApiServer::start(&path, vm.clone()).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(server);
+        let _ = done.send(());
+    });
+    assert!(
+        finished.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "dropping the server hung"
+    );
+    vm.stop();
+    vm.wait();
+}

@@ -1,6 +1,7 @@
 //! Serves the control API for one VM.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub enum ServerError {
 /// The API server; stops and removes its socket when dropped.
 pub struct ApiServer {
     path: PathBuf,
+    /// A second handle on the listening socket, to shut it down from `drop`.
+    listener: UnixListener,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -52,6 +55,7 @@ impl ApiServer {
         let listener = UnixListener::bind(path).map_err(bind_error)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_error)?;
+        let shutdown_handle = listener.try_clone().map_err(bind_error)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stopping);
         let thread = std::thread::Builder::new()
@@ -61,7 +65,13 @@ impl ApiServer {
                     if stop_flag.load(Ordering::Acquire) {
                         break;
                     }
-                    let Ok(stream) = stream else { continue };
+                    let Ok(stream) = stream else {
+                        // A shut-down listener fails every accept at once: don't spin on it.
+                        if stop_flag.load(Ordering::Acquire) {
+                            break;
+                        }
+                        continue;
+                    };
                     let vm = Arc::clone(&vm);
                     // One thread per client: a slow client never blocks another.
                     let _ = std::thread::Builder::new()
@@ -72,6 +82,7 @@ impl ApiServer {
             .map_err(bind_error)?;
         Ok(Self {
             path: path.to_owned(),
+            listener: shutdown_handle,
             stopping,
             thread: Some(thread),
         })
@@ -81,8 +92,10 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Release);
-        // Wake the accept loop so it sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept loop so it sees the flag. Shutting the listening socket down does it
+        // even when the socket file is gone (someone removed it), where connecting would not.
+        // SAFETY: shutdown on a descriptor this server owns; at worst it fails with an errno.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
