@@ -31,6 +31,9 @@ pub enum ServerError {
 /// The API server; stops and removes its socket when dropped.
 pub struct ApiServer {
     path: PathBuf,
+    /// Requests being answered; the server waits for them when dropped, so a VMM that exits
+    /// (a migration that just handed the guest over) still sends the answer.
+    in_flight: Arc<InFlight>,
     /// A second handle on the listening socket, to shut it down from `drop`.
     listener: UnixListener,
     stopping: Arc<AtomicBool>,
@@ -56,6 +59,8 @@ impl ApiServer {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_error)?;
         let shutdown_handle = listener.try_clone().map_err(bind_error)?;
+        let in_flight = Arc::new(InFlight::default());
+        let counter = Arc::clone(&in_flight);
         let stopping = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stopping);
         let thread = std::thread::Builder::new()
@@ -73,15 +78,17 @@ impl ApiServer {
                         continue;
                     };
                     let vm = Arc::clone(&vm);
+                    let counter = Arc::clone(&counter);
                     // One thread per client: a slow client never blocks another.
                     let _ = std::thread::Builder::new()
                         .name("api-client".into())
-                        .spawn(move || serve_client(stream, &vm));
+                        .spawn(move || serve_client(stream, &vm, &counter));
                 }
             })
             .map_err(bind_error)?;
         Ok(Self {
             path: path.to_owned(),
+            in_flight,
             listener: shutdown_handle,
             stopping,
             thread: Some(thread),
@@ -99,11 +106,42 @@ impl Drop for ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.in_flight.wait_idle(IN_FLIGHT_GRACE);
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn serve_client(stream: UnixStream, vm: &Vm) {
+/// How long a stopping server waits for requests being answered.
+const IN_FLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Counts requests being answered.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl InFlight {
+    fn begin(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn end(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count -= 1;
+        self.idle.notify_all();
+    }
+
+    fn wait_idle(&self, grace: std::time::Duration) {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self
+            .idle
+            .wait_timeout_while(count, grace, |c| *c > 0)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -117,6 +155,7 @@ fn serve_client(stream: UnixStream, vm: &Vm) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        in_flight.begin();
         let response = if line.len() > MAX_REQUEST_BYTES {
             Response::failure(format!("Request longer than {MAX_REQUEST_BYTES} bytes"))
         } else {
@@ -127,7 +166,9 @@ fn serve_client(stream: UnixStream, vm: &Vm) {
         };
         let mut text = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
         text.push(b'\n');
-        if writer.write_all(&text).is_err() {
+        let written = writer.write_all(&text);
+        in_flight.end();
+        if written.is_err() {
             return;
         }
         if line.len() > MAX_REQUEST_BYTES {
