@@ -163,6 +163,7 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         .arg(&target_api)
         .stderr(Stdio::piped())
         .spawn()
+        .map(common::Spawned)
         .unwrap();
     let mut source = common::veil()
         .args(["run", "--memory", "32M", "--api-socket"])
@@ -172,8 +173,9 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(common::Spawned)
         .unwrap();
-    common::read_until(source.stdout.as_mut().unwrap(), "Hello");
+    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
     while !target_socket.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -193,13 +195,13 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         "{report}"
     );
 
-    let status = source.wait().unwrap();
+    let status = source.wait();
     assert!(
         status.success(),
         "the source exits 0 once its guest runs elsewhere"
     );
     let mut err = String::new();
-    std::io::Read::read_to_string(source.stderr.as_mut().unwrap(), &mut err).unwrap();
+    std::io::Read::read_to_string(source.0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("the guest migrated to another host"), "{err}");
 
     while !target_api.exists() {
@@ -210,7 +212,7 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
     assert_eq!(status["state"], "running");
     assert_eq!(status["memory_bytes"], 32 << 20);
     common::ctl(&target_api, &["shutdown"]);
-    target.wait().unwrap();
+    target.wait();
 
     // Plain TCP is refused without --insecure, on both ends.
     let out = common::veil()
@@ -640,6 +642,7 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         .arg(&target_api)
         .stderr(Stdio::null())
         .spawn()
+        .map(common::Spawned)
         .unwrap();
     let mut source = common::veil()
         .args([
@@ -659,8 +662,9 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(common::Spawned)
         .unwrap();
-    common::read_until(source.stdout.as_mut().unwrap(), "Hello");
+    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
     while !target_socket.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -674,7 +678,7 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         common::describe(&refused)
     );
     // The target gave up on that attempt; start another one.
-    target.wait().unwrap();
+    target.wait();
     let mut target = common::veil()
         .args([
             "receive",
@@ -690,6 +694,7 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         .arg(&target_api)
         .stderr(Stdio::null())
         .spawn()
+        .map(common::Spawned)
         .unwrap();
     while !target_socket.exists() {
         std::thread::sleep(Duration::from_millis(10));
@@ -705,7 +710,7 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         ],
     );
     assert!(out.status.success(), "{}", common::describe(&out));
-    assert!(source.wait().unwrap().success());
+    assert!(source.wait().success());
     while !target_api.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -722,5 +727,5 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         "READY travelled with it"
     );
     common::ctl(&target_api, &["shutdown"]);
-    target.wait().unwrap();
+    target.wait();
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Two namespaces, A (10.77.0.1) and B (10.77.0.2), removed when dropped.
@@ -95,7 +95,7 @@ fn wait_for(path: &Path) {
     }
 }
 
-fn spinning_guest(hosts: &TwoHosts, api: &Path) -> Child {
+fn spinning_guest(hosts: &TwoHosts, api: &Path) -> common::Spawned {
     let kit = common::kit().to_str().unwrap().to_string();
     let mut source = hosts
         .veil(
@@ -115,8 +115,9 @@ fn spinning_guest(hosts: &TwoHosts, api: &Path) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(common::Spawned)
         .unwrap();
-    common::read_until(source.stdout.as_mut().unwrap(), "Hello");
+    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
     wait_for(api);
     source
 }
@@ -146,6 +147,7 @@ fn a_guest_migrates_from_one_host_to_another_over_tcp() {
         )
         .stderr(Stdio::null())
         .spawn()
+        .map(common::Spawned)
         .unwrap();
     let mut source = spinning_guest(&hosts, &source_api);
     // The target needs a moment to listen; retry the first connection briefly.
@@ -166,16 +168,13 @@ fn a_guest_migrates_from_one_host_to_another_over_tcp() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(out.status.success(), "{}", common::describe(&out));
-    assert!(
-        source.wait().unwrap().success(),
-        "the source host's veil lets go"
-    );
+    assert!(source.wait().success(), "the source host's veil lets go");
     wait_for(&target_api);
     let status: serde_json::Value =
         serde_json::from_slice(&common::ctl(&target_api, &["--json", "status"]).stdout).unwrap();
     assert_eq!(status["state"], "running");
     common::ctl(&target_api, &["shutdown"]);
-    target.wait().unwrap();
+    target.wait();
 }
 
 #[test]
@@ -203,5 +202,5 @@ fn with_the_link_down_the_guest_stays_on_its_host() {
         serde_json::from_slice(&common::ctl(&source_api, &["--json", "status"]).stdout).unwrap();
     assert_eq!(status["state"], "running");
     common::ctl(&source_api, &["shutdown"]);
-    source.wait().unwrap();
+    source.wait();
 }

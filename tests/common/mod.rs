@@ -141,3 +141,22 @@ pub fn assert_guest_restamps(memory: &veil_hypervisor::GuestMemory, seed: u64, g
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// A child process that is killed if the test ends (or fails) before waiting for it, so a
+/// failing test does not leave a VMM running.
+pub struct Spawned(pub std::process::Child);
+
+impl Spawned {
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
