@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use veil_hypervisor::boot::LoadedKind;
 use veil_hypervisor::cpuid::{Cpuid, Register};
+use veil_hypervisor::memory::guest_slice_mut;
 use veil_hypervisor::paravirt::BlockReason;
 use veil_hypervisor::GuestMemory;
 
@@ -27,7 +28,7 @@ use veil_sev::firmware::{Firmware, FirmwareError, Handle, Packet};
 use veil_sev::flow::{Launch, Measured};
 use veil_sev::hardware::{sev_cpuid, HardwareFirmware, SEV_DEVICE};
 use veil_sev::policy::GuestPolicy;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// CPUID leaf of AMD's memory-encryption features.
 const CPUID_MEM_ENCRYPT: u32 = 0x8000_001f;
@@ -293,12 +294,11 @@ pub fn launch(
         let start = range.start.0 & !(LAUNCH_ALIGN - 1);
         let end = (range.start.0 + range.len).next_multiple_of(LAUNCH_ALIGN);
         // SAFETY: the VM has not started and nothing else holds guest memory.
-        let data = unsafe { guest_bytes(memory, start, (end - start) as usize) }.ok_or(
-            SevLaunchError::SecretOutsideRam {
+        let data = unsafe { guest_slice_mut(memory, GuestAddress(start), (end - start) as usize) }
+            .ok_or(SevLaunchError::SecretOutsideRam {
                 gpa: start,
                 len: (end - start) as usize,
-            },
-        )?;
+            })?;
         launch.update_data(data)?;
         measured.push(MeasuredRange {
             what: kind_name(range.kind).into(),
@@ -353,28 +353,6 @@ fn kind_name(kind: LoadedKind) -> &'static str {
         LoadedKind::Cmdline => "cmdline",
         LoadedKind::BootParams => "boot-params",
     }
-}
-
-/// A mutable view of guest RAM for the firmware (hardware encrypts it in place).
-///
-/// # Safety
-/// Nothing else may access those bytes while the slice lives: no vCPU runs (the VM has not
-/// started) and the caller holds no other reference into them.
-// Guest RAM is shared memory behind `&GuestMemory`; exclusivity comes from the VM not running,
-// which the `unsafe` contract states.
-#[allow(clippy::mut_from_ref)]
-unsafe fn guest_bytes(memory: &GuestMemory, gpa: u64, len: usize) -> Option<&mut [u8]> {
-    let region = memory.find_region(GuestAddress(gpa))?;
-    let offset = gpa - region.start_addr().0;
-    if offset + len as u64 > region.len() {
-        return None;
-    }
-    let host = region
-        .get_host_address(vm_memory::MemoryRegionAddress(offset))
-        .ok()?;
-    // SAFETY: the range lies inside one mapped region (checked above), which outlives the
-    // borrow of `memory`; exclusivity is the caller's promise.
-    Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
 }
 
 fn read_owner_start(
@@ -455,7 +433,8 @@ fn inject_secret(
         len: data.len(),
     };
     // SAFETY: the VM has not started and nothing else holds guest memory.
-    let dest = unsafe { guest_bytes(memory, file.gpa, data.len()) }.ok_or(outside)?;
+    let dest =
+        unsafe { guest_slice_mut(memory, GuestAddress(file.gpa), data.len()) }.ok_or(outside)?;
     launch.inject_secret(&Packet { header, data }, dest)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 
-use veil_hypervisor::memory::PAGE_SIZE;
+use veil_hypervisor::memory::{guest_slice_mut, PAGE_SIZE};
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::GuestMemory;
 use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
@@ -42,24 +42,6 @@ pub enum ReceiveError {
     BadPdh,
     #[error("SEV firmware error")]
     Firmware(#[from] veil_sev::firmware::FirmwareError),
-}
-
-/// A mutable view of guest RAM for RECEIVE_UPDATE_DATA (hardware writes the page encrypted
-/// in place).
-///
-/// # Safety
-/// Nothing else may access those bytes while the slice lives (the VM has not started).
-#[allow(clippy::mut_from_ref)] // Guest RAM is shared memory behind `&GuestMemory`.
-unsafe fn guest_page(memory: &GuestMemory, at: GuestAddress, len: usize) -> Option<&mut [u8]> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-    let region = memory.find_region(at)?;
-    let offset = at.0 - region.start_addr().0;
-    if offset + len as u64 > region.len() {
-        return None;
-    }
-    let host = region.get_host_address(MemoryRegionAddress(offset)).ok()?;
-    // SAFETY: inside one mapped region that outlives the borrow; exclusivity is the caller's.
-    Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
 }
 
 /// A guest whose source has been accepted.
@@ -163,7 +145,7 @@ impl<S: Read + Write> Incoming<S> {
                                     data: data.clone(),
                                 };
                                 // SAFETY: the VM has not started; nothing else touches its RAM.
-                                let dest = unsafe { guest_page(memory, at, data.len()) }
+                                let dest = unsafe { guest_slice_mut(memory, at, data.len()) }
                                     .ok_or(ReceiveError::Sev)?;
                                 receiver.update_data(&packet, dest)?;
                             }
