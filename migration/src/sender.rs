@@ -416,6 +416,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             stream: &mut *self.stream,
             bytes: &mut self.report.bytes,
             monitor: self.monitor,
+            pending: 0,
         };
         // Page states as they are when each page goes: a page that changes state afterwards is
         // dirty again and goes again under its new state.
@@ -442,10 +443,6 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             };
             out.push(PageRef { gfn, content })?;
             self.report.pages_sent += 1;
-            self.monitor.update(|p| {
-                p.pages_sent += 1;
-                p.pages_left = p.pages_left.saturating_sub(1);
-            });
             if self.sent.binary_search(&gfn).is_ok() {
                 self.report.pages_resent += 1;
             }
@@ -465,6 +462,8 @@ struct ChunkOut<'a, S> {
     stream: &'a mut S,
     bytes: &'a mut u64,
     monitor: &'a MigrationMonitor,
+    /// Pages in the chunk being built, published to the monitor when it goes out.
+    pending: u64,
 }
 
 impl<S: Write> ChunkOut<'_, S> {
@@ -473,6 +472,7 @@ impl<S: Write> ChunkOut<'_, S> {
             self.flush()?;
             self.encoder.push(page)?;
         }
+        self.pending += 1;
         Ok(())
     }
 
@@ -483,8 +483,14 @@ impl<S: Write> ChunkOut<'_, S> {
             self.session.send_memory_chunk(&chunk)?;
             self.stream.write_all(frame).map_err(ProtocolError::Io)?;
             *self.bytes += frame.len() as u64;
-            let bytes = *self.bytes;
-            self.monitor.update(|p| p.bytes_sent = bytes);
+            // Once per chunk, not per page: the monitor's lock stays off the page loop.
+            let (bytes, pages) = (*self.bytes, self.pending);
+            self.monitor.update(|p| {
+                p.bytes_sent = bytes;
+                p.pages_sent += pages;
+                p.pages_left = p.pages_left.saturating_sub(pages);
+            });
+            self.pending = 0;
         }
         self.encoder.clear();
         // Between chunks: the earliest a cancel can take effect without a torn frame.
