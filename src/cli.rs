@@ -173,20 +173,32 @@ pub enum CtlCommand {
     Resume,
     /// Stop the VM (the `veil run` serving it exits).
     Shutdown,
-    /// Live-migrate the guest to a `veil receive` (pre-copy; plain guests only for now). On
-    /// success the guest runs on the target and this VMM exits; on failure it keeps running
-    /// here and the reason is printed.
+    /// Live-migrate the guest to a `veil receive` (pre-copy; plain and SEV guests). Shows a
+    /// progress bar on a terminal, then a report. On success the guest runs on the target and
+    /// this VMM exits; on failure, timeout or cancel it keeps running here and the reason is
+    /// printed.
     Migrate {
-        /// The target: unix:PATH, or tcp:HOST:PORT with --insecure.
+        /// The target: unix:PATH, or tcp:HOST:PORT with mutual TLS (--tls-*) or --insecure.
         #[arg(long, value_name = "ENDPOINT")]
         to: String,
         /// The longest the guest may be paused at the end.
         #[arg(long, default_value_t = 300, value_name = "N")]
         downtime_ms: u64,
+        /// Give up after N seconds if the migration has not completed (the guest stays
+        /// here, the target discards what it received). Default: no limit beyond the pass
+        /// limit.
+        #[arg(long, value_name = "N")]
+        timeout_s: Option<u64>,
         /// Allow plain TCP: the guest's memory crosses the network unencrypted and the target
-        /// is not authenticated (TLS is not implemented yet).
-        #[arg(long)]
+        /// is not authenticated.
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
         insecure: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// The name the target's certificate must carry (DNS name or IP address), when it is
+        /// not the host in --to.
+        #[arg(long, requires = "tls_cert", value_name = "NAME")]
+        tls_server_name: Option<String>,
         /// If the guest is temporarily unmigratable (it has not set KVM_MIGRATION_READY, e.g.
         /// while rebooting), wait up to this long (e.g. 30s) instead of refusing at once. A
         /// permanently blocked guest is refused at once either way.
@@ -196,22 +208,60 @@ pub enum CtlCommand {
         /// in FILE as a target, besides AMD's roots. An emulated target needs this.
         #[arg(long, value_name = "FILE")]
         sev_trust_chain: Option<PathBuf>,
+        /// Don't draw the progress bar (it is drawn only on a terminal anyway).
+        #[arg(long)]
+        no_progress: bool,
     },
     /// Stop the migration under way; the guest keeps running here and the target discards
     /// what it received.
     MigrateCancel,
 }
 
+/// Mutual TLS between migration peers: all three, or none.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// This host's TLS certificate chain (PEM, leaf first): migration peers authenticate each
+    /// other with it.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"], value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"], value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) the peer's certificate must chain to.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"], value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files, made absolute (a VMM may read them from another working directory).
+    pub fn files(&self) -> Option<veil_migration::tls::TlsFiles> {
+        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        Some(veil_migration::tls::TlsFiles {
+            cert: absolute(self.tls_cert.as_ref()?),
+            key: absolute(self.tls_key.as_ref()?),
+            ca: absolute(self.tls_ca.as_ref()?),
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
-    /// Where to wait for the source: unix:PATH, or tcp:ADDR:PORT with --insecure.
+    /// Where to wait for the source: unix:PATH, or tcp:ADDR:PORT with mutual TLS (--tls-*) or
+    /// --insecure. Over TLS, a source whose certificate is not trusted is turned away before
+    /// it can send anything, and Veil keeps waiting.
     #[arg(long, value_name = "ENDPOINT")]
     pub listen: String,
 
-    /// Accept plain TCP: the guest's memory arrives unencrypted from an unauthenticated peer
-    /// (TLS is not implemented yet).
-    #[arg(long)]
+    /// Accept plain TCP: the guest's memory arrives unencrypted from an unauthenticated peer.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
     pub insecure: bool,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// Back the arriving guest's RAM with this file (as `run --memory-file`).
+    #[arg(long, value_name = "PATH")]
+    pub memory_file: Option<PathBuf>,
 
     /// Where the guest's COM1 output goes once it runs here (as for `run`).
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "SINK")]

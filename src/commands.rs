@@ -100,9 +100,24 @@ fn run_until_stopped((builder, api_socket): (VmBuilder, Option<PathBuf>)) -> Com
 fn receive(args: ReceiveArgs) -> CommandResult {
     use veil_migration::{receiver, transport};
     let endpoint: transport::Endpoint = args.listen.parse()?;
-    let listener = transport::listen(&endpoint, args.insecure)?;
+    let security = transport::Security {
+        tls: args.tls.files(),
+        insecure: args.insecure,
+        server_name: None,
+    };
+    let listener = transport::listen(&endpoint, &security)?;
     eprintln!("veil: waiting for a guest on {endpoint}");
-    let stream = listener.accept()?;
+    let stream = loop {
+        match listener.accept() {
+            Ok(stream) => break stream,
+            // An unauthenticated peer gets nothing, and the real source may still come.
+            Err(e @ transport::TransportError::Rejected { .. }) => {
+                eprintln!("veil: {}", veil::error_chain(&e))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    eprintln!("veil: source connected over {}", stream.protection());
     // An SEV host sends its chain in the handshake so the source can verify it.
     let sev_chain = if args.sev {
         use sev::parser::Encoder;
@@ -142,6 +157,9 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
         .serial(args.serial);
+    if let Some(path) = args.memory_file {
+        builder = builder.memory_file(path);
+    }
     if let Some(sev) = shape.sev() {
         builder = builder.sev(veil::sev_launch::SevConfig {
             platform: args.sev_platform.platform(),

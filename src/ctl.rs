@@ -23,13 +23,20 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         CtlCommand::Migrate {
             to,
             downtime_ms,
+            timeout_s,
             insecure,
+            tls,
+            tls_server_name,
             wait_ready,
             sev_trust_chain,
+            no_progress: _,
         } => Request::Migrate {
             to: to.clone(),
             downtime_ms: Some(*downtime_ms),
+            timeout_s: *timeout_s,
             insecure: *insecure,
+            tls: tls.files(),
+            tls_server_name: tls_server_name.clone(),
             wait_ready_ms: wait_ready.map(|d| d.as_millis() as u64),
             // Read by the VMM, which may run elsewhere in the filesystem: make it absolute.
             sev_trust_chain: sev_trust_chain.as_ref().map(|p| {
@@ -41,7 +48,16 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         },
         CtlCommand::MigrateCancel => Request::MigrateCancel,
     };
-    let response = ApiClient::connect(&args.api_socket)?.request(&request)?;
+    let mut client = ApiClient::connect(&args.api_socket)?;
+    let progress = match &args.command {
+        CtlCommand::Migrate { no_progress, .. } if !no_progress && !args.json => {
+            crate::progress::MigrationBar::start(&args.api_socket)
+        }
+        _ => None,
+    };
+    let response = client.request(&request);
+    drop(progress);
+    let response = response?;
     if !response.ok {
         return Err(Box::new(Refused(response.error.unwrap_or_default())));
     }
@@ -51,23 +67,37 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
     } else if matches!(args.command, CtlCommand::Status) {
         print_status(&result);
     } else if matches!(args.command, CtlCommand::Migrate { .. }) {
-        println!(
-            "migrated to {} in {:.0} ms (downtime {:.1} ms): {} bytes, {} dirty passes, {} pages sent ({} zero, {} re-sent)",
-            result["to"].as_str().unwrap_or("?"),
-            result["total_ms"].as_f64().unwrap_or(0.0),
-            result["downtime_ms"].as_f64().unwrap_or(0.0),
-            result["bytes"],
-            result["passes"],
-            result["pages_sent"],
-            result["zero_pages"],
-            result["pages_resent"]
-        );
+        print_migration_report(&result);
     } else if matches!(args.command, CtlCommand::MigrateCancel) {
         println!("cancelling the migration");
     } else {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_migration_report(r: &Value) {
+    let number = |key: &str| r[key].as_u64().unwrap_or(0);
+    println!(
+        "migrated to {} over {} in {:.0} ms (downtime {:.1} ms)",
+        r["to"].as_str().unwrap_or("?"),
+        r["transport"].as_str().unwrap_or("?"),
+        r["total_ms"].as_f64().unwrap_or(0.0),
+        r["downtime_ms"].as_f64().unwrap_or(0.0),
+    );
+    println!(
+        "  {} on the wire, {} dirty passes after the first full one",
+        crate::progress::bytes(number("bytes") as f64),
+        number("passes")
+    );
+    println!(
+        "  {} pages sent: {} private through the SEV firmware, {} in the clear ({} of them zero); {} re-sent",
+        number("pages_sent"),
+        number("private_pages"),
+        number("clear_pages"),
+        number("zero_pages"),
+        number("pages_resent")
+    );
 }
 
 fn print_status(s: &Value) {

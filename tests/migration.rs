@@ -28,11 +28,6 @@ fn dirtying_guest(memory: u64) -> (veil::Vm, CapturedOutput) {
     (vm, out)
 }
 
-/// Guest RAM with no VM: where a target that only receives puts what arrives.
-fn scratch_ram(size: u64) -> veil_hypervisor::GuestRam {
-    veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig { size, file: None }).unwrap()
-}
-
 fn word(memory: &veil_hypervisor::GuestMemory, gfn: u64) -> u64 {
     memory.read_obj(GuestAddress(gfn << 12)).unwrap()
 }
@@ -219,13 +214,13 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
     common::ctl(&target_api, &["shutdown"]);
     target.wait();
 
-    // Plain TCP is refused without --insecure, on both ends.
+    // TCP without TLS is refused unless --insecure says otherwise.
     let out = common::veil()
         .args(["receive", "--listen", "tcp:127.0.0.1:45999"])
         .output()
         .unwrap();
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("pass --insecure"),
+        String::from_utf8_lossy(&out.stderr).contains("TCP needs mutual TLS"),
         "{}",
         common::describe(&out)
     );
@@ -251,7 +246,7 @@ fn try_migrate(vm: &veil::Vm, options: &SendOptions) -> Result<(), SendError> {
         // A target that accepts and would receive, if the source ever sent.
         scope.spawn(move || {
             if let Ok(mut incoming) = receiver::accept(from_source, |_| Ok(()), None) {
-                let memory = scratch_ram(incoming.shape().ram_bytes());
+                let memory = common::scratch_ram(incoming.shape().ram_bytes());
                 let _ = incoming.receive_into(memory.memory(), None);
             }
         });
@@ -328,7 +323,7 @@ fn a_guest_that_becomes_unmigratable_mid_way_stays_on_the_source() {
                 Some(0),
             )
         });
-        let memory = scratch_ram(32 << 20);
+        let memory = common::scratch_ram(32 << 20);
         let target_saw = incoming
             .receive_into(memory.memory(), None)
             .map(drop)
@@ -367,7 +362,7 @@ fn a_cancelled_migration_leaves_the_guest_on_the_source_and_tells_the_target() {
             std::thread::yield_now();
         }
         assert!(monitor.cancel());
-        let memory = scratch_ram(64 << 20);
+        let memory = common::scratch_ram(64 << 20);
         let target_saw = incoming
             .receive_into(memory.memory(), None)
             .map(drop)
@@ -581,7 +576,7 @@ fn an_sev_guest_is_not_sent_to_an_untrusted_platform() {
             )
         });
         let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(chain)).unwrap();
-        let memory = scratch_ram(32 << 20);
+        let memory = common::scratch_ram(32 << 20);
         let _ = incoming.receive_into(memory.memory(), None);
         sending.join().unwrap().unwrap_err()
     });

@@ -1,11 +1,33 @@
 //! Two hosts on one machine: two network namespaces joined by a veth pair, a `veil` in each,
-//! and a guest migrating over TCP between them. Needs root (skipped, with the reason, without).
+//! and a guest migrating between them over mutual TLS, there and back, with its RAM in files
+//! the test checks after every landing; then what must happen when things go wrong. Needs root
+//! (skipped, with the reason, without).
 
 mod common;
 
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::tls::Ca;
+use veil_guest_abi::page_stamp;
+use veil_migration::tls::TlsFiles;
+
+const A_ADDR: &str = "10.77.0.1";
+const B_ADDR: &str = "10.77.0.2";
+const GUEST_RAM: u64 = 32 << 20;
+/// Pages the test fills with its pattern and checks on every landing: above the kit's image.
+const CHECKED: std::ops::Range<u64> = 0x1000..0x2000;
+/// Pages the guest keeps stamping (seed `SEED`), inside the checked ones.
+const STAMPED_FIRST: u64 = 0x1800;
+const STAMPED_COUNT: u64 = 256;
+const SEED: u64 = 0x5eed;
+/// Pages an SEV guest shares (then stamps with `SHARED_SEED`), inside the checked ones.
+const SHARED_FIRST: u64 = 0x1100;
+const SHARED_COUNT: u64 = 4;
+const SHARED_SEED: u64 = 0x5a;
 
 /// Two namespaces, A (10.77.0.1) and B (10.77.0.2), removed when dropped.
 struct TwoHosts {
@@ -13,6 +35,10 @@ struct TwoHosts {
     b: String,
     /// The veth end in A.
     va: String,
+    dir: common::TempDir,
+    /// Each host's TLS identity, from one CA.
+    tls_a: TlsFiles,
+    tls_b: TlsFiles,
 }
 
 /// Tests in one process each get their own pair of hosts.
@@ -40,16 +66,21 @@ impl TwoHosts {
         let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
         ip(&["netns", "add", &a]);
         ip(&["netns", "add", &b]);
+        let dir = common::TempDir::new(&format!("two-hosts-{n}"));
+        let ca = Ca::new(&dir.0, "site");
         let hosts = Self {
             a: a.clone(),
             b: b.clone(),
             va: va.to_string(),
+            tls_a: ca.host(&dir.0, "host-a", &[A_ADDR]),
+            tls_b: ca.host(&dir.0, "host-b", &[B_ADDR]),
+            dir,
         };
         ip(&["link", "add", va, "type", "veth", "peer", "name", vb]);
         ip(&["link", "set", va, "netns", &a]);
         ip(&["link", "set", vb, "netns", &b]);
-        ip(&["-n", &a, "addr", "add", "10.77.0.1/24", "dev", va]);
-        ip(&["-n", &b, "addr", "add", "10.77.0.2/24", "dev", vb]);
+        ip(&["-n", &a, "addr", "add", &format!("{A_ADDR}/24"), "dev", va]);
+        ip(&["-n", &b, "addr", "add", &format!("{B_ADDR}/24"), "dev", vb]);
         for (ns, dev) in [(&a, va), (&b, vb)] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
@@ -57,12 +88,25 @@ impl TwoHosts {
         hosts
     }
 
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path(file)
+    }
+
     /// `veil ARGS` inside namespace `ns`.
-    fn veil(&self, ns: &str, args: &[&str]) -> Command {
+    fn veil(&self, ns: &str, args: &[String]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_veil")])
-            .args(args);
+            .args(args)
+            .env_remove("VEIL_LOG");
         c
+    }
+
+    /// Slows A's side of the link, so a migration lasts long enough to break it mid-way.
+    fn throttle(&self, rate: &str) {
+        ip(&[
+            "netns", "exec", &self.a, "tc", "qdisc", "add", "dev", &self.va, "root", "tbf", "rate",
+            rate, "burst", "64kb", "latency", "500ms",
+        ]);
     }
 
     fn link_down(&self) {
@@ -95,112 +139,428 @@ fn wait_for(path: &Path) {
     }
 }
 
-fn spinning_guest(hosts: &TwoHosts, api: &Path) -> common::Spawned {
-    let kit = common::kit().to_str().unwrap().to_string();
-    let mut source = hosts
-        .veil(
-            &hosts.a,
-            &[
-                "run",
-                "--memory",
-                "32M",
-                "--api-socket",
-                api.to_str().unwrap(),
-                "--cmdline",
-                "greet spin",
-                "--kernel",
-                &kit,
-            ],
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn tls_args(files: &TlsFiles) -> Vec<String> {
+    common::tls::args(files)
+}
+
+/// The test's pattern: the 64-bit word at byte `offset` of guest RAM (below 3 GiB).
+fn pattern(offset: u64) -> u64 {
+    page_stamp(0x9a77e54, offset / 8)
+}
+
+/// A memory file whose checked pages hold the pattern.
+fn patterned_memory_file(path: &Path) {
+    let file = File::create(path).unwrap();
+    file.set_len(GUEST_RAM).unwrap();
+    let start = CHECKED.start * 4096;
+    let bytes: Vec<u8> = (start..CHECKED.end * 4096)
+        .step_by(8)
+        .flat_map(|offset| pattern(offset).to_le_bytes())
+        .collect();
+    file.write_all_at(&bytes, start).unwrap();
+}
+
+/// What word 0 of page `gfn` must hold: a stamp where the guest stamps, else the pattern.
+fn first_word(gfn: u64, sev: bool) -> u64 {
+    if (STAMPED_FIRST..STAMPED_FIRST + STAMPED_COUNT).contains(&gfn) {
+        page_stamp(SEED, gfn)
+    } else if sev && (SHARED_FIRST..SHARED_FIRST + SHARED_COUNT).contains(&gfn) {
+        page_stamp(SHARED_SEED, gfn)
+    } else {
+        pattern(gfn * 4096)
+    }
+}
+
+/// Checks every checked page of a memory file; panics naming the first wrong word.
+fn assert_memory_file_holds_the_guest(path: &Path, sev: bool) {
+    let file = File::open(path).unwrap();
+    let mut page = vec![0u8; 4096];
+    for gfn in CHECKED {
+        file.read_exact_at(&mut page, gfn * 4096).unwrap();
+        for (i, word) in page.chunks_exact(8).enumerate() {
+            let found = u64::from_le_bytes(word.try_into().unwrap());
+            let offset = gfn * 4096 + i as u64 * 8;
+            let expected = if i == 0 {
+                first_word(gfn, sev)
+            } else {
+                pattern(offset)
+            };
+            assert_eq!(
+                found,
+                expected,
+                "{}: wrong word at guest address {offset:#x}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Wipes a stamp in the memory file and waits for the guest to write it again.
+fn assert_guest_runs_on(path: &Path) {
+    let file = File::options().read(true).write(true).open(path).unwrap();
+    let gfn = STAMPED_FIRST + 17;
+    let at = gfn * 4096;
+    file.write_all_at(&0u64.to_le_bytes(), at).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, at).unwrap();
+        if u64::from_le_bytes(word) == page_stamp(SEED, gfn) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no guest is running on {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn guest_cmdline(sev: bool) -> String {
+    let stamping = format!("dirty-loop:seed={SEED},first={STAMPED_FIRST:#x},count={STAMPED_COUNT}");
+    if sev {
+        // Share some pages and stamp them, declare READY (SEV guests start unready), then
+        // keep stamping private pages.
+        format!(
+            "greet hypercall:gpa={:#x},pages={SHARED_COUNT},attrs=0,expect=0 \
+             stamp:seed={SHARED_SEED},first={SHARED_FIRST:#x},count={SHARED_COUNT} \
+             msr-write:value=1 {stamping}",
+            SHARED_FIRST * 4096
         )
-        .stdout(Stdio::piped())
+    } else {
+        format!("greet {stamping}")
+    }
+}
+
+/// Options for an emulated SEV platform whose identity lives in `dir`.
+fn sev_platform(dir: &Path) -> Vec<String> {
+    strings(&["--sev-platform", "emulated", "--sev-state-dir"])
+        .into_iter()
+        .chain([dir.display().to_string()])
+        .collect()
+}
+
+/// Starts the guest on host A from a patterned memory file.
+fn start_guest(hosts: &TwoHosts, sev: bool, api: &Path) -> common::Spawned {
+    let memory = hosts.path("a.mem");
+    patterned_memory_file(&memory);
+    let serial = hosts.path("a.out");
+    let mut args = strings(&["run", "--memory", "32M", "--memory-file"]);
+    args.push(memory.display().to_string());
+    args.extend(strings(&["--api-socket", api.to_str().unwrap()]));
+    args.push("--serial".into());
+    args.push(format!("file:{}", serial.display()));
+    if sev {
+        args.push("--sev".into());
+        args.extend(sev_platform(&hosts.path("sev-a")));
+    }
+    args.extend(strings(&["--cmdline", &guest_cmdline(sev), "--kernel"]));
+    args.push(common::kit().display().to_string());
+    let source = hosts
+        .veil(&hosts.a, &args)
         .stderr(Stdio::null())
         .spawn()
         .map(common::Spawned)
         .unwrap();
-    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
-    wait_for(api);
+    wait_for_output(&serial, "stamping");
     source
 }
 
-#[test]
-fn a_guest_migrates_from_one_host_to_another_over_tcp() {
-    if !root() {
-        eprintln!("skipped: network namespaces need root");
-        return;
+fn wait_for_output(file: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let hosts = TwoHosts::new();
-    let dir = common::TempDir::new("two-hosts");
-    let (source_api, target_api) = (dir.path("a.sock"), dir.path("b.sock"));
-    let mut target = hosts
-        .veil(
-            &hosts.b,
-            &[
-                "receive",
-                "--listen",
-                "tcp:10.77.0.2:47000",
-                "--insecure",
-                "--serial",
-                "null",
-                "--api-socket",
-                target_api.to_str().unwrap(),
-            ],
-        )
-        .stderr(Stdio::null())
+}
+
+/// A `veil receive` in namespace `ns` listening on `addr:port`.
+struct Receiver {
+    process: common::Spawned,
+    api: PathBuf,
+    memory: PathBuf,
+    stderr: PathBuf,
+}
+
+fn receive(hosts: &TwoHosts, ns: &str, addr: &str, name: &str, extra: &[String]) -> Receiver {
+    let (api, memory, stderr) = (
+        hosts.path(&format!("{name}.sock")),
+        hosts.path(&format!("{name}.mem")),
+        hosts.path(&format!("{name}.err")),
+    );
+    let mut args = strings(&["receive", "--listen", &format!("tcp:{addr}:47000")]);
+    args.extend(strings(&["--serial", "null", "--api-socket"]));
+    args.push(api.display().to_string());
+    args.push("--memory-file".into());
+    args.push(memory.display().to_string());
+    args.extend_from_slice(extra);
+    let process = hosts
+        .veil(ns, &args)
+        .stderr(File::create(&stderr).unwrap())
         .spawn()
         .map(common::Spawned)
         .unwrap();
-    let mut source = spinning_guest(&hosts, &source_api);
-    // The target needs a moment to listen; retry the first connection briefly.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let out = loop {
-        let out = common::ctl(
-            &source_api,
-            &["migrate", "--to", "tcp:10.77.0.2:47000", "--insecure"],
-        );
-        if out.status.success() || Instant::now() > deadline {
-            break out;
+    wait_for_output(&stderr, "waiting for a guest");
+    Receiver {
+        process,
+        api,
+        memory,
+        stderr,
+    }
+}
+
+/// `veil ctl migrate` from the VMM at `api` to `addr`.
+fn migrate(api: &Path, addr: &str, extra: &[String]) -> std::process::Output {
+    let mut args = strings(&["migrate", "--to", &format!("tcp:{addr}:47000")]);
+    args.extend_from_slice(extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::ctl(api, &args)
+}
+
+fn status(api: &Path) -> serde_json::Value {
+    serde_json::from_slice(&common::ctl(api, &["--json", "status"]).stdout).unwrap()
+}
+
+/// Migrates A -> B -> A over mutual TLS, checking the guest's memory file and that it runs
+/// after each landing.
+fn there_and_back(sev: bool) {
+    let hosts = TwoHosts::new();
+    let a_api = hosts.path("a.sock");
+    let mut source = start_guest(&hosts, sev, &a_api);
+    let before = status(&a_api);
+    let sev_chain = |name: &str| -> Vec<String> {
+        if !sev {
+            return Vec::new();
         }
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("Cannot connect"),
-            "{}",
-            common::describe(&out)
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        // The source trusts the target's emulated platform through its exported chain.
+        let chain = hosts.path(&format!("{name}.chain"));
+        let out = common::veil()
+            .args(["sev", "export-chain", "--out"])
+            .arg(&chain)
+            .args(sev_platform(&hosts.path(name)))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::describe(&out));
+        vec!["--sev-trust-chain".into(), chain.display().to_string()]
     };
+    let receiver_sev = |name: &str| -> Vec<String> {
+        if sev {
+            let mut v = vec!["--sev".to_string()];
+            v.extend(sev_platform(&hosts.path(name)));
+            v
+        } else {
+            Vec::new()
+        }
+    };
+
+    // A -> B.
+    let mut b = receive(
+        &hosts,
+        &hosts.b,
+        B_ADDR,
+        "b",
+        &[tls_args(&hosts.tls_b), receiver_sev("sev-b")].concat(),
+    );
+    let out = migrate(
+        &a_api,
+        B_ADDR,
+        &[tls_args(&hosts.tls_a), sev_chain("sev-b")].concat(),
+    );
     assert!(out.status.success(), "{}", common::describe(&out));
-    assert!(source.wait().success(), "the source host's veil lets go");
-    wait_for(&target_api);
-    let status: serde_json::Value =
-        serde_json::from_slice(&common::ctl(&target_api, &["--json", "status"]).stdout).unwrap();
-    assert_eq!(status["state"], "running");
-    common::ctl(&target_api, &["shutdown"]);
-    target.wait();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("over mutual TLS"), "{report}");
+    if sev {
+        assert!(!report.contains(" 0 private through"), "{report}");
+    }
+    assert!(source.wait().success(), "A's veil lets the guest go");
+    wait_for(&b.api);
+    assert_memory_file_holds_the_guest(&b.memory, sev);
+    assert_guest_runs_on(&b.memory);
+    let landed = status(&b.api);
+    assert_eq!(landed["state"], "running");
+    assert_eq!(landed["migratability"]["state"], "migratable");
+    assert_eq!(
+        landed["page_states"], before["page_states"],
+        "the map travelled"
+    );
+
+    // B -> A, into a new memory file on A.
+    let mut back = receive(
+        &hosts,
+        &hosts.a,
+        A_ADDR,
+        "a2",
+        &[tls_args(&hosts.tls_a), receiver_sev("sev-a")].concat(),
+    );
+    let out = migrate(
+        &b.api,
+        A_ADDR,
+        &[tls_args(&hosts.tls_b), sev_chain("sev-a")].concat(),
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(b.process.wait().success(), "B's veil lets the guest go");
+    wait_for(&back.api);
+    assert_memory_file_holds_the_guest(&back.memory, sev);
+    assert_guest_runs_on(&back.memory);
+    assert_eq!(status(&back.api)["page_states"], before["page_states"]);
+    common::ctl(&back.api, &["shutdown"]);
+    back.process.wait();
 }
 
 #[test]
-fn with_the_link_down_the_guest_stays_on_its_host() {
+fn a_plain_guest_migrates_there_and_back_over_mutual_tls() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    there_and_back(false);
+}
+
+#[test]
+fn an_sev_guest_migrates_there_and_back_over_mutual_tls() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    there_and_back(true);
+}
+
+/// After a failed migration: the guest still runs on A, from intact memory, and B gave up.
+fn assert_guest_stayed_on_a(hosts: &TwoHosts, api: &Path) {
+    assert_eq!(status(api)["state"], "running");
+    assert_memory_file_holds_the_guest(&hosts.path("a.mem"), false);
+    assert_guest_runs_on(&hosts.path("a.mem"));
+}
+
+#[test]
+fn a_source_with_an_untrusted_certificate_gets_nothing_across() {
     if !root() {
         eprintln!("skipped: network namespaces need root");
         return;
     }
     let hosts = TwoHosts::new();
-    let dir = common::TempDir::new("two-hosts-down");
-    let source_api = dir.path("a.sock");
-    let mut source = spinning_guest(&hosts, &source_api);
-    hosts.link_down();
-    let out = common::ctl(
-        &source_api,
-        &["migrate", "--to", "tcp:10.77.0.2:47001", "--insecure"],
-    );
+    let a_api = hosts.path("a.sock");
+    let _source = start_guest(&hosts, false, &a_api);
+    let mut b = receive(&hosts, &hosts.b, B_ADDR, "b", &tls_args(&hosts.tls_b));
+    let rogue = Ca::new(&hosts.dir.0, "rogue");
+    let rogue_a = rogue.host_trusting(&hosts.dir.0, "rogue-a", &[A_ADDR], &hosts.tls_a.ca);
+    let out = migrate(&a_api, B_ADDR, &tls_args(&rogue_a));
     assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Cannot connect to tcp:10.77.0.2:47001"),
+        said.contains("refused this host's TLS certificate"),
         "{}",
         common::describe(&out)
     );
-    let status: serde_json::Value =
-        serde_json::from_slice(&common::ctl(&source_api, &["--json", "status"]).stdout).unwrap();
-    assert_eq!(status["state"], "running");
-    common::ctl(&source_api, &["shutdown"]);
-    source.wait();
+    assert_guest_stayed_on_a(&hosts, &a_api);
+    // The target turned the rogue away, and still waits for the real source.
+    wait_for_output(&b.stderr, "Rejected a connection from 10.77.0.1");
+    assert!(b.process.0.try_wait().unwrap().is_none());
+    let out = migrate(&a_api, B_ADDR, &tls_args(&hosts.tls_a));
+    assert!(out.status.success(), "{}", common::describe(&out));
+    wait_for(&b.api);
+    assert_memory_file_holds_the_guest(&b.memory, false);
+    common::ctl(&b.api, &["shutdown"]);
+    b.process.wait();
+}
+
+/// Polls A's migration phase until it is `phase`.
+fn wait_for_phase(api: &Path, phase: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(api);
+        if s["migration"]["phase"] == phase {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never reached {phase}: {}",
+            s["migration"]
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts a migration A -> B over a throttled link, does `break_it` once the migration is in
+/// `phase`, and checks that the guest stayed on A and both sides gave the reason.
+fn broken_migration(phase: &str, break_it: impl FnOnce(&TwoHosts, &mut Receiver)) -> String {
+    let hosts = TwoHosts::new();
+    let a_api = hosts.path("a.sock");
+    let _source = start_guest(&hosts, false, &a_api);
+    // 16 MiB of patterned pages at 200 Mbit/s: the first pass takes most of a second.
+    hosts.throttle("200mbit");
+    let mut b = receive(&hosts, &hosts.b, B_ADDR, "b", &tls_args(&hosts.tls_b));
+    let migrating = {
+        let (api, tls) = (a_api.clone(), tls_args(&hosts.tls_a));
+        // A large downtime budget sends the stamped pages again with the guest paused.
+        std::thread::spawn(move || {
+            migrate(
+                &api,
+                B_ADDR,
+                &[tls, strings(&["--downtime-ms", "60000"])].concat(),
+            )
+        })
+    };
+    wait_for_phase(&a_api, phase);
+    break_it(&hosts, &mut b);
+    let out = migrating.join().unwrap();
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    assert_guest_stayed_on_a(&hosts, &a_api);
+    assert_eq!(status(&a_api)["migration"]["phase"], "failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_target_killed_mid_precopy_leaves_the_guest_on_its_host() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let said = broken_migration("first-pass", |_, b| {
+        let _ = b.process.0.kill();
+        b.process.wait();
+    });
+    assert!(said.contains("Migration stream I/O failed"), "{said}");
+}
+
+#[test]
+fn a_target_killed_mid_stop_and_copy_leaves_the_guest_on_its_host() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let said = broken_migration("stop-and-copy", |_, b| {
+        let _ = b.process.0.kill();
+        b.process.wait();
+    });
+    assert!(said.contains("Migration stream I/O failed"), "{said}");
+}
+
+#[test]
+fn with_the_link_down_mid_migration_the_guest_stays_on_its_host() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    // The source notices when its peer has been silent for the peer timeout (30 s).
+    let said = broken_migration("first-pass", |hosts, b| {
+        hosts.link_down();
+        // The target, too, gives up on a silent source and discards what it received.
+        assert!(!b.process.wait().success());
+        let why = std::fs::read_to_string(&b.stderr).unwrap();
+        assert!(why.contains("Migration stream I/O failed"), "{why}");
+    });
+    assert!(said.contains("Migration stream I/O failed"), "{said}");
 }

@@ -1,17 +1,17 @@
 //! Live migration of Veil guests between hosts.
 //!
 //! - [`protocol`]: framing, messages, limits and the order both sides must keep.
-//! - [`sender`]: pre-copy of a running plain guest over any byte stream.
+//! - [`sender`]: pre-copy of a running guest, plain or SEV, over any byte stream.
 //! - [`receiver`]: accepting a guest, filling a new VM's memory, and running it only once the
 //!   source has let go.
 //!
 //! - [`monitor`]: progress and cancel for a migration under way.
-//! - [`transport`]: UNIX sockets, and plain TCP only when explicitly insecure.
-//!
-//! Not yet: SEV guests (private pages through the firmware) and TLS; see `docs/migration.md`.
+//! - [`transport`]: UNIX sockets, TCP with mutual TLS ([`tls`]), and plain TCP only when
+//!   explicitly insecure.
 
 pub mod monitor;
 pub mod protocol;
 pub mod receiver;
 pub mod sender;
+pub mod tls;
 pub mod transport;

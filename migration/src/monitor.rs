@@ -14,6 +14,8 @@ pub enum Phase {
     Idle,
     /// Agreeing with the target.
     Handshake,
+    /// Waiting for a temporarily blocked guest to become migratable (`--wait-ready`).
+    WaitingForReady,
     /// Sending all of memory once.
     FirstPass,
     /// Sending what the guest dirtied meanwhile.
@@ -45,6 +47,8 @@ pub struct Progress {
     pub pages_left: u64,
     /// Bytes per second over the last pass.
     pub rate: f64,
+    /// Bytes per second the guest dirtied while the last pass was sent.
+    pub dirty_rate: f64,
     /// Why the last migration failed, if it did.
     pub error: Option<String>,
 }

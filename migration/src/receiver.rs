@@ -71,11 +71,14 @@ pub fn accept<S: Read + Write>(
         (Ok(other), _) => return Err(ReceiveError::Aborted(format!("{other:?}"))),
     };
     let sev = hello.vm.sev().is_some();
-    let verdict = if sev && sev_chain.is_none() {
-        Err(
-            "this host does not receive SEV guests (start veil receive with --sev-platform)"
-                .to_string(),
-        )
+    let es = hello
+        .vm
+        .sev()
+        .is_some_and(|s| s.policy.has(veil_sev::policy::GuestPolicy::ES));
+    let verdict = if es {
+        Err("SEV-ES and SEV-SNP guests cannot be migrated: upstream KVM cannot receive their encrypted register state (VMSA)".to_string())
+    } else if sev && sev_chain.is_none() {
+        Err("this host does not receive SEV guests (start veil receive with --sev)".to_string())
     } else {
         check(&hello.vm)
     };
@@ -201,10 +204,23 @@ impl<S: Read + Write> Incoming<S> {
         }
     }
 
-    /// Tells the source why this side gave up (best effort: the link may be gone).
+    /// Tells the source why this side gave up (best effort: the link may be gone), causes
+    /// included: "Migration protocol error" alone would leave the source guessing.
     pub fn report(&mut self, error: &ReceiveError) {
         if self.session.ending().is_none() {
-            let _ = write_frame(&mut self.stream, &Message::error(error.to_string()));
+            let _ = write_frame(&mut self.stream, &Message::error(with_causes(error)));
         }
     }
+}
+
+/// `error: cause: cause ...` on one line.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

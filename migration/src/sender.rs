@@ -36,6 +36,9 @@ pub struct SendOptions {
     /// If the guest is temporarily unmigratable (it has not set `KVM_MIGRATION_READY`), wait
     /// this long for it before giving up; `None` refuses at once.
     pub wait_ready: Option<Duration>,
+    /// Give up (the guest stays here) if the migration has not completed this long after it
+    /// started; `None` lets pre-copy run until `max_passes`.
+    pub timeout: Option<Duration>,
     /// Where progress is published and cancel requests come from.
     pub monitor: Arc<MigrationMonitor>,
 }
@@ -46,6 +49,7 @@ impl Default for SendOptions {
             downtime: Duration::from_millis(300),
             max_passes: 30,
             wait_ready: None,
+            timeout: None,
             monitor: Arc::new(MigrationMonitor::new()),
         }
     }
@@ -73,6 +77,11 @@ pub struct SendReport {
     pub zero_pages: u64,
     /// Pages sent more than once (dirtied after being sent).
     pub pages_resent: u64,
+    /// Pages that went through the SEV firmware (private pages of an SEV guest).
+    pub private_pages: u64,
+    /// Pages that went in the clear (all of a plain guest's; an SEV guest's shared ones),
+    /// zero pages included.
+    pub clear_pages: u64,
     /// Bytes written to the stream.
     pub bytes: u64,
     /// From the handshake to `Complete`.
@@ -122,8 +131,47 @@ pub enum SendError {
     BlockedDuringMigration(String),
     #[error("The migration was cancelled")]
     Cancelled,
+    #[error("The migration did not complete within {0:?}")]
+    TimedOut(Duration),
+    #[error("SEV-ES and SEV-SNP guests cannot be migrated: upstream KVM cannot send their encrypted register state (VMSA)")]
+    SevEs,
     #[error("A migration of this guest is already under way")]
     AlreadyMigrating,
+}
+
+/// A target that fails mid-pass sends its reason and hangs up, so the source's next write
+/// fails; the reason is still in the source's receive buffer. Returns it in place of the
+/// write error when it is there.
+fn target_reason<S: Read>(stream: &mut S, error: SendError) -> SendError {
+    let hung_up = matches!(
+        &error,
+        SendError::Protocol(ProtocolError::Io(io))
+            if matches!(io.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
+    );
+    if !hung_up {
+        return error;
+    }
+    match read_frame(stream).map(|frame| frame.message) {
+        Ok(Message::Error { reason }) | Ok(Message::Cancel { reason }) => {
+            SendError::Aborted(reason)
+        }
+        _ => error,
+    }
+}
+
+impl SendError {
+    /// Whether the stream itself failed, so nothing more can be said to the target.
+    fn is_broken_stream(&self) -> bool {
+        matches!(
+            self,
+            SendError::Protocol(
+                ProtocolError::Io(_)
+                    | ProtocolError::Closed
+                    | ProtocolError::TruncatedHeader { .. }
+                    | ProtocolError::TruncatedPayload { .. }
+            )
+        )
+    }
 }
 
 /// How often to look again while waiting for a temporarily blocked guest.
@@ -153,15 +201,27 @@ fn describe(reasons: &[Blocker]) -> String {
     parts.join("; ")
 }
 
-/// Waits up to `wait` for a temporarily blocked guest; a permanent block ends the wait at once.
-fn wait_until_migratable(vm: &RunningVm, wait: Option<Duration>) -> Result<(), SendError> {
-    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+/// Waits up to `wait` for a temporarily blocked guest; a permanent block ends the wait at once,
+/// and so does a cancel.
+fn wait_until_migratable(
+    vm: &RunningVm,
+    wait: Option<Duration>,
+    monitor: &MigrationMonitor,
+) -> Result<(), SendError> {
+    let deadline = Instant::now() + wait.unwrap_or_default();
     loop {
         match check_migratable(vm) {
-            Err(SendError::TemporarilyBlocked { .. }) if std::time::Instant::now() < deadline => {
+            Err(SendError::TemporarilyBlocked { .. }) if Instant::now() < deadline => {
+                if monitor.cancelled() {
+                    return Err(SendError::Cancelled);
+                }
+                monitor.update(|p| p.phase = Phase::WaitingForReady);
                 std::thread::sleep(READY_POLL)
             }
-            other => return other,
+            other => {
+                monitor.update(|p| p.phase = Phase::Handshake);
+                return other;
+            }
         }
     }
 }
@@ -193,6 +253,8 @@ struct Sender<'a, S> {
     page: Vec<u8>,
     sent: Vec<u64>,
     report: SendReport,
+    /// When to give up, from `SendOptions::timeout`.
+    deadline: Option<(Instant, Duration)>,
 }
 
 /// Migrates `vm` over `stream`. On success the guest has stopped here and runs on the target;
@@ -205,6 +267,9 @@ pub fn send<'f, S: Read + Write>(
 ) -> Result<SendReport, SendError> {
     if vm.paravirt().page_states().is_some() != sev.is_some() {
         return Err(SendError::Sev);
+    }
+    if sev.as_ref().is_some_and(|s| s.policy.has(GuestPolicy::ES)) {
+        return Err(SendError::SevEs);
     }
     if !options.monitor.begin() {
         return Err(SendError::AlreadyMigrating);
@@ -227,7 +292,7 @@ fn send_claimed<'f, S: Read + Write>(
     sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError> {
     // Refuse before touching the target or the guest: nothing to undo.
-    wait_until_migratable(vm, options.wait_ready)?;
+    wait_until_migratable(vm, options.wait_ready, &options.monitor)?;
     let started = Instant::now();
     let mut sender = Sender {
         vm,
@@ -240,6 +305,7 @@ fn send_claimed<'f, S: Read + Write>(
         page: vec![0; PAGE_SIZE as usize],
         sent: Vec::new(),
         report: SendReport::default(),
+        deadline: options.timeout.map(|t| (started + t, t)),
     };
     let result = sender.run(options, started);
     // Whatever happened, stop tracking; resume the guest unless it may now run elsewhere.
@@ -251,9 +317,12 @@ fn send_claimed<'f, S: Read + Write>(
             Ok(sender.report)
         }
         Err(e) => {
-            if sender.session.ending().is_none() {
+            let e = target_reason(sender.stream, e);
+            // A broken stream would only hold the guest paused for another peer timeout.
+            if sender.session.ending().is_none() && !e.is_broken_stream() {
                 let message = match e {
                     SendError::Cancelled => Message::cancel("cancelled by the operator"),
+                    SendError::TimedOut(_) => Message::cancel(e.to_string()),
                     _ => Message::error(e.to_string()),
                 };
                 let _ = write_frame(sender.stream, &message);
@@ -300,27 +369,37 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             .flat_map(|(_, base, len)| base.0 / PAGE_SIZE..(base.0 + len) / PAGE_SIZE)
             .collect();
         self.phase(Phase::FirstPass, all.len());
+        let mut pass_start = Instant::now();
         self.send_pages(&all)?;
         let mut rate = self.report.bytes as f64 / started.elapsed().as_secs_f64().max(1e-6);
         loop {
             // A guest that clears READY (reboot, kexec, suspend) or blocks itself for good
             // mid-way must not be moved: give up and let it run here.
             during_migration(self.vm)?;
+            check_deadline(self.deadline)?;
             let dirty = self.dirty_gfns()?;
+            // What the guest dirtied while the last pass was sent: if it outpaces the link,
+            // more passes will not converge.
+            let dirty_rate = (dirty.len() as u64 * PAGE_SIZE) as f64
+                / pass_start.elapsed().as_secs_f64().max(1e-6);
             self.phase(Phase::DirtyPasses, dirty.len());
-            self.monitor.update(|p| p.rate = rate);
+            self.monitor.update(|p| {
+                p.rate = rate;
+                p.dirty_rate = dirty_rate;
+            });
             let left = Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / rate);
             if left <= options.downtime || self.report.passes >= options.max_passes {
                 self.send_pages(&dirty)?;
                 break;
             }
-            let pass_start = (Instant::now(), self.report.bytes);
+            pass_start = Instant::now();
+            let bytes_before = self.report.bytes;
             self.send_pages(&dirty)?;
             self.report.passes += 1;
             let passes = self.report.passes;
             self.monitor.update(|p| p.passes = passes);
-            let elapsed = pass_start.0.elapsed().as_secs_f64().max(1e-6);
-            rate = (self.report.bytes - pass_start.1) as f64 / elapsed;
+            let elapsed = pass_start.elapsed().as_secs_f64().max(1e-6);
+            rate = (self.report.bytes - bytes_before) as f64 / elapsed;
         }
         let paused = Instant::now();
         if self.vm.pause() != RunState::Paused {
@@ -328,6 +407,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         }
         // With every vCPU parked nothing can change it any more: the last word.
         during_migration(self.vm)?;
+        check_deadline(self.deadline)?;
         let dirty = self.dirty_gfns()?;
         self.phase(Phase::StopAndCopy, dirty.len());
         self.send_pages(&dirty)?;
@@ -417,6 +497,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             bytes: &mut self.report.bytes,
             monitor: self.monitor,
             pending: 0,
+            deadline: self.deadline,
         };
         // Page states as they are when each page goes: a page that changes state afterwards is
         // dirty again and goes again under its new state.
@@ -431,14 +512,17 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 // A private page's plaintext never reaches the stream.
                 let send = self.sev_send.as_mut().ok_or(SendError::Sev)?;
                 packet = send.update_data(&self.page)?;
+                self.report.private_pages += 1;
                 PageContentRef::Encrypted {
                     header: &packet.header,
                     data: &packet.data,
                 }
             } else if zero_pages && self.page.iter().all(|&b| b == 0) {
                 self.report.zero_pages += 1;
+                self.report.clear_pages += 1;
                 PageContentRef::Zero
             } else {
+                self.report.clear_pages += 1;
                 PageContentRef::Plain(self.page.as_slice().try_into().expect("one page"))
             };
             out.push(PageRef { gfn, content })?;
@@ -464,6 +548,7 @@ struct ChunkOut<'a, S> {
     monitor: &'a MigrationMonitor,
     /// Pages in the chunk being built, published to the monitor when it goes out.
     pending: u64,
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl<S: Write> ChunkOut<'_, S> {
@@ -497,7 +582,14 @@ impl<S: Write> ChunkOut<'_, S> {
         if self.monitor.cancelled() {
             return Err(SendError::Cancelled);
         }
-        Ok(())
+        check_deadline(self.deadline)
+    }
+}
+
+fn check_deadline(deadline: Option<(Instant, Duration)>) -> Result<(), SendError> {
+    match deadline {
+        Some((at, timeout)) if Instant::now() >= at => Err(SendError::TimedOut(timeout)),
+        _ => Ok(()),
     }
 }
 

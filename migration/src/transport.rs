@@ -1,11 +1,14 @@
-//! Where a migration goes: a UNIX socket, or TCP (only with an explicit `insecure` until the
-//! TLS transport exists: the receiver must not take state from an unauthenticated peer).
+//! Where a migration goes: a UNIX socket (local, guarded by file permissions), TCP with mutual
+//! TLS, or plain TCP only with an explicit `insecure`: the receiver must not take state from an
+//! unauthenticated peer.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::tls::{TlsClient, TlsError, TlsFiles, TlsServer};
 
 /// A migration endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,8 +22,20 @@ pub enum Endpoint {
 pub enum TransportError {
     #[error("'{0}' is not a migration endpoint: use unix:PATH or tcp:HOST:PORT")]
     Syntax(String),
-    #[error("Plain TCP carries the guest unencrypted and unauthenticated: pass --insecure to accept that (TLS is not implemented yet)")]
+    #[error("TCP needs mutual TLS (--tls-cert, --tls-key and --tls-ca) or, to send the guest unencrypted to an unauthenticated peer, --insecure")]
     Insecure,
+    #[error("Use either TLS or --insecure, not both")]
+    TlsAndInsecure,
+    #[error("TLS applies to tcp: endpoints; a UNIX socket is guarded by its file permissions")]
+    TlsOnUnix,
+    #[error("TLS is not usable")]
+    Tls(#[from] TlsError),
+    #[error("Rejected a connection from {peer}")]
+    Rejected {
+        peer: String,
+        #[source]
+        source: TlsError,
+    },
     #[error("Cannot connect to {0}")]
     Connect(String, #[source] io::Error),
     #[error("Cannot listen on {0}")]
@@ -58,26 +73,99 @@ impl std::fmt::Display for Endpoint {
 /// that died without closing it, a link that went down).
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a migration's connection is protected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// Mutual TLS with these files (TCP only).
+    pub tls: Option<TlsFiles>,
+    /// Allow plain TCP.
+    pub insecure: bool,
+    /// The name the target's certificate must carry, when not the host in its address.
+    pub server_name: Option<String>,
+}
+
+impl Security {
+    /// Plain TCP, on the caller's explicit say-so.
+    pub fn insecure() -> Self {
+        Self {
+            insecure: true,
+            ..Self::default()
+        }
+    }
+
+    /// Mutual TLS with `files`.
+    pub fn tls(files: TlsFiles) -> Self {
+        Self {
+            tls: Some(files),
+            ..Self::default()
+        }
+    }
+
+    /// The TLS files to use on `endpoint`, or why this combination is refused.
+    fn tls_for(&self, endpoint: &Endpoint) -> Result<Option<&TlsFiles>, TransportError> {
+        match (endpoint, &self.tls, self.insecure) {
+            (Endpoint::Unix(_), Some(_), _) => Err(TransportError::TlsOnUnix),
+            (Endpoint::Unix(_), None, _) => Ok(None),
+            (Endpoint::Tcp(_), Some(_), true) => Err(TransportError::TlsAndInsecure),
+            (Endpoint::Tcp(_), Some(files), false) => Ok(Some(files)),
+            (Endpoint::Tcp(_), None, true) => Ok(None),
+            (Endpoint::Tcp(_), None, false) => Err(TransportError::Insecure),
+        }
+    }
+}
+
 /// A connected byte stream.
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    TlsClient(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    TlsServer(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
 }
 
 impl Stream {
-    fn with_timeouts(self) -> io::Result<Self> {
-        match &self {
-            Stream::Unix(s) => {
-                s.set_read_timeout(Some(PEER_TIMEOUT))?;
-                s.set_write_timeout(Some(PEER_TIMEOUT))?;
+    /// How the stream is protected, for reports.
+    pub fn protection(&self) -> &'static str {
+        match self {
+            Stream::Unix(_) => "UNIX socket",
+            Stream::Tcp(_) => "plain TCP (insecure)",
+            Stream::TlsClient(_) | Stream::TlsServer(_) => "mutual TLS",
+        }
+    }
+}
+
+/// Sockets whose waits can be bounded.
+trait Timeouts {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+macro_rules! timeouts_for {
+    ($($socket:ty),*) => {$(
+        impl Timeouts for $socket {
+            fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                <$socket>::set_read_timeout(self, t)
             }
-            Stream::Tcp(s) => {
-                s.set_read_timeout(Some(PEER_TIMEOUT))?;
-                s.set_write_timeout(Some(PEER_TIMEOUT))?;
+            fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                <$socket>::set_write_timeout(self, t)
             }
         }
-        Ok(self)
-    }
+    )*};
+}
+timeouts_for!(TcpStream, UnixStream);
+
+/// Bounds every wait on a silent peer, the TLS handshake included.
+fn set_timeouts(socket: &impl Timeouts) -> io::Result<()> {
+    socket.set_read_timeout(Some(PEER_TIMEOUT))?;
+    socket.set_write_timeout(Some(PEER_TIMEOUT))
+}
+
+/// A TCP connection's timeouts: besides the socket's, the kernel drops the connection once
+/// sent data has gone unacknowledged for the peer timeout (a link that went down), where a
+/// send timeout alone could be restarted by every partial write.
+fn set_tcp_timeouts(socket: &TcpStream) -> io::Result<()> {
+    set_timeouts(socket)?;
+    socket.set_nodelay(true)?;
+    socket2::SockRef::from(socket).set_tcp_user_timeout(Some(PEER_TIMEOUT))
 }
 
 impl Read for Stream {
@@ -85,7 +173,38 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::TlsClient(s) => s.read(buf).map_err(peer_refusal),
+            Stream::TlsServer(s) => s.read(buf).map_err(peer_refusal),
         }
+    }
+}
+
+/// In TLS 1.3 the client's handshake ends before the server has judged its certificate, so a
+/// refusal arrives as an alert on the first read: say what it means.
+fn peer_refusal(error: io::Error) -> io::Error {
+    use rustls::AlertDescription as A;
+    let alert = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(|e| match e {
+            rustls::Error::AlertReceived(alert) => Some(*alert),
+            _ => None,
+        });
+    match alert {
+        Some(
+            alert @ (A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateRequired
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::AccessDenied),
+        ) => io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the peer refused this host's TLS certificate ({alert:?})"),
+        ),
+        _ => error,
     }
 }
 
@@ -94,6 +213,8 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::TlsClient(s) => tls_write(&mut s.conn, &mut s.sock, buf),
+            Stream::TlsServer(s) => tls_write(&mut s.conn, &mut s.sock, buf),
         }
     }
 
@@ -101,51 +222,116 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.flush(),
             Stream::Tcp(s) => s.flush(),
+            Stream::TlsClient(s) => tls_flush(&mut s.conn, &mut s.sock),
+            Stream::TlsServer(s) => tls_flush(&mut s.conn, &mut s.sock),
         }
     }
 }
 
-fn check_insecure(endpoint: &Endpoint, insecure: bool) -> Result<(), TransportError> {
-    match endpoint {
-        Endpoint::Tcp(_) if !insecure => Err(TransportError::Insecure),
-        _ => Ok(()),
+/// Writes through TLS, failing on the first socket error. (`rustls::StreamOwned::write`
+/// ignores errors after buffering, so a dead peer would cost one peer timeout per write.)
+fn tls_write<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    sock: &mut TcpStream,
+    buf: &[u8],
+) -> io::Result<usize> {
+    tls_flush(conn, sock)?;
+    let written = conn.writer().write(buf)?;
+    while conn.wants_write() {
+        conn.write_tls(sock)?;
     }
+    Ok(written)
 }
 
-/// Connects to a target.
-pub fn connect(endpoint: &Endpoint, insecure: bool) -> Result<Stream, TransportError> {
-    check_insecure(endpoint, insecure)?;
+fn tls_flush<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &mut TcpStream) -> io::Result<()> {
+    conn.writer().flush()?;
+    while conn.wants_write() {
+        conn.write_tls(sock)?;
+    }
+    sock.flush()
+}
+
+/// `host` of `host:port`, without an IPv6 address's brackets.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// Connects to a target; over TLS, returns once the target has been authenticated.
+pub fn connect(endpoint: &Endpoint, security: &Security) -> Result<Stream, TransportError> {
+    let tls = security
+        .tls_for(endpoint)?
+        .map(TlsClient::new)
+        .transpose()?;
     let error = |e| TransportError::Connect(endpoint.to_string(), e);
-    let stream = match endpoint {
-        Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(error)?),
+    match endpoint {
+        Endpoint::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(error)?;
+            set_timeouts(&s).map_err(error)?;
+            Ok(Stream::Unix(s))
+        }
         Endpoint::Tcp(addr) => {
             let s = TcpStream::connect(addr).map_err(error)?;
             // Chunks are large and the state message small: don't hold the last one back.
-            s.set_nodelay(true).map_err(error)?;
-            Stream::Tcp(s)
+            set_tcp_timeouts(&s).map_err(error)?;
+            match tls {
+                None => Ok(Stream::Tcp(s)),
+                Some(client) => {
+                    let name = security.server_name.as_deref().unwrap_or(host_of(addr));
+                    Ok(Stream::TlsClient(Box::new(client.connect(name, s)?)))
+                }
+            }
         }
-    };
-    stream.with_timeouts().map_err(error)
+    }
 }
 
 /// A listening endpoint that takes one source.
 pub enum Listener {
     Unix(UnixListener, PathBuf),
-    Tcp(TcpListener),
+    Tcp(TcpListener, Option<TlsServer>),
 }
 
 impl Listener {
-    /// Waits for the source (as long as it takes); once connected, a silent source times out.
-    pub fn accept(&self) -> io::Result<Stream> {
-        let stream = match self {
-            Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nodelay(true)?;
-                Stream::Tcp(s)
+    /// Waits for a source (as long as it takes); once connected, a silent source times out.
+    /// Over TLS the source is authenticated before this returns; one that fails is
+    /// [`TransportError::Rejected`], and the caller may wait for another.
+    pub fn accept(&self) -> Result<Stream, TransportError> {
+        let error = |e| TransportError::Listen(self.to_string(), e);
+        match self {
+            Listener::Unix(l, _) => {
+                let s = l.accept().map_err(error)?.0;
+                set_timeouts(&s).map_err(error)?;
+                Ok(Stream::Unix(s))
             }
-        };
-        stream.with_timeouts()
+            Listener::Tcp(l, tls) => {
+                let (s, peer) = l.accept().map_err(error)?;
+                set_tcp_timeouts(&s).map_err(error)?;
+                match tls {
+                    None => Ok(Stream::Tcp(s)),
+                    Some(server) => match server.accept(s) {
+                        Ok(s) => Ok(Stream::TlsServer(Box::new(s))),
+                        Err(source) => Err(TransportError::Rejected {
+                            peer: peer.to_string(),
+                            source,
+                        }),
+                    },
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listener::Unix(_, path) => write!(f, "unix:{}", path.display()),
+            Listener::Tcp(l, _) => match l.local_addr() {
+                Ok(addr) => write!(f, "tcp:{addr}"),
+                Err(_) => write!(f, "tcp"),
+            },
+        }
     }
 }
 
@@ -158,8 +344,11 @@ impl Drop for Listener {
 }
 
 /// Listens for a source.
-pub fn listen(endpoint: &Endpoint, insecure: bool) -> Result<Listener, TransportError> {
-    check_insecure(endpoint, insecure)?;
+pub fn listen(endpoint: &Endpoint, security: &Security) -> Result<Listener, TransportError> {
+    let tls = security
+        .tls_for(endpoint)?
+        .map(TlsServer::new)
+        .transpose()?;
     let error = |e| TransportError::Listen(endpoint.to_string(), e);
     Ok(match endpoint {
         Endpoint::Unix(path) => {
@@ -168,7 +357,7 @@ pub fn listen(endpoint: &Endpoint, insecure: bool) -> Result<Listener, Transport
             }
             Listener::Unix(UnixListener::bind(path).map_err(error)?, path.clone())
         }
-        Endpoint::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr).map_err(error)?),
+        Endpoint::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr).map_err(error)?, tls),
     })
 }
 
@@ -198,7 +387,44 @@ mod tests {
     #[test]
     fn plain_tcp_needs_insecure() {
         let e: Endpoint = "tcp:127.0.0.1:1".parse().unwrap();
-        assert!(matches!(connect(&e, false), Err(TransportError::Insecure)));
-        assert!(matches!(listen(&e, false), Err(TransportError::Insecure)));
+        let none = Security::default();
+        assert!(matches!(connect(&e, &none), Err(TransportError::Insecure)));
+        assert!(matches!(listen(&e, &none), Err(TransportError::Insecure)));
+    }
+
+    #[test]
+    fn tls_is_for_tcp_and_excludes_insecure() {
+        let files = TlsFiles {
+            cert: "c".into(),
+            key: "k".into(),
+            ca: "a".into(),
+        };
+        let unix: Endpoint = "unix:/nonexistent/x".parse().unwrap();
+        let tcp: Endpoint = "tcp:127.0.0.1:1".parse().unwrap();
+        let tls = Security::tls(files);
+        assert!(matches!(
+            connect(&unix, &tls),
+            Err(TransportError::TlsOnUnix)
+        ));
+        let both = Security {
+            insecure: true,
+            ..tls.clone()
+        };
+        assert!(matches!(
+            connect(&tcp, &both),
+            Err(TransportError::TlsAndInsecure)
+        ));
+        // Missing files are reported before any connection is tried.
+        assert!(matches!(
+            connect(&tcp, &tls),
+            Err(TransportError::Tls(TlsError::Pem { .. }))
+        ));
+    }
+
+    #[test]
+    fn hosts_come_out_of_addresses() {
+        assert_eq!(host_of("10.0.0.2:4444"), "10.0.0.2");
+        assert_eq!(host_of("[::1]:4444"), "::1");
+        assert_eq!(host_of("target.example:1"), "target.example");
     }
 }

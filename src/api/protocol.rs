@@ -23,9 +23,19 @@ pub enum Request {
         to: String,
         #[serde(default)]
         downtime_ms: Option<u64>,
-        /// Allow plain TCP (no TLS yet).
+        /// Give up after this many seconds; the guest stays here.
+        #[serde(default)]
+        timeout_s: Option<u64>,
+        /// Allow plain TCP.
         #[serde(default)]
         insecure: bool,
+        /// Mutual TLS: this host's certificate and key and the CA for the target (absolute
+        /// paths, read by the VMM).
+        #[serde(default)]
+        tls: Option<veil_migration::tls::TlsFiles>,
+        /// The name the target's certificate must carry, if not the host in `to`.
+        #[serde(default)]
+        tls_server_name: Option<String>,
         /// Wait this long for a temporarily blocked guest instead of refusing at once.
         #[serde(default)]
         wait_ready_ms: Option<u64>,

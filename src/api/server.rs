@@ -13,7 +13,7 @@ use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
 use crate::Vm;
 use veil_migration::sender::SendOptions;
-use veil_migration::transport::Endpoint;
+use veil_migration::transport::{Endpoint, Security};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -194,19 +194,29 @@ fn handle(request: Request, vm: &Vm) -> Response {
         Request::Migrate {
             to,
             downtime_ms,
+            timeout_s,
             insecure,
+            tls,
+            tls_server_name,
             wait_ready_ms,
             sev_trust_chain,
         } => match migrate(
             vm,
             &to,
-            downtime_ms,
-            insecure,
-            wait_ready_ms,
+            Security {
+                tls,
+                insecure,
+                server_name: tls_server_name,
+            },
+            MigrateLimits {
+                downtime_ms,
+                timeout_s,
+                wait_ready_ms,
+            },
             sev_trust_chain,
         ) {
             Ok(report) => Response::success(report),
-            Err(e) => Response::failure(error_chain(&*e)),
+            Err(e) => Response::failure(crate::error_chain(&*e)),
         },
         Request::MigrateCancel => {
             if vm.migration().cancel() {
@@ -218,21 +228,28 @@ fn handle(request: Request, vm: &Vm) -> Response {
     }
 }
 
+/// The time limits of a migrate request.
+struct MigrateLimits {
+    downtime_ms: Option<u64>,
+    timeout_s: Option<u64>,
+    wait_ready_ms: Option<u64>,
+}
+
 fn migrate(
     vm: &Vm,
     to: &str,
-    downtime_ms: Option<u64>,
-    insecure: bool,
-    wait_ready_ms: Option<u64>,
+    security: Security,
+    limits: MigrateLimits,
     sev_trust_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let endpoint: Endpoint = to.parse()?;
-    let mut stream = veil_migration::transport::connect(&endpoint, insecure)?;
+    let mut stream = veil_migration::transport::connect(&endpoint, &security)?;
     let mut options = SendOptions::default();
-    if let Some(ms) = downtime_ms {
+    if let Some(ms) = limits.downtime_ms {
         options.downtime = std::time::Duration::from_millis(ms);
     }
-    options.wait_ready = wait_ready_ms.map(std::time::Duration::from_millis);
+    options.timeout = limits.timeout_s.map(std::time::Duration::from_secs);
+    options.wait_ready = limits.wait_ready_ms.map(std::time::Duration::from_millis);
     options.monitor = std::sync::Arc::clone(vm.migration());
     let r = match vm.sev() {
         None => veil_migration::sender::send(vm.inner(), &mut stream, &options, None)?,
@@ -276,17 +293,8 @@ fn migrate(
         "pages_sent": r.pages_sent,
         "zero_pages": r.zero_pages,
         "pages_resent": r.pages_resent,
+        "private_pages": r.private_pages,
+        "clear_pages": r.clear_pages,
+        "transport": stream.protection(),
     }))
-}
-
-/// An error and its causes in one line, for a response.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -1,6 +1,8 @@
 //! Shared by the end-to-end tests: running `veil`, temporary files, and page-stamp checks.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -43,7 +45,7 @@ pub fn describe(output: &Output) -> String {
 }
 
 /// A directory removed when dropped.
-pub struct TempDir(PathBuf);
+pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> Self {
@@ -159,4 +161,9 @@ impl Drop for Spawned {
             let _ = self.0.wait();
         }
     }
+}
+
+/// Guest RAM with no VM: where a target that only receives puts what arrives.
+pub fn scratch_ram(size: u64) -> veil_hypervisor::GuestRam {
+    veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig { size, file: None }).unwrap()
 }

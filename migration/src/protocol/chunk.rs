@@ -17,12 +17,11 @@
 use veil_sev::crypto::{MAX_PACKET_BYTES, PACKET_HEADER_BYTES};
 use veil_sev::firmware::Packet;
 
-use super::frame::{FrameHeader, HEADER_BYTES};
+use super::frame::{seal, HEADER_BYTES};
 use super::limits::{MAX_CHUNK_BYTES, MAX_CHUNK_PAGES, PAGE_SIZE};
 use super::messages::{MessageError, MessageType};
 use super::shape::{ShapeError, VmShape};
 use super::wire::{put_u16, put_u32, put_u64, put_u8, Cursor};
-use super::PROTOCOL_VERSION;
 
 const KIND_ZERO: u8 = 0;
 const KIND_PLAIN: u8 = 1;
@@ -381,14 +380,10 @@ impl ChunkEncoder {
         if self.pages == 0 {
             return None;
         }
-        let header = FrameHeader {
-            version: PROTOCOL_VERSION,
-            kind: MessageType::MemoryChunk,
-            length: (self.buf.len() - HEADER_BYTES) as u64,
-        };
-        self.buf[..HEADER_BYTES].copy_from_slice(&header.encode());
         self.buf[HEADER_BYTES..HEADER_BYTES + COUNT_BYTES]
             .copy_from_slice(&(self.pages as u32).to_le_bytes());
+        // Last: the checksum covers the count and the header.
+        seal(&mut self.buf, MessageType::MemoryChunk);
         Some(&self.buf)
     }
 
@@ -482,7 +477,7 @@ pub(crate) mod tests {
         let full = cost((0..MAX_CHUNK_PAGES as u64).map(zero).collect());
         assert!(full <= MAX_CHUNK_PAGES * 10, "{full}");
         assert!(full.div_ceil(MAX_CHUNK_PAGES) <= 16);
-        // A plain page: the page plus 9 bytes, and the frame's 20 once.
+        // A plain page: the page plus 9 bytes, and the frame's 28 once.
         assert_eq!(cost(vec![plain(0, 1)]), PAGE_SIZE + 9 + HEADER_BYTES + 4);
         let many = cost((0..1000).map(|g| plain(g, 1)).collect());
         assert!(many <= 1000 * (PAGE_SIZE + 10), "{many}");
@@ -616,6 +611,19 @@ pub(crate) mod tests {
         }
         assert!(stream.is_empty());
         assert_eq!(back, pages);
+
+        // Byte for byte what `encode_frame` makes, checksum included, also when the buffer is
+        // reused for the next chunk.
+        for chunk in [&pages[..3], &pages[10..12]] {
+            encoder.clear();
+            for page in chunk {
+                assert!(encoder.push(page.as_ref()).unwrap());
+            }
+            let owned = Message::MemoryChunk(MemoryChunk {
+                pages: chunk.to_vec(),
+            });
+            assert_eq!(encoder.frame().unwrap(), encode_frame(&owned).unwrap());
+        }
 
         // The page-count limit holds too.
         let mut encoder = ChunkEncoder::new();

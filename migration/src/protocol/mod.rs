@@ -1,10 +1,11 @@
 //! # The Veil migration protocol
 //!
 //! One stream from the source host to the target host, over a transport that has already
-//! authenticated the peer (mutual TLS, or a UNIX socket): frames of a fixed 16-byte header
-//! (`magic "VEIL" | version u16 | type u16 | length u64`, little-endian, see [`frame`]) and
-//! a payload whose length is checked against the type's limit ([`limits`]) before anything is
-//! allocated. `docs/migration.md` is the written specification.
+//! authenticated the peer (mutual TLS, or a UNIX socket): frames of a fixed 24-byte header
+//! (`magic "VEIL" | version u16 | type u16 | length u64 | checksum u32 | reserved u32`,
+//! little-endian, see [`frame`]) and a payload whose length is checked against the type's
+//! limit ([`limits`]) before anything is allocated. The checksum, a CRC-32 of the whole frame,
+//! is checked before a payload is decoded. `docs/migration.md` is the written specification.
 //!
 //! ## The exchange
 //!

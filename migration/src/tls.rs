@@ -1,0 +1,178 @@
+//! Mutual TLS between migration peers: each side proves itself with a certificate the other's
+//! CA file vouches for, and the target reads no frame before that proof is complete.
+
+use std::io;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+
+/// A host's TLS identity and the CA it trusts for its peers (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TlsFiles {
+    /// This host's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA certificates a peer's certificate must chain to.
+    pub ca: PathBuf,
+}
+
+/// Why TLS could not be set up or the peer was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("Cannot read the TLS {what} from {}", path.display())]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("The TLS CA file {} holds a certificate that cannot be trusted", path.display())]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("The TLS certificate and key cannot be used")]
+    Config(#[source] rustls::Error),
+    #[error("The TLS client verifier cannot be built")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("'{0}' is not a valid TLS server name (a DNS name or an IP address)")]
+    ServerName(String),
+    #[error("The TLS handshake with the peer failed")]
+    Handshake(#[source] io::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_path_buf()));
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+        what: "private key",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in certificates(path, "CA certificates")? {
+        store.add(cert).map_err(|source| TlsError::BadCa {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// TLS 1.3 only: both ends are Veil, so nothing older needs to be spoken.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The target's side: it demands a client certificate from the CA and presents its own.
+#[derive(Clone)]
+pub struct TlsServer(Arc<ServerConfig>);
+
+impl TlsServer {
+    pub fn new(files: &TlsFiles) -> Result<Self, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
+            .build()
+            .map_err(TlsError::Verifier)?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(TlsError::Config)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                certificates(&files.cert, "certificate")?,
+                private_key(&files.key)?,
+            )
+            .map_err(TlsError::Config)?;
+        // One connection per migration: resumption tickets would only be dead weight.
+        config.send_tls13_tickets = 0;
+        Ok(Self(Arc::new(config)))
+    }
+
+    /// Completes the handshake on `tcp`: on success the peer is authenticated.
+    pub fn accept(
+        &self,
+        mut tcp: TcpStream,
+    ) -> Result<rustls::StreamOwned<ServerConnection, TcpStream>, TlsError> {
+        let mut conn = ServerConnection::new(Arc::clone(&self.0))
+            .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
+        handshake(&mut conn, &mut tcp)?;
+        Ok(rustls::StreamOwned::new(conn, tcp))
+    }
+}
+
+/// The source's side: it checks the target's certificate against the CA and the name it
+/// dialled, and presents its own.
+#[derive(Clone)]
+pub struct TlsClient(Arc<ClientConfig>);
+
+impl TlsClient {
+    pub fn new(files: &TlsFiles) -> Result<Self, TlsError> {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(TlsError::Config)?
+            .with_root_certificates(roots(&files.ca)?)
+            .with_client_auth_cert(
+                certificates(&files.cert, "certificate")?,
+                private_key(&files.key)?,
+            )
+            .map_err(TlsError::Config)?;
+        Ok(Self(Arc::new(config)))
+    }
+
+    /// Completes the handshake with the target named `server_name` (as its certificate must
+    /// say: a DNS name or an IP address).
+    pub fn connect(
+        &self,
+        server_name: &str,
+        mut tcp: TcpStream,
+    ) -> Result<rustls::StreamOwned<ClientConnection, TcpStream>, TlsError> {
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+        let mut conn = ClientConnection::new(Arc::clone(&self.0), name)
+            .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
+        handshake(&mut conn, &mut tcp)?;
+        Ok(rustls::StreamOwned::new(conn, tcp))
+    }
+}
+
+fn handshake<C, D>(conn: &mut C, tcp: &mut TcpStream) -> Result<(), TlsError>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    while conn.is_handshaking() {
+        conn.complete_io(tcp).map_err(TlsError::Handshake)?;
+    }
+    // Flush what the handshake left to send (the client's Finished, the server's tickets).
+    while conn.wants_write() {
+        conn.complete_io(tcp).map_err(TlsError::Handshake)?;
+    }
+    Ok(())
+}
