@@ -65,6 +65,8 @@ pub enum Task {
     ReadSecret { gpa: u64, len: u64 },
     /// Stamp the range over and over, forever: a guest that keeps dirtying memory.
     DirtyLoop(PageRange),
+    /// Write one word per page of the range (seed unused), `rate` pages a second, forever.
+    DirtyPaced { range: PageRange, rate: u64 },
     /// Share every other page of `count` pages from `first`: the worst case for a run list.
     ShareAlternate { first: u64, count: u64 },
 }
@@ -184,6 +186,18 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         b"dirty-loop" => {
             let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;
             Ok(Task::DirtyLoop(range(p)?))
+        }
+        b"dirty-paced" => {
+            let [first, count, rate] = parse_params(word, params, ["first", "count", "rate"])?;
+            let rate = rate.ok_or(err("missing parameter", b"rate"))?;
+            if rate == 0 {
+                return Err(err("rate must be at least 1", b""));
+            }
+            let range = range([Some(0), first, count, None])?;
+            if range.count == 0 {
+                return Err(err("count must be at least 1", b""));
+            }
+            Ok(Task::DirtyPaced { range, rate })
         }
         b"check" => {
             let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;

@@ -7,6 +7,8 @@ use crate::serial::{begin_error, end_error, write_bytes, write_dec, write_hex, w
 use crate::{arch, paravirt, reset, smp, EXIT_CHECK_FAILED, EXIT_OK};
 use veil_guest_abi::{page_stamp, PAGE_SIZE};
 
+mod paced;
+
 /// Runs the whole command line and exits: 0 when every task ran, 1 when a check failed, 2 on
 /// a malformed line or a bad page range (reported before any task runs), or a task's own
 /// status (`exit`, `fault`).
@@ -60,6 +62,7 @@ fn validate(task: &Task, ram: &RamMap) {
         }
         Task::Check(range) => ("check: ", range),
         Task::DirtyLoop(range) => ("dirty-loop: ", range),
+        Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
         Task::ReadSecret { gpa, len } => {
             let range = PageRange { seed: 0, first: gpa / PAGE_SIZE, count: (gpa + len).div_ceil(PAGE_SIZE) - gpa / PAGE_SIZE, stride: 1 };
             return validate(&Task::Check(range), ram);
@@ -151,6 +154,7 @@ fn run(task: &Task, index: usize) {
                 stamp(&range, 0, range.count);
             }
         }
+        Task::DirtyPaced { range, rate } => paced::dirty_paced(range.first, range.count, rate),
         Task::ShareAlternate { first, count } => {
             let transport = paravirt::transport();
             for gfn in (first..first + count).step_by(2) {

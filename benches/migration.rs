@@ -1,0 +1,1136 @@
+//! Live migration of the same 1 GiB kit guest by Veil and by QEMU, in one run, against the
+//! loopback TCP throughput iperf3 reaches on the same host.
+//!
+//! Two scenarios, each migrated over plain TCP on 127.0.0.1 by `veil ctl migrate` (to a
+//! `veil receive`) and by QEMU's QMP `migrate` (to a QEMU started with `-incoming`):
+//! 1. idle: the guest spins without touching memory (`greet spin`);
+//! 2. dirtying: the guest writes one word per 4 KiB page at 12,800 pages/s (50 MiB/s) over
+//!    256 MiB (`dirty-paced`), paced by its own PIT-calibrated TSC.
+//!
+//! Source RAM is a file of random bytes (no page travels as a zero page); target RAM is
+//! anonymous on both. QEMU runs with its own defaults, then again with `max-bandwidth` raised
+//! when the default limit capped it. Every number comes from this run; docs/benchmarks.md says
+//! what each one means.
+//!
+//! `cargo bench --bench migration [-- --runs N]` (with N runs per migration, the run with the
+//! median total time is shown). QEMU and iperf3 are skipped, with the reason, when absent.
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+use veil_guest_abi::PAGE_SIZE;
+
+const GUEST_RAM: u64 = 1 << 30;
+const GUEST_RAM_ARG: &str = "1G";
+/// Left zero in the RAM file: QEMU's PVH boot was seen to fail over non-zero low memory
+/// (HOST-NOTES), and the kit loads itself there anyway.
+const LOW_ZERO: u64 = 4 << 20;
+/// The dirtying guest: 65,536 pages (256 MiB) from 16 MiB, well clear of the kit's image.
+const DIRTY_FIRST_GFN: u64 = 0x1000;
+const DIRTY_PAGES: u64 = 65_536;
+/// 12,800 pages of 4 KiB a second: 50 MiB/s.
+const DIRTY_RATE: u64 = 12_800;
+/// QEMU's `max-bandwidth` for the raised runs: far above loopback TCP on any host.
+const RAISED_BANDWIDTH: u64 = 100 << 30;
+
+/// A migration that has not completed by then is cancelled and reported as such.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The dirtying guest's first full pass over its range: every page mapped before migrating.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(90);
+const IPERF_SECONDS: u64 = 3;
+const POLL: Duration = Duration::from_millis(20);
+
+fn main() {
+    let runs = runs_from_args();
+    let scratch = match Scratch::new() {
+        Ok(s) => s,
+        Err(e) => fail(&e),
+    };
+    if let Err(e) = bench(&scratch, runs) {
+        fail(&e);
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("migration bench failed: {message}");
+    std::process::exit(1)
+}
+
+/// `--runs N` (cargo passes `--bench` too, which is ignored).
+fn runs_from_args() -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--runs") {
+        None => 1,
+        Some(i) => match args.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) if n >= 1 => n,
+            _ => fail("--runs takes a number of runs, 1 or more"),
+        },
+    }
+}
+
+fn bench(scratch: &Scratch, runs: usize) -> Result<(), String> {
+    let qemu = qemu_version();
+    print_header(&qemu, runs);
+    let iperf = iperf3(scratch);
+    match &iperf {
+        Ok(gbit) => {
+            println!("loopback TCP limit (iperf3, 1 stream, {IPERF_SECONDS} s): {gbit:.2} Gbit/s")
+        }
+        Err(why) => println!("loopback TCP limit: skipped: {why}"),
+    }
+    if let Err(why) = &qemu {
+        println!("QEMU: skipped: {why}");
+    }
+    eprintln!(
+        "filling a {} MiB RAM file with random bytes...",
+        GUEST_RAM >> 20
+    );
+    let ram = scratch.path("guest-ram");
+    fill_random(&ram)?;
+    let mut results = Vec::new();
+    for scenario in [Scenario::Idle, Scenario::Dirtying] {
+        let table = run_scenario(scratch, scenario, &ram, qemu.is_ok(), runs);
+        print_table(scenario, &table);
+        results.push((scenario, table));
+    }
+    print_ratios(iperf.ok(), &results);
+    Ok(())
+}
+
+fn print_header(qemu: &Result<String, String>, runs: usize) {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "live migration of a {} MiB kit guest over loopback TCP, {now}",
+        GUEST_RAM >> 20
+    );
+    println!(
+        "host: {cores} cores, Linux {}, {}; {} run(s) per migration",
+        kernel.trim(),
+        qemu.as_deref().unwrap_or("no QEMU"),
+        runs
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios and their results
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    Idle,
+    Dirtying,
+}
+
+impl Scenario {
+    fn cmdline(self) -> String {
+        match self {
+            Scenario::Idle => "greet spin".into(),
+            Scenario::Dirtying => format!(
+                "dirty-paced:first={DIRTY_FIRST_GFN:#x},count={DIRTY_PAGES},rate={DIRTY_RATE}"
+            ),
+        }
+    }
+
+    fn title(self) -> String {
+        match self {
+            Scenario::Idle => "scenario 1: idle guest (`greet spin`)".into(),
+            Scenario::Dirtying => format!(
+                "scenario 2: guest dirtying {DIRTY_RATE} pages/s ({} MiB/s) over {} MiB (`{}`)",
+                (DIRTY_RATE * PAGE_SIZE) >> 20,
+                (DIRTY_PAGES * PAGE_SIZE) >> 20,
+                self.cmdline()
+            ),
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Dirtying => "dirty",
+        }
+    }
+}
+
+/// Which migration: Veil, or QEMU with its default or a raised bandwidth limit.
+#[derive(Clone, Copy, PartialEq)]
+enum Migrator {
+    Veil,
+    QemuDefault,
+    QemuRaised,
+}
+
+impl Migrator {
+    fn label(self, qemu_default_bandwidth: Option<u64>) -> String {
+        match self {
+            Migrator::Veil => "veil".into(),
+            Migrator::QemuDefault => match qemu_default_bandwidth {
+                Some(b) => format!("qemu (defaults: max-bandwidth {})", mib_per_s(b)),
+                None => "qemu (defaults)".into(),
+            },
+            Migrator::QemuRaised => {
+                format!(
+                    "qemu (max-bandwidth raised to {})",
+                    mib_per_s(RAISED_BANDWIDTH)
+                )
+            }
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Migrator::Veil => "veil",
+            Migrator::QemuDefault => "qemu",
+            Migrator::QemuRaised => "qemu-raised",
+        }
+    }
+}
+
+fn mib_per_s(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{} GiB/s", bytes >> 30)
+    } else {
+        format!("{} MiB/s", bytes >> 20)
+    }
+}
+
+/// One completed migration, as its VMM reported it, plus what the bench saw.
+#[derive(Clone)]
+struct Migration {
+    /// From the start of the migration to its completion, by the VMM's own clock.
+    total: Duration,
+    /// How long the guest was stopped, by the VMM's own clock.
+    downtime: Duration,
+    /// QEMU's `setup-time`.
+    setup: Option<Duration>,
+    /// Veil: every byte written to the stream; QEMU: `ram.transferred`.
+    bytes: u64,
+    /// From the bench's request to the bench seeing the migration completed.
+    wall: Duration,
+    /// Veil's dirty passes after the first full one, or QEMU's `dirty-sync-count`.
+    passes: String,
+    /// QEMU's `max-bandwidth` during the run.
+    bandwidth_limit: Option<u64>,
+    guest: Option<GuestRates>,
+}
+
+/// The dirtying guest's own measure of its rate.
+#[derive(Clone, Copy)]
+struct GuestRates {
+    before: Option<Rate>,
+    during: Option<Rate>,
+    after: Option<Rate>,
+}
+
+#[derive(Clone, Copy)]
+struct Rate {
+    pages_per_s: f64,
+    /// How much of the guest's time the figure covers.
+    seconds: f64,
+}
+
+type Outcome = Result<Migration, String>;
+
+/// Each migrator's outcome in a scenario (the median run of several).
+struct Table {
+    rows: Vec<(Migrator, Outcome, String)>,
+    qemu_default_bandwidth: Option<u64>,
+}
+
+fn run_scenario(
+    scratch: &Scratch,
+    scenario: Scenario,
+    ram: &Path,
+    have_qemu: bool,
+    runs: usize,
+) -> Table {
+    let mut outcomes: Vec<(Migrator, Vec<Outcome>)> = Vec::new();
+    let mut qemu_default_bandwidth = None;
+    // Interleave the migrators so drift in the host's load hits them alike.
+    for run in 0..runs {
+        let mut migrators = vec![Migrator::Veil];
+        if have_qemu {
+            migrators.push(Migrator::QemuDefault);
+        }
+        let mut i = 0;
+        while let Some(&migrator) = migrators.get(i) {
+            i += 1;
+            let tag = format!("{}-{}-{run}", scenario.slug(), migrator.slug());
+            eprintln!(
+                "{}: {} ...",
+                scenario.slug(),
+                migrator.label(qemu_default_bandwidth)
+            );
+            let outcome = match migrator {
+                Migrator::Veil => migrate_veil(scratch, &tag, scenario, ram),
+                _ => migrate_qemu(scratch, &tag, scenario, ram, migrator),
+            };
+            if migrator == Migrator::QemuDefault {
+                if let Ok(m) = &outcome {
+                    qemu_default_bandwidth = m.bandwidth_limit;
+                }
+                if capped_by_default_bandwidth(&outcome) {
+                    migrators.push(Migrator::QemuRaised);
+                }
+            }
+            match outcomes.iter_mut().find(|(m, _)| *m == migrator) {
+                Some((_, list)) => list.push(outcome),
+                None => outcomes.push((migrator, vec![outcome])),
+            }
+        }
+    }
+    let rows = outcomes
+        .into_iter()
+        .map(|(migrator, list)| {
+            let (outcome, spread) = median_run(list);
+            (migrator, outcome, spread)
+        })
+        .collect();
+    Table {
+        rows,
+        qemu_default_bandwidth,
+    }
+}
+
+/// QEMU's default run was held back by its bandwidth limit: it ran out of time, or moved RAM
+/// (outside the stopped phase, which is not limited) at 85% of the limit or more.
+fn capped_by_default_bandwidth(outcome: &Outcome) -> bool {
+    match outcome {
+        Err(_) => true,
+        Ok(m) => m.bandwidth_limit.is_some_and(|limit| {
+            let live = m.total.saturating_sub(m.downtime).as_secs_f64().max(1e-3);
+            m.bytes as f64 / live >= 0.85 * limit as f64
+        }),
+    }
+}
+
+/// The run with the median total time, and the range of totals when there were several.
+fn median_run(mut list: Vec<Outcome>) -> (Outcome, String) {
+    let runs = list.len();
+    let mut done: Vec<Migration> = list
+        .iter()
+        .filter_map(|o| o.as_ref().ok().cloned())
+        .collect();
+    if done.is_empty() {
+        return (list.swap_remove(0), String::new());
+    }
+    done.sort_by_key(|m| m.total);
+    let spread = if runs > 1 {
+        format!(
+            "median of {} completed out of {runs}; totals {:.0}..{:.0} ms",
+            done.len(),
+            ms(done[0].total),
+            ms(done[done.len() - 1].total)
+        )
+    } else {
+        String::new()
+    };
+    (Ok(done.swap_remove(done.len() / 2)), spread)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Veil
+
+fn veil() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_veil"));
+    cmd.env_remove("VEIL_LOG");
+    cmd
+}
+
+fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) -> Outcome {
+    let port = free_port()?;
+    let (src_serial, dst_serial) = (
+        scratch.path(&format!("{tag}-src.serial")),
+        scratch.path(&format!("{tag}-dst.serial")),
+    );
+    let (src_api, dst_api) = (
+        scratch.path(&format!("{tag}-src.sock")),
+        scratch.path(&format!("{tag}-dst.sock")),
+    );
+    let mut target = Proc::spawn(
+        &format!("{tag}-target"),
+        veil()
+            .args([
+                "receive",
+                "--listen",
+                &format!("tcp:127.0.0.1:{port}"),
+                "--insecure",
+            ])
+            .arg("--serial")
+            .arg(file_sink(&dst_serial))
+            .arg("--api-socket")
+            .arg(&dst_api),
+        scratch,
+    )?;
+    let mut source = Proc::spawn(
+        &format!("{tag}-source"),
+        veil()
+            .args(["run", "--memory", GUEST_RAM_ARG, "--memory-file"])
+            .arg(ram)
+            .arg("--kernel")
+            .arg(veil_guests::kit_elf_path())
+            .args(["--cmdline", &scenario.cmdline()])
+            .arg("--api-socket")
+            .arg(&src_api)
+            .arg("--serial")
+            .arg(file_sink(&src_serial)),
+        scratch,
+    )?;
+    wait_listening(port, &mut target)?;
+    let mark = wait_guest_ready(scenario, &src_serial, &mut source)?;
+    wait_for("the source's API socket", START_TIMEOUT, || {
+        src_api.exists().then_some(())
+    })?;
+
+    let started = Instant::now();
+    let mut ctl = Proc::spawn(
+        &format!("{tag}-ctl"),
+        veil()
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&src_api)
+            .args([
+                "--json",
+                "migrate",
+                "--to",
+                &format!("tcp:127.0.0.1:{port}"),
+                "--insecure",
+            ])
+            .args(["--timeout-s", &MIGRATION_TIMEOUT.as_secs().to_string()]),
+        scratch,
+    )?;
+    let status = ctl.wait_exit(MIGRATION_TIMEOUT + Duration::from_secs(30))?;
+    let wall = started.elapsed();
+    if !status.success() {
+        return Err(format!(
+            "veil ctl migrate failed ({status}): {}",
+            ctl.stderr_tail()
+        ));
+    }
+    let report: Value = serde_json::from_str(&ctl.stdout())
+        .map_err(|e| format!("veil ctl --json migrate printed no JSON report: {e}"))?;
+    let number = |key: &str| {
+        report[key]
+            .as_f64()
+            .ok_or_else(|| format!("veil's migration report has no `{key}`: {report}"))
+    };
+    let (total, downtime, bytes) = (
+        number("total_ms")?,
+        number("downtime_ms")?,
+        number("bytes")?,
+    );
+    let passes = report["passes"].as_u64().unwrap_or(0);
+
+    // The source exits once the target holds the guest.
+    source.wait_exit(Duration::from_secs(10))?;
+    wait_for("the target's API socket", START_TIMEOUT, || {
+        dst_api.exists().then_some(())
+    })?;
+    let state = wait_for("the guest to run on the target", START_TIMEOUT, || {
+        veil_state(&dst_api).filter(|s| s == "running")
+    });
+    state.map_err(|e| format!("{e}; target log: {}", target.stderr_tail()))?;
+    let guest = guest_rates(scenario, &src_serial, mark, &dst_serial)?;
+    Ok(Migration {
+        total: Duration::from_secs_f64(total / 1e3),
+        downtime: Duration::from_secs_f64(downtime / 1e3),
+        setup: None,
+        bytes: bytes as u64,
+        wall,
+        passes: format!("{passes} dirty passes"),
+        bandwidth_limit: None,
+        guest,
+    })
+}
+
+/// `state` from `veil ctl status` on `socket`, if it answers.
+fn veil_state(socket: &Path) -> Option<String> {
+    let output = veil()
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .args(["--json", "status"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let status: Value = serde_json::from_slice(&output.stdout).ok()?;
+    status["state"].as_str().map(str::to_owned)
+}
+
+fn file_sink(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
+// ---------------------------------------------------------------------------------------------
+// QEMU
+
+/// `QEMU emulator version ...`, or why QEMU cannot be used.
+fn qemu_version() -> Result<String, String> {
+    let output = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("qemu-system-x86_64 not found ({e})"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "`qemu-system-x86_64 --version` failed ({})",
+            output.status
+        ));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text
+        .lines()
+        .next()
+        .unwrap_or("QEMU")
+        .replace("QEMU emulator version", "QEMU"))
+}
+
+/// The same machine on both sides; only RAM's backing, the serial file, the QMP socket and
+/// `-incoming` differ.
+fn qemu(scenario: Scenario, memory_backend: &str, serial: &Path, qmp: &Path) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "kvm", "-M", "microvm", "-m", GUEST_RAM_ARG])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args([
+            "-monitor",
+            "none",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x01",
+        ])
+        .args(["-object", memory_backend, "-machine", "memory-backend=ram"])
+        .arg("-serial")
+        .arg(file_sink(serial))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-kernel")
+        .arg(veil_guests::kit_elf_path())
+        .args(["-append", &scenario.cmdline()]);
+    cmd
+}
+
+fn migrate_qemu(
+    scratch: &Scratch,
+    tag: &str,
+    scenario: Scenario,
+    ram: &Path,
+    migrator: Migrator,
+) -> Outcome {
+    let port = free_port()?;
+    let (src_serial, dst_serial) = (
+        scratch.path(&format!("{tag}-src.serial")),
+        scratch.path(&format!("{tag}-dst.serial")),
+    );
+    let (src_qmp, dst_qmp) = (
+        scratch.path(&format!("{tag}-src.qmp")),
+        scratch.path(&format!("{tag}-dst.qmp")),
+    );
+    let target_ram = format!("memory-backend-ram,id=ram,size={GUEST_RAM_ARG}");
+    let mut target = Proc::spawn(
+        &format!("{tag}-target"),
+        qemu(scenario, &target_ram, &dst_serial, &dst_qmp)
+            .args(["-incoming", &format!("tcp:127.0.0.1:{port}")]),
+        scratch,
+    )?;
+    let source_ram = format!(
+        "memory-backend-file,id=ram,size={GUEST_RAM_ARG},mem-path={},share=on",
+        ram.display()
+    );
+    let mut source = Proc::spawn(
+        &format!("{tag}-source"),
+        &mut qemu(scenario, &source_ram, &src_serial, &src_qmp),
+        scratch,
+    )?;
+    wait_listening(port, &mut target)?;
+    let mut qmp = Qmp::connect(&src_qmp, &mut source)?;
+    let mut target_qmp = Qmp::connect(&dst_qmp, &mut target)?;
+    let mark = wait_guest_ready(scenario, &src_serial, &mut source)?;
+
+    if migrator == Migrator::QemuRaised {
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": RAISED_BANDWIDTH }),
+        )?;
+    }
+    let params = qmp.execute("query-migrate-parameters", json!({}))?;
+    let started = Instant::now();
+    qmp.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
+    let info = poll_qemu_migration(&mut qmp, started)?;
+    let wall = started.elapsed();
+    wait_for("the guest to run on the target", START_TIMEOUT, || {
+        let status = target_qmp.execute("query-status", json!({})).ok()?;
+        (status["status"] == "running").then_some(())
+    })
+    .map_err(|e| format!("{e}; target log: {}", target.stderr_tail()))?;
+
+    let field = |v: &Value, key: &str| {
+        v[key]
+            .as_u64()
+            .ok_or_else(|| format!("QEMU's query-migrate has no `{key}`: {info}"))
+    };
+    let guest = guest_rates(scenario, &src_serial, mark, &dst_serial)?;
+    Ok(Migration {
+        total: Duration::from_millis(field(&info, "total-time")?),
+        downtime: Duration::from_millis(field(&info, "downtime")?),
+        setup: Some(Duration::from_millis(field(&info, "setup-time")?)),
+        bytes: field(&info["ram"], "transferred")?,
+        wall,
+        passes: format!("{} dirty syncs", info["ram"]["dirty-sync-count"]),
+        bandwidth_limit: params["max-bandwidth"].as_u64(),
+        guest,
+    })
+}
+
+/// Polls `query-migrate` until the migration ends; cancels it at the timeout.
+fn poll_qemu_migration(qmp: &mut Qmp, started: Instant) -> Result<Value, String> {
+    loop {
+        let info = qmp.execute("query-migrate", json!({}))?;
+        match info["status"].as_str().unwrap_or("none") {
+            "completed" => return Ok(info),
+            "failed" | "cancelled" => {
+                return Err(format!(
+                    "QEMU's migration {}: {}",
+                    info["status"].as_str().unwrap_or("?"),
+                    info["error-desc"].as_str().unwrap_or("no reason given")
+                ))
+            }
+            _ if started.elapsed() > MIGRATION_TIMEOUT => {
+                let _ = qmp.execute("migrate_cancel", json!({}));
+                return Err(format!(
+                    "did not complete within {} s ({} MiB sent, {} dirty syncs, \
+                     {} pages/s dirtied); cancelled",
+                    MIGRATION_TIMEOUT.as_secs(),
+                    info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20,
+                    info["ram"]["dirty-sync-count"],
+                    info["ram"]["dirty-pages-rate"]
+                ));
+            }
+            _ => std::thread::sleep(POLL),
+        }
+    }
+}
+
+/// A QMP connection (JSON lines on a UNIX socket).
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects once QEMU serves the socket, reads the greeting and leaves negotiation mode.
+    fn connect(path: &Path, vmm: &mut Proc) -> Result<Qmp, String> {
+        let stream = wait_for(&format!("QMP on {}", path.display()), START_TIMEOUT, || {
+            vmm.check_alive().ok()?;
+            UnixStream::connect(path).ok()
+        })
+        .map_err(|e| format!("{e}; QEMU log: {}", vmm.stderr_tail()))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| format!("QMP socket: {e}"))?;
+        let writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        qmp.read()?;
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` and returns its `return` value (events in between are skipped).
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        let mut line = json!({ "execute": command, "arguments": arguments }).to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("QMP {command}: {e}"))?;
+        loop {
+            let mut answer = self.read()?;
+            if let Some(error) = answer.get("error") {
+                return Err(format!("QMP {command} failed: {error}"));
+            }
+            if let Some(value) = answer.get_mut("return") {
+                return Ok(value.take());
+            }
+        }
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QEMU closed its QMP socket".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP sent `{line}`: {e}")),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The guest's side: readiness and the dirtying rate it reports on its serial port
+
+/// Waits until the guest runs its task: greeted (idle), or steadily dirtying (`warmed_up`).
+/// Returns the serial file's length at that point.
+fn wait_guest_ready(scenario: Scenario, serial: &Path, vmm: &mut Proc) -> Result<usize, String> {
+    let timeout = match scenario {
+        Scenario::Idle => START_TIMEOUT,
+        Scenario::Dirtying => WARM_UP_TIMEOUT,
+    };
+    let ready = wait_for("the guest to be ready", timeout, || {
+        let text = fs::read_to_string(serial).unwrap_or_default();
+        if text.contains("veil-kit: error") || vmm.check_alive().is_err() {
+            return Some(Err(format!(
+                "the guest stopped; serial: {text:?}; log: {}",
+                vmm.stderr_tail()
+            )));
+        }
+        let ready = match scenario {
+            Scenario::Idle => text.contains(veil_guest_abi::KIT_GREETING),
+            Scenario::Dirtying => warmed_up(&rate_lines(&text)),
+        };
+        ready.then_some(Ok(text.len()))
+    });
+    ready.map_err(|e| format!("{e}; VMM log: {}", vmm.stderr_tail()))?
+}
+
+/// Seconds of steady dirtying measured before migrating.
+const STEADY_LINES: usize = 3;
+
+/// One full pass over the range is done (every page mapped), then `STEADY_LINES` more lines.
+fn warmed_up(lines: &[RateLine]) -> bool {
+    let mut pages = 0;
+    let full_pass = lines.iter().position(|l| {
+        pages += l.pages;
+        pages >= DIRTY_PAGES
+    });
+    full_pass.is_some_and(|i| lines.len() > i + STEADY_LINES)
+}
+
+/// One `dirty-paced: R pages/s (P pages in M ms)` line.
+struct RateLine {
+    /// Where the line starts in the serial output.
+    at: usize,
+    pages: u64,
+    ms: u64,
+}
+
+fn rate_lines(text: &str) -> Vec<RateLine> {
+    let mut lines = Vec::new();
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let start = at;
+        at += line.len();
+        let Some(rest) = line
+            .strip_suffix('\n')
+            .and_then(|l| l.split_once(" pages/s ("))
+        else {
+            continue;
+        };
+        let mut words = rest.1.split_whitespace();
+        let pages = words.next().and_then(|w| w.parse().ok());
+        let ms = words.nth(2).and_then(|w| w.parse().ok());
+        if let (Some(pages), Some(ms)) = (pages, ms) {
+            lines.push(RateLine {
+                at: start,
+                pages,
+                ms,
+            });
+        }
+    }
+    lines
+}
+
+/// Pages per second over `lines`.
+fn mean_rate<'a>(lines: impl Iterator<Item = &'a RateLine>) -> Option<Rate> {
+    let (pages, ms) = lines.fold((0, 0), |(p, m), l| (p + l.pages, m + l.ms));
+    (ms > 0).then(|| Rate {
+        pages_per_s: pages as f64 * 1e3 / ms as f64,
+        seconds: ms as f64 / 1e3,
+    })
+}
+
+/// The dirtying guest's rate in the `STEADY_LINES` seconds before the migration, during it
+/// (lines that began after it started, bar the first, which partly covers the time before), and
+/// on the target (after its first line, which spans the switch-over).
+fn guest_rates(
+    scenario: Scenario,
+    source_serial: &Path,
+    mark: usize,
+    target_serial: &Path,
+) -> Result<Option<GuestRates>, String> {
+    if scenario != Scenario::Dirtying {
+        return Ok(None);
+    }
+    let source = rate_lines(&fs::read_to_string(source_serial).unwrap_or_default());
+    let before: Vec<&RateLine> = source.iter().filter(|l| l.at < mark).collect();
+    let during = source.iter().filter(|l| l.at >= mark).skip(1);
+    let after = wait_for("the guest's rate on the target", START_TIMEOUT, || {
+        let lines = rate_lines(&fs::read_to_string(target_serial).unwrap_or_default());
+        (lines.len() >= 3).then(|| mean_rate(lines.iter().skip(1)))
+    })?;
+    Ok(Some(GuestRates {
+        before: mean_rate(before.iter().rev().take(STEADY_LINES).copied()),
+        during: mean_rate(during),
+        after,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// iperf3
+
+/// Loopback TCP throughput in Gbit/s, one stream for `IPERF_SECONDS`, or why it was skipped.
+fn iperf3(scratch: &Scratch) -> Result<f64, String> {
+    let installed = Command::new("iperf3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if installed.is_err() {
+        return Err("iperf3 not installed".into());
+    }
+    let port = free_port()?;
+    let mut server = Proc::spawn(
+        "iperf3-server",
+        Command::new("iperf3").args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()]),
+        scratch,
+    )?;
+    wait_listening(port, &mut server)?;
+    let mut client = Proc::spawn(
+        "iperf3-client",
+        Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-J"])
+            .args(["-t", &IPERF_SECONDS.to_string()]),
+        scratch,
+    )?;
+    let status = client.wait_exit(Duration::from_secs(IPERF_SECONDS + 30))?;
+    let report: Value = serde_json::from_str(&client.stdout())
+        .map_err(|e| format!("iperf3 -J printed no JSON ({status}): {e}"))?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bits| bits / 1e9)
+        .ok_or_else(|| format!("iperf3 failed ({status}): {}", report["error"]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn gbit_per_s(bytes: u64, time: Duration) -> f64 {
+    bytes as f64 * 8.0 / time.as_secs_f64().max(1e-9) / 1e9
+}
+
+fn print_table(scenario: Scenario, table: &Table) {
+    println!();
+    println!("{}", scenario.title());
+    println!(
+        "{:<44} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9}  passes",
+        "", "total ms", "downtime", "setup", "wire MiB", "RAM/tot", "wire/tot", "wall ms"
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9}",
+        "", "", "ms", "ms", "", "Gbit/s", "Gbit/s"
+    );
+    for (migrator, outcome, spread) in &table.rows {
+        let label = migrator.label(table.qemu_default_bandwidth);
+        match outcome {
+            Err(why) => println!("{label:<44} FAILED: {why}"),
+            Ok(m) => {
+                println!(
+                    "{label:<44} {:>9.1} {:>9.1} {:>6} {:>9.1} {:>9.2} {:>9.2} {:>9.0}  {}",
+                    ms(m.total),
+                    ms(m.downtime),
+                    m.setup.map_or("-".into(), |s| format!("{:.0}", ms(s))),
+                    m.bytes as f64 / (1 << 20) as f64,
+                    gbit_per_s(GUEST_RAM, m.total),
+                    gbit_per_s(m.bytes, m.total),
+                    ms(m.wall),
+                    m.passes
+                );
+                if !spread.is_empty() {
+                    println!("{:<44} ({spread})", "");
+                }
+            }
+        }
+    }
+    let rates: Vec<_> = table
+        .rows
+        .iter()
+        .filter_map(|(mi, o, _)| Some((mi, o.as_ref().ok()?.guest?)))
+        .collect();
+    if !rates.is_empty() {
+        println!("guest's own dirtying rate, pages/s (asked: {DIRTY_RATE}):");
+    }
+    for (migrator, g) in rates {
+        let show = |r: Option<Rate>| {
+            r.map_or("n/a".into(), |r| {
+                format!("{:.0} ({:.0} s)", r.pages_per_s, r.seconds)
+            })
+        };
+        println!(
+            "  {:<42} before {:>12}, during {:>12}, after (on the target) {:>12}",
+            migrator.label(table.qemu_default_bandwidth),
+            show(g.before),
+            show(g.during),
+            show(g.after)
+        );
+    }
+}
+
+fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
+    println!();
+    println!("ratios (effective rate = guest RAM / total time):");
+    for (scenario, table) in results {
+        let find = |which: Migrator| {
+            table
+                .rows
+                .iter()
+                .find(|(m, _, _)| *m == which)
+                .and_then(|(_, o, _)| o.as_ref().ok())
+        };
+        let Some(veil) = find(Migrator::Veil) else {
+            println!("  {}: veil failed, no ratios", scenario.slug());
+            continue;
+        };
+        let veil_rate = gbit_per_s(GUEST_RAM, veil.total);
+        if iperf.is_none() && table.rows.len() == 1 {
+            println!(
+                "  {}: nothing to compare with (no iperf3, no QEMU)",
+                scenario.slug()
+            );
+        }
+        if let Some(limit) = iperf {
+            println!(
+                "  {:<5} veil / iperf3 limit: {:.3} (RAM), {:.3} (wire bytes)",
+                scenario.slug(),
+                veil_rate / limit,
+                gbit_per_s(veil.bytes, veil.total) / limit
+            );
+        }
+        for which in [Migrator::QemuDefault, Migrator::QemuRaised] {
+            if let Some(qemu) = find(which) {
+                println!(
+                    "  {:<5} veil / {}: rate {:.2}x; downtime {:.1} ms vs {:.1} ms ({:.2}x)",
+                    scenario.slug(),
+                    which.label(table.qemu_default_bandwidth),
+                    veil_rate / gbit_per_s(GUEST_RAM, qemu.total),
+                    ms(veil.downtime),
+                    ms(qemu.downtime),
+                    veil.downtime.as_secs_f64() / qemu.downtime.as_secs_f64().max(1e-6)
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes, files, ports and waiting
+
+/// A child process, killed and reaped when dropped (every exit path, panics included). It
+/// also gets SIGKILL should the bench itself die. Its stdout and stderr go to files in the
+/// scratch folder, for reports and error messages.
+struct Proc {
+    name: String,
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, scratch: &Scratch) -> Result<Proc, String> {
+        let (stdout, stderr) = (
+            scratch.path(&format!("{name}.out")),
+            scratch.path(&format!("{name}.err")),
+        );
+        let file =
+            |p: &Path| File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()));
+        cmd.stdin(Stdio::null())
+            .stdout(file(&stdout)?)
+            .stderr(file(&stderr)?);
+        // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+        // which is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({:?}): {e}", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.into(),
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// An error naming the exit status, if the process has exited.
+    fn check_alive(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(format!(
+                "{} exited ({status}): {}",
+                self.name,
+                self.stderr_tail()
+            )),
+            Err(e) => Err(format!("{}: {e}", self.name)),
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let child = &mut self.child;
+        wait_for(&format!("{} to exit", self.name), timeout, || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
+    fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// The last lines of stderr, for error messages.
+    fn stderr_tail(&self) -> String {
+        let text = fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+        if tail.is_empty() {
+            format!("({} printed nothing on stderr)", self.name)
+        } else {
+            tail
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bench's own folder under cargo's target/tmp, removed when dropped; folders left by
+/// earlier runs that were killed are removed at the start.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    const PREFIX: &'static str = "veil-bench-migration-";
+
+    fn new() -> Result<Scratch, String> {
+        let parent = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_stale(parent, Self::PREFIX);
+        let dir = parent.join(format!("{}{}", Self::PREFIX, std::process::id()));
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes `parent/PREFIX<pid>` folders whose process is gone.
+fn remove_stale(parent: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Writes `GUEST_RAM` bytes: `LOW_ZERO` zeros, then random bytes (SplitMix64, seeded from the
+/// clock), and flushes them to disk so writeback does not run during the migrations.
+fn fill_random(path: &Path) -> Result<(), String> {
+    let io_err = |e: io::Error| format!("cannot write {}: {e}", path.display());
+    let mut file = File::create(path).map_err(io_err)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..LOW_ZERO / chunk.len() as u64 {
+        file.write_all(&chunk).map_err(io_err)?;
+    }
+    let mut state = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    for _ in 0..(GUEST_RAM - LOW_ZERO) / chunk.len() as u64 {
+        for word in chunk.chunks_exact_mut(8) {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        file.write_all(&chunk).map_err(io_err)?;
+    }
+    file.sync_all().map_err(io_err)
+}
+
+/// A TCP port free on 127.0.0.1 right now (the kernel's choice, so concurrent runs differ).
+fn free_port() -> Result<u16, String> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free TCP port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("no free TCP port: {e}"))
+}
+
+/// Waits until something listens on 127.0.0.1:`port`, without connecting (a `veil receive`
+/// would take a probe for its source).
+fn wait_listening(port: u16, vmm: &mut Proc) -> Result<(), String> {
+    let needle = format!("0100007F:{port:04X}");
+    wait_for(&format!("a listener on port {port}"), START_TIMEOUT, || {
+        if let Err(e) = vmm.check_alive() {
+            return Some(Err(e));
+        }
+        let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let listening = table.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&needle.as_str()) && fields.get(3) == Some(&"0A")
+        });
+        listening.then_some(Ok(()))
+    })?
+}
+
+/// Polls `poll` until it gives a value, or fails after `timeout` naming `what`.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut poll: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = poll() {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "timed out after {} s waiting for {what}",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
