@@ -15,8 +15,9 @@ use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::protocol::{
-    read_frame, write_frame, Features, HelloReply, Message, PageContent, ProtocolError,
-    ReceiverAction, ReceiverSession, SessionError, ShapeError, VmShape,
+    read_frame, write_frame, Features, FrameReader, HelloReply, MemoryChunkRef, Message,
+    MessageType, PageContentRef, ProtocolError, ReceiverAction, ReceiverSession, SessionError,
+    ShapeError, VmShape,
 };
 
 /// Why receiving failed; whatever arrived is discarded.
@@ -128,33 +129,44 @@ impl<S: Read + Write> Incoming<S> {
     ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
         let zero = vec![0u8; PAGE_SIZE as usize];
         let mut sev: Option<veil_sev::flow::Receiver<'_>> = None;
+        // One buffer for every frame, and chunks applied straight from it: no copy per page.
+        let mut reader = FrameReader::new();
         loop {
-            let frame = read_frame(&mut self.stream)?;
-            match self.session.on_message(&frame.message)? {
-                ReceiverAction::WritePages => {
-                    let Message::MemoryChunk(chunk) = &frame.message else {
-                        unreachable!("the session said WritePages")
-                    };
-                    chunk.validate(&self.shape)?;
-                    for page in &chunk.pages {
-                        let at = GuestAddress(page.gfn * PAGE_SIZE);
-                        match &page.content {
-                            PageContent::Zero => memory.write_slice(&zero, at)?,
-                            PageContent::Plain(bytes) => memory.write_slice(&bytes[..], at)?,
-                            PageContent::Encrypted { header, data } => {
-                                let receiver = sev.as_mut().ok_or(ReceiveError::Sev)?;
-                                let packet = Packet {
-                                    header: *header,
-                                    data: data.clone(),
-                                };
-                                // SAFETY: the VM has not started; nothing else touches its RAM.
-                                let dest = unsafe { guest_slice_mut(memory, at, data.len()) }
-                                    .ok_or(ReceiveError::Sev)?;
-                                receiver.update_data(&packet, dest)?;
-                            }
+            let raw = reader.read(&mut self.stream)?;
+            if raw.header.kind == MessageType::MemoryChunk {
+                let chunk = MemoryChunkRef::parse(raw.payload).map_err(|source| {
+                    ProtocolError::Payload {
+                        kind: MessageType::MemoryChunk,
+                        source,
+                    }
+                })?;
+                match self.session.on_memory_chunk(&chunk)? {
+                    ReceiverAction::WritePages => {}
+                    other => return Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
+                }
+                chunk.validate(&self.shape)?;
+                for page in chunk.pages() {
+                    let at = GuestAddress(page.gfn * PAGE_SIZE);
+                    match page.content {
+                        PageContentRef::Zero => memory.write_slice(&zero, at)?,
+                        PageContentRef::Plain(bytes) => memory.write_slice(bytes, at)?,
+                        PageContentRef::Encrypted { header, data } => {
+                            let receiver = sev.as_mut().ok_or(ReceiveError::Sev)?;
+                            let packet = Packet {
+                                header: *header,
+                                data: data.to_vec(),
+                            };
+                            // SAFETY: the VM has not started; nothing else touches its RAM.
+                            let dest = unsafe { guest_slice_mut(memory, at, data.len()) }
+                                .ok_or(ReceiveError::Sev)?;
+                            receiver.update_data(&packet, dest)?;
                         }
                     }
                 }
+                continue;
+            }
+            let frame = raw.decode()?;
+            match self.session.on_message(&frame.message)? {
                 ReceiverAction::StartSev => {
                     use sev::parser::Decoder;
                     let Message::SevStart(start) = &frame.message else {

@@ -517,7 +517,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                     header: &packet.header,
                     data: &packet.data,
                 }
-            } else if zero_pages && self.page.iter().all(|&b| b == 0) {
+            } else if zero_pages && is_zero(&self.page) {
                 self.report.zero_pages += 1;
                 self.report.clear_pages += 1;
                 PageContentRef::Zero
@@ -584,6 +584,13 @@ impl<S: Write> ChunkOut<'_, S> {
         }
         check_deadline(self.deadline)
     }
+}
+
+/// Sixteen bytes at a time: the byte-wise loop does not vectorise and runs over every
+/// page of a mostly-zero guest.
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
 }
 
 fn check_deadline(deadline: Option<(Instant, Duration)>) -> Result<(), SendError> {

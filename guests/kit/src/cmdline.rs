@@ -63,8 +63,10 @@ pub enum Task {
     HypercallBench(u64),
     /// Print `len` bytes at guest-physical `gpa` in hex (an injected launch secret).
     ReadSecret { gpa: u64, len: u64 },
-    /// Stamp the range over and over, forever: a guest that keeps dirtying memory.
-    DirtyLoop(PageRange),
+    /// Stamp the range over and over, forever: a guest that keeps dirtying memory. With
+    /// `check_every`, each round first checks the stamps of the last one, and every that many
+    /// rounds says so.
+    DirtyLoop { range: PageRange, check_every: Option<u64> },
     /// Write one word per page of the range (seed unused), `rate` pages a second, forever.
     DirtyPaced { range: PageRange, rate: u64 },
     /// Share every other page of `count` pages from `first`: the worst case for a run list.
@@ -184,8 +186,12 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             Ok(Task::ReadSecret { gpa: gpa.ok_or(err("missing parameter", b"gpa"))?, len })
         }
         b"dirty-loop" => {
-            let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;
-            Ok(Task::DirtyLoop(range(p)?))
+            let [seed, first, count, stride, check] =
+                parse_params(word, params, ["seed", "first", "count", "stride", "check"])?;
+            if check == Some(0) {
+                return Err(err("check must be at least 1", b""));
+            }
+            Ok(Task::DirtyLoop { range: range([seed, first, count, stride])?, check_every: check })
         }
         b"dirty-paced" => {
             let [first, count, rate] = parse_params(word, params, ["first", "count", "rate"])?;

@@ -61,7 +61,7 @@ fn validate(task: &Task, ram: &RamMap) {
             ("stamp: ", range)
         }
         Task::Check(range) => ("check: ", range),
-        Task::DirtyLoop(range) => ("dirty-loop: ", range),
+        Task::DirtyLoop { range, .. } => ("dirty-loop: ", range),
         Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
         Task::ReadSecret { gpa, len } => {
             let range = PageRange { seed: 0, first: gpa / PAGE_SIZE, count: (gpa + len).div_ceil(PAGE_SIZE) - gpa / PAGE_SIZE, stride: 1 };
@@ -146,12 +146,37 @@ fn run(task: &Task, index: usize) {
             }
             write_str("\n");
         }
-        Task::DirtyLoop(range) => {
+        Task::DirtyLoop { range, check_every } => {
             write_str("dirty-loop: stamping ");
             write_dec(range.count);
             write_str(" pages forever\n");
+            stamp(&range, 0, range.count);
+            let Some(every) = check_every else {
+                loop {
+                    stamp(&range, 0, range.count);
+                }
+            };
+            // Each round checks what the last one wrote, so a page lost or stale after a
+            // migration stops the guest wherever it runs.
+            let mut round = 1u64;
             loop {
+                if let Err(Mismatch { gfn, found, expected }) = check(&range) {
+                    write_str("dirty-loop check FAILED at gfn ");
+                    write_hex(gfn);
+                    write_str(": found ");
+                    write_hex(found);
+                    write_str(", expected ");
+                    write_hex(expected);
+                    write_str("\n");
+                    arch::exit(EXIT_CHECK_FAILED);
+                }
                 stamp(&range, 0, range.count);
+                if round % every == 0 {
+                    write_str("dirty-loop: round ");
+                    write_dec(round);
+                    write_str(" checked\n");
+                }
+                round += 1;
             }
         }
         Task::DirtyPaced { range, rate } => paced::dirty_paced(range.first, range.count, rate),
