@@ -180,19 +180,26 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let out = common::ctl(
-        &source_api,
-        &[
-            "migrate",
-            "--to",
-            &format!("unix:{}", target_socket.display()),
-        ],
+    // On a terminal (`script` gives it one) `veil ctl migrate` draws its progress bar.
+    let command = format!(
+        "{} ctl --api-socket {} migrate --to unix:{}",
+        env!("CARGO_BIN_EXE_veil"),
+        source_api.display(),
+        target_socket.display()
     );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs");
     assert!(out.status.success(), "{}", common::describe(&out));
-    let report = String::from_utf8_lossy(&out.stdout);
+    let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
-        report.contains("migrated to unix:") && report.contains("downtime"),
-        "{report}"
+        shown.contains("| sent ") && shown.contains("/s | dirtying ") && shown.contains("ETA"),
+        "no progress bar: {shown}"
+    );
+    assert!(
+        shown.contains("migrated to unix:") && shown.contains("downtime"),
+        "{shown}"
     );
 
     let status = source.wait();

@@ -386,6 +386,8 @@ fn there_and_back(sev: bool) {
     assert!(out.status.success(), "{}", common::describe(&out));
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("over mutual TLS"), "{report}");
+    // Not a terminal: no progress bar in the way of logs.
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("ETA"));
     if sev {
         assert!(!report.contains(" 0 private through"), "{report}");
     }
