@@ -405,25 +405,31 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         if self.vm.pause() != RunState::Paused {
             return Err(SendError::GuestStopped);
         }
+        let mut stage = Stages::new(paused);
+        stage.done("pause the vCPUs");
         // With every vCPU parked nothing can change it any more: the last word.
         during_migration(self.vm)?;
         check_deadline(self.deadline)?;
         let dirty = self.dirty_gfns()?;
+        stage.done("collect dirty pages");
         self.phase(Phase::StopAndCopy, dirty.len());
         self.send_pages(&dirty)?;
+        stage.done("send the last dirty pages");
         let snapshot = self.vm.snapshot()?;
-        self.send(&Message::State(State {
-            bytes: serde_json::to_vec(&snapshot)?,
-        }))?;
+        let state = serde_json::to_vec(&snapshot)?;
+        stage.done("save the state");
+        self.send(&Message::State(State { bytes: state }))?;
         match self.receive()? {
             SenderAction::Commit => {}
             other => return Err(unexpected(other)),
         }
+        stage.done("the target restores and acknowledges");
         // The target holds the guest: from here on it must never run here again.
         if let Some(send) = self.sev_send.take() {
             send.finish()?;
         }
         self.send(&Message::Complete)?;
+        stage.done("commit");
         self.report.downtime = paused.elapsed();
         Ok(())
     }
@@ -591,6 +597,23 @@ impl<S: Write> ChunkOut<'_, S> {
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(16)
         .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+}
+
+/// Where the downtime goes, in the debug log.
+struct Stages(Instant);
+
+impl Stages {
+    fn new(start: Instant) -> Self {
+        Self(start)
+    }
+
+    fn done(&mut self, what: &str) {
+        tracing::debug!(
+            "stop-and-copy: {what}: {:.2} ms",
+            self.0.elapsed().as_secs_f64() * 1e3
+        );
+        self.0 = Instant::now();
+    }
 }
 
 fn check_deadline(deadline: Option<(Instant, Duration)>) -> Result<(), SendError> {
