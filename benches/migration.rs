@@ -1,19 +1,25 @@
 //! Live migration of the same 1 GiB kit guest by Veil and by QEMU, in one run, against the
 //! loopback TCP throughput iperf3 reaches on the same host.
 //!
-//! Two scenarios, each migrated over plain TCP on 127.0.0.1 by `veil ctl migrate` (to a
-//! `veil receive`) and by QEMU's QMP `migrate` (to a QEMU started with `-incoming`):
+//! Three scenarios, each migrated over plain TCP on 127.0.0.1 by `veil ctl migrate` (to a
+//! `veil receive`) and, for the first two, by QEMU's QMP `migrate` (to a QEMU started with
+//! `-incoming`):
 //! 1. idle: the guest spins without touching memory (`greet spin`);
 //! 2. dirtying: the guest writes one word per 4 KiB page at 12,800 pages/s (50 MiB/s) over
-//!    256 MiB (`dirty-paced`), paced by its own PIT-calibrated TSC.
+//!    256 MiB (`dirty-paced`), paced by its own PIT-calibrated TSC;
+//! 3. SEV: the idle guest as an SEV guest on Veil's emulated SEV platform, Veil only (QEMU
+//!    cannot migrate SEV guests). Every page is private, so every page goes through the
+//!    emulated firmware's SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA; the bench measures those
+//!    two commands on one core in its own process, in the same run, to compare.
 //!
 //! Source RAM is a file of random bytes (no page travels as a zero page); target RAM is
 //! anonymous on both. QEMU runs with its own defaults, then again with `max-bandwidth` raised
 //! when the default limit capped it. Every number comes from this run; docs/benchmarks.md says
 //! what each one means.
 //!
-//! `cargo bench --bench migration [-- --runs N]` (with N runs per migration, the run with the
-//! median total time is shown). QEMU and iperf3 are skipped, with the reason, when absent.
+//! `cargo bench --bench migration [-- --runs N] [--only idle,dirty,sev]` (with N runs per
+//! migration, the run with the median total time is shown; `--only` runs the scenarios named).
+//! QEMU and iperf3 are skipped, with the reason, when absent.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
@@ -26,6 +32,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 use veil_guest_abi::PAGE_SIZE;
+use veil_sev::emulated::firmware::EmulatedFirmware;
+use veil_sev::emulated::identity::PlatformIdentity;
+use veil_sev::firmware::{Firmware, FirmwareError};
+use veil_sev::policy::GuestPolicy;
 
 const GUEST_RAM: u64 = 1 << 30;
 const GUEST_RAM_ARG: &str = "1G";
@@ -47,14 +57,23 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(90);
 const IPERF_SECONDS: u64 = 3;
 const POLL: Duration = Duration::from_millis(20);
+/// The firmware model's raw throughput: 256 pages (1 MiB, as in sev/benches/firmware.rs) over
+/// and over, in samples of at least this long; the median sample counts.
+const FIRMWARE_PAGES: usize = 256;
+const FIRMWARE_SAMPLES: usize = 5;
+const FIRMWARE_SAMPLE_TIME: Duration = Duration::from_millis(400);
+/// `veil run --sev`'s default policy (NODBG), so the model runs the migrated guest's policy.
+const SEV_POLICY: GuestPolicy = GuestPolicy(0x1);
+/// Veil's target for its SEV migration rate against the firmware model's raw throughput.
+const SEV_GOAL: f64 = 0.8;
 
 fn main() {
-    let runs = runs_from_args();
+    let options = options_from_args();
     let scratch = match Scratch::new() {
         Ok(s) => s,
         Err(e) => fail(&e),
     };
-    if let Err(e) = bench(&scratch, runs) {
+    if let Err(e) = bench(&scratch, &options) {
         fail(&e);
     }
 }
@@ -64,21 +83,50 @@ fn fail(message: &str) -> ! {
     std::process::exit(1)
 }
 
-/// `--runs N` (cargo passes `--bench` too, which is ignored).
-fn runs_from_args() -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == "--runs") {
-        None => 1,
-        Some(i) => match args.get(i + 1).and_then(|n| n.parse().ok()) {
-            Some(n) if n >= 1 => n,
-            _ => fail("--runs takes a number of runs, 1 or more"),
-        },
-    }
+struct Options {
+    runs: usize,
+    scenarios: Vec<Scenario>,
 }
 
-fn bench(scratch: &Scratch, runs: usize) -> Result<(), String> {
-    let qemu = qemu_version();
-    print_header(&qemu, runs);
+/// `--runs N` and `--only NAME[,NAME...]` (cargo passes `--bench` too, which is ignored).
+fn options_from_args() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        let i = args.iter().position(|a| a == flag)?;
+        Some(args.get(i + 1).map_or("", String::as_str))
+    };
+    let runs = match value("--runs") {
+        None => 1,
+        Some(n) => match n.parse() {
+            Ok(n) if n >= 1 => n,
+            _ => fail("--runs takes a number of runs, 1 or more"),
+        },
+    };
+    let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.slug()).collect();
+    let scenarios = match value("--only") {
+        None => Scenario::ALL.to_vec(),
+        Some(list) => {
+            let wanted: Vec<&str> = list.split(',').collect();
+            if let Some(bad) = wanted.iter().find(|w| !names.contains(w)) {
+                fail(&format!(
+                    "--only takes scenarios among {}, joined by commas; not `{bad}`",
+                    names.join(", ")
+                ));
+            }
+            // Always in the usual order, each once.
+            Scenario::ALL
+                .into_iter()
+                .filter(|s| wanted.contains(&s.slug()))
+                .collect()
+        }
+    };
+    Options { runs, scenarios }
+}
+
+fn bench(scratch: &Scratch, options: &Options) -> Result<(), String> {
+    let with_qemu = options.scenarios.iter().any(|s| s.with_qemu());
+    let qemu = with_qemu.then(qemu_version);
+    print_header(qemu.as_ref(), options);
     let iperf = iperf3(scratch);
     match &iperf {
         Ok(gbit) => {
@@ -86,8 +134,10 @@ fn bench(scratch: &Scratch, runs: usize) -> Result<(), String> {
         }
         Err(why) => println!("loopback TCP limit: skipped: {why}"),
     }
-    if let Err(why) = &qemu {
-        println!("QEMU: skipped: {why}");
+    match &qemu {
+        Some(Err(why)) => println!("QEMU: skipped: {why}"),
+        None => println!("QEMU: not run: it cannot migrate SEV guests"),
+        Some(Ok(_)) => {}
     }
     eprintln!(
         "filling a {} MiB RAM file with random bytes...",
@@ -96,8 +146,20 @@ fn bench(scratch: &Scratch, runs: usize) -> Result<(), String> {
     let ram = scratch.path("guest-ram");
     fill_random(&ram)?;
     let mut results = Vec::new();
-    for scenario in [Scenario::Idle, Scenario::Dirtying] {
-        let table = run_scenario(scratch, scenario, &ram, qemu.is_ok(), runs);
+    for &scenario in &options.scenarios {
+        let sev = match scenario {
+            Scenario::Sev => Some(SevPlatforms::new(scratch)?),
+            _ => None,
+        };
+        let have_qemu = matches!(qemu, Some(Ok(_)));
+        let table = run_scenario(
+            scratch,
+            scenario,
+            &ram,
+            have_qemu,
+            sev.as_ref(),
+            options.runs,
+        )?;
         print_table(scenario, &table);
         results.push((scenario, table));
     }
@@ -105,7 +167,7 @@ fn bench(scratch: &Scratch, runs: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn print_header(qemu: &Result<String, String>, runs: usize) {
+fn print_header(qemu: Option<&Result<String, String>>, options: &Options) {
     let now = humantime::format_rfc3339_seconds(SystemTime::now());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -113,11 +175,17 @@ fn print_header(qemu: &Result<String, String>, runs: usize) {
         "live migration of a {} MiB kit guest over loopback TCP, {now}",
         GUEST_RAM >> 20
     );
+    let qemu = match qemu {
+        Some(Ok(version)) => version.as_str(),
+        Some(Err(_)) => "no QEMU",
+        None => "QEMU not needed",
+    };
+    let scenarios: Vec<&str> = options.scenarios.iter().map(|s| s.slug()).collect();
     println!(
-        "host: {cores} cores, Linux {}, {}; {} run(s) per migration",
+        "host: {cores} cores, Linux {}, {qemu}; {} run(s) per migration; scenarios: {}",
         kernel.trim(),
-        qemu.as_deref().unwrap_or("no QEMU"),
-        runs
+        options.runs,
+        scenarios.join(", ")
     );
 }
 
@@ -128,15 +196,21 @@ fn print_header(qemu: &Result<String, String>, runs: usize) {
 enum Scenario {
     Idle,
     Dirtying,
+    /// The idle guest as an SEV guest on the emulated platform.
+    Sev,
 }
 
 impl Scenario {
+    const ALL: [Scenario; 3] = [Scenario::Idle, Scenario::Dirtying, Scenario::Sev];
+
     fn cmdline(self) -> String {
         match self {
             Scenario::Idle => "greet spin".into(),
             Scenario::Dirtying => format!(
                 "dirty-paced:first={DIRTY_FIRST_GFN:#x},count={DIRTY_PAGES},rate={DIRTY_RATE}"
             ),
+            // An SEV guest starts with migration control 0 (not migratable) and must allow it.
+            Scenario::Sev => "msr-write:value=1 greet spin".into(),
         }
     }
 
@@ -149,6 +223,11 @@ impl Scenario {
                 (DIRTY_PAGES * PAGE_SIZE) >> 20,
                 self.cmdline()
             ),
+            Scenario::Sev => format!(
+                "scenario 3: idle SEV guest on the emulated SEV platform, every page private \
+                 (`{}`); Veil only",
+                self.cmdline()
+            ),
         }
     }
 
@@ -156,7 +235,13 @@ impl Scenario {
         match self {
             Scenario::Idle => "idle",
             Scenario::Dirtying => "dirty",
+            Scenario::Sev => "sev",
         }
+    }
+
+    /// QEMU cannot migrate SEV guests.
+    fn with_qemu(self) -> bool {
+        self != Scenario::Sev
     }
 }
 
@@ -243,6 +328,8 @@ type Outcome = Result<Migration, String>;
 struct Table {
     rows: Vec<(Migrator, Outcome, String)>,
     qemu_default_bandwidth: Option<u64>,
+    /// SEV: the firmware model's raw throughput, measured before each run.
+    firmware: Vec<FirmwareRates>,
 }
 
 fn run_scenario(
@@ -250,14 +337,25 @@ fn run_scenario(
     scenario: Scenario,
     ram: &Path,
     have_qemu: bool,
+    sev: Option<&SevPlatforms>,
     runs: usize,
-) -> Table {
+) -> Result<Table, String> {
     let mut outcomes: Vec<(Migrator, Vec<Outcome>)> = Vec::new();
     let mut qemu_default_bandwidth = None;
+    let mut firmware = Vec::new();
     // Interleave the migrators so drift in the host's load hits them alike.
     for run in 0..runs {
+        if let Some(platforms) = sev {
+            // Just before each migration it is compared with, with no VM running, so that load
+            // from elsewhere on the host shows in both alike.
+            eprintln!(
+                "{}: the emulated firmware's raw throughput on one core ...",
+                scenario.slug()
+            );
+            firmware.push(firmware_rates(platforms)?);
+        }
         let mut migrators = vec![Migrator::Veil];
-        if have_qemu {
+        if have_qemu && scenario.with_qemu() {
             migrators.push(Migrator::QemuDefault);
         }
         let mut i = 0;
@@ -270,7 +368,7 @@ fn run_scenario(
                 migrator.label(qemu_default_bandwidth)
             );
             let outcome = match migrator {
-                Migrator::Veil => migrate_veil(scratch, &tag, scenario, ram),
+                Migrator::Veil => migrate_veil(scratch, &tag, scenario, ram, sev),
                 _ => migrate_qemu(scratch, &tag, scenario, ram, migrator),
             };
             if migrator == Migrator::QemuDefault {
@@ -294,10 +392,11 @@ fn run_scenario(
             (migrator, outcome, spread)
         })
         .collect();
-    Table {
+    Ok(Table {
         rows,
         qemu_default_bandwidth,
-    }
+        firmware,
+    })
 }
 
 /// QEMU's default run was held back by its bandwidth limit: it ran out of time, or moved RAM
@@ -345,7 +444,17 @@ fn veil() -> Command {
     cmd
 }
 
-fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) -> Outcome {
+fn migrate_veil(
+    scratch: &Scratch,
+    tag: &str,
+    scenario: Scenario,
+    ram: &Path,
+    sev: Option<&SevPlatforms>,
+) -> Outcome {
+    let sev = match scenario {
+        Scenario::Sev => Some(sev.ok_or("the SEV scenario needs its platforms")?),
+        _ => None,
+    };
     let port = free_port()?;
     let (src_serial, dst_serial) = (
         scratch.path(&format!("{tag}-src.serial")),
@@ -367,7 +476,8 @@ fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) ->
             .arg("--serial")
             .arg(file_sink(&dst_serial))
             .arg("--api-socket")
-            .arg(&dst_api),
+            .arg(&dst_api)
+            .args(sev.map_or(Vec::new(), |p| sev_args(&p.target))),
         scratch,
     )?;
     let mut source = Proc::spawn(
@@ -381,7 +491,8 @@ fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) ->
             .arg("--api-socket")
             .arg(&src_api)
             .arg("--serial")
-            .arg(file_sink(&src_serial)),
+            .arg(file_sink(&src_serial))
+            .args(sev.map_or(Vec::new(), |p| sev_args(&p.source))),
         scratch,
     )?;
     wait_listening(port, &mut target)?;
@@ -389,6 +500,16 @@ fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) ->
     wait_for("the source's API socket", START_TIMEOUT, || {
         src_api.exists().then_some(())
     })?;
+    // The SEV guest allows migration only once its `msr-write` ran; check Veil agrees.
+    wait_for(
+        "the source to report the guest migratable",
+        START_TIMEOUT,
+        || {
+            let status = veil_status(&src_api)?;
+            (status["migratability"]["state"] == "migratable").then_some(())
+        },
+    )
+    .map_err(|e| format!("{e}; source log: {}", source.stderr_tail()))?;
 
     let started = Instant::now();
     let mut ctl = Proc::spawn(
@@ -404,7 +525,10 @@ fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) ->
                 &format!("tcp:127.0.0.1:{port}"),
                 "--insecure",
             ])
-            .args(["--timeout-s", &MIGRATION_TIMEOUT.as_secs().to_string()]),
+            .args(["--timeout-s", &MIGRATION_TIMEOUT.as_secs().to_string()])
+            .args(sev.map_or(Vec::new(), |p| {
+                vec!["--sev-trust-chain".into(), p.chain.clone().into_os_string()]
+            })),
         scratch,
     )?;
     let status = ctl.wait_exit(MIGRATION_TIMEOUT + Duration::from_secs(30))?;
@@ -428,6 +552,19 @@ fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) ->
         number("bytes")?,
     );
     let passes = report["passes"].as_u64().unwrap_or(0);
+    let mut passes = format!("{passes} dirty passes");
+    if sev.is_some() {
+        // The comparison with the firmware model assumes every page went through it.
+        let count = |key: &str| report[key].as_u64().unwrap_or(0);
+        let (private, clear) = (count("private_pages"), count("clear_pages"));
+        if clear > 0 || private < GUEST_RAM / PAGE_SIZE {
+            return Err(format!(
+                "expected every page private: {private} went through the firmware, \
+                 {clear} in the clear; report: {report}"
+            ));
+        }
+        passes += &format!(", {private} pages via firmware");
+    }
 
     // The source exits once the target holds the guest.
     source.wait_exit(Duration::from_secs(10))?;
@@ -435,7 +572,7 @@ fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) ->
         dst_api.exists().then_some(())
     })?;
     let state = wait_for("the guest to run on the target", START_TIMEOUT, || {
-        veil_state(&dst_api).filter(|s| s == "running")
+        (veil_status(&dst_api)?["state"] == "running").then_some(())
     });
     state.map_err(|e| format!("{e}; target log: {}", target.stderr_tail()))?;
     let guest = guest_rates(scenario, &src_serial, mark, &dst_serial)?;
@@ -445,14 +582,14 @@ fn migrate_veil(scratch: &Scratch, tag: &str, scenario: Scenario, ram: &Path) ->
         setup: None,
         bytes: bytes as u64,
         wall,
-        passes: format!("{passes} dirty passes"),
+        passes,
         bandwidth_limit: None,
         guest,
     })
 }
 
-/// `state` from `veil ctl status` on `socket`, if it answers.
-fn veil_state(socket: &Path) -> Option<String> {
+/// `veil ctl --json status` on `socket`, if it answers.
+fn veil_status(socket: &Path) -> Option<Value> {
     let output = veil()
         .arg("ctl")
         .arg("--api-socket")
@@ -461,12 +598,143 @@ fn veil_state(socket: &Path) -> Option<String> {
         .stderr(Stdio::null())
         .output()
         .ok()?;
-    let status: Value = serde_json::from_slice(&output.stdout).ok()?;
-    status["state"].as_str().map(str::to_owned)
+    serde_json::from_slice(&output.stdout).ok()
 }
 
 fn file_sink(path: &Path) -> String {
     format!("file:{}", path.display())
+}
+
+// ---------------------------------------------------------------------------------------------
+// SEV: the two emulated platforms, and the firmware model's raw throughput
+
+/// The source's and the target's emulated SEV platforms (their state folders) and the target's
+/// exported chain, which the source must trust to send it the guest.
+struct SevPlatforms {
+    source: PathBuf,
+    target: PathBuf,
+    chain: PathBuf,
+}
+
+impl SevPlatforms {
+    fn new(scratch: &Scratch) -> Result<SevPlatforms, String> {
+        let platforms = SevPlatforms {
+            source: scratch.path("sev-source"),
+            target: scratch.path("sev-target"),
+            chain: scratch.path("sev-target.chain"),
+        };
+        let out = veil()
+            .args(["sev", "export-chain"])
+            .args(sev_platform_args(&platforms.target))
+            .arg("--out")
+            .arg(&platforms.chain)
+            .output()
+            .map_err(|e| format!("cannot run veil sev export-chain: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "veil sev export-chain failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(platforms)
+    }
+}
+
+fn sev_platform_args(state_dir: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--sev-platform".into(),
+        "emulated".into(),
+        "--sev-state-dir".into(),
+        state_dir.into(),
+    ]
+}
+
+/// `--sev` on the emulated platform whose state is in `state_dir`.
+fn sev_args(state_dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut args = vec!["--sev".into()];
+    args.extend(sev_platform_args(state_dir));
+    args
+}
+
+/// The emulated firmware's throughput for 4 KiB pages on one core, in bytes per second.
+struct FirmwareRates {
+    send: f64,
+    receive: f64,
+}
+
+impl FirmwareRates {
+    /// Both commands one after the other on the same core, as each page needs both.
+    fn serial(&self) -> f64 {
+        1.0 / (1.0 / self.send + 1.0 / self.receive)
+    }
+}
+
+/// SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA through the `Firmware` interface Veil's sender and
+/// receiver call, on the migration's own two platform identities (as sev/benches/firmware.rs
+/// does, over random pages like the guest's).
+fn firmware_rates(platforms: &SevPlatforms) -> Result<FirmwareRates, String> {
+    let load = |dir: &Path| {
+        PlatformIdentity::load_or_create(dir)
+            .map(EmulatedFirmware::new)
+            .map_err(|e| format!("emulated SEV platform in {}: {e}", dir.display()))
+    };
+    let (mut source, mut target) = (load(&platforms.source)?, load(&platforms.target)?);
+    let fw = |e: FirmwareError| format!("emulated SEV firmware: {e}");
+    let guest = source.launch_start(SEV_POLICY, None).map_err(fw)?;
+    source.launch_measure(guest).map_err(fw)?;
+    source.launch_finish(guest).map_err(fw)?;
+    let chain = target.certificate_chain().map_err(fw)?;
+    let start = source.send_start(guest, &chain).map_err(fw)?;
+    let received = target.receive_start(&start).map_err(fw)?;
+
+    let mut seed = 1;
+    let pages: Vec<Vec<u8>> = (0..FIRMWARE_PAGES)
+        .map(|_| {
+            (0..PAGE_SIZE / 8)
+                .flat_map(|_| splitmix64(&mut seed).to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let packets = pages
+        .iter()
+        .map(|p| source.send_update_data(guest, p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(fw)?;
+    let send = pages_per_second(|i| {
+        std::hint::black_box(source.send_update_data(guest, &pages[i])?);
+        Ok(())
+    })
+    .map_err(fw)?;
+    let mut dest = vec![0u8; PAGE_SIZE as usize];
+    let receive =
+        pages_per_second(|i| target.receive_update_data(received, &packets[i], &mut dest))
+            .map_err(fw)?;
+    let bytes = PAGE_SIZE as f64;
+    Ok(FirmwareRates {
+        send: send * bytes,
+        receive: receive * bytes,
+    })
+}
+
+/// Runs `page(i)` over `FIRMWARE_PAGES` pages, round after round, and gives the median of
+/// `FIRMWARE_SAMPLES` samples in pages per second (after one round to warm up).
+fn pages_per_second(
+    mut page: impl FnMut(usize) -> Result<(), FirmwareError>,
+) -> Result<f64, FirmwareError> {
+    (0..FIRMWARE_PAGES).try_for_each(&mut page)?;
+    let mut samples = Vec::new();
+    for _ in 0..FIRMWARE_SAMPLES {
+        let started = Instant::now();
+        let mut done = 0;
+        while started.elapsed() < FIRMWARE_SAMPLE_TIME {
+            (0..FIRMWARE_PAGES).try_for_each(&mut page)?;
+            done += FIRMWARE_PAGES;
+        }
+        samples.push(done as f64 / started.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[FIRMWARE_SAMPLES / 2])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -679,7 +947,7 @@ impl Qmp {
 /// Returns the serial file's length at that point.
 fn wait_guest_ready(scenario: Scenario, serial: &Path, vmm: &mut Proc) -> Result<usize, String> {
     let timeout = match scenario {
-        Scenario::Idle => START_TIMEOUT,
+        Scenario::Idle | Scenario::Sev => START_TIMEOUT,
         Scenario::Dirtying => WARM_UP_TIMEOUT,
     };
     let ready = wait_for("the guest to be ready", timeout, || {
@@ -691,7 +959,7 @@ fn wait_guest_ready(scenario: Scenario, serial: &Path, vmm: &mut Proc) -> Result
             )));
         }
         let ready = match scenario {
-            Scenario::Idle => text.contains(veil_guest_abi::KIT_GREETING),
+            Scenario::Idle | Scenario::Sev => text.contains(veil_guest_abi::KIT_GREETING),
             Scenario::Dirtying => warmed_up(&rate_lines(&text)),
         };
         ready.then_some(Ok(text.len()))
@@ -861,6 +1129,7 @@ fn print_table(scenario: Scenario, table: &Table) {
             }
         }
     }
+    print_firmware_rates(&table.firmware);
     let rates: Vec<_> = table
         .rows
         .iter()
@@ -885,6 +1154,60 @@ fn print_table(scenario: Scenario, table: &Table) {
     }
 }
 
+/// The firmware model's rates before each run, and their medians.
+fn print_firmware_rates(list: &[FirmwareRates]) {
+    let Some(median) = median_rates(list) else {
+        return;
+    };
+    let show = |bytes_per_s: f64| {
+        format!(
+            "{:.2} Gbit/s ({:.0} MiB/s)",
+            bytes_per_s * 8.0 / 1e9,
+            bytes_per_s / (1 << 20) as f64
+        )
+    };
+    let runs = if list.len() > 1 {
+        format!(", median of {} runs", list.len())
+    } else {
+        String::new()
+    };
+    println!(
+        "emulated SEV firmware, 4 KiB pages on 1 core (median of {FIRMWARE_SAMPLES} samples{runs}): \
+         SEND_UPDATE_DATA {}, RECEIVE_UPDATE_DATA {}",
+        show(median.send),
+        show(median.receive)
+    );
+    if list.len() > 1 {
+        let range = |rate: fn(&FirmwareRates) -> f64| {
+            let rates: Vec<f64> = list.iter().map(rate).collect();
+            let gbit = |r: f64| r * 8.0 / 1e9;
+            format!(
+                "{:.2}..{:.2}",
+                gbit(rates.iter().copied().fold(f64::INFINITY, f64::min)),
+                gbit(rates.iter().copied().fold(0.0, f64::max))
+            )
+        };
+        println!(
+            "  (runs: SEND_UPDATE_DATA {}, RECEIVE_UPDATE_DATA {} Gbit/s)",
+            range(|r| r.send),
+            range(|r| r.receive)
+        );
+    }
+}
+
+/// Each command's median over the runs.
+fn median_rates(list: &[FirmwareRates]) -> Option<FirmwareRates> {
+    let median = |rate: fn(&FirmwareRates) -> f64| {
+        let mut rates: Vec<f64> = list.iter().map(rate).collect();
+        rates.sort_by(f64::total_cmp);
+        rates.get(rates.len() / 2).copied()
+    };
+    Some(FirmwareRates {
+        send: median(|r| r.send)?,
+        receive: median(|r| r.receive)?,
+    })
+}
+
 fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
     println!();
     println!("ratios (effective rate = guest RAM / total time):");
@@ -901,7 +1224,7 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
             continue;
         };
         let veil_rate = gbit_per_s(GUEST_RAM, veil.total);
-        if iperf.is_none() && table.rows.len() == 1 {
+        if iperf.is_none() && table.rows.len() == 1 && *scenario != Scenario::Sev {
             println!(
                 "  {}: nothing to compare with (no iperf3, no QEMU)",
                 scenario.slug()
@@ -927,6 +1250,24 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
                     veil.downtime.as_secs_f64() / qemu.downtime.as_secs_f64().max(1e-6)
                 );
             }
+        }
+        if let Some(fw) = median_rates(&table.firmware) {
+            let gbit = |bytes_per_s: f64| bytes_per_s * 8.0 / 1e9;
+            let slower = fw.send.min(fw.receive);
+            println!(
+                "  {:<5} veil / emulated firmware's raw rate, 1 core, min(SEND, RECEIVE) = \
+                 {:.2} Gbit/s: {:.3} (goal {SEV_GOAL})",
+                scenario.slug(),
+                gbit(slower),
+                veil_rate / gbit(slower)
+            );
+            println!(
+                "  {:<5} veil / both commands in series on 1 core, 1/(1/SEND + 1/RECEIVE) = \
+                 {:.2} Gbit/s: {:.3}",
+                scenario.slug(),
+                gbit(fw.serial()),
+                veil_rate / gbit(fw.serial())
+            );
         }
     }
 }
@@ -1076,15 +1417,20 @@ fn fill_random(path: &Path) -> Result<(), String> {
         .map_or(1, |d| d.as_nanos() as u64);
     for _ in 0..(GUEST_RAM - LOW_ZERO) / chunk.len() as u64 {
         for word in chunk.chunks_exact_mut(8) {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            word.copy_from_slice(&splitmix64(&mut state).to_le_bytes());
         }
         file.write_all(&chunk).map_err(io_err)?;
     }
     file.sync_all().map_err(io_err)
+}
+
+/// The next SplitMix64 output: fast, and random enough that no page is zero or compresses.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A TCP port free on 127.0.0.1 right now (the kernel's choice, so concurrent runs differ).
