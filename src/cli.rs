@@ -175,8 +175,8 @@ pub enum CtlCommand {
     Shutdown,
     /// Live-migrate the guest to a `veil receive` (pre-copy; plain and SEV guests). Shows a
     /// progress bar on a terminal, then a report. On success the guest runs on the target and
-    /// this VMM exits; on failure, timeout or cancel it keeps running here and the reason is
-    /// printed.
+    /// this VMM exits; on failure, timeout or cancel (Ctrl-C here, or `migrate-cancel`) it keeps
+    /// running here and the reason is printed.
     Migrate {
         /// The target: unix:PATH, or tcp:HOST:PORT with mutual TLS (--tls-*) or --insecure.
         #[arg(long, value_name = "ENDPOINT")]

@@ -55,7 +55,14 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         }
         _ => None,
     };
+    // Ctrl-C on a migration cancels it (the guest stays here) rather than leaving it running
+    // unwatched in the VMM.
+    let cancel_on_signal = match &args.command {
+        CtlCommand::Migrate { .. } => Some(CancelOnSignal::install(&args.api_socket)?),
+        _ => None,
+    };
     let response = client.request(&request);
+    drop(cancel_on_signal);
     drop(progress);
     let response = response?;
     if !response.ok {
@@ -74,6 +81,44 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sends `migrate-cancel` when SIGINT or SIGTERM arrives, until dropped.
+struct CancelOnSignal {
+    handle: signal_hook::iterator::Handle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CancelOnSignal {
+    fn install(api_socket: &std::path::Path) -> Result<Self, Box<dyn Error>> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+        let handle = signals.handle();
+        let socket = api_socket.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                eprintln!("veil: cancelling the migration; the guest stays here");
+                let cancelled = ApiClient::connect(&socket)
+                    .and_then(|mut c| c.request(&Request::MigrateCancel));
+                if let Err(e) = cancelled {
+                    eprintln!("veil: cannot cancel: {}", veil::error_chain(&e));
+                }
+            }
+        });
+        Ok(Self {
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for CancelOnSignal {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn print_migration_report(r: &Value) {

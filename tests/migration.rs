@@ -720,3 +720,60 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
     common::ctl(&target_api, &["shutdown"]);
     target.wait();
 }
+
+#[test]
+fn ctrl_c_on_veil_ctl_migrate_cancels_and_the_guest_stays() {
+    use std::process::Stdio;
+    let dir = common::TempDir::new("cli-cancel");
+    let (source_api, target_socket) = (dir.path("a.sock"), dir.path("m.sock"));
+    let mut target = common::veil()
+        .args(["receive", "--listen"])
+        .arg(format!("unix:{}", target_socket.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    // The guest clears READY: a migration with --wait-ready waits for it, and is cancelled.
+    let mut source = common::veil()
+        .args(["run", "--memory", "16M", "--api-socket"])
+        .arg(&source_api)
+        .args(["--cmdline", "msr-write:value=0 greet spin", "--kernel"])
+        .arg(common::kit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
+    while !target_socket.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let migrating = common::veil()
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(&source_api)
+        .args(["migrate", "--wait-ready", "60s", "--to"])
+        .arg(format!("unix:{}", target_socket.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let phase = || common::status(&source_api)["migration"]["phase"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while phase() != "waiting-for-ready" {
+        assert!(std::time::Instant::now() < deadline, "{}", phase());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(migrating.id() as i32, libc::SIGINT) };
+    let out = migrating.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("The migration was cancelled"), "{said}");
+    let status = common::status(&source_api);
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["migration"]["phase"], "failed");
+    common::ctl(&source_api, &["shutdown"]);
+    source.wait();
+    target.wait();
+}

@@ -334,17 +334,13 @@ fn migrate(api: &Path, addr: &str, extra: &[String]) -> std::process::Output {
     common::ctl(api, &args)
 }
 
-fn status(api: &Path) -> serde_json::Value {
-    serde_json::from_slice(&common::ctl(api, &["--json", "status"]).stdout).unwrap()
-}
-
 /// Migrates A -> B -> A over mutual TLS, checking the guest's memory file and that it runs
 /// after each landing.
 fn there_and_back(sev: bool) {
     let hosts = TwoHosts::new();
     let a_api = hosts.path("a.sock");
     let mut source = start_guest(&hosts, sev, &a_api);
-    let before = status(&a_api);
+    let before = common::status(&a_api);
     let sev_chain = |name: &str| -> Vec<String> {
         if !sev {
             return Vec::new();
@@ -395,7 +391,7 @@ fn there_and_back(sev: bool) {
     wait_for(&b.api);
     assert_memory_file_holds_the_guest(&b.memory, sev);
     assert_guest_keeps_checking(&hosts.path("b.out"));
-    let landed = status(&b.api);
+    let landed = common::status(&b.api);
     assert_eq!(landed["state"], "running");
     assert_eq!(landed["migratability"]["state"], "migratable");
     assert_eq!(
@@ -421,7 +417,10 @@ fn there_and_back(sev: bool) {
     wait_for(&back.api);
     assert_memory_file_holds_the_guest(&back.memory, sev);
     assert_guest_keeps_checking(&hosts.path("a2.out"));
-    assert_eq!(status(&back.api)["page_states"], before["page_states"]);
+    assert_eq!(
+        common::status(&back.api)["page_states"],
+        before["page_states"]
+    );
     common::ctl(&back.api, &["shutdown"]);
     back.process.wait();
 }
@@ -446,7 +445,7 @@ fn an_sev_guest_migrates_there_and_back_over_mutual_tls() {
 
 /// After a failed migration: the guest still runs on A, from intact memory, and B gave up.
 fn assert_guest_stayed_on_a(hosts: &TwoHosts, api: &Path) {
-    assert_eq!(status(api)["state"], "running");
+    assert_eq!(common::status(api)["state"], "running");
     assert_memory_file_holds_the_guest(&hosts.path("a.mem"), false);
     assert_guest_keeps_checking(&hosts.path("a.out"));
 }
@@ -487,7 +486,7 @@ fn a_source_with_an_untrusted_certificate_gets_nothing_across() {
 fn wait_for_phase(api: &Path, phase: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = status(api);
+        let s = common::status(api);
         if s["migration"]["phase"] == phase {
             return;
         }
@@ -525,7 +524,7 @@ fn broken_migration(phase: &str, break_it: impl FnOnce(&TwoHosts, &mut Receiver)
     let out = migrating.join().unwrap();
     assert!(!out.status.success(), "{}", common::describe(&out));
     assert_guest_stayed_on_a(&hosts, &a_api);
-    assert_eq!(status(&a_api)["migration"]["phase"], "failed");
+    assert_eq!(common::status(&a_api)["migration"]["phase"], "failed");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 

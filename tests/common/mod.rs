@@ -167,3 +167,8 @@ impl Drop for Spawned {
 pub fn scratch_ram(size: u64) -> veil_hypervisor::GuestRam {
     veil_hypervisor::GuestRam::new(&veil_hypervisor::MemoryConfig { size, file: None }).unwrap()
 }
+
+/// `veil ctl --json status` of the VMM at `socket`.
+pub fn status(socket: &Path) -> serde_json::Value {
+    serde_json::from_slice(&ctl(socket, &["--json", "status"]).stdout).unwrap()
+}
