@@ -27,14 +27,4 @@ pub use capture::CapturedOutput;
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};
 
-/// An error and its causes in one line (for responses and log lines).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use veil_migration::error_chain;

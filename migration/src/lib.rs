@@ -15,3 +15,16 @@ pub mod receiver;
 pub mod sender;
 pub mod tls;
 pub mod transport;
+
+/// An error and its causes on one line: the reason that travels to the peer, and what both
+/// sides print.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -220,19 +220,7 @@ impl<S: Read + Write> Incoming<S> {
     /// included: "Migration protocol error" alone would leave the source guessing.
     pub fn report(&mut self, error: &ReceiveError) {
         if self.session.ending().is_none() {
-            let _ = write_frame(&mut self.stream, &Message::error(with_causes(error)));
+            let _ = write_frame(&mut self.stream, &Message::error(crate::error_chain(error)));
         }
     }
-}
-
-/// `error: cause: cause ...` on one line.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

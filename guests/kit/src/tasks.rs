@@ -160,15 +160,8 @@ fn run(task: &Task, index: usize) {
             // migration stops the guest wherever it runs.
             let mut round = 1u64;
             loop {
-                if let Err(Mismatch { gfn, found, expected }) = check(&range) {
-                    write_str("dirty-loop check FAILED at gfn ");
-                    write_hex(gfn);
-                    write_str(": found ");
-                    write_hex(found);
-                    write_str(", expected ");
-                    write_hex(expected);
-                    write_str("\n");
-                    arch::exit(EXIT_CHECK_FAILED);
+                if let Err(mismatch) = check(&range) {
+                    fail_check("dirty-loop check", mismatch);
                 }
                 stamp(&range, 0, range.count);
                 if round % every == 0 {
@@ -211,20 +204,7 @@ fn run(task: &Task, index: usize) {
                 write_dec(range.count);
                 write_str(" pages\n");
             }
-            Err(Mismatch {
-                gfn,
-                found,
-                expected,
-            }) => {
-                write_str("check FAILED at gfn ");
-                write_hex(gfn);
-                write_str(": found ");
-                write_hex(found);
-                write_str(", expected ");
-                write_hex(expected);
-                write_str("\n");
-                arch::exit(EXIT_CHECK_FAILED);
-            }
+            Err(mismatch) => fail_check("check", mismatch),
         },
         Task::Fault => {
             // SAFETY: `ud2` raises #UD on purpose; there is no IDT, so the VMM sees the fault
@@ -233,6 +213,19 @@ fn run(task: &Task, index: usize) {
         }
         Task::Exit(code) => arch::exit(code),
     }
+}
+
+/// Prints `<what> FAILED at gfn G: found X, expected Y` and stops the guest with status 1.
+fn fail_check(what: &str, Mismatch { gfn, found, expected }: Mismatch) -> ! {
+    write_str(what);
+    write_str(" FAILED at gfn ");
+    write_hex(gfn);
+    write_str(": found ");
+    write_hex(found);
+    write_str(", expected ");
+    write_hex(expected);
+    write_str("\n");
+    arch::exit(EXIT_CHECK_FAILED)
 }
 
 /// Prints `<what> ok: <value>`, or a failure and exits with status 1.
