@@ -246,25 +246,13 @@ fn a_flipped_byte_in_a_plain_page_fails_the_migration_and_the_guest_stays() {
 #[test]
 fn a_flipped_byte_in_an_encrypted_page_fails_the_migration_and_the_guest_can_go_again() {
     use sev::parser::Encoder;
-    use veil::sev_launch::{open_platform, SevConfig, SevPlatform};
-    use veil_sev::policy::GuestPolicy;
+    use veil::sev_launch::open_platform;
     // Private pages stamped once (seed 5) early in RAM, so in the first chunk.
     const STAMPED: u64 = 0x300;
     const STAMPED_PAGES: u64 = 16;
     let dir = common::TempDir::new("sev-corruption");
-    let source_platform = SevPlatform::Emulated {
-        state_dir: dir.path("source"),
-    };
-    let target_platform = SevPlatform::Emulated {
-        state_dir: dir.path("target"),
-    };
-    let sev = |platform: &SevPlatform| SevConfig {
-        platform: platform.clone(),
-        policy: GuestPolicy(GuestPolicy::NODBG),
-        owner_session: None,
-        secret: None,
-        measurement_out: None,
-    };
+    let (source_platform, target_platform) = common::emulated_platforms(&dir);
+    let sev = common::emulated_sev;
     let out = CapturedOutput::new();
     let source = VmBuilder::new()
         .kernel(common::kit())

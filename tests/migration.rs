@@ -425,22 +425,10 @@ fn contains(bytes: &[u8], word: u64) -> bool {
 #[test]
 fn an_sev_guest_migrates_between_emulated_platforms_without_leaking_private_pages() {
     use sev::parser::Encoder;
-    use veil::sev_launch::{open_platform, SevConfig, SevPlatform};
-    use veil_sev::policy::GuestPolicy;
+    use veil::sev_launch::open_platform;
     let dir = common::TempDir::new("sev-migrate");
-    let source_platform = SevPlatform::Emulated {
-        state_dir: dir.path("source"),
-    };
-    let target_platform = SevPlatform::Emulated {
-        state_dir: dir.path("target"),
-    };
-    let sev = |platform: &SevPlatform| SevConfig {
-        platform: platform.clone(),
-        policy: GuestPolicy(GuestPolicy::NODBG),
-        owner_session: None,
-        secret: None,
-        measurement_out: None,
-    };
+    let (source_platform, target_platform) = common::emulated_platforms(&dir);
+    let sev = common::emulated_sev;
     // Shares four pages and stamps them (seed 9), sets READY, then keeps stamping 64 private
     // pages (seed 3).
     let out = CapturedOutput::new();

@@ -172,3 +172,25 @@ pub fn scratch_ram(size: u64) -> veil_hypervisor::GuestRam {
 pub fn status(socket: &Path) -> serde_json::Value {
     serde_json::from_slice(&ctl(socket, &["--json", "status"]).stdout).unwrap()
 }
+
+/// Two emulated SEV platforms, a source's and a target's, with their identities in `dir`.
+pub fn emulated_platforms(
+    dir: &TempDir,
+) -> (veil::sev_launch::SevPlatform, veil::sev_launch::SevPlatform) {
+    let platform = |name| veil::sev_launch::SevPlatform::Emulated {
+        state_dir: dir.path(name),
+    };
+    (platform("source"), platform("target"))
+}
+
+/// An SEV launch on `platform` with the default policy (NODBG) and no guest owner.
+pub fn emulated_sev(platform: &veil::sev_launch::SevPlatform) -> veil::sev_launch::SevConfig {
+    use veil_sev::policy::GuestPolicy;
+    veil::sev_launch::SevConfig {
+        platform: platform.clone(),
+        policy: GuestPolicy(GuestPolicy::NODBG),
+        owner_session: None,
+        secret: None,
+        measurement_out: None,
+    }
+}
