@@ -49,6 +49,40 @@ pub enum Error {
     /// plain VM.
     #[error("The incoming guest's SEV-ness does not match this VM's (--sev-platform)")]
     IncomingSev,
+    /// The incoming device state does not decode.
+    #[error("The incoming guest's device state is not valid")]
+    DeviceState(#[source] serde_json::Error),
+}
+
+/// What a migration carries of the devices the builder makes.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct DeviceSnapshot {
+    /// COM1's registers; absent, the UART starts afresh.
+    serial: Option<veil_devices::serial::SerialRegisters>,
+}
+
+impl DeviceSnapshot {
+    fn decode(value: serde_json::Value) -> Result<Self, Error> {
+        if value.is_null() {
+            return Ok(Self::default());
+        }
+        serde_json::from_value(value).map_err(Error::DeviceState)
+    }
+}
+
+/// Saves the devices' state for a migration.
+struct SavedDevices {
+    serial: Arc<Mutex<Serial>>,
+}
+
+impl veil_hypervisor::DeviceState for SavedDevices {
+    fn save(&self) -> serde_json::Value {
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = DeviceSnapshot {
+            serial: Some(serial.registers()),
+        };
+        serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Where guest serial output goes.
@@ -212,11 +246,13 @@ impl VmBuilder {
         };
         let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
         let incoming = receive.is_some();
+        let mut arrived_devices = DeviceSnapshot::default();
         let sev = match (receive, self.sev, sev_setup) {
             (Some(receive), sev, mut setup) => {
                 let firmware = setup.as_mut().and_then(|s| s.firmware_mut());
                 let (snapshot, handle) = receive(vm.memory(), firmware).map_err(Error::Receive)?;
                 vm.restore(&snapshot)?;
+                arrived_devices = DeviceSnapshot::decode(snapshot.devices)?;
                 match (sev, setup, handle) {
                     (Some(config), Some(setup), Some(handle)) => {
                         sev_launch::block_if_nosend(config.policy, vm.paravirt());
@@ -241,8 +277,13 @@ impl VmBuilder {
             (None, _, _) => None,
         };
 
-        let serial = Serial::new(IrqTrigger::new().map_err(SerialError::Eventfd)?, out);
+        let trigger = IrqTrigger::new().map_err(SerialError::Eventfd)?;
+        let serial = match &arrived_devices.serial {
+            Some(registers) => Serial::with_registers(trigger, out, registers)?,
+            None => Serial::new(trigger, out),
+        };
         vm.register_irqfd(serial.interrupt(), COM1_IRQ)?;
+        let serial = Arc::new(Mutex::new(serial));
         let control = vm.control();
         let exit_port =
             ExitPort::new(move |status| control.request_stop(VmStop::GuestExit(status)));
@@ -251,11 +292,7 @@ impl VmBuilder {
         let control = vm.control();
         let keyboard_reset = ResetPort::keyboard_controller(move || control.request_reset());
         let mut pio = Bus::new();
-        pio.insert(
-            Arc::new(Mutex::new(serial)),
-            u64::from(COM1_PORT),
-            SERIAL_PORT_LEN,
-        )?;
+        pio.insert(serial.clone(), u64::from(COM1_PORT), SERIAL_PORT_LEN)?;
         pio.insert(
             Arc::new(Mutex::new(exit_port)),
             u64::from(EXIT_PORT),
@@ -270,6 +307,7 @@ impl VmBuilder {
 
         let handlers = ExitHandlers {
             pio,
+            device_state: Some(Arc::new(SavedDevices { serial })),
             ..Default::default()
         };
         let running = if incoming {

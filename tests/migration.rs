@@ -19,7 +19,9 @@ fn dirtying_guest(memory: u64) -> (veil::Vm, CapturedOutput) {
     let out = CapturedOutput::new();
     let vm = VmBuilder::new()
         .kernel(common::kit())
-        .cmdline(format!("dirty-loop:seed=3,first={FIRST:#x},count={PAGES}"))
+        .cmdline(format!(
+            "uart-scratch:value=0x5a dirty-loop:seed=3,first={FIRST:#x},count={PAGES}"
+        ))
         .memory_bytes(memory)
         .serial_writer(out.clone())
         .start()
@@ -69,6 +71,9 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
             .unwrap();
         incoming.acknowledge().unwrap();
         incoming.wait_complete().unwrap();
+        // The UART the guest set up came along (its scratch register is not a default).
+        let devices = target.inner().snapshot().unwrap().devices;
+        assert_eq!(devices["serial"]["scratch"], 0x5a, "{devices}");
         assert_eq!(target.resume(), RunState::Running);
         let report = sending.join().unwrap().expect("migration succeeds");
 

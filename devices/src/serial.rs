@@ -64,6 +64,9 @@ pub enum SerialError {
         #[source]
         source: io::Error,
     },
+    /// Saved registers that no UART can hold (a peer's bad state).
+    #[error("Cannot restore the serial port's state: {0}")]
+    BadState(String),
     /// The socket could not be bound.
     #[error("Cannot listen on serial socket {path}")]
     BindSocket {
@@ -162,6 +165,56 @@ impl Write for UnixSocketOutput {
     }
 }
 
+/// A UART's registers and receive FIFO, as a migration carries them (vm-superio's
+/// `SerialState`, which has no serde).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialRegisters {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialRegisters> for vm_superio::serial::SerialState {
+    fn from(r: &SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: r.baud_divisor_low,
+            baud_divisor_high: r.baud_divisor_high,
+            interrupt_enable: r.interrupt_enable,
+            interrupt_identification: r.interrupt_identification,
+            line_control: r.line_control,
+            line_status: r.line_status,
+            modem_control: r.modem_control,
+            modem_status: r.modem_status,
+            scratch: r.scratch,
+            in_buffer: r.in_buffer.clone(),
+        }
+    }
+}
+
 /// A 16550 UART on the I/O bus.
 pub struct Serial {
     uart: vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
@@ -173,6 +226,27 @@ impl Serial {
         Self {
             uart: vm_superio::Serial::new(trigger, out),
         }
+    }
+
+    /// A UART that carries on from `registers` (saved on another host by [`Self::registers`]).
+    pub fn with_registers(
+        trigger: IrqTrigger,
+        out: Box<dyn Write + Send>,
+        registers: &SerialRegisters,
+    ) -> Result<Self, SerialError> {
+        let uart = vm_superio::Serial::from_state(
+            &registers.into(),
+            trigger,
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| SerialError::BadState(e.to_string()))?;
+        Ok(Self { uart })
+    }
+
+    /// The registers and receive FIFO now.
+    pub fn registers(&self) -> SerialRegisters {
+        self.uart.state().into()
     }
 
     /// The UART's interrupt eventfd.
@@ -226,6 +300,37 @@ mod tests {
         let mut lsr = [0u8];
         serial.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn registers_carry_over_to_a_new_uart() {
+        let mut serial = Serial::new(IrqTrigger::new().unwrap(), Box::new(io::sink()));
+        // Line control (8N1 with DLAB off), THR-empty interrupts on, a scratch value.
+        serial.write(3, &[0x03]);
+        serial.write(1, &[0x02]);
+        serial.write(7, &[0x5a]);
+        let saved = serial.registers();
+        let json = serde_json::to_string(&saved).unwrap();
+        let restored: SerialRegisters = serde_json::from_str(&json).unwrap();
+        let mut again =
+            Serial::with_registers(IrqTrigger::new().unwrap(), Box::new(io::sink()), &restored)
+                .unwrap();
+        for (offset, expected) in [(3u64, 0x03u8), (1, 0x02), (7, 0x5a)] {
+            let mut byte = [0u8];
+            again.read(offset, &mut byte);
+            assert_eq!(byte[0], expected, "register {offset}");
+        }
+        // A FIFO longer than a UART's is a bad state, not a panic.
+        let too_long = SerialRegisters {
+            in_buffer: vec![0; 4096],
+            ..restored
+        };
+        assert!(Serial::with_registers(
+            IrqTrigger::new().unwrap(),
+            Box::new(io::sink()),
+            &too_long
+        )
+        .is_err());
     }
 
     #[test]

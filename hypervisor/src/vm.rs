@@ -95,6 +95,9 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub platform: PlatformState,
     pub paravirt: ParavirtSnapshot,
+    /// The VMM's devices ([`crate::exits::DeviceState`]); opaque here.
+    #[serde(default)]
+    pub devices: serde_json::Value,
 }
 
 /// A VM that is set up but not running yet.
@@ -319,6 +322,7 @@ impl Vm {
         handlers.hypercall_port = handlers.hypercall_port.or(self.features.hypercall_port);
         let power_on = self.power_on;
         let sync_regs = self.sync_regs;
+        let device_state = handlers.device_state.clone();
         let handlers = Arc::new(handlers);
         let vcpus: Vec<Arc<Mutex<Vcpu>>> = self
             .vcpus
@@ -377,6 +381,7 @@ impl Vm {
             msr_indices: self.msr_indices,
             paravirt: self.paravirt,
             features: self.features,
+            device_state,
         })
     }
 }
@@ -437,6 +442,7 @@ pub struct RunningVm {
     msr_indices: Vec<u32>,
     paravirt: Arc<Paravirt>,
     features: ParavirtFeatures,
+    device_state: Option<Arc<dyn crate::exits::DeviceState>>,
 }
 
 /// Performs guest-requested resets: back to power-on state, kernel reloaded, paravirtual state
@@ -595,6 +601,10 @@ impl RunningVm {
             vcpus: self.save_vcpu_states()?,
             platform: self.save_platform_state()?,
             paravirt: self.paravirt.snapshot(),
+            devices: self
+                .device_state
+                .as_ref()
+                .map_or(serde_json::Value::Null, |d| d.save()),
         })
     }
 

@@ -55,6 +55,8 @@ pub enum Task {
     Hypercall { nr: u64, gpa: u64, pages: u64, attrs: u64, expect: u64 },
     /// Write `MSR_KVM_MIGRATION_CONTROL`.
     MsrWrite(u64),
+    /// Write the UART's scratch register: device state a migration must carry.
+    UartScratch(u8),
     /// Read `MSR_KVM_MIGRATION_CONTROL` and expect a value.
     MsrRead(u64),
     /// Reset the machine; the tasks after this one run after the reboot.
@@ -152,6 +154,12 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         b"msr-write" => {
             let [value] = parse_params(word, params, ["value"])?;
             Ok(Task::MsrWrite(value.ok_or(err("missing parameter", b"value"))?))
+        }
+        b"uart-scratch" => {
+            let [value] = parse_params(word, params, ["value"])?;
+            let value = value.ok_or(err("missing parameter", b"value"))?;
+            let value = u8::try_from(value).map_err(|_| err("value must be 0..=255", b""))?;
+            Ok(Task::UartScratch(value))
         }
         b"msr-read" => {
             let [expect] = parse_params(word, params, ["expect"])?;

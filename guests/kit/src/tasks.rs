@@ -125,6 +125,12 @@ fn run(task: &Task, index: usize) {
             let result = paravirt::hypercall(paravirt::transport(), nr, gpa, pages, attrs);
             report_value("hypercall", result, expect);
         }
+        Task::UartScratch(value) => {
+            crate::arch::outb(veil_guest_abi::COM1_PORT + 7, value);
+            write_str("uart-scratch ok: ");
+            write_hex(u64::from(value));
+            write_str("\n");
+        }
         Task::MsrWrite(value) => {
             paravirt::wrmsr(paravirt::MSR_KVM_MIGRATION_CONTROL, value);
             write_str("msr-write ok: ");
