@@ -129,29 +129,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     } else {
         None
     };
-    let host_memory = veil_hypervisor::memory::host_memory_bytes().unwrap_or(u64::MAX);
-    let mut incoming = receiver::accept(
-        stream,
-        |shape| {
-            let size = shape.ram_bytes();
-            let regions: Vec<(u64, u64)> = shape.memory().iter().map(|r| (r.gpa, r.len)).collect();
-            let ours: Vec<(u64, u64)> = veil_hypervisor::layout::ram_regions(size)
-                .into_iter()
-                .map(|(gpa, len)| (gpa.0, len))
-                .collect();
-            if size > host_memory {
-                Err(format!(
-                    "the guest's {} of RAM is more than this host has",
-                    veil_hypervisor::memory::human(size)
-                ))
-            } else if regions != ours {
-                Err("the guest's memory layout is not one this version of Veil builds".into())
-            } else {
-                Ok(())
-            }
-        },
-        sev_chain,
-    )?;
+    let mut incoming = receiver::accept(stream, veil::check_incoming, sev_chain)?;
     let shape = incoming.shape().clone();
     let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())

@@ -20,10 +20,12 @@
 pub mod api;
 mod builder;
 mod capture;
+mod incoming;
 pub mod sev_launch;
 
 pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder};
 pub use capture::CapturedOutput;
+pub use incoming::check_incoming;
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};
 

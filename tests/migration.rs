@@ -770,3 +770,30 @@ fn ctrl_c_on_veil_ctl_migrate_cancels_and_the_guest_stays() {
     source.wait();
     target.wait();
 }
+
+#[test]
+fn a_target_lacking_a_cpu_feature_the_guest_was_given_refuses_it() {
+    use veil_migration::protocol::VmShape;
+    let (source, _) = dirtying_guest(16 << 20);
+    let shape = sender::shape_of(source.inner(), None).unwrap();
+    // Sent from this very host: compatible.
+    assert_eq!(veil::check_incoming(&shape), Ok(()));
+    // The same guest, given one leaf-7 feature this host's KVM does not offer.
+    let mut cpuid = shape.cpuid().to_vec();
+    let leaf7 = cpuid
+        .iter_mut()
+        .find(|e| e.function == 7 && e.index == 0)
+        .expect("the shape carries leaf 7");
+    // The lowest bit this host leaves clear.
+    let absent = !leaf7.ebx & leaf7.ebx.wrapping_add(1);
+    assert_ne!(absent, 0, "this host offers every leaf-7 EBX feature");
+    leaf7.ebx |= absent;
+    let foreign = VmShape::new(shape.memory().to_vec(), shape.vcpus(), None, cpuid).unwrap();
+    let refused = veil::check_incoming(&foreign).unwrap_err();
+    assert!(
+        refused.contains("this host's CPU lacks features the guest was given: leaf 0x7.0 Ebx"),
+        "{refused}"
+    );
+    source.stop();
+    source.wait();
+}

@@ -19,6 +19,19 @@ pub enum Register {
     Edx,
 }
 
+/// The leaves (function, index) and registers holding what a guest may rely on staying there:
+/// the vendor, and the feature flags of leaves 1, 7, 0xD.1, 0x80000001 and 0x80000008.
+/// Topology, APIC ids, cache and hypervisor leaves are per VM, not per host, and are left out.
+pub const FEATURE_LEAVES: &[(u32, u32, &[Register])] = &[
+    (0, 0, &[Register::Ebx, Register::Ecx, Register::Edx]),
+    (1, 0, &[Register::Ecx, Register::Edx]),
+    (7, 0, &[Register::Ebx, Register::Ecx, Register::Edx]),
+    (7, 1, &[Register::Eax]),
+    (0xd, 1, &[Register::Eax]),
+    (0x8000_0001, 0, &[Register::Ecx, Register::Edx]),
+    (0x8000_0008, 0, &[Register::Ebx]),
+];
+
 /// Errors building the CPUID.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
@@ -106,6 +119,56 @@ impl Cpuid {
         *register_mut(self.entry_mut(function, index), register) = value;
     }
 
+    /// The entries of [`FEATURE_LEAVES`], for a migration target to check against its own.
+    pub fn feature_leaves(&self) -> Vec<kvm_cpuid_entry2> {
+        FEATURE_LEAVES
+            .iter()
+            .filter_map(|&(function, index, _)| self.entry(function, index).copied())
+            .collect()
+    }
+
+    /// The features in `guest` (entries of [`FEATURE_LEAVES`]) this table lacks, described
+    /// for people: a host whose CPUID lacks any cannot take over a guest given them. The
+    /// vendor string must match exactly.
+    pub fn missing_features(&self, guest: &[kvm_cpuid_entry2]) -> Vec<String> {
+        let mut missing = Vec::new();
+        for given in guest {
+            let Some(&(_, _, registers)) = FEATURE_LEAVES
+                .iter()
+                .find(|&&(f, i, _)| f == given.function && i == given.index)
+            else {
+                continue;
+            };
+            let here = self
+                .entry(given.function, given.index)
+                .copied()
+                .unwrap_or_default();
+            for &register in registers {
+                let (want, have) = (
+                    read_register(given, register),
+                    read_register(&here, register),
+                );
+                let lacking = if given.function == 0 {
+                    // The vendor: exactly the same, or the guest's CPU model changes under it.
+                    if want == have {
+                        0
+                    } else {
+                        want
+                    }
+                } else {
+                    want & !have
+                };
+                if lacking != 0 {
+                    missing.push(format!(
+                        "leaf {:#x}.{} {register:?} bits {lacking:#010x}",
+                        given.function, given.index
+                    ));
+                }
+            }
+        }
+        missing
+    }
+
     /// The table for one vCPU: its APIC id in leaves 0x1, 0xB and 0x1F.
     pub fn for_vcpu(&self, vcpu_id: u32, vcpu_count: u32) -> Result<CpuId, CpuidError> {
         let mut entries = self.entries.clone();
@@ -126,6 +189,15 @@ impl Cpuid {
     }
 }
 
+fn read_register(entry: &kvm_cpuid_entry2, register: Register) -> u32 {
+    match register {
+        Register::Eax => entry.eax,
+        Register::Ebx => entry.ebx,
+        Register::Ecx => entry.ecx,
+        Register::Edx => entry.edx,
+    }
+}
+
 fn register_mut(entry: &mut kvm_cpuid_entry2, register: Register) -> &mut u32 {
     match register {
         Register::Eax => &mut entry.eax,
@@ -137,6 +209,49 @@ fn register_mut(entry: &mut kvm_cpuid_entry2, register: Register) -> &mut u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_host_lacking_a_feature_the_guest_was_given_is_named() {
+        use super::*;
+        let entry = |function, index, ebx, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let host = Cpuid::from_entries(vec![
+            entry(0, 0, 0x6874_7541, 0x444d_4163, 0x6974_6e65),
+            entry(7, 0, 0b1011, 0, 0),
+        ]);
+        // Fewer features than the host has: fine.
+        let guest = vec![
+            entry(0, 0, 0x6874_7541, 0x444d_4163, 0x6974_6e65),
+            entry(7, 0, 0b0011, 0, 0),
+        ];
+        assert!(host.missing_features(&guest).is_empty());
+        // A feature the host lacks, a leaf it does not have, another vendor.
+        let guest = vec![
+            entry(0, 0, 0x756e_6547, 0x6c65_746e, 0x4965_6e69),
+            entry(7, 0, 0b0111, 0, 0),
+            entry(0x8000_0001, 0, 0, 0x20, 0),
+        ];
+        assert_eq!(
+            host.missing_features(&guest),
+            vec![
+                "leaf 0x0.0 Ebx bits 0x756e6547",
+                "leaf 0x0.0 Ecx bits 0x6c65746e",
+                "leaf 0x0.0 Edx bits 0x49656e69",
+                "leaf 0x7.0 Ebx bits 0x00000004",
+                "leaf 0x80000001.0 Ecx bits 0x00000020",
+            ]
+        );
+        // Leaves outside the compared set are none of its business.
+        assert!(host
+            .missing_features(&[entry(0xb, 0, 0xffff, 0, 0)])
+            .is_empty());
+    }
+
     use super::*;
 
     fn sample() -> Cpuid {

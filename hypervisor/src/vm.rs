@@ -115,6 +115,8 @@ pub struct Vm {
     sync_regs: u64,
     /// Captured before anything (a restore) can change the vCPUs: what a reset returns to.
     power_on: PowerOnState,
+    /// The CPUID every vCPU got (before per-vCPU APIC ids).
+    cpuid: Cpuid,
 }
 
 /// `KVM_CAP_SYNC_REGS`.
@@ -175,7 +177,7 @@ impl Vm {
             (registering.join(), rest)
         });
         registered.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-        let (features, paravirt, vcpus, boot) = rest?;
+        let (features, paravirt, vcpus, boot, cpuid) = rest?;
         let msr_indices = vcpu::stateful_msrs(&kvm);
         let power_on = PowerOnState::capture(&fd, &vcpus, &msr_indices)?;
 
@@ -191,6 +193,7 @@ impl Vm {
             features,
             sync_regs: kvm.check_extension_raw(KVM_CAP_SYNC_REGS).max(0) as u64,
             power_on,
+            cpuid,
         })
     }
 
@@ -208,6 +211,7 @@ impl Vm {
             Arc<Paravirt>,
             Vec<Vcpu>,
             Option<BootImage>,
+            Cpuid,
         ),
         VmError,
     > {
@@ -234,7 +238,7 @@ impl Vm {
         if let Some(boot) = &boot {
             vcpus[0].setup_boot_entry(boot.entry)?;
         }
-        Ok((features, paravirt, vcpus, boot))
+        Ok((features, paravirt, vcpus, boot, cpuid))
     }
 
     /// The page-state map, migration control and blockers.
@@ -382,6 +386,7 @@ impl Vm {
             paravirt: self.paravirt,
             features: self.features,
             device_state,
+            cpuid: self.cpuid,
         })
     }
 }
@@ -443,6 +448,7 @@ pub struct RunningVm {
     paravirt: Arc<Paravirt>,
     features: ParavirtFeatures,
     device_state: Option<Arc<dyn crate::exits::DeviceState>>,
+    cpuid: Cpuid,
 }
 
 /// Performs guest-requested resets: back to power-on state, kernel reloaded, paravirtual state
@@ -485,6 +491,11 @@ impl Reset {
 }
 
 impl RunningVm {
+    /// The CPUID every vCPU got (before per-vCPU APIC ids).
+    pub fn cpuid(&self) -> &Cpuid {
+        &self.cpuid
+    }
+
     /// Resets the guest as if it had asked (vCPUs to power-on state, kernel reloaded).
     pub fn reset(&self) {
         self.control.request_reset();

@@ -233,12 +233,9 @@ pub fn shape_of(vm: &RunningVm, sev: Option<SevShape>) -> Result<VmShape, SendEr
         .slots()
         .map(|(_, base, len)| MemoryRegion { gpa: base.0, len })
         .collect();
-    Ok(VmShape::new(
-        memory,
-        vm.vcpu_count() as u32,
-        sev,
-        Vec::new(),
-    )?)
+    // The CPU features the guest was given: a target that lacks one must refuse it.
+    let cpuid = vm.cpuid().feature_leaves().iter().map(Into::into).collect();
+    Ok(VmShape::new(memory, vm.vcpu_count() as u32, sev, cpuid)?)
 }
 
 struct Sender<'a, S> {

@@ -100,6 +100,35 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+impl From<&kvm_bindings::kvm_cpuid_entry2> for CpuidEntry {
+    fn from(e: &kvm_bindings::kvm_cpuid_entry2) -> Self {
+        Self {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+}
+
+impl From<&CpuidEntry> for kvm_bindings::kvm_cpuid_entry2 {
+    fn from(e: &CpuidEntry) -> Self {
+        Self {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            ..Default::default()
+        }
+    }
+}
+
 /// The VM being migrated, as the source describes it in Hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmShape {

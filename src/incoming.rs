@@ -1,0 +1,37 @@
+//! Whether this host can take over an incoming guest, judged from the shape its source sent.
+
+use veil_hypervisor::cpuid::Cpuid;
+use veil_migration::protocol::VmShape;
+
+/// `Ok` if a VM of `shape` can be built here and run the guest; otherwise the reason, for the
+/// source to print: more RAM than this host has, a memory layout this version does not build,
+/// or CPU features the guest was given that this host's KVM lacks.
+pub fn check_incoming(shape: &VmShape) -> Result<(), String> {
+    let size = shape.ram_bytes();
+    let host_memory = veil_hypervisor::memory::host_memory_bytes().unwrap_or(u64::MAX);
+    if size > host_memory {
+        return Err(format!(
+            "the guest's {} of RAM is more than this host has",
+            veil_hypervisor::memory::human(size)
+        ));
+    }
+    let regions: Vec<(u64, u64)> = shape.memory().iter().map(|r| (r.gpa, r.len)).collect();
+    let ours: Vec<(u64, u64)> = veil_hypervisor::layout::ram_regions(size)
+        .into_iter()
+        .map(|(gpa, len)| (gpa.0, len))
+        .collect();
+    if regions != ours {
+        return Err("the guest's memory layout is not one this version of Veil builds".into());
+    }
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("this host cannot open KVM: {e}"))?;
+    let host = Cpuid::supported(&kvm).map_err(|e| format!("this host's CPUID: {e}"))?;
+    let guest: Vec<kvm_bindings::kvm_cpuid_entry2> = shape.cpuid().iter().map(Into::into).collect();
+    let missing = host.missing_features(&guest);
+    if !missing.is_empty() {
+        return Err(format!(
+            "this host's CPU lacks features the guest was given: {}",
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
