@@ -259,7 +259,8 @@ pub struct ReceiveArgs {
     #[command(flatten)]
     pub tls: TlsArgs,
 
-    /// Back the arriving guest's RAM with this file (as `run --memory-file`).
+    /// Back the arriving guest's RAM with this file (as `run --memory-file`). If the migration
+    /// fails, a file Veil created is removed; an existing one keeps what arrived.
     #[arg(long, value_name = "PATH")]
     pub memory_file: Option<PathBuf>,
 

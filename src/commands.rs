@@ -135,6 +135,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
         .serial(args.serial);
+    let mut discard = DiscardMemoryFile::new(args.memory_file.clone());
     if let Some(path) = args.memory_file {
         builder = builder.memory_file(path);
     }
@@ -161,9 +162,42 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     };
     incoming.acknowledge()?;
     incoming.wait_complete()?;
+    discard.keep();
     vm.resume();
     eprintln!("veil: the guest arrived from {endpoint} and runs here");
     serve_until_stopped(vm, args.api_socket)
+}
+
+/// A `--memory-file` an incoming guest is being written into: removed if the migration fails
+/// and Veil created it, so nothing of a guest that never arrived stays behind.
+struct DiscardMemoryFile(Option<PathBuf>);
+
+impl DiscardMemoryFile {
+    fn new(path: Option<PathBuf>) -> Self {
+        match path {
+            Some(path) if path.exists() => {
+                eprintln!(
+                    "veil: {} exists: if the migration fails it keeps what arrived",
+                    path.display()
+                );
+                Self(None)
+            }
+            path => Self(path),
+        }
+    }
+
+    /// The guest arrived: the file is its memory now.
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DiscardMemoryFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn serve_until_stopped(vm: veil::Vm, api_socket: Option<PathBuf>) -> CommandResult {

@@ -567,6 +567,10 @@ fn with_the_link_down_mid_migration_the_guest_stays_on_its_host() {
         assert!(!b.process.wait().success());
         let why = std::fs::read_to_string(&b.stderr).unwrap();
         assert!(why.contains("Migration stream I/O failed"), "{why}");
+        assert!(
+            !b.memory.exists(),
+            "the memory file of a guest that never arrived is removed"
+        );
     });
     assert!(said.contains("Migration stream I/O failed"), "{said}");
 }
