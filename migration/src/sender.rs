@@ -506,29 +506,26 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         // dirty again and goes again under its new state.
         let states = self.vm.paravirt().page_states();
         for &gfn in gfns {
-            self.vm
-                .memory()
-                .read_slice(&mut self.page, GuestAddress(gfn * PAGE_SIZE))?;
-            let private = states.as_ref().is_some_and(|map| map.is_private(gfn));
-            let packet;
-            let content = if private {
+            let at = GuestAddress(gfn * PAGE_SIZE);
+            if states.as_ref().is_some_and(|map| map.is_private(gfn)) {
                 // A private page's plaintext never reaches the stream.
+                self.vm.memory().read_slice(&mut self.page, at)?;
                 let send = self.sev_send.as_mut().ok_or(SendError::Sev)?;
-                packet = send.update_data(&self.page)?;
+                let packet = send.update_data(&self.page)?;
                 self.report.private_pages += 1;
-                PageContentRef::Encrypted {
-                    header: &packet.header,
-                    data: &packet.data,
-                }
-            } else if zero_pages && is_zero(&self.page) {
-                self.report.zero_pages += 1;
-                self.report.clear_pages += 1;
-                PageContentRef::Zero
+                out.push(PageRef {
+                    gfn,
+                    content: PageContentRef::Encrypted {
+                        header: &packet.header,
+                        data: &packet.data,
+                    },
+                })?;
             } else {
+                if out.push_clear(gfn, zero_pages, self.vm.memory())? {
+                    self.report.zero_pages += 1;
+                }
                 self.report.clear_pages += 1;
-                PageContentRef::Plain(self.page.as_slice().try_into().expect("one page"))
-            };
-            out.push(PageRef { gfn, content })?;
+            }
             self.report.pages_sent += 1;
             if self.sent.binary_search(&gfn).is_ok() {
                 self.report.pages_resent += 1;
@@ -555,6 +552,33 @@ struct ChunkOut<'a, S> {
 }
 
 impl<S: Write> ChunkOut<'_, S> {
+    /// A page in the clear, read from guest memory straight into the chunk; `true` if it
+    /// went as a zero page.
+    fn push_clear(
+        &mut self,
+        gfn: u64,
+        zero_pages: bool,
+        memory: &veil_hypervisor::GuestMemory,
+    ) -> Result<bool, SendError> {
+        let at = GuestAddress(gfn * PAGE_SIZE);
+        let read = |dst: &mut [u8]| memory.read_slice(dst, at);
+        let zero = match self.encoder.push_clear_page(gfn, zero_pages, read)? {
+            Some(zero) => zero,
+            None => {
+                self.flush()?;
+                self.encoder
+                    .push_clear_page(gfn, zero_pages, read)?
+                    .ok_or(SendError::Chunk(crate::protocol::MessageError::TooMany {
+                        what: "bytes in an empty chunk",
+                        count: crate::protocol::chunk::PLAIN_PAGE_WIRE_BYTES as u64,
+                        limit: crate::protocol::limits::MAX_CHUNK_BYTES,
+                    }))?
+            }
+        };
+        self.pending += 1;
+        Ok(zero)
+    }
+
     fn push(&mut self, page: PageRef<'_>) -> Result<(), SendError> {
         if !self.encoder.push(page)? {
             self.flush()?;
@@ -587,13 +611,6 @@ impl<S: Write> ChunkOut<'_, S> {
         }
         check_deadline(self.deadline)
     }
-}
-
-/// Sixteen bytes at a time: the byte-wise loop does not vectorise and runs over every
-/// page of a mostly-zero guest.
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
 }
 
 /// Where the downtime goes, in the debug log.

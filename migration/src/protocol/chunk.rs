@@ -157,6 +157,13 @@ impl PageRef<'_> {
     }
 }
 
+/// Sixteen bytes at a time: a byte-wise loop does not vectorise, and a mostly-zero guest
+/// has every page scanned.
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+}
+
 /// An encrypted payload must be what the firmware produces: 16 to 4096 bytes in 16-byte
 /// blocks (AMD SEV API, publication 55766, SEND_UPDATE_DATA).
 fn check_packet_length(len: usize) -> Result<(), MessageError> {
@@ -366,6 +373,44 @@ impl ChunkEncoder {
         Ok(true)
     }
 
+    /// Adds a page in the clear whose bytes `fill` writes straight into the chunk (one copy
+    /// from guest memory, not two); with `zero_pages`, an all-zero page is sent as a zero page
+    /// instead. `Ok(None)` when it would not fit (send the frame, clear, push again);
+    /// otherwise whether it went as a zero page.
+    pub fn push_clear_page<E>(
+        &mut self,
+        gfn: u64,
+        zero_pages: bool,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Option<bool>, E> {
+        let payload = self.buf.len().saturating_sub(HEADER_BYTES).max(COUNT_BYTES);
+        if self.pages == MAX_CHUNK_PAGES
+            || (payload + PLAIN_PAGE_WIRE_BYTES) as u64 > MAX_CHUNK_BYTES
+        {
+            return Ok(None);
+        }
+        if self.pages == 0 {
+            self.buf.clear();
+            self.buf.resize(HEADER_BYTES + COUNT_BYTES, 0);
+        }
+        let start = self.buf.len();
+        put_u64(&mut self.buf, gfn);
+        put_u8(&mut self.buf, KIND_PLAIN);
+        let data = self.buf.len();
+        self.buf.resize(data + PAGE_SIZE, 0);
+        if let Err(e) = fill(&mut self.buf[data..]) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        let zero = zero_pages && is_zero(&self.buf[data..]);
+        if zero {
+            self.buf.truncate(start + ZERO_PAGE_WIRE_BYTES);
+            self.buf[start + 8] = KIND_ZERO;
+        }
+        self.pages += 1;
+        Ok(Some(zero))
+    }
+
     /// Pages added since the last [`clear`](Self::clear).
     pub fn len(&self) -> usize {
         self.pages
@@ -398,6 +443,54 @@ impl ChunkEncoder {
 pub(crate) mod tests {
     use super::*;
     use crate::protocol::frame::{encode_frame, read_frame};
+
+    #[test]
+    fn clear_pages_filled_in_place_encode_as_pushed_pages_do() {
+        let page = [7u8; PAGE_SIZE];
+        let zero = [0u8; PAGE_SIZE];
+        let (mut in_place, mut pushed) = (ChunkEncoder::new(), ChunkEncoder::new());
+        for (gfn, bytes) in [(1u64, &page), (2, &zero), (3, &page)] {
+            let went_zero = in_place
+                .push_clear_page(gfn, true, |dst| {
+                    dst.copy_from_slice(bytes);
+                    Ok::<(), ()>(())
+                })
+                .unwrap()
+                .unwrap();
+            assert_eq!(went_zero, bytes == &zero);
+            let content = if went_zero {
+                PageContentRef::Zero
+            } else {
+                PageContentRef::Plain(bytes)
+            };
+            assert!(pushed.push(PageRef { gfn, content }).unwrap());
+        }
+        // Without the zero-page feature a zero page goes in full.
+        assert_eq!(
+            in_place
+                .push_clear_page(4, false, |dst| {
+                    dst.fill(0);
+                    Ok::<(), ()>(())
+                })
+                .unwrap(),
+            Some(false)
+        );
+        assert!(pushed
+            .push(PageRef {
+                gfn: 4,
+                content: PageContentRef::Plain(&zero)
+            })
+            .unwrap());
+        assert_eq!(in_place.frame().unwrap(), pushed.frame().unwrap());
+        // A failing read leaves the chunk as it was.
+        let before = in_place.len();
+        assert_eq!(
+            in_place.push_clear_page(5, true, |_| Err("gone")),
+            Err("gone")
+        );
+        assert_eq!(in_place.len(), before);
+        assert_eq!(in_place.frame().unwrap(), pushed.frame().unwrap());
+    }
     use crate::protocol::messages::Message;
     use crate::protocol::shape::tests::two_region_shape;
 
