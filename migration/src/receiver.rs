@@ -191,6 +191,11 @@ impl<S: Read + Write> Incoming<S> {
                     let handle = sev.take().map(|r| r.finish()).transpose()?;
                     return Ok((snapshot, handle));
                 }
+                ReceiverAction::ReplySynced => {
+                    // Everything before the Sync is in guest memory (or the firmware).
+                    self.session.send(&Message::Synced)?;
+                    write_frame(&mut self.stream, &Message::Synced)?;
+                }
                 ReceiverAction::Discard { reason, .. } => {
                     return Err(ReceiveError::Aborted(reason))
                 }

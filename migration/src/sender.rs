@@ -340,7 +340,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         });
         let hello = Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
-            features: Features::ZERO_PAGES,
+            features: Features::ZERO_PAGES.union(Features::SYNC),
             vm: shape_of(self.vm, sev_shape)?,
         });
         self.send(&hello)?;
@@ -397,6 +397,15 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             self.monitor.update(|p| p.passes = passes);
             let elapsed = pass_start.elapsed().as_secs_f64().max(1e-6);
             rate = (self.report.bytes - bytes_before) as f64 / elapsed;
+        }
+        // Let the target work through what is still queued for it before the guest stops,
+        // so the downtime is only the last pages and the state.
+        if self.session.features().contains(Features::SYNC) {
+            self.send(&Message::Sync)?;
+            match self.receive()? {
+                SenderAction::Synced => {}
+                other => return Err(unexpected(other)),
+            }
         }
         let paused = Instant::now();
         if self.vm.pause() != RunState::Paused {

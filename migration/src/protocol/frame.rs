@@ -525,8 +525,8 @@ mod tests {
             ProtocolError::UnknownMessage { code: 0 }
         ));
         assert!(matches!(
-            bad(header(MAGIC, PROTOCOL_VERSION, 10, 0)),
-            ProtocolError::UnknownMessage { code: 10 }
+            bad(header(MAGIC, PROTOCOL_VERSION, 12, 0)),
+            ProtocolError::UnknownMessage { code: 12 }
         ));
         let mut reserved = header(MAGIC, PROTOCOL_VERSION, MessageType::Ack as u16, 0);
         reserved[23] = 0x80;

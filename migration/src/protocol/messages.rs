@@ -65,6 +65,8 @@ pub enum MessageType {
     Ack = 7,
     Error = 8,
     Cancel = 9,
+    Sync = 10,
+    Synced = 11,
 }
 
 impl MessageType {
@@ -81,6 +83,8 @@ impl MessageType {
             Ack,
             Error,
             Cancel,
+            Sync,
+            Synced,
         ]
         .into_iter()
         .find(|t| *t as u16 == code)
@@ -93,7 +97,7 @@ impl MessageType {
             MessageType::SevStart => SEV_START_BYTES,
             MessageType::MemoryChunk => MAX_CHUNK_BYTES,
             MessageType::State => MAX_STATE_BYTES,
-            MessageType::Complete | MessageType::Ack => 0,
+            MessageType::Complete | MessageType::Ack | MessageType::Sync | MessageType::Synced => 0,
             MessageType::Error | MessageType::Cancel => MAX_REASON_BYTES as u64,
         }
     }
@@ -119,8 +123,11 @@ impl Features {
     pub const NONE: Features = Features(0);
     /// Pages of zeros may travel as [`PageContent::Zero`](super::chunk::PageContent::Zero).
     pub const ZERO_PAGES: Features = Features(1 << 0);
+    /// The source may ask the target to confirm it has applied everything sent so far
+    /// (Sync, Synced), so pausing the guest does not wait on a backlog.
+    pub const SYNC: Features = Features(1 << 1);
     /// Every feature this implementation knows.
-    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0);
+    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::SYNC.0);
 
     /// Any bits, including ones this side does not know (a newer peer's).
     pub const fn from_bits(bits: u64) -> Self {
@@ -226,6 +233,10 @@ pub enum Message {
     Cancel {
         reason: String,
     },
+    /// Source: confirm when everything sent before this has been applied.
+    Sync,
+    /// Target: everything before the Sync has been applied.
+    Synced,
 }
 
 impl Message {
@@ -252,6 +263,8 @@ impl Message {
             Message::State(_) => MessageType::State,
             Message::Complete => MessageType::Complete,
             Message::Ack => MessageType::Ack,
+            Message::Sync => MessageType::Sync,
+            Message::Synced => MessageType::Synced,
             Message::Error { .. } => MessageType::Error,
             Message::Cancel { .. } => MessageType::Cancel,
         }
@@ -271,7 +284,7 @@ impl Message {
             }
             Message::MemoryChunk(chunk) => chunk.encode(out)?,
             Message::State(state) => out.extend_from_slice(&state.bytes),
-            Message::Complete | Message::Ack => {}
+            Message::Complete | Message::Ack | Message::Sync | Message::Synced => {}
             Message::Error { reason } | Message::Cancel { reason } => {
                 out.extend_from_slice(reason.as_bytes())
             }
@@ -314,6 +327,8 @@ impl Message {
             }
             MessageType::Complete => Message::Complete,
             MessageType::Ack => Message::Ack,
+            MessageType::Sync => Message::Sync,
+            MessageType::Synced => Message::Synced,
             MessageType::Error | MessageType::Cancel => {
                 if payload.len() > MAX_REASON_BYTES {
                     return Err(MessageError::TooLong {
@@ -546,6 +561,8 @@ pub(crate) mod tests {
             Message::State(State { bytes: vec![] }),
             Message::Complete,
             Message::Ack,
+            Message::Sync,
+            Message::Synced,
             Message::error("RECEIVE_UPDATE_DATA: bad MAC on page 0x1234"),
             Message::cancel("Cancelled by the operator"),
             Message::error(""),
@@ -690,7 +707,8 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(MessageType::from_code(0), None);
-        assert_eq!(MessageType::from_code(10), None);
+        assert_eq!(MessageType::from_code(12), None);
+        assert_eq!(MessageType::from_code(11), Some(MessageType::Synced));
         assert_eq!(MessageType::from_code(9), Some(MessageType::Cancel));
     }
 

@@ -58,6 +58,12 @@ pub enum SessionError {
     ZeroPagesNotAgreed,
     #[error("State of an SEV guest before SevStart")]
     StateBeforeSevStart,
+    #[error("Sync although the sync feature was not agreed")]
+    SyncNotAgreed,
+    #[error("Sync while another Sync is unanswered")]
+    RepeatedSync,
+    #[error("Synced without a Sync")]
+    UnaskedSynced,
 }
 
 /// An end of the migration.
@@ -156,6 +162,8 @@ enum View<'a> {
     State,
     Ack,
     Complete,
+    Sync,
+    Synced,
     End { cancelled: bool, reason: &'a str },
 }
 
@@ -169,6 +177,8 @@ impl View<'_> {
             View::State => MessageType::State,
             View::Ack => MessageType::Ack,
             View::Complete => MessageType::Complete,
+            View::Sync => MessageType::Sync,
+            View::Synced => MessageType::Synced,
             View::End {
                 cancelled: false, ..
             } => MessageType::Error,
@@ -181,10 +191,13 @@ impl View<'_> {
     /// Who may send it; `None`: either side.
     fn sender(&self) -> Option<Side> {
         match self {
-            View::Hello(_) | View::SevStart(_) | View::Chunk(_) | View::State | View::Complete => {
-                Some(Side::Source)
-            }
-            View::HelloReply(_) | View::Ack => Some(Side::Target),
+            View::Hello(_)
+            | View::SevStart(_)
+            | View::Chunk(_)
+            | View::State
+            | View::Complete
+            | View::Sync => Some(Side::Source),
+            View::HelloReply(_) | View::Ack | View::Synced => Some(Side::Target),
             View::End { .. } => None,
         }
     }
@@ -200,6 +213,8 @@ enum Event {
     State,
     Ack,
     Complete,
+    Sync,
+    Synced,
     End { cancelled: bool, reason: String },
 }
 
@@ -213,6 +228,8 @@ impl Event {
             Event::State => MessageType::State,
             Event::Ack => MessageType::Ack,
             Event::Complete => MessageType::Complete,
+            Event::Sync => MessageType::Sync,
+            Event::Synced => MessageType::Synced,
             Event::End {
                 cancelled: false, ..
             } => MessageType::Error,
@@ -229,6 +246,8 @@ struct Order {
     phase: Phase,
     handshake: Option<Handshake>,
     sev_started: bool,
+    /// A Sync is waiting for its Synced.
+    sync_outstanding: bool,
     /// The peer broke the protocol and this side has not yet sent its Error.
     owes_error: bool,
 }
@@ -239,6 +258,7 @@ impl Order {
             phase: Phase::Hello,
             handshake: None,
             sev_started: false,
+            sync_outstanding: false,
             owes_error: false,
         }
     }
@@ -375,6 +395,24 @@ impl Order {
                 }
                 Event::Memory
             }
+            (Phase::Transfer, View::Sync) => {
+                let handshake = self.handshake.as_ref().ok_or(out_of_order)?;
+                if !handshake.agreed.contains(Features::SYNC) {
+                    return Err(SessionError::SyncNotAgreed);
+                }
+                if self.sync_outstanding {
+                    return Err(SessionError::RepeatedSync);
+                }
+                self.sync_outstanding = true;
+                Event::Sync
+            }
+            (Phase::Transfer, View::Synced) => {
+                if !self.sync_outstanding {
+                    return Err(SessionError::UnaskedSynced);
+                }
+                self.sync_outstanding = false;
+                Event::Synced
+            }
             (Phase::Transfer, View::State) => {
                 let handshake = self.handshake.as_ref().ok_or(out_of_order)?;
                 if handshake.vm.sev().is_some() && !self.sev_started {
@@ -441,6 +479,8 @@ fn with_view<T>(m: &Message, f: impl FnOnce(View<'_>) -> T) -> T {
         Message::State(_) => f(View::State),
         Message::Complete => f(View::Complete),
         Message::Ack => f(View::Ack),
+        Message::Sync => f(View::Sync),
+        Message::Synced => f(View::Synced),
         Message::Error { reason } => f(View::End {
             cancelled: false,
             reason,
@@ -469,6 +509,8 @@ pub enum ReceiverAction {
     WritePages,
     /// Apply the state and RECEIVE_FINISH, then send Ack (guest ready, paused) or Error.
     Finish,
+    /// Everything before has been applied: send Synced.
+    ReplySynced,
     /// The source has stopped the guest for good: run it.
     Run,
     /// The source ended the migration: discard everything received and print the reason.
@@ -523,9 +565,10 @@ impl ReceiverSession {
             Event::Memory => ReceiverAction::WritePages,
             Event::State => ReceiverAction::Finish,
             Event::Complete => ReceiverAction::Run,
+            Event::Sync => ReceiverAction::ReplySynced,
             Event::End { cancelled, reason } => ReceiverAction::Discard { cancelled, reason },
             // Target messages: `step` refused them from the source already.
-            Event::Accepted | Event::Refused(_) | Event::Ack => {
+            Event::Accepted | Event::Refused(_) | Event::Ack | Event::Synced => {
                 return Err(SessionError::WrongSender {
                     kind: event_kind,
                     from: Side::Source,
@@ -575,6 +618,8 @@ pub enum SenderAction {
     Accepted,
     /// The target refused the guest: it stays here; report the reason.
     Refused { reason: String },
+    /// The target has applied everything sent before the Sync.
+    Synced,
     /// The target holds the guest ready: stop it here for good (SEND_FINISH), then send
     /// Complete.
     Commit,
@@ -612,6 +657,7 @@ impl SenderSession {
             Event::Accepted => SenderAction::Accepted,
             Event::Refused(reason) => SenderAction::Refused { reason },
             Event::Ack => SenderAction::Commit,
+            Event::Synced => SenderAction::Synced,
             Event::End { cancelled, reason } => SenderAction::Abort { cancelled, reason },
             // Source messages: `step` refused them from the target already.
             other => {
@@ -712,6 +758,50 @@ mod tests {
 
     fn chain() -> Option<Vec<u8>> {
         Some(vec![0xce; 6 * 2084])
+    }
+
+    #[test]
+    fn sync_is_one_question_one_answer_and_only_when_agreed() {
+        let accept = |features| {
+            let mut pair = Pair::new();
+            pair.send_to_target(Message::Hello(hello(false))).unwrap();
+            pair.send_to_source(Message::HelloReply(HelloReply::accept(features, None)))
+                .unwrap();
+            pair
+        };
+        let mut pair = accept(Features::ZERO_PAGES.union(Features::SYNC));
+        assert_eq!(
+            pair.send_to_target(Message::Sync),
+            Ok(ReceiverAction::ReplySynced)
+        );
+        // A second question before the answer is a violation on the target's side.
+        assert_eq!(
+            pair.target.on_message(&Message::Sync),
+            Err(SessionError::RepeatedSync)
+        );
+        let mut pair = accept(Features::ZERO_PAGES.union(Features::SYNC));
+        pair.send_to_target(Message::Sync).unwrap();
+        assert_eq!(
+            pair.send_to_source(Message::Synced),
+            Ok(SenderAction::Synced)
+        );
+        // An answer nobody asked for.
+        assert_eq!(
+            pair.source.on_message(&Message::Synced),
+            Err(SessionError::UnaskedSynced)
+        );
+        // Not agreed: the target does not take it.
+        let mut pair = accept(Features::ZERO_PAGES);
+        assert_eq!(
+            pair.target.on_message(&Message::Sync),
+            Err(SessionError::SyncNotAgreed)
+        );
+        // Only the source asks, only the target answers.
+        let mut pair = accept(Features::SYNC);
+        assert!(matches!(
+            pair.source.on_message(&Message::Sync),
+            Err(SessionError::WrongSender { .. })
+        ));
     }
 
     /// The happy path as (message, from) steps, plain or SEV.
