@@ -122,20 +122,26 @@ impl Drop for CancelOnSignal {
 }
 
 fn print_migration_report(r: &Value) {
+    use std::io::Write;
+    // The migration has happened either way: a closed stdout must not turn it into a panic.
+    let mut out = std::io::stdout().lock();
     let number = |key: &str| r[key].as_u64().unwrap_or(0);
-    println!(
+    let _ = writeln!(
+        out,
         "migrated to {} over {} in {:.0} ms (downtime {:.1} ms)",
         r["to"].as_str().unwrap_or("?"),
         r["transport"].as_str().unwrap_or("?"),
         r["total_ms"].as_f64().unwrap_or(0.0),
         r["downtime_ms"].as_f64().unwrap_or(0.0),
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  {} on the wire, {} dirty passes after the first full one",
         crate::progress::bytes(number("bytes") as f64),
         number("passes")
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  {} pages sent: {} private through the SEV firmware, {} in the clear ({} of them zero); {} re-sent",
         number("pages_sent"),
         number("private_pages"),

@@ -12,12 +12,28 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging(cli.log_level.as_deref());
+    if prints_and_exits(&cli.command) {
+        // `veil ctl status | head` should end quietly, as other tools do, not panic on a
+        // closed stdout. VMM commands keep ignoring SIGPIPE: their sockets report errors.
+        // SAFETY: restoring a signal's default disposition has no memory-safety preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match commands::dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
             report(&*e);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Commands that only print an answer (not a VMM, and not a migration that must be able to
+/// report a lost VMM connection).
+fn prints_and_exits(command: &cli::Command) -> bool {
+    match command {
+        cli::Command::Ctl(args) => !matches!(args.command, cli::CtlCommand::Migrate { .. }),
+        cli::Command::HostInfo(_) | cli::Command::Sev(_) => true,
+        _ => false,
     }
 }
 

@@ -235,3 +235,20 @@ fn a_user_without_access_to_kvm_is_told_so() {
         describe(&out)
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_a_printing_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = common::veil()
+        .arg("host-info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Like `veil host-info | head -0`: the reader is gone before anything is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{said}");
+}
