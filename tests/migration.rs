@@ -161,15 +161,10 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
     let dir = common::TempDir::new("cli-migrate");
     let (source_api, target_api, target_socket) =
         (dir.path("a.sock"), dir.path("b.sock"), dir.path("m.sock"));
-    let mut target = common::veil()
-        .args(["receive", "--listen"])
-        .arg(format!("unix:{}", target_socket.display()))
-        .arg("--api-socket")
-        .arg(&target_api)
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(common::Spawned)
-        .unwrap();
+    let mut target = common::receive_on(
+        &target_socket,
+        &["--api-socket".as_ref(), target_api.as_ref()],
+    );
     let mut source = common::veil()
         .args(["run", "--memory", "32M", "--api-socket"])
         .arg(&source_api)
@@ -181,9 +176,6 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         .map(common::Spawned)
         .unwrap();
     common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
-    while !target_socket.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
 
     // On a terminal (`script` gives it one) `veil ctl migrate` draws its progress bar.
     let command = format!(
@@ -216,9 +208,7 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
     std::io::Read::read_to_string(source.0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("the guest migrated to another host"), "{err}");
 
-    while !target_api.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for(&target_api);
     let status: serde_json::Value =
         serde_json::from_slice(&common::ctl(&target_api, &["--json", "status"]).stdout).unwrap();
     assert_eq!(status["state"], "running");
@@ -611,23 +601,18 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         .output()
         .unwrap();
     assert!(exported.status.success(), "{}", common::describe(&exported));
-    let mut target = common::veil()
-        .args([
-            "receive",
-            "--sev",
-            "--sev-platform",
-            "emulated",
-            "--sev-state-dir",
-        ])
-        .arg(&target_state)
-        .arg("--listen")
-        .arg(format!("unix:{}", target_socket.display()))
-        .arg("--api-socket")
-        .arg(&target_api)
-        .stderr(Stdio::null())
-        .spawn()
-        .map(common::Spawned)
-        .unwrap();
+    let mut target = common::receive_on(
+        &target_socket,
+        &[
+            "--sev".as_ref(),
+            "--sev-platform".as_ref(),
+            "emulated".as_ref(),
+            "--sev-state-dir".as_ref(),
+            target_state.as_ref(),
+            "--api-socket".as_ref(),
+            target_api.as_ref(),
+        ],
+    );
     let mut source = common::veil()
         .args([
             "run",
@@ -649,9 +634,6 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         .map(common::Spawned)
         .unwrap();
     common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
-    while !target_socket.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let to = format!("unix:{}", target_socket.display());
     // Without trusting the emulated target's root, the guest is not sent.
     let refused = common::ctl(&source_api, &["migrate", "--to", &to]);
@@ -663,26 +645,18 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
     );
     // The target gave up on that attempt; start another one.
     target.wait();
-    let mut target = common::veil()
-        .args([
-            "receive",
-            "--sev",
-            "--sev-platform",
-            "emulated",
-            "--sev-state-dir",
-        ])
-        .arg(&target_state)
-        .arg("--listen")
-        .arg(&to)
-        .arg("--api-socket")
-        .arg(&target_api)
-        .stderr(Stdio::null())
-        .spawn()
-        .map(common::Spawned)
-        .unwrap();
-    while !target_socket.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut target = common::receive_on(
+        &target_socket,
+        &[
+            "--sev".as_ref(),
+            "--sev-platform".as_ref(),
+            "emulated".as_ref(),
+            "--sev-state-dir".as_ref(),
+            target_state.as_ref(),
+            "--api-socket".as_ref(),
+            target_api.as_ref(),
+        ],
+    );
     let out = common::ctl(
         &source_api,
         &[
@@ -695,9 +669,7 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
     );
     assert!(out.status.success(), "{}", common::describe(&out));
     assert!(source.wait().success());
-    while !target_api.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for(&target_api);
     let status: serde_json::Value =
         serde_json::from_slice(&common::ctl(&target_api, &["--json", "status"]).stdout).unwrap();
     assert_eq!(status["state"], "running");
@@ -719,13 +691,7 @@ fn ctrl_c_on_veil_ctl_migrate_cancels_and_the_guest_stays() {
     use std::process::Stdio;
     let dir = common::TempDir::new("cli-cancel");
     let (source_api, target_socket) = (dir.path("a.sock"), dir.path("m.sock"));
-    let mut target = common::veil()
-        .args(["receive", "--listen"])
-        .arg(format!("unix:{}", target_socket.display()))
-        .stderr(Stdio::null())
-        .spawn()
-        .map(common::Spawned)
-        .unwrap();
+    let mut target = common::receive_on(&target_socket, &[]);
     // The guest clears READY: a migration with --wait-ready waits for it, and is cancelled.
     let mut source = common::veil()
         .args(["run", "--memory", "16M", "--api-socket"])
@@ -738,9 +704,6 @@ fn ctrl_c_on_veil_ctl_migrate_cancels_and_the_guest_stays() {
         .map(common::Spawned)
         .unwrap();
     common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
-    while !target_socket.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let migrating = common::veil()
         .arg("ctl")
         .arg("--api-socket")

@@ -16,18 +16,6 @@ use sev::launch::sev::{HeaderFlags, Measurement, Policy, PolicyFlags};
 use sev::parser::{Decoder, Encoder};
 use sev::session::Session;
 
-fn wait_for_file(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn export_chain(state: &Path, out: &Path) -> sev::certs::sev::Chain {
     let status = veil()
         .args([
@@ -124,7 +112,7 @@ fn an_owner_verifies_the_launch_measurement_and_the_guest_reads_the_injected_sec
 
     // Veil has measured and waits for the secret: the guest has not run, so RAM holds exactly
     // what was measured. Recompute the digest from it and let the sev crate check the HMAC.
-    wait_for_file(&measurement_path);
+    common::wait_for(&measurement_path);
     let m: Value = serde_json::from_slice(&std::fs::read(&measurement_path).unwrap()).unwrap();
     assert_eq!(m["confidential"], false);
     let memory = File::open(&ram).unwrap();

@@ -127,18 +127,6 @@ fn root() -> bool {
     unsafe { libc::getuid() == 0 }
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -388,7 +376,7 @@ fn there_and_back(sev: bool) {
         assert!(!report.contains(" 0 private through"), "{report}");
     }
     assert!(source.wait().success(), "A's veil lets the guest go");
-    wait_for(&b.api);
+    common::wait_for(&b.api);
     assert_memory_file_holds_the_guest(&b.memory, sev);
     assert_guest_keeps_checking(&hosts.path("b.out"));
     let landed = common::status(&b.api);
@@ -414,7 +402,7 @@ fn there_and_back(sev: bool) {
     );
     assert!(out.status.success(), "{}", common::describe(&out));
     assert!(b.process.wait().success(), "B's veil lets the guest go");
-    wait_for(&back.api);
+    common::wait_for(&back.api);
     assert_memory_file_holds_the_guest(&back.memory, sev);
     assert_guest_keeps_checking(&hosts.path("a2.out"));
     assert_eq!(
@@ -476,7 +464,7 @@ fn a_source_with_an_untrusted_certificate_gets_nothing_across() {
     assert!(b.process.0.try_wait().unwrap().is_none());
     let out = migrate(&a_api, B_ADDR, &tls_args(&hosts.tls_a));
     assert!(out.status.success(), "{}", common::describe(&out));
-    wait_for(&b.api);
+    common::wait_for(&b.api);
     assert_memory_file_holds_the_guest(&b.memory, false);
     common::ctl(&b.api, &["shutdown"]);
     b.process.wait();

@@ -194,3 +194,31 @@ pub fn emulated_sev(platform: &veil::sev_launch::SevPlatform) -> veil::sev_launc
         measurement_out: None,
     }
 }
+
+/// Waits (up to 30 s) for `path` to appear: a socket or file a spawned `veil` creates.
+pub fn wait_for(path: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// `veil receive --listen unix:SOCKET ARGS...`, its stderr discarded; returns once it listens.
+pub fn receive_on(socket: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
+    let target = veil()
+        .arg("receive")
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    wait_for(socket);
+    target
+}
