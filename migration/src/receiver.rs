@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::protocol::{
     read_frame, write_frame, Features, FrameReader, HelloReply, MemoryChunkRef, Message,
     MessageType, PageContentRef, ProtocolError, ReceiverAction, ReceiverSession, SessionError,
-    ShapeError, VmShape,
+    VmShape,
 };
 
 /// Why receiving failed; whatever arrived is discarded.
@@ -31,8 +31,6 @@ pub enum ReceiveError {
     Protocol(#[from] ProtocolError),
     #[error("Migration out of order")]
     Session(#[from] SessionError),
-    #[error("A memory chunk does not fit the guest")]
-    Shape(#[from] ShapeError),
     #[error("Cannot write guest memory")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("The guest state cannot be decoded")]
@@ -144,7 +142,7 @@ impl<S: Read + Write> Incoming<S> {
                     ReceiverAction::WritePages => {}
                     other => return Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
                 }
-                chunk.validate(&self.shape)?;
+                // The session has checked every gfn against the VM's RAM, none twice.
                 for page in chunk.pages() {
                     let at = GuestAddress(page.gfn * PAGE_SIZE);
                     match page.content {
