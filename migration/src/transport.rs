@@ -133,28 +133,9 @@ impl Stream {
     }
 }
 
-/// Sockets whose waits can be bounded.
-trait Timeouts {
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-}
-
-macro_rules! timeouts_for {
-    ($($socket:ty),*) => {$(
-        impl Timeouts for $socket {
-            fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-                <$socket>::set_read_timeout(self, t)
-            }
-            fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-                <$socket>::set_write_timeout(self, t)
-            }
-        }
-    )*};
-}
-timeouts_for!(TcpStream, UnixStream);
-
 /// Bounds every wait on a silent peer, the TLS handshake included.
-fn set_timeouts(socket: &impl Timeouts) -> io::Result<()> {
+fn set_timeouts(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let socket = socket2::SockRef::from(socket);
     socket.set_read_timeout(Some(PEER_TIMEOUT))?;
     socket.set_write_timeout(Some(PEER_TIMEOUT))
 }
