@@ -315,40 +315,14 @@ fn a_flipped_byte_in_an_encrypted_page_fails_the_migration_and_the_guest_can_go_
     // The failed send was cancelled in the firmware (SEND_START again would be refused
     // otherwise): the same guest now migrates to a fresh target.
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
-    let target = std::thread::scope(|scope| {
-        let sending = scope.spawn(|| {
-            let guest = source.sev().unwrap();
-            let mut firmware = guest.launch.firmware.lock().unwrap();
-            let source_sev = sender::SevSource {
-                firmware: firmware.as_mut(),
-                guest: guest.launch.handle,
-                policy: guest.config.policy,
-                platform: veil_migration::protocol::SevPlatform::Emulated,
-                trusted_arks: trusted().unwrap(),
-            };
-            sender::send(
-                source.inner(),
-                &mut to_target,
-                &SendOptions::default(),
-                Some(source_sev),
-            )
-        });
-        let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(chain_bytes)).unwrap();
-        let target = VmBuilder::new()
-            .memory_bytes(incoming.shape().ram_bytes())
-            .sev(sev(&target_platform))
-            .serial_writer(std::io::sink())
-            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
-            .unwrap();
-        incoming.acknowledge().unwrap();
-        incoming.wait_complete().unwrap();
-        target.resume();
-        sending
-            .join()
-            .unwrap()
-            .expect("the second migration succeeds");
-        target
-    });
+    let (target, _) = common::migrate_sev_here(
+        &source,
+        &mut to_target,
+        from_source,
+        trusted().unwrap(),
+        chain_bytes,
+        &target_platform,
+    );
     assert_eq!(source.wait(), VmStop::Migrated);
     common::assert_guest_restamps(target.memory(), 3, DIRTY_FIRST + 9);
     for gfn in STAMPED..STAMPED + STAMPED_PAGES {

@@ -451,38 +451,15 @@ fn an_sev_guest_migrates_between_emulated_platforms_without_leaking_private_page
         inner: &mut to_target,
         copy: Vec::new(),
     };
-    let target = std::thread::scope(|scope| {
-        let sending = scope.spawn(|| {
-            let guest = source.sev().unwrap();
-            let mut firmware = guest.launch.firmware.lock().unwrap();
-            let source_sev = sender::SevSource {
-                firmware: firmware.as_mut(),
-                guest: guest.launch.handle,
-                policy: guest.config.policy,
-                platform: veil_migration::protocol::SevPlatform::Emulated,
-                trusted_arks: vec![target_chain.ca.ark],
-            };
-            sender::send(
-                source.inner(),
-                &mut tee,
-                &SendOptions::default(),
-                Some(source_sev),
-            )
-        });
-        let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(chain_bytes)).unwrap();
-        let target = VmBuilder::new()
-            .memory_bytes(incoming.shape().ram_bytes())
-            .sev(sev(&target_platform))
-            .serial_writer(std::io::sink())
-            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
-            .unwrap();
-        incoming.acknowledge().unwrap();
-        incoming.wait_complete().unwrap();
-        target.resume();
-        let report = sending.join().unwrap().expect("SEV migration succeeds");
-        eprintln!("{report:?}");
-        target
-    });
+    let (target, report) = common::migrate_sev_here(
+        &source,
+        &mut tee,
+        from_source,
+        vec![target_chain.ca.ark],
+        chain_bytes,
+        &target_platform,
+    );
+    eprintln!("{report:?}");
     assert_eq!(source.wait(), VmStop::Migrated);
     // The guest carries on, its private pages intact, on the target.
     common::assert_guest_restamps(target.memory(), 3, FIRST + 17);

@@ -222,3 +222,49 @@ pub fn receive_on(socket: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
     wait_for(socket);
     target
 }
+
+/// Migrates the SEV guest `source` in this process: it sends over `to_target`, and a target
+/// VM on `target_platform` (whose encoded chain is `target_chain`) receives from
+/// `from_source`, trusting `trusted_arks` as the target's roots. Returns the target, running,
+/// and the sender's report; panics if the migration fails.
+pub fn migrate_sev_here<S: std::io::Read + std::io::Write + Send>(
+    source: &veil::Vm,
+    to_target: &mut S,
+    from_source: std::os::unix::net::UnixStream,
+    trusted_arks: Vec<sev::certs::sev::ca::Certificate>,
+    target_chain: Vec<u8>,
+    target_platform: &veil::sev_launch::SevPlatform,
+) -> (veil::Vm, veil_migration::sender::SendReport) {
+    use veil_migration::{receiver, sender};
+    std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            let guest = source.sev().unwrap();
+            let mut firmware = guest.launch.firmware.lock().unwrap();
+            let source_sev = sender::SevSource {
+                firmware: firmware.as_mut(),
+                guest: guest.launch.handle,
+                policy: guest.config.policy,
+                platform: veil_migration::protocol::SevPlatform::Emulated,
+                trusted_arks,
+            };
+            sender::send(
+                source.inner(),
+                to_target,
+                &sender::SendOptions::default(),
+                Some(source_sev),
+            )
+        });
+        let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(target_chain)).unwrap();
+        let target = veil::VmBuilder::new()
+            .memory_bytes(incoming.shape().ram_bytes())
+            .sev(emulated_sev(target_platform))
+            .serial_writer(std::io::sink())
+            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
+            .unwrap();
+        incoming.acknowledge().unwrap();
+        incoming.wait_complete().unwrap();
+        target.resume();
+        let report = sending.join().unwrap().expect("the SEV migration succeeds");
+        (target, report)
+    })
+}
