@@ -131,10 +131,6 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-fn tls_args(files: &TlsFiles) -> Vec<String> {
-    common::tls::args(files)
-}
-
 /// The test's pattern: the 64-bit word at byte `offset` of guest RAM (below 3 GiB).
 fn pattern(offset: u64) -> u64 {
     page_stamp(0x9a77e54, offset / 8)
@@ -360,12 +356,12 @@ fn there_and_back(sev: bool) {
         &hosts.b,
         B_ADDR,
         "b",
-        &[tls_args(&hosts.tls_b), receiver_sev("sev-b")].concat(),
+        &[common::tls::args(&hosts.tls_b), receiver_sev("sev-b")].concat(),
     );
     let out = migrate(
         &a_api,
         B_ADDR,
-        &[tls_args(&hosts.tls_a), sev_chain("sev-b")].concat(),
+        &[common::tls::args(&hosts.tls_a), sev_chain("sev-b")].concat(),
     );
     assert!(out.status.success(), "{}", common::describe(&out));
     let report = String::from_utf8_lossy(&out.stdout);
@@ -393,12 +389,12 @@ fn there_and_back(sev: bool) {
         &hosts.a,
         A_ADDR,
         "a2",
-        &[tls_args(&hosts.tls_a), receiver_sev("sev-a")].concat(),
+        &[common::tls::args(&hosts.tls_a), receiver_sev("sev-a")].concat(),
     );
     let out = migrate(
         &b.api,
         A_ADDR,
-        &[tls_args(&hosts.tls_b), sev_chain("sev-a")].concat(),
+        &[common::tls::args(&hosts.tls_b), sev_chain("sev-a")].concat(),
     );
     assert!(out.status.success(), "{}", common::describe(&out));
     assert!(b.process.wait().success(), "B's veil lets the guest go");
@@ -447,10 +443,16 @@ fn a_source_with_an_untrusted_certificate_gets_nothing_across() {
     let hosts = TwoHosts::new();
     let a_api = hosts.path("a.sock");
     let _source = start_guest(&hosts, false, &a_api);
-    let mut b = receive(&hosts, &hosts.b, B_ADDR, "b", &tls_args(&hosts.tls_b));
+    let mut b = receive(
+        &hosts,
+        &hosts.b,
+        B_ADDR,
+        "b",
+        &common::tls::args(&hosts.tls_b),
+    );
     let rogue = Ca::new(&hosts.dir.0, "rogue");
     let rogue_a = rogue.host_trusting(&hosts.dir.0, "rogue-a", &[A_ADDR], &hosts.tls_a.ca);
-    let out = migrate(&a_api, B_ADDR, &tls_args(&rogue_a));
+    let out = migrate(&a_api, B_ADDR, &common::tls::args(&rogue_a));
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -462,7 +464,7 @@ fn a_source_with_an_untrusted_certificate_gets_nothing_across() {
     // The target turned the rogue away, and still waits for the real source.
     wait_for_output(&b.stderr, "Rejected a connection from 10.77.0.1");
     assert!(b.process.0.try_wait().unwrap().is_none());
-    let out = migrate(&a_api, B_ADDR, &tls_args(&hosts.tls_a));
+    let out = migrate(&a_api, B_ADDR, &common::tls::args(&hosts.tls_a));
     assert!(out.status.success(), "{}", common::describe(&out));
     common::wait_for(&b.api);
     assert_memory_file_holds_the_guest(&b.memory, false);
@@ -495,9 +497,15 @@ fn broken_migration(phase: &str, break_it: impl FnOnce(&TwoHosts, &mut Receiver)
     let _source = start_guest(&hosts, false, &a_api);
     // 16 MiB of patterned pages at 200 Mbit/s: the first pass takes most of a second.
     hosts.throttle("200mbit");
-    let mut b = receive(&hosts, &hosts.b, B_ADDR, "b", &tls_args(&hosts.tls_b));
+    let mut b = receive(
+        &hosts,
+        &hosts.b,
+        B_ADDR,
+        "b",
+        &common::tls::args(&hosts.tls_b),
+    );
     let migrating = {
-        let (api, tls) = (a_api.clone(), tls_args(&hosts.tls_a));
+        let (api, tls) = (a_api.clone(), common::tls::args(&hosts.tls_a));
         // A large downtime budget sends the stamped pages again with the guest paused.
         std::thread::spawn(move || {
             migrate(
