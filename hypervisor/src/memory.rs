@@ -193,27 +193,28 @@ impl GuestRam {
         let mut out = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
             let slot = slot as u32;
-            let len = region.len() as usize;
-            let mut words = vm
-                .get_dirty_log(slot, len)
+            let words = vm
+                .get_dirty_log(slot, region.len() as usize)
                 .map_err(|source| MemoryError::DirtyLog { slot, source })?;
-            let mapping = region.get_mmap();
-            let vmm_dirty = mapping.bitmap();
-            let pages = len / PAGE_SIZE as usize;
-            for page in 0..pages {
-                if vmm_dirty.is_bit_set(page) {
-                    words[page / 64] |= 1 << (page % 64);
-                }
-            }
-            vmm_dirty.reset_addr_range(0, len);
-            out.push(DirtyBitmap {
-                base: region.start_addr(),
-                words,
-                pages,
-            });
+            out.push(DirtyBitmap::merged_with_vmm_writes(region, words));
         }
         Ok(out)
     }
+
+    /// Pages the VMM dirtied since the last call, per slot, without KVM's log; cleared.
+    pub fn take_vmm_dirty_pages(&self) -> Vec<DirtyBitmap> {
+        self.memory
+            .iter()
+            .map(|region| {
+                let words = vec![0; pages_in(region).div_ceil(64)];
+                DirtyBitmap::merged_with_vmm_writes(region, words)
+            })
+            .collect()
+    }
+}
+
+fn pages_in(region: &GuestRegionMmap<AtomicBitmap>) -> usize {
+    (region.len() / PAGE_SIZE) as usize
 }
 
 /// A mutable view of `len` bytes of guest RAM at `gpa`, for firmware that reads and writes
@@ -255,6 +256,22 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
+    /// `words` (KVM's log of `region`, or zeros) with the pages the VMM wrote in `region`
+    /// added; the VMM's bitmap is cleared word by word as it is read, so a page marked while
+    /// this runs lands either here or in the next call, never in neither.
+    fn merged_with_vmm_writes(region: &GuestRegionMmap<AtomicBitmap>, mut words: Vec<u64>) -> Self {
+        let vmm_words = region.get_mmap().bitmap().get_and_reset();
+        // vm-memory's bitmap and KVM's log share a layout: bit n of word n / 64 is page n.
+        for (word, vmm) in words.iter_mut().zip(vmm_words) {
+            *word |= vmm;
+        }
+        Self {
+            base: region.start_addr(),
+            words,
+            pages: pages_in(region),
+        }
+    }
+
     /// Guest addresses of the dirty pages, ascending.
     pub fn dirty_addresses(&self) -> impl Iterator<Item = GuestAddress> + '_ {
         (0..self.pages)
@@ -392,6 +409,55 @@ mod tests {
         assert_eq!(contents.len(), 16 << 20);
         assert_eq!(&contents[0x1000..0x1003], b"bye");
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn no_dirty_page_is_lost_while_pages_are_taken() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let ram = GuestRam::new(&MemoryConfig {
+            size: 64 << 20,
+            file: None,
+        })
+        .unwrap();
+        let pages = (64 << 20) / PAGE_SIZE;
+        const WRITERS: u64 = 3;
+        let writers_done = AtomicUsize::new(0);
+        let mut reported = vec![0u32; pages as usize];
+        let (ram, writers_done) = (&ram, &writers_done);
+        std::thread::scope(|s| {
+            for writer in 0..WRITERS {
+                s.spawn(move || {
+                    // Each page is written once, by one writer: a page whose only mark is
+                    // lost is never reported.
+                    for page in (writer..pages).step_by(WRITERS as usize) {
+                        ram.memory()
+                            .write_obj(page, GuestAddress(page * PAGE_SIZE))
+                            .unwrap();
+                    }
+                    writers_done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            let reported = &mut reported;
+            s.spawn(move || loop {
+                let finished = writers_done.load(Ordering::SeqCst) == WRITERS as usize;
+                for bitmap in ram.take_vmm_dirty_pages() {
+                    for addr in bitmap.dirty_addresses() {
+                        reported[(addr.0 / PAGE_SIZE) as usize] += 1;
+                    }
+                }
+                if finished {
+                    break;
+                }
+            });
+        });
+        let lost: Vec<usize> = (0..reported.len()).filter(|&p| reported[p] == 0).collect();
+        assert!(
+            lost.is_empty(),
+            "{} pages were never reported dirty",
+            lost.len()
+        );
+        let twice = reported.iter().filter(|&&n| n > 1).count();
+        assert_eq!(twice, 0, "pages written once were reported more than once");
     }
 
     #[test]
