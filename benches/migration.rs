@@ -35,6 +35,7 @@ use veil_guest_abi::PAGE_SIZE;
 use veil_sev::emulated::firmware::EmulatedFirmware;
 use veil_sev::emulated::identity::PlatformIdentity;
 use veil_sev::firmware::{Firmware, FirmwareError};
+use veil_sev::guest_memory::test_ram::TestRam;
 use veil_sev::policy::GuestPolicy;
 
 const GUEST_RAM: u64 = 1 << 30;
@@ -681,6 +682,13 @@ fn firmware_rates(platforms: &SevPlatforms) -> Result<FirmwareRates, String> {
     };
     let (mut source, mut target) = (load(&platforms.source)?, load(&platforms.target)?);
     let fw = |e: FirmwareError| format!("emulated SEV firmware: {e}");
+    let page_bytes = PAGE_SIZE as usize;
+    let (source_ram, target_ram) = (
+        TestRam::with_size(FIRMWARE_PAGES * page_bytes),
+        TestRam::with_size(page_bytes),
+    );
+    source.register_ram(&source_ram.all()).map_err(fw)?;
+    target.register_ram(&target_ram.all()).map_err(fw)?;
     let guest = source.launch_start(SEV_POLICY, None).map_err(fw)?;
     source.launch_measure(guest).map_err(fw)?;
     source.launch_finish(guest).map_err(fw)?;
@@ -689,27 +697,23 @@ fn firmware_rates(platforms: &SevPlatforms) -> Result<FirmwareRates, String> {
     let received = target.receive_start(&start).map_err(fw)?;
 
     let mut seed = 1;
-    let pages: Vec<Vec<u8>> = (0..FIRMWARE_PAGES)
-        .map(|_| {
-            (0..PAGE_SIZE / 8)
-                .flat_map(|_| splitmix64(&mut seed).to_le_bytes())
-                .collect()
-        })
+    let random: Vec<u8> = (0..FIRMWARE_PAGES * page_bytes / 8)
+        .flat_map(|_| splitmix64(&mut seed).to_le_bytes())
         .collect();
-    let packets = pages
-        .iter()
-        .map(|p| source.send_update_data(guest, p))
+    source_ram.write(0, &random);
+    let page = |i: usize| source_ram.at((i * page_bytes) as u64, page_bytes);
+    let packets = (0..FIRMWARE_PAGES)
+        .map(|i| source.send_update_data(guest, &page(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(fw)?;
     let send = pages_per_second(|i| {
-        std::hint::black_box(source.send_update_data(guest, &pages[i])?);
+        std::hint::black_box(source.send_update_data(guest, &page(i))?);
         Ok(())
     })
     .map_err(fw)?;
-    let mut dest = vec![0u8; PAGE_SIZE as usize];
-    let receive =
-        pages_per_second(|i| target.receive_update_data(received, &packets[i], &mut dest))
-            .map_err(fw)?;
+    let dest = target_ram.at(0, page_bytes);
+    let receive = pages_per_second(|i| target.receive_update_data(received, &packets[i], &dest))
+        .map_err(fw)?;
     let bytes = PAGE_SIZE as f64;
     Ok(FirmwareRates {
         send: send * bytes,

@@ -118,6 +118,12 @@ pub struct SevLaunchArgs {
     #[arg(long, requires = "sev", value_name = "FILE")]
     pub sev_secret: Option<PathBuf>,
 
+    /// How long to wait for --sev-secret's file before giving up on the launch (e.g. 90s,
+    /// 10m).
+    #[arg(long, requires = "sev_secret", value_name = "DURATION", default_value = "10m",
+          value_parser = humantime::parse_duration)]
+    pub sev_secret_timeout: std::time::Duration,
+
     /// Write the launch measurement, its nonce, the firmware version and the measured ranges
     /// here as JSON (it is also printed on stderr).
     #[arg(long, requires = "sev", value_name = "FILE")]
@@ -135,6 +141,7 @@ impl SevLaunchArgs {
                 .clone()
                 .zip(self.sev_owner_cert.clone()),
             secret: self.sev_secret.clone(),
+            secret_timeout: self.sev_secret_timeout,
             measurement_out: self.sev_measurement_out.clone(),
         })
     }

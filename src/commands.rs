@@ -145,6 +145,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
             policy: sev.policy,
             owner_session: None,
             secret: None,
+            secret_timeout: veil::sev_launch::DEFAULT_SECRET_TIMEOUT,
             measurement_out: None,
         });
     }

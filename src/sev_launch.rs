@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use veil_hypervisor::boot::LoadedKind;
 use veil_hypervisor::cpuid::{Cpuid, Register};
-use veil_hypervisor::memory::guest_slice_mut;
 use veil_hypervisor::paravirt::BlockReason;
 use veil_hypervisor::GuestMemory;
 
@@ -24,11 +23,11 @@ use veil_hypervisor::vm::{SetupHookError, VmSetup};
 use veil_hypervisor::GuestRam;
 use veil_sev::emulated::firmware::EmulatedFirmware;
 use veil_sev::emulated::identity::{IdentityError, PlatformIdentity};
-use veil_sev::firmware::{Firmware, FirmwareError, Handle, Packet};
+use veil_sev::firmware::{Firmware, FirmwareError, GuestBytes, Handle, Packet};
 use veil_sev::flow::{Launch, Measured};
 use veil_sev::hardware::{sev_cpuid, HardwareFirmware, SEV_DEVICE};
 use veil_sev::policy::GuestPolicy;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// CPUID leaf of AMD's memory-encryption features.
 const CPUID_MEM_ENCRYPT: u32 = 0x8000_001f;
@@ -61,6 +60,8 @@ pub struct SevConfig {
     pub owner_session: Option<(PathBuf, PathBuf)>,
     /// Wait after measuring until this file holds the owner's secret (see [`SecretFile`]).
     pub secret: Option<PathBuf>,
+    /// How long to wait for the secret before giving up on the launch.
+    pub secret_timeout: Duration,
     /// Where to write the measurement (see [`MeasurementFile`]).
     pub measurement_out: Option<PathBuf>,
 }
@@ -94,6 +95,18 @@ pub enum SevLaunchError {
     },
     #[error("The secret's destination {gpa:#x}+{len} is not guest RAM")]
     SecretOutsideRam { gpa: u64, len: usize },
+    #[error("The loaded image at {gpa:#x}+{len} to be measured is not guest RAM")]
+    MeasuredOutsideRam { gpa: u64, len: u64 },
+    #[error("No secret appeared in {} within {}", path.display(), humantime::format_duration(*waited))]
+    SecretTimedOut { path: PathBuf, waited: Duration },
+}
+
+/// How long `veil run --sev --sev-secret` waits for the owner's secret unless told otherwise.
+pub const DEFAULT_SECRET_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `len` bytes of guest RAM at `gpa` as the firmware works on them, if they lie in one region.
+fn guest_bytes(memory: &GuestMemory, gpa: u64, len: usize) -> Option<GuestBytes<'_>> {
+    memory.get_slice(GuestAddress(gpa), len).ok()
 }
 
 /// What `--sev-measurement-out` holds: the measurement and everything needed to check it.
@@ -184,6 +197,7 @@ pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLau
             policy: GuestPolicy(0),
             owner_session: None,
             secret: None,
+            secret_timeout: DEFAULT_SECRET_TIMEOUT,
             measurement_out: None,
         })?
         .firmware
@@ -194,6 +208,7 @@ pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLau
                 policy: GuestPolicy(0),
                 owner_session: None,
                 secret: None,
+                secret_timeout: DEFAULT_SECRET_TIMEOUT,
                 measurement_out: None,
             })?;
             // The backend speaks to the platform through a VM; a scratch one serves.
@@ -248,18 +263,34 @@ impl VmSetup for SevSetup {
 
     fn before_vcpus(&mut self, vm: &Arc<VmFd>, ram: &GuestRam) -> Result<(), SetupHookError> {
         if self.platform == SevPlatform::Hardware {
-            let mut firmware = HardwareFirmware::open(Arc::clone(vm))?;
-            for (_, base, len) in ram.slots() {
-                let region = ram
-                    .memory()
-                    .find_region(base)
-                    .ok_or("guest RAM slot without a region")?;
-                firmware.register_ram(region.as_ptr() as u64, len)?;
-            }
-            self.firmware = Some(Box::new(firmware));
+            self.firmware = Some(Box::new(HardwareFirmware::open(Arc::clone(vm))?));
         }
+        let firmware = self
+            .firmware
+            .as_mut()
+            .ok_or("the SEV firmware is not open")?;
+        register_guest_ram(firmware.as_mut(), ram)?;
         Ok(())
     }
+}
+
+/// Registers every region of `ram` with `firmware` as the guest's memory: every command on
+/// guest memory names bytes of these regions, on either platform.
+pub fn register_guest_ram(
+    firmware: &mut dyn Firmware,
+    ram: &GuestRam,
+) -> Result<(), FirmwareError> {
+    for region in ram.memory().iter() {
+        let bytes = usize::try_from(region.len())
+            .ok()
+            .and_then(|len| guest_bytes(ram.memory(), region.start_addr().0, len))
+            .ok_or(FirmwareError::Status {
+                command: veil_sev::firmware::Command::RegisterRegion,
+                status: veil_sev::firmware::SevError::InvalidAddress,
+            })?;
+        firmware.register_ram(&bytes)?;
+    }
+    Ok(())
 }
 
 /// A launched (or received) SEV guest: its firmware context and launch measurement.
@@ -293,13 +324,13 @@ pub fn launch(
     for range in loaded {
         let start = range.start.0 & !(LAUNCH_ALIGN - 1);
         let end = (range.start.0 + range.len).next_multiple_of(LAUNCH_ALIGN);
-        // SAFETY: the VM has not started and nothing else holds guest memory.
-        let data = unsafe { guest_slice_mut(memory, GuestAddress(start), (end - start) as usize) }
-            .ok_or(SevLaunchError::SecretOutsideRam {
+        let data = guest_bytes(memory, start, (end - start) as usize).ok_or(
+            SevLaunchError::MeasuredOutsideRam {
                 gpa: start,
-                len: (end - start) as usize,
-            })?;
-        launch.update_data(data)?;
+                len: end - start,
+            },
+        )?;
+        launch.update_data(&data)?;
         measured.push(MeasuredRange {
             what: kind_name(range.kind).into(),
             gpa: start,
@@ -329,7 +360,7 @@ pub fn launch(
         measurement.measurement, measurement.mnonce, config.policy
     );
     if let Some(path) = &config.secret {
-        inject_secret(&mut launch, memory, path)?;
+        inject_secret(&mut launch, memory, path, config.secret_timeout)?;
     }
     let handle = launch.finish()?;
     Ok(SevLaunch {
@@ -404,14 +435,23 @@ fn inject_secret(
     launch: &mut Launch<'_, Measured>,
     memory: &GuestMemory,
     path: &Path,
+    timeout: Duration,
 ) -> Result<(), SevLaunchError> {
-    eprintln!(
-        "veil: waiting for the guest owner's secret in {}",
+    tracing::warn!(
+        "waiting up to {} for the guest owner's secret in {}",
+        humantime::format_duration(timeout),
         path.display()
     );
     // The owner writes the file once it has checked the measurement (atomically: write then
     // rename), so its existence means it is complete.
+    let deadline = std::time::Instant::now() + timeout;
     while !path.exists() {
+        if std::time::Instant::now() >= deadline {
+            return Err(SevLaunchError::SecretTimedOut {
+                path: path.to_owned(),
+                waited: timeout,
+            });
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let invalid = || SevLaunchError::Invalid {
@@ -432,10 +472,8 @@ fn inject_secret(
         gpa: file.gpa,
         len: data.len(),
     };
-    // SAFETY: the VM has not started and nothing else holds guest memory.
-    let dest =
-        unsafe { guest_slice_mut(memory, GuestAddress(file.gpa), data.len()) }.ok_or(outside)?;
-    launch.inject_secret(&Packet { header, data }, dest)?;
+    let dest = guest_bytes(memory, file.gpa, data.len()).ok_or(outside)?;
+    launch.inject_secret(&Packet { header, data }, &dest)?;
     Ok(())
 }
 

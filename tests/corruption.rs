@@ -135,7 +135,7 @@ fn migrate_through_damage(
     damage: Damage,
     trusted_arks: Option<Vec<sev::certs::sev::ca::Certificate>>,
     target_chain: Option<Vec<u8>>,
-    target_firmware: Option<&mut dyn veil_sev::firmware::Firmware>,
+    mut target_firmware: Option<&mut dyn veil_sev::firmware::Firmware>,
 ) -> Outcome {
     let (mut to_relay, relay_source_side) = UnixStream::pair().unwrap();
     let (relay_target_side, from_relay) = UnixStream::pair().unwrap();
@@ -160,6 +160,9 @@ fn migrate_through_damage(
         });
         let mut incoming = receiver::accept(from_relay, |_| Ok(()), target_chain).unwrap();
         let target_ram = common::scratch_ram(incoming.shape().ram_bytes());
+        if let Some(firmware) = target_firmware.as_deref_mut() {
+            veil::sev_launch::register_guest_ram(firmware, &target_ram).unwrap();
+        }
         let received = incoming
             .receive_into(target_ram.memory(), target_firmware)
             .map(drop);

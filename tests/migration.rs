@@ -500,6 +500,7 @@ fn an_sev_guest_is_not_sent_to_an_untrusted_platform() {
         policy: GuestPolicy(GuestPolicy::NODBG),
         owner_session: None,
         secret: None,
+        secret_timeout: veil::sev_launch::DEFAULT_SECRET_TIMEOUT,
         measurement_out: None,
     };
     let out = CapturedOutput::new();

@@ -217,33 +217,6 @@ fn pages_in(region: &GuestRegionMmap<AtomicBitmap>) -> usize {
     (region.len() / PAGE_SIZE) as usize
 }
 
-/// A mutable view of `len` bytes of guest RAM at `gpa`, for firmware that reads and writes
-/// guest memory in place (SEV's LAUNCH_UPDATE_DATA, LAUNCH_SECRET, RECEIVE_UPDATE_DATA);
-/// `None` unless the range lies inside one RAM region.
-///
-/// # Safety
-/// Nothing else may access those bytes while the slice lives: no vCPU runs (the VM has not
-/// started) and the caller holds no other reference into them.
-// Guest RAM is shared memory behind `&GuestMemory`; exclusivity is the caller's promise.
-#[allow(clippy::mut_from_ref)]
-pub unsafe fn guest_slice_mut(
-    memory: &GuestMemory,
-    gpa: GuestAddress,
-    len: usize,
-) -> Option<&mut [u8]> {
-    let region = memory.find_region(gpa)?;
-    let offset = gpa.0 - region.start_addr().0;
-    if offset.checked_add(len as u64)? > region.len() {
-        return None;
-    }
-    let host = region
-        .get_host_address(vm_memory::MemoryRegionAddress(offset))
-        .ok()?;
-    // SAFETY: the range lies inside one mapped region, which outlives the borrow of `memory`;
-    // exclusivity is the caller's promise.
-    Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
-}
-
 /// Dirty pages of one region: bit `n` covers the page at `base + n * PAGE_SIZE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {

@@ -8,11 +8,11 @@
 
 use std::io::{Read, Write};
 
-use veil_hypervisor::memory::{guest_slice_mut, PAGE_SIZE};
+use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::GuestMemory;
 use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::protocol::{
     read_frame, write_frame, Features, FrameReader, HelloReply, MemoryChunkRef, Message,
@@ -154,10 +154,9 @@ impl<S: Read + Write> Incoming<S> {
                                 header: *header,
                                 data: data.to_vec(),
                             };
-                            // SAFETY: the VM has not started; nothing else touches its RAM.
-                            let dest = unsafe { guest_slice_mut(memory, at, data.len()) }
-                                .ok_or(ReceiveError::Sev)?;
-                            receiver.update_data(&packet, dest)?;
+                            // Decrypted in place in guest RAM, as the PSP does on hardware.
+                            let dest = memory.get_slice(at, data.len())?;
+                            receiver.update_data(&packet, &dest)?;
                         }
                     }
                 }

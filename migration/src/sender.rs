@@ -15,7 +15,7 @@ use crate::monitor::{MigrationMonitor, Phase};
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::paravirt::{Blocker, Migratability};
 use veil_hypervisor::{RunState, RunningVm};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::protocol::{
     read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryChunkRef, MemoryRegion, Message,
@@ -247,7 +247,6 @@ struct Sender<'a, S> {
     stream: &'a mut S,
     session: SenderSession,
     encoder: ChunkEncoder,
-    page: Vec<u8>,
     sent: Vec<u64>,
     report: SendReport,
     /// When to give up, from `SendOptions::timeout`.
@@ -299,7 +298,6 @@ fn send_claimed<'f, S: Read + Write>(
         stream,
         session: SenderSession::new(),
         encoder: ChunkEncoder::new(),
-        page: vec![0; PAGE_SIZE as usize],
         sent: Vec::new(),
         report: SendReport::default(),
         deadline: options.timeout.map(|t| (started + t, t)),
@@ -517,10 +515,12 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         for &gfn in gfns {
             let at = GuestAddress(gfn * PAGE_SIZE);
             if states.as_ref().is_some_and(|map| map.is_private(gfn)) {
-                // A private page's plaintext never reaches the stream.
-                self.vm.memory().read_slice(&mut self.page, at)?;
+                // A private page's plaintext never reaches the stream, and the firmware
+                // encrypts it where it lies: on hardware the PSP decrypts guest memory with
+                // the guest's key and its physical address, so a copy would not do.
+                let page = self.vm.memory().get_slice(at, PAGE_SIZE as usize)?;
                 let send = self.sev_send.as_mut().ok_or(SendError::Sev)?;
-                let packet = send.update_data(&self.page)?;
+                let packet = send.update_data(&page)?;
                 self.report.private_pages += 1;
                 out.push(PageRef {
                     gfn,

@@ -1,17 +1,22 @@
 //! What Veil asks of the SEV firmware, whichever backend provides it.
 //!
 //! The commands follow the AMD SEV API (publication 55766); firmware status codes arrive as
-//! typed [`SevError`]s. Guest memory is passed as slices of the VMM's mapping of guest RAM:
-//! the hardware backend hands their addresses to KVM, the emulated one reads and writes them.
+//! typed [`SevError`]s. Guest memory is passed as [`GuestBytes`], views of the VMM's mapping of
+//! guest RAM that was first registered with [`Firmware::register_ram`]: the hardware backend
+//! hands their addresses to KVM, which has the PSP work on those pages in place; the emulated
+//! one reads and writes the same bytes. Neither accepts bytes outside registered RAM.
 
 use serde::Serialize;
 pub use sev::error::SevError;
 
+pub use crate::guest_memory::GuestBytes;
 use crate::policy::GuestPolicy;
 
 /// The commands, for error messages (names as in the SEV API).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
+    /// `KVM_MEMORY_ENCRYPT_REG_REGION`: not a firmware command, but refused like one.
+    RegisterRegion,
     PlatformStatus,
     PdhCertExport,
     LaunchStart,
@@ -31,6 +36,7 @@ pub enum Command {
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = match self {
+            Command::RegisterRegion => "KVM_MEMORY_ENCRYPT_REG_REGION",
             Command::PlatformStatus => "PLATFORM_STATUS",
             Command::PdhCertExport => "PDH_CERT_EXPORT",
             Command::LaunchStart => "LAUNCH_START",
@@ -126,22 +132,34 @@ pub trait Firmware: Send {
     /// The platform's certificate chain (PDH, PEK, OCA, CEK, ASK, ARK).
     fn certificate_chain(&mut self) -> Result<sev::certs::sev::Chain, FirmwareError>;
 
+    /// Registers guest RAM (one region of the VMM's mapping) as this VM's memory: on hardware
+    /// KVM pins it (`KVM_MEMORY_ENCRYPT_REG_REGION`), as encrypted pages must not move. The
+    /// commands below refuse guest bytes outside registered RAM (INVALID_ADDRESS). One firmware
+    /// object serves one VM, so registered RAM is that VM's.
+    fn register_ram(&mut self, ram: &GuestBytes<'_>) -> Result<(), FirmwareError>;
+
     /// Starts launching a guest, with the owner's session or (without one) fresh keys.
     fn launch_start(
         &mut self,
         policy: GuestPolicy,
         owner: Option<&sev::launch::sev::Start>,
     ) -> Result<Handle, FirmwareError>;
-    /// Measures (and on hardware encrypts in place) one piece of the initial image.
-    fn launch_update_data(&mut self, guest: Handle, data: &mut [u8]) -> Result<(), FirmwareError>;
+    /// Measures (and on hardware encrypts in place) one piece of the initial image, in guest
+    /// RAM: whole 16-byte blocks at a 16-byte aligned address.
+    fn launch_update_data(
+        &mut self,
+        guest: Handle,
+        data: &GuestBytes<'_>,
+    ) -> Result<(), FirmwareError>;
     /// The launch measurement, for the owner to verify.
     fn launch_measure(&mut self, guest: Handle) -> Result<LaunchMeasurement, FirmwareError>;
-    /// Decrypts an owner's secret into guest memory (`dest`, the size of the payload).
+    /// Decrypts an owner's secret into guest memory (`dest`, the size of the payload, within
+    /// one page).
     fn launch_secret(
         &mut self,
         guest: Handle,
         secret: &Packet,
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError>;
     /// Ends the launch: the guest may run.
     fn launch_finish(&mut self, guest: Handle) -> Result<(), FirmwareError>;
@@ -152,8 +170,13 @@ pub trait Firmware: Send {
         guest: Handle,
         target: &sev::certs::sev::Chain,
     ) -> Result<SendStart, FirmwareError>;
-    /// Encrypts one page (or part of one) for the target.
-    fn send_update_data(&mut self, guest: Handle, page: &[u8]) -> Result<Packet, FirmwareError>;
+    /// Encrypts one guest page (or whole blocks of one), read in place in guest RAM, for the
+    /// target.
+    fn send_update_data(
+        &mut self,
+        guest: Handle,
+        page: &GuestBytes<'_>,
+    ) -> Result<Packet, FirmwareError>;
     /// The guest has been sent.
     fn send_finish(&mut self, guest: Handle) -> Result<(), FirmwareError>;
     /// Abandons a send; the guest keeps running here.
@@ -161,13 +184,13 @@ pub trait Firmware: Send {
 
     /// Starts receiving a guest from the source that produced `start`.
     fn receive_start(&mut self, start: &SendStart) -> Result<Handle, FirmwareError>;
-    /// Verifies and decrypts one packet into guest memory (`dest`, the payload's size);
-    /// nothing is written when it does not verify.
+    /// Verifies and decrypts one packet into guest memory in place (`dest`, the payload's
+    /// size, within one page); nothing is written when it does not verify.
     fn receive_update_data(
         &mut self,
         guest: Handle,
         packet: &Packet,
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError>;
     /// The guest has been received and may run.
     fn receive_finish(&mut self, guest: Handle) -> Result<(), FirmwareError>;

@@ -3,7 +3,9 @@
 //! SEND_START and SEND_FINISH (and cancels itself if dropped unfinished), and a [`Receiver`]
 //! only receives between RECEIVE_START and RECEIVE_FINISH. Like the `sev` crate's `Launcher`.
 
-use crate::firmware::{Firmware, FirmwareError, Handle, LaunchMeasurement, Packet, SendStart};
+use crate::firmware::{
+    Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet, SendStart,
+};
 use crate::policy::GuestPolicy;
 
 /// A launch after LAUNCH_START: data may be measured.
@@ -34,8 +36,8 @@ impl<'f> Launch<'f, Started> {
         })
     }
 
-    /// LAUNCH_UPDATE_DATA.
-    pub fn update_data(&mut self, data: &mut [u8]) -> Result<(), FirmwareError> {
+    /// LAUNCH_UPDATE_DATA on guest RAM in place.
+    pub fn update_data(&mut self, data: &GuestBytes<'_>) -> Result<(), FirmwareError> {
         self.firmware.launch_update_data(self.handle, data)
     }
 
@@ -57,7 +59,11 @@ impl Launch<'_, Measured> {
     }
 
     /// LAUNCH_SECRET into `dest`.
-    pub fn inject_secret(&mut self, secret: &Packet, dest: &mut [u8]) -> Result<(), FirmwareError> {
+    pub fn inject_secret(
+        &mut self,
+        secret: &Packet,
+        dest: &GuestBytes<'_>,
+    ) -> Result<(), FirmwareError> {
         self.firmware.launch_secret(self.handle, secret, dest)
     }
 
@@ -93,8 +99,8 @@ impl<'f> Sender<'f> {
         ))
     }
 
-    /// SEND_UPDATE_DATA of one page (or part of one).
-    pub fn update_data(&mut self, page: &[u8]) -> Result<Packet, FirmwareError> {
+    /// SEND_UPDATE_DATA of one guest page (or part of one), in place in guest RAM.
+    pub fn update_data(&mut self, page: &GuestBytes<'_>) -> Result<Packet, FirmwareError> {
         self.firmware.send_update_data(self.handle, page)
     }
 
@@ -137,7 +143,11 @@ impl<'f> Receiver<'f> {
     }
 
     /// RECEIVE_UPDATE_DATA into `dest`; nothing is written when the packet does not verify.
-    pub fn update_data(&mut self, packet: &Packet, dest: &mut [u8]) -> Result<(), FirmwareError> {
+    pub fn update_data(
+        &mut self,
+        packet: &Packet,
+        dest: &GuestBytes<'_>,
+    ) -> Result<(), FirmwareError> {
         self.firmware.receive_update_data(self.handle, packet, dest)
     }
 
@@ -156,14 +166,17 @@ mod tests {
 
     #[test]
     fn an_abandoned_send_is_cancelled_and_the_guest_can_be_sent_again() {
+        let ram = crate::guest_memory::test_ram::TestRam::new();
+        let page = |gpa| ram.at(gpa, 4096);
         let mut source = EmulatedFirmware::new(PlatformIdentity::generate().unwrap());
+        source.register_ram(&ram.all()).unwrap();
         let target = PlatformIdentity::generate().unwrap().export_chain();
         let mut launch = Launch::start(&mut source, GuestPolicy(0), None).unwrap();
-        launch.update_data(&mut [0u8; 32]).unwrap();
+        launch.update_data(&page(0)).unwrap();
         let guest = launch.measure().unwrap().finish().unwrap();
         {
             let (mut sender, _) = Sender::start(&mut source, guest, &target).unwrap();
-            sender.update_data(&[1u8; 4096]).unwrap();
+            sender.update_data(&page(0)).unwrap();
             // Dropped here without finish: as if the migration failed.
         }
         let (sender, _) = Sender::start(&mut source, guest, &target).unwrap();

@@ -9,5 +9,6 @@ pub mod crypto;
 pub mod emulated;
 pub mod firmware;
 pub mod flow;
+pub mod guest_memory;
 pub mod hardware;
 pub mod policy;

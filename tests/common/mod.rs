@@ -191,6 +191,7 @@ pub fn emulated_sev(platform: &veil::sev_launch::SevPlatform) -> veil::sev_launc
         policy: GuestPolicy(GuestPolicy::NODBG),
         owner_session: None,
         secret: None,
+        secret_timeout: veil::sev_launch::DEFAULT_SECRET_TIMEOUT,
         measurement_out: None,
     }
 }

@@ -4,6 +4,11 @@
 //! Guest: LAUNCH (LUPDATE, then LSECRET once measured) -> RUNNING -> SUPDATE (sending) -> SENT,
 //! or RUPDATE (receiving) -> RUNNING. A command in the wrong state is the firmware's
 //! INVALID_GUEST_STATE; a MAC that does not verify is BAD_MEASUREMENT and writes nothing.
+//!
+//! Guest memory is worked on where it lies, as on hardware: the commands take [`GuestBytes`]
+//! of registered RAM and refuse anything else (INVALID_ADDRESS), lengths and alignments the
+//! firmware or KVM refuse (INVALID_LEN), before looking at the guest's state. The model
+//! encrypts nothing in RAM: what LAUNCH_UPDATE_DATA measures stays plaintext.
 
 use std::collections::HashMap;
 
@@ -14,9 +19,10 @@ use sha2::{Digest, Sha256};
 use super::identity::PlatformIdentity;
 use crate::crypto::{self, CryptoError, PacketContext, TransportKeys, WrappingKeys};
 use crate::firmware::{
-    Command, Firmware, FirmwareError, Handle, LaunchMeasurement, Packet, PlatformStatus, SendStart,
-    SevError,
+    Command, Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet,
+    PlatformStatus, SendStart, SevError,
 };
+use crate::guest_memory::{self, RegisteredRam};
 use crate::policy::GuestPolicy;
 
 /// The API version the model implements (that of current Milan/Genoa firmware).
@@ -50,6 +56,7 @@ pub struct EmulatedFirmware {
     guests: HashMap<u32, Guest>,
     next_handle: u32,
     iv_rng: rand::rngs::StdRng,
+    ram: RegisteredRam,
 }
 
 fn fail(command: Command, status: SevError) -> FirmwareError {
@@ -92,6 +99,7 @@ impl EmulatedFirmware {
             guests: HashMap::new(),
             next_handle: 1,
             iv_rng: rand::SeedableRng::from_entropy(),
+            ram: RegisteredRam::default(),
         }
     }
 
@@ -111,6 +119,17 @@ impl EmulatedFirmware {
         self.next_handle += 1;
         self.guests.insert(handle.0, guest);
         handle
+    }
+
+    /// The rules every command on guest memory obeys, before any state is looked at.
+    fn check_bytes(
+        &self,
+        command: Command,
+        bytes: &GuestBytes<'_>,
+        rule: fn(Command, u64, u64) -> Result<(), FirmwareError>,
+    ) -> Result<(), FirmwareError> {
+        let addr = self.ram.check(command, bytes)?;
+        rule(command, addr, bytes.len() as u64)
     }
 
     fn check_policy(command: Command, policy: GuestPolicy) -> Result<(), FirmwareError> {
@@ -140,6 +159,11 @@ impl Firmware for EmulatedFirmware {
 
     fn certificate_chain(&mut self) -> Result<sev::certs::sev::Chain, FirmwareError> {
         Ok(self.identity.export_chain())
+    }
+
+    fn register_ram(&mut self, ram: &GuestBytes<'_>) -> Result<(), FirmwareError> {
+        let (start, len) = guest_memory::host_range(ram);
+        self.ram.add(start, len)
     }
 
     fn launch_start(
@@ -181,14 +205,21 @@ impl Firmware for EmulatedFirmware {
         }))
     }
 
-    fn launch_update_data(&mut self, guest: Handle, data: &mut [u8]) -> Result<(), FirmwareError> {
+    fn launch_update_data(
+        &mut self,
+        guest: Handle,
+        data: &GuestBytes<'_>,
+    ) -> Result<(), FirmwareError> {
         const C: Command = Command::LaunchUpdateData;
+        self.check_bytes(C, data, guest_memory::check_launch_data)?;
         match &mut self.guest(C, guest)?.state {
             GuestState::Launching {
                 digest,
                 measured: None,
             } => {
-                digest.update(&*data);
+                let mut bytes = vec![0u8; data.len()];
+                data.copy_to(&mut bytes);
+                digest.update(&bytes);
                 Ok(())
             }
             _ => Err(fail(C, SevError::InvalidGuestState)),
@@ -226,9 +257,10 @@ impl Firmware for EmulatedFirmware {
         &mut self,
         guest: Handle,
         secret: &Packet,
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         const C: Command = Command::LaunchSecret;
+        self.check_bytes(C, dest, guest_memory::check_secret_dest)?;
         let g = self.guest(C, guest)?;
         let GuestState::Launching {
             measured: Some(m), ..
@@ -248,7 +280,7 @@ impl Firmware for EmulatedFirmware {
             &m.measure,
         )
         .map_err(|e| fail(C, crypto_status(e)))?;
-        dest.copy_from_slice(&plain);
+        dest.copy_from(&plain);
         Ok(())
     }
 
@@ -310,8 +342,13 @@ impl Firmware for EmulatedFirmware {
         })
     }
 
-    fn send_update_data(&mut self, guest: Handle, page: &[u8]) -> Result<Packet, FirmwareError> {
+    fn send_update_data(
+        &mut self,
+        guest: Handle,
+        page: &GuestBytes<'_>,
+    ) -> Result<Packet, FirmwareError> {
         const C: Command = Command::SendUpdateData;
+        self.check_bytes(C, page, guest_memory::check_page_payload)?;
         let mut iv = [0u8; 16];
         // A userspace CSPRNG (seeded from the OS): a system call per packet would cost more
         // than its crypto.
@@ -319,7 +356,8 @@ impl Firmware for EmulatedFirmware {
         let GuestState::Sending(keys) = &self.guest(C, guest)?.state else {
             return Err(fail(C, SevError::InvalidGuestState));
         };
-        let mut data = page.to_vec();
+        let mut data = vec![0u8; page.len()];
+        page.copy_to(&mut data);
         let header = crypto::seal_packet(keys, PacketContext::Data, iv, &mut data, &[])
             .map_err(|e| fail(C, crypto_status(e)))?;
         Ok(Packet { header, data })
@@ -374,9 +412,10 @@ impl Firmware for EmulatedFirmware {
         &mut self,
         guest: Handle,
         packet: &Packet,
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         const C: Command = Command::ReceiveUpdateData;
+        self.check_bytes(C, dest, guest_memory::check_page_payload)?;
         let g = self.guest(C, guest)?;
         if !matches!(g.state, GuestState::Receiving) {
             return Err(fail(C, SevError::InvalidGuestState));
@@ -393,7 +432,7 @@ impl Firmware for EmulatedFirmware {
             &[],
         )
         .map_err(|e| fail(C, crypto_status(e)))?;
-        dest.copy_from_slice(&plain);
+        dest.copy_from(&plain);
         Ok(())
     }
 

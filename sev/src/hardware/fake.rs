@@ -77,6 +77,21 @@ fn refuse(cmd: &mut kvm_sev_cmd, status: u32) -> io::Result<()> {
     Err(io::Error::from_raw_os_error(libc::EIO))
 }
 
+/// KVM's EINVAL, its answer to arguments it checks itself (arch/x86/kvm/svm/sev.c).
+fn einval() -> io::Result<()> {
+    Err(io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Whether `len` bytes at `uaddr` stay inside one 4 KiB page, as SEND_UPDATE_DATA and
+/// RECEIVE_UPDATE_DATA require; and whether `blob` fits KVM's `SEV_FW_BLOB_MAX_SIZE`.
+fn within_page(uaddr: u64, len: u32) -> bool {
+    len != 0 && uaddr % 4096 + u64::from(len) <= 4096
+}
+
+fn blob_fits(len: u32) -> bool {
+    len != 0 && len as usize <= crate::guest_memory::SEV_FW_BLOB_MAX_SIZE
+}
+
 /// The bytes at `uaddr`.
 ///
 /// # Safety
@@ -204,7 +219,9 @@ impl EncryptOp for FakeVm {
                     (p.plat_certs_uaddr, p.plat_certs_len),
                     (p.amd_certs_uaddr, p.amd_certs_len),
                 ] {
-                    assert!(uaddr != 0 && len != 0);
+                    if uaddr == 0 || !blob_fits(len) {
+                        return einval();
+                    }
                     // SAFETY: see above.
                     let cert = unsafe { bytes(uaddr, len) };
                     assert!(cert.len() >= 4);
@@ -224,8 +241,9 @@ impl EncryptOp for FakeVm {
                 }
                 assert_eq!(p.hdr_len, st.header_len, "the queried header length");
                 assert_eq!(p.trans_len, p.guest_len, "ciphertext as long as the page");
-                let offset = p.guest_uaddr % 4096;
-                assert!(offset + u64::from(p.guest_len) <= 4096, "within one page");
+                if !within_page(p.guest_uaddr, p.guest_len) {
+                    return einval();
+                }
                 // SAFETY: see above.
                 let (guest, header, trans) = unsafe {
                     (
@@ -259,8 +277,9 @@ impl EncryptOp for FakeVm {
                 let p = unsafe { &*(data as *const kvm_sev_receive_update_data) };
                 assert_eq!(p.hdr_len as usize, PACKET_HEADER_BYTES);
                 assert_eq!(p.trans_len, p.guest_len);
-                let offset = p.guest_uaddr % 4096;
-                assert!(offset + u64::from(p.guest_len) <= 4096, "within one page");
+                if !within_page(p.guest_uaddr, p.guest_len) || !blob_fits(p.trans_len) {
+                    return einval();
+                }
                 // SAFETY: see above.
                 let (trans, guest) = unsafe {
                     (
@@ -309,15 +328,5 @@ impl PlatformDevice for FakeDevice {
             oca: self.chain.oca,
             cek: self.chain.cek,
         })
-    }
-}
-
-/// Memory laid out like guest RAM: page-aligned, two pages.
-#[repr(C, align(4096))]
-pub struct Pages(pub [u8; 8192]);
-
-impl Pages {
-    pub fn new() -> Box<Self> {
-        Box::new(Pages([0; 8192]))
     }
 }

@@ -22,23 +22,14 @@ use sev::Generation;
 use super::kvm::{EncryptOp, InitFailure, SevVm};
 use crate::crypto::SESSION_BYTES;
 use crate::firmware::{
-    Command, Firmware, FirmwareError, Handle, LaunchMeasurement, Packet, PlatformStatus, SendStart,
-    SevError,
+    Command, Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet,
+    PlatformStatus, SendStart, SevError,
 };
+use crate::guest_memory::{self, RegisteredRam};
 use crate::policy::GuestPolicy;
 
 /// The SEV firmware's device node (drivers/crypto/ccp).
 pub const SEV_DEVICE: &str = "/dev/sev";
-
-/// Registering guest RAM for encryption failed.
-#[derive(Debug, thiserror::Error)]
-#[error("Cannot register guest RAM at host address {addr:#x} (+{len:#x}) for SEV")]
-pub struct RegisterRamError {
-    pub addr: u64,
-    pub len: u64,
-    #[source]
-    pub source: io::Error,
-}
 
 /// The `/dev/sev` commands Veil uses, behind a trait so tests can answer them.
 pub(crate) trait PlatformDevice: Send {
@@ -70,6 +61,8 @@ pub struct HardwareFirmware {
     guest: Option<Guest>,
     /// The CEK certificate as AMD signed it, which the firmware itself cannot export.
     signed_cek: Option<Certificate>,
+    /// Guest RAM registered with KVM: guest bytes outside it are refused before any ioctl.
+    ram: RegisteredRam,
 }
 
 impl std::fmt::Debug for HardwareFirmware {
@@ -202,19 +195,8 @@ impl HardwareFirmware {
             vm,
             guest: None,
             signed_cek: None,
+            ram: RegisteredRam::default(),
         })
-    }
-
-    /// Registers `len` bytes of guest RAM mapped at `host_addr` (KVM_MEMORY_ENCRYPT_REG_REGION):
-    /// KVM pins it, as encrypted pages must not move. Call once per RAM region, after `open`.
-    pub fn register_ram(&mut self, host_addr: u64, len: u64) -> Result<(), RegisterRamError> {
-        self.vm
-            .register_region(host_addr, len)
-            .map_err(|source| RegisterRamError {
-                addr: host_addr,
-                len,
-                source,
-            })
     }
 
     /// Uses `cek`, this chip's CEK certificate as AMD signed it (from AMD's key server, e.g.
@@ -331,6 +313,18 @@ impl Firmware for HardwareFirmware {
         })
     }
 
+    fn register_ram(&mut self, ram: &GuestBytes<'_>) -> Result<(), FirmwareError> {
+        const C: Command = Command::RegisterRegion;
+        let (start, len) = guest_memory::host_range(ram);
+        let mut registered = self.ram.clone();
+        registered.add(start, len)?;
+        self.vm
+            .register_region(start, len)
+            .map_err(|source| FirmwareError::Io { command: C, source })?;
+        self.ram = registered;
+        Ok(())
+    }
+
     fn launch_start(
         &mut self,
         policy: GuestPolicy,
@@ -367,8 +361,14 @@ impl Firmware for HardwareFirmware {
         Ok(handle)
     }
 
-    fn launch_update_data(&mut self, guest: Handle, data: &mut [u8]) -> Result<(), FirmwareError> {
-        self.guest(Command::LaunchUpdateData, guest)?;
+    fn launch_update_data(
+        &mut self,
+        guest: Handle,
+        data: &GuestBytes<'_>,
+    ) -> Result<(), FirmwareError> {
+        const C: Command = Command::LaunchUpdateData;
+        self.ram.check(C, data)?;
+        self.guest(C, guest)?;
         self.vm.launch_update_data(data)
     }
 
@@ -386,9 +386,11 @@ impl Firmware for HardwareFirmware {
         &mut self,
         guest: Handle,
         secret: &Packet,
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
-        self.guest(Command::LaunchSecret, guest)?;
+        const C: Command = Command::LaunchSecret;
+        self.ram.check(C, dest)?;
+        self.guest(C, guest)?;
         self.vm.launch_secret(&secret.header, &secret.data, dest)
     }
 
@@ -416,8 +418,14 @@ impl Firmware for HardwareFirmware {
         })
     }
 
-    fn send_update_data(&mut self, guest: Handle, page: &[u8]) -> Result<Packet, FirmwareError> {
-        self.guest(Command::SendUpdateData, guest)?;
+    fn send_update_data(
+        &mut self,
+        guest: Handle,
+        page: &GuestBytes<'_>,
+    ) -> Result<Packet, FirmwareError> {
+        const C: Command = Command::SendUpdateData;
+        self.ram.check(C, page)?;
+        self.guest(C, guest)?;
         let (header, data) = self.vm.send_update_data(page)?;
         Ok(Packet { header, data })
     }
@@ -451,9 +459,10 @@ impl Firmware for HardwareFirmware {
         &mut self,
         guest: Handle,
         packet: &Packet,
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         const C: Command = Command::ReceiveUpdateData;
+        self.ram.check(C, dest)?;
         self.guest(C, guest)?;
         check_flags(C, packet)?;
         self.vm
@@ -472,7 +481,8 @@ mod tests {
 
     use super::*;
     use crate::emulated::identity::PlatformIdentity;
-    use crate::hardware::fake::{FakeDevice, FakeVm, Pages};
+    use crate::guest_memory::test_ram::TestRam;
+    use crate::hardware::fake::{FakeDevice, FakeVm};
     use crate::hardware::kvm::id;
 
     /// One generated identity for all tests (RSA key generation is slow in debug builds).
@@ -593,8 +603,9 @@ mod tests {
             .launch_start(GuestPolicy(GuestPolicy::NODBG), None)
             .unwrap();
         assert_eq!(guest, Handle(7));
-        let mut ram = Pages::new();
-        fw.launch_update_data(guest, &mut ram.0[..4096]).unwrap();
+        let ram = TestRam::new();
+        fw.register_ram(&ram.all()).unwrap();
+        fw.launch_update_data(guest, &ram.at(0, 4096)).unwrap();
         let m = fw.launch_measure(guest).unwrap();
         assert_eq!(fw.launch_measure(guest).unwrap(), m);
         fw.launch_finish(guest).unwrap();
@@ -616,9 +627,10 @@ mod tests {
     #[test]
     fn other_handles_and_a_second_guest_are_refused_without_an_ioctl() {
         let (mut fw, fake) = firmware();
-        let mut page = [0u8; 16];
+        let ram = TestRam::new();
+        fw.register_ram(&ram.all()).unwrap();
         assert_eq!(
-            fw.launch_update_data(Handle(7), &mut page)
+            fw.launch_update_data(Handle(7), &ram.at(0, 16))
                 .unwrap_err()
                 .status(),
             Some(SevError::InvalidGuest)
@@ -677,13 +689,19 @@ mod tests {
             Some((0x824, 3 * 0x824, amd_len))
         );
 
-        let mut ram = Pages::new();
-        ram.0[..4096].fill(0x42);
-        let packet = fw.send_update_data(guest, &ram.0[..4096]).unwrap();
-        assert_eq!(packet.data, vec![0x42 ^ 0xff; 4096]);
-        // A page-crossing slice never reaches KVM.
+        let ram = TestRam::new();
         let calls = fake.state().calls.len();
-        let err = fw.send_update_data(guest, &ram.0[2048..6144]).unwrap_err();
+        // Before its RAM is registered, no guest memory reaches KVM.
+        let err = fw.send_update_data(guest, &ram.at(0, 4096)).unwrap_err();
+        assert_eq!(err.status(), Some(SevError::InvalidAddress));
+        assert_eq!(fake.state().calls.len(), calls);
+        fw.register_ram(&ram.all()).unwrap();
+        ram.write(0, &[0x42; 4096]);
+        let packet = fw.send_update_data(guest, &ram.at(0, 4096)).unwrap();
+        assert_eq!(packet.data, vec![0x42 ^ 0xff; 4096]);
+        // A page-crossing range never reaches KVM.
+        let calls = fake.state().calls.len();
+        let err = fw.send_update_data(guest, &ram.at(2048, 4096)).unwrap_err();
         assert_eq!(err.status(), Some(SevError::InvalidLen));
         assert_eq!(fake.state().calls.len(), calls);
         fw.send_cancel(guest).unwrap();
@@ -702,17 +720,19 @@ mod tests {
             fake.state().receive_start,
             Some((GuestPolicy::NODBG, 0x824, SESSION_BYTES as u32))
         );
-        let mut ram = Pages::new();
+        let ram = TestRam::new();
+        fw.register_ram(&ram.all()).unwrap();
+        ram.write(4096, &[0x11; 4096]);
         let mut packet = Packet {
             header: [0; 52],
             data: vec![0xff; 4096],
         };
-        fw.receive_update_data(guest, &packet, &mut ram.0[4096..])
+        fw.receive_update_data(guest, &packet, &ram.at(4096, 4096))
             .unwrap();
-        assert!(ram.0[4096..].iter().all(|b| *b == 0));
+        assert!(ram.read(4096, 4096).iter().all(|b| *b == 0));
         packet.header[0] = 1;
         let err = fw
-            .receive_update_data(guest, &packet, &mut ram.0[..4096])
+            .receive_update_data(guest, &packet, &ram.at(0, 4096))
             .unwrap_err();
         assert_eq!(err.status(), Some(SevError::InvalidParam));
         fw.receive_finish(guest).unwrap();
@@ -730,7 +750,9 @@ mod tests {
     #[test]
     fn guest_ram_is_registered_by_host_address() {
         let (mut fw, fake) = firmware();
-        fw.register_ram(0x7f12_3400_0000, 256 << 20).unwrap();
-        assert_eq!(fake.state().regions, [(0x7f12_3400_0000, 256 << 20)]);
+        let ram = TestRam::new();
+        fw.register_ram(&ram.all()).unwrap();
+        let (addr, len) = crate::guest_memory::host_range(&ram.all());
+        assert_eq!(fake.state().regions, [(addr, len)]);
     }
 }

@@ -2,10 +2,12 @@
 //! (include/uapi/linux/kvm.h; Documentation/virt/kvm/x86/amd-memory-encryption.rst) and
 //! `KVM_MEMORY_ENCRYPT_REG_REGION`.
 //!
-//! Each command is a thin, safe wrapper: it takes the buffers as slices, fills the kernel's
-//! struct with their addresses, issues the ioctl and turns a firmware status into
-//! [`FirmwareError::Status`]. Checks that would otherwise fail deep in the kernel (a packet
-//! crossing a page, a length the firmware never accepts) are made here, before the ioctl.
+//! Each command is a thin, safe wrapper: it takes Veil's buffers as slices and guest memory as
+//! [`GuestBytes`] (the VMM's mapping of guest RAM, which KVM pins and the PSP works on in place),
+//! fills the kernel's struct with their addresses, issues the ioctl and turns a firmware status
+//! into [`FirmwareError::Status`]. Checks that would otherwise fail deep in the kernel (a packet
+//! crossing a page, a length the firmware never accepts, a blob over KVM's 16 KiB cap) are made
+//! here, before the ioctl, with the rules of [`crate::guest_memory`].
 //!
 //! Why not the `sev` crate's `Launcher`: it is a typestate that consumes itself at each step,
 //! owns the VM fd, starts with `KVM_SEV_INIT2` (a VM created as `KVM_X86_SEV_VM`), and cannot
@@ -24,8 +26,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use crate::crypto::{MAX_PACKET_BYTES, PACKET_HEADER_BYTES, SESSION_BYTES};
-use crate::firmware::{Command, FirmwareError, SevError};
+use crate::crypto::{PACKET_HEADER_BYTES, SESSION_BYTES};
+use crate::firmware::{Command, FirmwareError, GuestBytes, SevError};
+use crate::guest_memory::{check_blob, check_launch_data, check_page_payload, check_secret_dest};
 
 /// KVM's SEV command ids (`enum sev_cmd_id` in include/uapi/linux/kvm.h).
 pub(crate) mod id {
@@ -46,8 +49,6 @@ pub(crate) mod id {
     pub const SEND_CANCEL: u32 = kb::sev_cmd_id_KVM_SEV_SEND_CANCEL;
 }
 
-/// The page one SEND/RECEIVE_UPDATE_DATA may not leave (KVM refuses with EINVAL otherwise).
-const PAGE_SIZE: u64 = 4096;
 /// LAUNCH_MEASURE's blob: `measure[32] | mnonce[16]`.
 const MEASUREMENT_BYTES: usize = 48;
 
@@ -115,18 +116,10 @@ fn answered_query(asked: Result<(), FirmwareError>) -> Result<(), FirmwareError>
     }
 }
 
-/// Refuses a transport payload the firmware would: empty, not whole 16-byte blocks, or
-/// crossing a 4 KiB page (`addr` is its host address, which is inside guest RAM).
-fn check_payload(command: Command, addr: u64, len: usize) -> Result<(), FirmwareError> {
-    let offset = addr % PAGE_SIZE;
-    if len == 0
-        || !len.is_multiple_of(16)
-        || len > MAX_PACKET_BYTES
-        || offset + len as u64 > PAGE_SIZE
-    {
-        return Err(status(command, SevError::InvalidLen));
-    }
-    Ok(())
+/// The host address of guest bytes, as the kernel's `__u64`; writable, since the firmware may
+/// rewrite guest memory in place.
+fn guest_addr(bytes: &GuestBytes<'_>) -> u64 {
+    addr(bytes.ptr_guard_mut().as_ptr())
 }
 
 /// KVM_SEV_INIT failed (kept apart from [`FirmwareError`]: its [`Command`] has no INIT).
@@ -210,6 +203,7 @@ impl SevVm {
             ..Default::default()
         };
         if let Some((dh, session)) = owner {
+            check_blob(C, dh.len())?;
             start.dh_uaddr = addr(dh.as_ptr());
             start.dh_len = len32(C, dh.len())?;
             start.session_uaddr = addr(session.as_ptr());
@@ -222,14 +216,17 @@ impl SevVm {
     }
 
     /// LAUNCH_UPDATE_DATA: measures `data` and encrypts it in place.
-    pub fn launch_update_data(&self, data: &mut [u8]) -> Result<(), FirmwareError> {
+    pub fn launch_update_data(&self, data: &GuestBytes<'_>) -> Result<(), FirmwareError> {
         const C: Command = Command::LaunchUpdateData;
+        let uaddr = guest_addr(data);
+        check_launch_data(C, uaddr, data.len() as u64)?;
         let update = kvm_sev_launch_update_data {
-            uaddr: addr(data.as_mut_ptr()),
+            uaddr,
             len: len32(C, data.len())?,
             ..Default::default()
         };
-        // SAFETY: `data` is borrowed mutably for the call, so the firmware may rewrite it.
+        // SAFETY: `data` is a live view of guest RAM for the call, which the firmware may
+        // rewrite (guest memory is shared with the guest by design; no vCPU runs at launch).
         unsafe { self.issue(C, id::LAUNCH_UPDATE_DATA, addr(&update)) }
     }
 
@@ -257,23 +254,26 @@ impl SevVm {
         &self,
         header: &[u8; PACKET_HEADER_BYTES],
         data: &[u8],
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         const C: Command = Command::LaunchSecret;
+        let guest_uaddr = guest_addr(dest);
         if dest.len() != data.len() {
             return Err(status(C, SevError::InvalidLen));
         }
+        check_secret_dest(C, guest_uaddr, dest.len() as u64)?;
+        check_blob(C, data.len())?;
         let secret = kvm_sev_launch_secret {
             hdr_uaddr: addr(header.as_ptr()),
             hdr_len: PACKET_HEADER_BYTES as u32,
-            guest_uaddr: addr(dest.as_mut_ptr()),
+            guest_uaddr,
             guest_len: len32(C, dest.len())?,
             trans_uaddr: addr(data.as_ptr()),
             trans_len: len32(C, data.len())?,
             ..Default::default()
         };
         // SAFETY: the three buffers are live for the call, with the lengths given; only `dest`,
-        // borrowed mutably, is written.
+        // a view of guest RAM, is written.
         unsafe { self.issue(C, id::LAUNCH_SECRET, addr(&secret)) }
     }
 
@@ -306,6 +306,9 @@ impl SevVm {
             ));
         }
 
+        for cert in [pdh, platform, amd] {
+            check_blob(C, cert.len())?;
+        }
         let mut session = [0u8; SESSION_BYTES];
         let mut start = kvm_sev_send_start {
             pdh_cert_uaddr: addr(pdh.as_ptr()),
@@ -324,13 +327,15 @@ impl SevVm {
         Ok((start.policy, session))
     }
 
-    /// SEND_UPDATE_DATA: encrypts `page` (part of one guest page, in guest RAM) for the target.
+    /// SEND_UPDATE_DATA: encrypts `page` (part of one guest page, in guest RAM, read in place)
+    /// for the target.
     pub fn send_update_data(
         &mut self,
-        page: &[u8],
+        page: &GuestBytes<'_>,
     ) -> Result<([u8; PACKET_HEADER_BYTES], Vec<u8>), FirmwareError> {
         const C: Command = Command::SendUpdateData;
-        check_payload(C, addr(page.as_ptr()), page.len())?;
+        let guest_uaddr = addr(page.ptr_guard().as_ptr());
+        check_page_payload(C, guest_uaddr, page.len() as u64)?;
         let hdr_len = self.send_header_len()?;
 
         let mut header = [0u8; PACKET_HEADER_BYTES];
@@ -339,14 +344,15 @@ impl SevVm {
         let update = kvm_sev_send_update_data {
             hdr_uaddr: addr(header.as_mut_ptr()),
             hdr_len,
-            guest_uaddr: addr(page.as_ptr()),
+            guest_uaddr,
             guest_len: len32(C, page.len())?,
             trans_uaddr: addr(data.as_mut_ptr()),
             trans_len: len32(C, data.len())?,
             ..Default::default()
         };
-        // SAFETY: `page` is read, `header` (hdr_len == its size, checked by send_header_len)
-        // and `data` (trans_len) are written; all live until the call returns.
+        // SAFETY: `page` (a live view of guest RAM) is read, `header` (hdr_len == its size,
+        // checked by send_header_len) and `data` (trans_len) are written; all live until the
+        // call returns.
         unsafe { self.issue(C, id::SEND_UPDATE_DATA, addr(&update))? };
         Ok((header, data))
     }
@@ -394,6 +400,7 @@ impl SevVm {
         session: &[u8; SESSION_BYTES],
     ) -> Result<u32, FirmwareError> {
         const C: Command = Command::ReceiveStart;
+        check_blob(C, pdh.len())?;
         let mut start = kvm_sev_receive_start {
             policy,
             pdh_uaddr: addr(pdh.as_ptr()),
@@ -413,24 +420,25 @@ impl SevVm {
         &self,
         header: &[u8; PACKET_HEADER_BYTES],
         data: &[u8],
-        dest: &mut [u8],
+        dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         const C: Command = Command::ReceiveUpdateData;
+        let guest_uaddr = guest_addr(dest);
         if dest.len() != data.len() {
             return Err(status(C, SevError::InvalidLen));
         }
-        check_payload(C, addr(dest.as_ptr()), dest.len())?;
+        check_page_payload(C, guest_uaddr, dest.len() as u64)?;
         let update = kvm_sev_receive_update_data {
             hdr_uaddr: addr(header.as_ptr()),
             hdr_len: PACKET_HEADER_BYTES as u32,
-            guest_uaddr: addr(dest.as_mut_ptr()),
+            guest_uaddr,
             guest_len: len32(C, dest.len())?,
             trans_uaddr: addr(data.as_ptr()),
             trans_len: len32(C, data.len())?,
             ..Default::default()
         };
-        // SAFETY: `header` and `data` are read, `dest` (borrowed mutably) is written; all live
-        // for the call, with the lengths given.
+        // SAFETY: `header` and `data` are read, `dest` (a live view of guest RAM) is written;
+        // all live for the call, with the lengths given.
         unsafe { self.issue(C, id::RECEIVE_UPDATE_DATA, addr(&update)) }
     }
 
@@ -446,7 +454,8 @@ mod tests {
     use std::mem::{offset_of, size_of};
 
     use super::*;
-    use crate::hardware::fake::{FakeVm, Pages};
+    use crate::guest_memory::test_ram::TestRam;
+    use crate::hardware::fake::FakeVm;
 
     fn sev_vm() -> (SevVm, FakeVm) {
         let fake = FakeVm::default();
@@ -569,14 +578,17 @@ mod tests {
     #[test]
     fn send_update_data_asks_the_header_length_once_and_encrypts_whole_and_part_pages() {
         let (mut vm, fake) = sev_vm();
-        let mut ram = Pages::new();
-        ram.0.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
-        let (header, data) = vm.send_update_data(&ram.0[..4096]).unwrap();
+        let ram = TestRam::new();
+        ram.write(0, &(0..8192).map(|i| i as u8).collect::<Vec<_>>());
+        let (header, data) = vm.send_update_data(&ram.at(0, 4096)).unwrap();
         assert_eq!(header[..4], [0; 4]);
         assert_eq!(header[4..], [0x33; 48]);
-        assert!(data.iter().zip(&ram.0[..4096]).all(|(c, p)| *c == p ^ 0xff));
+        assert!(data
+            .iter()
+            .zip(ram.read(0, 4096))
+            .all(|(c, p)| *c == p ^ 0xff));
         // Part of a page: the last 64 bytes of the second.
-        let (_, data) = vm.send_update_data(&ram.0[8192 - 64..]).unwrap();
+        let (_, data) = vm.send_update_data(&ram.at(8192 - 64, 64)).unwrap();
         assert_eq!(data.len(), 64);
         assert_eq!(
             fake.state().calls,
@@ -593,8 +605,8 @@ mod tests {
     fn a_header_length_other_than_52_is_an_error() {
         let (mut vm, fake) = sev_vm();
         fake.state().header_len = 64;
-        let ram = Pages::new();
-        let err = vm.send_update_data(&ram.0[..4096]).unwrap_err();
+        let ram = TestRam::new();
+        let err = vm.send_update_data(&ram.at(0, 4096)).unwrap_err();
         assert!(matches!(
             err,
             FirmwareError::Io {
@@ -608,14 +620,22 @@ mod tests {
     #[test]
     fn a_payload_crossing_a_page_or_not_in_blocks_is_refused_before_any_ioctl() {
         let (mut vm, fake) = sev_vm();
-        let mut ram = Pages::new();
+        let ram = TestRam::new();
         let header = [0u8; PACKET_HEADER_BYTES];
-        for range in [4096 - 16..4096 + 16, 16..16 + 4096, 0..8192, 0..0, 0..40] {
-            let len = range.len();
-            let err = vm.send_update_data(&ram.0[range.clone()]).unwrap_err();
+        for range in [
+            4096 - 16..4096 + 16,
+            16..16 + 4096,
+            0..8192,
+            0..0,
+            0..40,
+            8..24,
+        ] {
+            let len = (range.end - range.start) as usize;
+            let bytes = ram.at(range.start, len);
+            let err = vm.send_update_data(&bytes).unwrap_err();
             assert_eq!(err.status(), Some(SevError::InvalidLen), "send {range:?}");
             let err = vm
-                .receive_update_data(&header, &vec![0u8; len], &mut ram.0[range.clone()])
+                .receive_update_data(&header, &vec![0u8; len], &bytes)
                 .unwrap_err();
             assert_eq!(
                 err.status(),
@@ -629,21 +649,22 @@ mod tests {
     #[test]
     fn receive_update_data_passes_header_payload_and_guest_page() {
         let (vm, fake) = sev_vm();
-        let mut ram = Pages::new();
+        let ram = TestRam::new();
         let payload: Vec<u8> = (0..256).map(|i| i as u8).collect();
-        vm.receive_update_data(&[0; PACKET_HEADER_BYTES], &payload, &mut ram.0[4096..4352])
+        vm.receive_update_data(&[0; PACKET_HEADER_BYTES], &payload, &ram.at(4096, 256))
             .unwrap();
-        assert!(ram.0[4096..4352]
+        assert!(ram
+            .read(4096, 256)
             .iter()
             .zip(&payload)
             .all(|(g, p)| *g == p ^ 0xff));
         assert!(
-            ram.0[..4096].iter().all(|b| *b == 0),
+            ram.read(0, 4096).iter().all(|b| *b == 0),
             "nothing outside the page"
         );
         // The payload and the destination must be as long as each other.
         let err = vm
-            .receive_update_data(&[0; PACKET_HEADER_BYTES], &payload, &mut ram.0[..512])
+            .receive_update_data(&[0; PACKET_HEADER_BYTES], &payload, &ram.at(0, 512))
             .unwrap_err();
         assert_eq!(err.status(), Some(SevError::InvalidLen));
         assert_eq!(fake.state().calls, [id::RECEIVE_UPDATE_DATA]);
@@ -697,17 +718,17 @@ mod tests {
     fn launch_commands_pass_their_buffers() {
         let (vm, fake) = sev_vm();
         assert_eq!(vm.launch_start(0x1, None).unwrap(), 7);
-        let mut ram = Pages::new();
-        ram.0[..32].fill(0x0f);
-        vm.launch_update_data(&mut ram.0[..32]).unwrap();
-        assert_eq!(ram.0[..32], [0xf0; 32], "encrypted in place");
+        let ram = TestRam::new();
+        ram.write(0, &[0x0f; 32]);
+        vm.launch_update_data(&ram.at(0, 32)).unwrap();
+        assert_eq!(ram.read(0, 32), [0xf0; 32], "encrypted in place");
         assert_eq!(vm.launch_measure().unwrap(), ([0x11; 32], [0x22; 16]));
         let secret = [0xaau8; 64];
-        vm.launch_secret(&[0; PACKET_HEADER_BYTES], &secret, &mut ram.0[100..164])
+        vm.launch_secret(&[0; PACKET_HEADER_BYTES], &secret, &ram.at(112, 64))
             .unwrap();
-        assert_eq!(ram.0[100..164], [0x55; 64]);
+        assert_eq!(ram.read(112, 64), [0x55; 64]);
         let err = vm
-            .launch_secret(&[0; PACKET_HEADER_BYTES], &secret, &mut ram.0[..32])
+            .launch_secret(&[0; PACKET_HEADER_BYTES], &secret, &ram.at(0, 32))
             .unwrap_err();
         assert_eq!(err.status(), Some(SevError::InvalidLen));
         vm.launch_finish().unwrap();

@@ -22,4 +22,4 @@ mod kvm;
 mod fake;
 
 pub use cpuid::{sev_cpuid, SevCpuid, CPUID_MEMORY_ENCRYPTION};
-pub use firmware::{HardwareFirmware, RegisterRamError, SEV_DEVICE};
+pub use firmware::{HardwareFirmware, SEV_DEVICE};
