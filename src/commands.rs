@@ -155,9 +155,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     let vm = match vm {
         Ok(vm) => vm,
         Err(e) => {
-            incoming.report(&veil_migration::receiver::ReceiveError::Aborted(
-                e.to_string(),
-            ));
+            incoming.report(&e);
             return Err(e.into());
         }
     };

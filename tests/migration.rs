@@ -228,6 +228,46 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
     );
 }
 
+#[test]
+fn a_target_that_cannot_build_the_vm_tells_the_source_why_with_every_cause() {
+    use std::process::Stdio;
+    let dir = common::TempDir::new("target-cause");
+    let (source_api, target_socket) = (dir.path("a.sock"), dir.path("m.sock"));
+    // The target cannot create guest RAM in a folder that does not exist.
+    let missing = dir.path("no-such-folder/ram");
+    let mut target = common::receive_on(
+        &target_socket,
+        &["--memory-file".as_ref(), missing.as_ref()],
+    );
+    let mut source = common::veil()
+        .args(["run", "--memory", "32M", "--api-socket"])
+        .arg(&source_api)
+        .args(["--cmdline", "greet spin", "--kernel"])
+        .arg(common::kit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
+
+    let to = format!("unix:{}", target_socket.display());
+    let out = common::ctl(&source_api, &["migrate", "--to", &to]);
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    // The target's error and its causes, down to the operating system's, reach the source.
+    assert!(
+        said.contains("The target ended the migration")
+            && said.contains(&format!("Cannot use {} as guest memory", missing.display()))
+            && said.contains("No such file or directory"),
+        "{said}"
+    );
+    assert_eq!(common::status(&source_api)["state"], "running");
+    common::ctl(&source_api, &["shutdown"]);
+    source.wait();
+    target.wait();
+}
+
 fn plain_guest(cmdline: &str) -> veil::Vm {
     let out = CapturedOutput::new();
     let vm = VmBuilder::new()

@@ -27,6 +27,8 @@ pub enum ReceiveError {
     Refused(String),
     #[error("The source ended the migration: {0}")]
     Aborted(String),
+    #[error("The source sent {0} out of turn")]
+    OutOfTurn(String),
     #[error("Migration protocol error")]
     Protocol(#[from] ProtocolError),
     #[error("Migration out of order")]
@@ -64,10 +66,10 @@ pub fn accept<S: Read + Write>(
     let hello = match (action, frame.message) {
         (Ok(ReceiverAction::CheckHello), Message::Hello(hello)) => hello,
         (Err(e), _) => {
-            let _ = write_frame(&mut stream, &Message::error(e.to_string()));
+            let _ = write_frame(&mut stream, &Message::error(crate::error_chain(&e)));
             return Err(e.into());
         }
-        (Ok(other), _) => return Err(ReceiveError::Aborted(format!("{other:?}"))),
+        (Ok(other), _) => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
     };
     let sev = hello.vm.sev().is_some();
     let es = hello
@@ -140,7 +142,7 @@ impl<S: Read + Write> Incoming<S> {
                 })?;
                 match self.session.on_memory_chunk(&chunk)? {
                     ReceiverAction::WritePages => {}
-                    other => return Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
+                    other => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
                 }
                 // The session has checked every gfn against the VM's RAM, none twice.
                 for page in chunk.pages() {
@@ -196,7 +198,7 @@ impl<S: Read + Write> Incoming<S> {
                 ReceiverAction::Discard { reason, .. } => {
                     return Err(ReceiveError::Aborted(reason))
                 }
-                other => return Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
+                other => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
             }
         }
     }
@@ -214,13 +216,14 @@ impl<S: Read + Write> Incoming<S> {
         match self.session.on_message(&frame.message)? {
             ReceiverAction::Run => Ok(()),
             ReceiverAction::Discard { reason, .. } => Err(ReceiveError::Aborted(reason)),
-            other => Err(ReceiveError::Aborted(format!("unexpected {other:?}"))),
+            other => Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
         }
     }
 
     /// Tells the source why this side gave up (best effort: the link may be gone), causes
-    /// included: "Migration protocol error" alone would leave the source guessing.
-    pub fn report(&mut self, error: &ReceiveError) {
+    /// included: "Migration protocol error" alone would leave the source guessing. Any error
+    /// will do: building the VM for the guest can fail as well as receiving it.
+    pub fn report(&mut self, error: &dyn std::error::Error) {
         if self.session.ending().is_none() {
             let _ = write_frame(&mut self.stream, &Message::error(crate::error_chain(error)));
         }

@@ -97,6 +97,8 @@ pub enum SendError {
     Refused(String),
     #[error("The target ended the migration: {0}")]
     Aborted(String),
+    #[error("The target answered out of turn: {0}")]
+    UnexpectedAnswer(String),
     #[error("An SEV guest needs its firmware context to be migrated")]
     Sev,
     #[error("The target's SEV platform is not trusted")]
@@ -275,7 +277,7 @@ pub fn send<'f, S: Read + Write>(
         Ok(_) => p.phase = Phase::Completed,
         Err(e) => {
             p.phase = Phase::Failed;
-            p.error = Some(e.to_string());
+            p.error = Some(crate::error_chain(e));
         }
     });
     result
@@ -318,7 +320,9 @@ fn send_claimed<'f, S: Read + Write>(
                 let message = match e {
                     SendError::Cancelled => Message::cancel("cancelled by the operator"),
                     SendError::TimedOut(_) => Message::cancel(e.to_string()),
-                    _ => Message::error(e.to_string()),
+                    // The whole chain: "SEV firmware error" alone would leave the target
+                    // guessing.
+                    _ => Message::error(crate::error_chain(&e)),
                 };
                 let _ = write_frame(sender.stream, &message);
             }
@@ -651,5 +655,5 @@ fn during_migration(vm: &RunningVm) -> Result<(), SendError> {
 }
 
 fn unexpected(action: SenderAction) -> SendError {
-    SendError::Aborted(format!("unexpected answer from the target: {action:?}"))
+    SendError::UnexpectedAnswer(format!("{action:?}"))
 }
