@@ -25,19 +25,18 @@ use veil_sev::emulated::firmware::EmulatedFirmware;
 use veil_sev::emulated::identity::{IdentityError, PlatformIdentity};
 use veil_sev::firmware::{Firmware, FirmwareError, GuestBytes, Handle, Packet};
 use veil_sev::flow::{Launch, Measured};
-use veil_sev::hardware::{sev_cpuid, HardwareFirmware, SEV_DEVICE};
+use veil_sev::hardware::{
+    sev_cpuid, HardwareFirmware, SevCpuid, CPUID_MEMORY_ENCRYPTION, SEV_DEVICE,
+};
 use veil_sev::policy::GuestPolicy;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-/// CPUID leaf of AMD's memory-encryption features.
-const CPUID_MEM_ENCRYPT: u32 = 0x8000_001f;
-/// EAX bit 1: SEV.
-const CPUID_SEV: u32 = 1 << 1;
-/// The C-bit the emulated platform reports (that of current EPYC parts). Nominal: the model
-/// encrypts nothing, so a guest setting it gains nothing.
-const EMULATED_C_BIT: u32 = 51;
-/// Physical address bits the emulated platform reports as lost to encryption.
-const EMULATED_PHYS_REDUCTION: u32 = 1;
+/// The C-bit and address reduction the emulated platform reports (those of current EPYC
+/// parts). Nominal: the model encrypts nothing, so a guest setting the C-bit gains nothing.
+const EMULATED_SEV_CPUID: SevCpuid = SevCpuid {
+    c_bit: 51,
+    phys_addr_reduction: 1,
+};
 /// LAUNCH_UPDATE_DATA's alignment for address and length.
 const LAUNCH_ALIGN: u64 = 16;
 
@@ -246,19 +245,17 @@ impl SevSetup {
 
 impl VmSetup for SevSetup {
     fn customize_cpuid(&mut self, cpuid: &mut Cpuid) {
-        let (c_bit, reduction) = match self.platform {
-            SevPlatform::Emulated { .. } => (EMULATED_C_BIT, EMULATED_PHYS_REDUCTION),
-            SevPlatform::Hardware => sev_cpuid().map_or((0, 0), |c| {
-                (u32::from(c.c_bit), u32::from(c.phys_addr_reduction))
+        let sev = match self.platform {
+            SevPlatform::Emulated { .. } => EMULATED_SEV_CPUID,
+            // A host without SEV fails before the guest runs; C-bit 0 is never used.
+            SevPlatform::Hardware => sev_cpuid().unwrap_or(SevCpuid {
+                c_bit: 0,
+                phys_addr_reduction: 0,
             }),
         };
-        cpuid.set_register(CPUID_MEM_ENCRYPT, 0, Register::Eax, CPUID_SEV);
-        cpuid.set_register(
-            CPUID_MEM_ENCRYPT,
-            0,
-            Register::Ebx,
-            c_bit | (reduction << 6),
-        );
+        let (eax, ebx) = sev.guest_leaf();
+        cpuid.set_register(CPUID_MEMORY_ENCRYPTION, 0, Register::Eax, eax);
+        cpuid.set_register(CPUID_MEMORY_ENCRYPTION, 0, Register::Ebx, ebx);
     }
 
     fn before_vcpus(&mut self, vm: &Arc<VmFd>, ram: &GuestRam) -> Result<(), SetupHookError> {

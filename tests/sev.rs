@@ -315,3 +315,40 @@ fn sev_es_guests_are_refused_with_a_reason() {
         describe(&out)
     );
 }
+
+#[test]
+fn a_secret_that_never_comes_ends_the_launch_after_the_timeout_with_the_reason() {
+    let dir = TempDir::new("sev-no-secret");
+    let secret = dir.path("secret.json");
+    let started = std::time::Instant::now();
+    let out = veil()
+        .args([
+            "run",
+            "--memory",
+            "32M",
+            "--sev",
+            "--sev-platform",
+            "emulated",
+        ])
+        .arg("--sev-state-dir")
+        .arg(dir.path("state"))
+        .arg("--sev-secret")
+        .arg(&secret)
+        .args(["--sev-secret-timeout", "1s", "--kernel"])
+        .arg(kit())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "No secret appeared in {} within 1s",
+            secret.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the launch gave up on time"
+    );
+}

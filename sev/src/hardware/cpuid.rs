@@ -33,6 +33,12 @@ impl SevCpuid {
     pub fn ebx(self) -> u32 {
         u32::from(self.c_bit) | (u32::from(self.phys_addr_reduction) << 6)
     }
+
+    /// Fn8000_001F's `(EAX, EBX)` for a plain-SEV guest: SEV alone (no SME, SEV-ES or SNP,
+    /// which Veil does not offer) and this C-bit and reduction.
+    pub fn guest_leaf(self) -> (u32, u32) {
+        (EAX_SEV, self.ebx())
+    }
 }
 
 /// This CPU's SEV C-bit and address reduction, or `None` when it has no SEV. A CPU reporting

@@ -292,6 +292,9 @@ impl SevVm {
         amd: &[u8],
     ) -> Result<(u32, [u8; SESSION_BYTES]), FirmwareError> {
         const C: Command = Command::SendStart;
+        for cert in [pdh, platform, amd] {
+            check_blob(C, cert.len())?;
+        }
         // A zero session_len asks the firmware how long the session blob is.
         let mut query = kvm_sev_send_start::default();
         // SAFETY: `query` lives for the call and names no buffer.
@@ -306,9 +309,6 @@ impl SevVm {
             ));
         }
 
-        for cert in [pdh, platform, amd] {
-            check_blob(C, cert.len())?;
-        }
         let mut session = [0u8; SESSION_BYTES];
         let mut start = kvm_sev_send_start {
             pdh_cert_uaddr: addr(pdh.as_ptr()),
@@ -642,6 +642,36 @@ mod tests {
                 Some(SevError::InvalidLen),
                 "receive {range:?}"
             );
+        }
+        assert!(fake.state().calls.is_empty());
+    }
+
+    #[test]
+    fn blobs_over_kvms_16_kib_cap_are_refused_before_any_ioctl() {
+        let (vm, fake) = sev_vm();
+        let big = vec![1u8; crate::guest_memory::SEV_FW_BLOB_MAX_SIZE + 1];
+        let err = vm.send_start(&[1; 16], &big, &[3; 16]).unwrap_err();
+        assert_eq!(err.status(), Some(SevError::InvalidLen));
+        let err = vm.receive_start(0, &big, &[0; SESSION_BYTES]).unwrap_err();
+        assert_eq!(err.status(), Some(SevError::InvalidLen));
+        let err = vm
+            .launch_start(0, Some((&big, &[0; SESSION_BYTES])))
+            .unwrap_err();
+        assert_eq!(err.status(), Some(SevError::InvalidLen));
+        assert!(fake.state().calls.is_empty());
+    }
+
+    #[test]
+    fn a_secret_must_stay_in_one_page_in_whole_blocks() {
+        let (vm, fake) = sev_vm();
+        let ram = TestRam::new();
+        let header = [0u8; PACKET_HEADER_BYTES];
+        // Two pages need not be physically contiguous, which KVM refuses; nor half a block.
+        for (gpa, len) in [(4096 - 32, 64), (8, 16), (0, 24)] {
+            let err = vm
+                .launch_secret(&header, &vec![0; len], &ram.at(gpa, len))
+                .unwrap_err();
+            assert_eq!(err.status(), Some(SevError::InvalidLen), "{gpa:#x}+{len}");
         }
         assert!(fake.state().calls.is_empty());
     }
