@@ -656,3 +656,5 @@ impl Persist for MmioTransport {
     }
 }
 
+#[cfg(test)]
+mod tests;

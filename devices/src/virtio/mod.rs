@@ -57,6 +57,8 @@ pub mod block;
 pub mod interrupt;
 pub mod memory;
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::Arc;
 
@@ -143,3 +145,31 @@ pub(crate) const VIRTIO_F_ACCESS_PLATFORM: u64 =
 /// `used_event`/`avail_event` suppression (virtio 1.2 §2.7.10).
 pub(crate) const VIRTIO_RING_F_EVENT_IDX: u64 =
     1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Whether the driver wants an interrupt for the buffers just used: `used_event` with
+/// EVENT_IDX, else the available ring's `VRING_AVAIL_F_NO_INTERRUPT` flag (virtio 1.2
+/// §2.7.7), which `virtio-queue` does not look at. When the ring cannot be read, interrupt:
+/// a spurious interrupt costs less than a lost one.
+pub(crate) fn driver_wants_interrupt(queue: &mut Queue, mem: &GuardedMemory<'_>) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let wanted = queue.needs_notification(mem).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "Cannot read the driver's used_event");
+        true
+    });
+    if !wanted || queue.event_idx_enabled() {
+        return wanted;
+    }
+    // `flags` is the available ring's first field.
+    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
+        Ok(flags) => {
+            u16::from_le(flags) & virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16
+                == 0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read the available ring's flags");
+            true
+        }
+    }
+}

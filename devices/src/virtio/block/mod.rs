@@ -25,8 +25,8 @@ pub use disk::{Disk, DiskError, SECTOR_SIZE};
 pub use persist::{BlockRestoreArgs, BlockState};
 
 use super::{
-    Activation, DeviceError, DeviceMemory, Interrupt, InterruptCause, VirtioDevice,
-    VIRTIO_RING_F_EVENT_IDX,
+    driver_wants_interrupt, Activation, DeviceError, DeviceMemory, Interrupt, InterruptCause,
+    VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
 };
 use request::DiskId;
 
@@ -101,11 +101,11 @@ pub struct Block {
 impl Block {
     /// Opens and locks the disk.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
-        let disk = Disk::open(&config.path, config.read_only).map_err(BlockError::Disk)?;
         let id = match &config.id {
             Some(id) => disk_id(id)?,
             None => default_id(&config.path),
         };
+        let disk = Disk::open(&config.path, config.read_only).map_err(BlockError::Disk)?;
         Self::with_disk(disk, id)
     }
 
@@ -315,12 +315,7 @@ impl VirtioDevice for Block {
         if !used_any {
             return;
         }
-        // NO_INTERRUPT or used_event may tell us the driver does not want to hear of it.
-        let notify = queue.needs_notification(&mem).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "Cannot read the driver's interrupt suppression");
-            true
-        });
-        if notify {
+        if driver_wants_interrupt(queue, &mem) {
             if let Err(e) = active.interrupt.trigger(InterruptCause::UsedBuffer) {
                 tracing::warn!(error = %e, "Cannot interrupt the virtio-blk driver");
             }
@@ -336,3 +331,5 @@ impl VirtioDevice for Block {
     }
 }
 
+#[cfg(test)]
+mod tests;
