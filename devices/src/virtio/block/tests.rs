@@ -437,3 +437,81 @@ fn encrypted_rig_negotiates_access_platform() {
     assert_eq!(status(&r), VIRTIO_BLK_S_OK);
     assert_eq!(r.driver.transport.refusals(), 0);
 }
+
+mod guest_cannot_panic {
+    use proptest::prelude::*;
+
+    use crate::BusDevice;
+
+    use super::*;
+
+    /// One thing a hostile driver can do.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A register write of any size at any offset in the window.
+        Write { offset: u16, value: u32, len: u8 },
+        /// A register read.
+        Read { offset: u16, len: u8 },
+        /// Garbage in guest memory (the rings and the buffers live in the first 256 KiB).
+        Scribble { at: u32, bytes: Vec<u8> },
+        /// A chain of arbitrary descriptors.
+        Chain { bufs: Vec<(u32, u16, bool)> },
+        /// The device thread serving the queue.
+        Process,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u16..0x1000, any::<u32>(), 1u8..=8).prop_map(|(offset, value, len)| Step::Write {
+                offset,
+                value,
+                len
+            }),
+            (0u16..0x1000, 1u8..=8).prop_map(|(offset, len)| Step::Read { offset, len }),
+            (
+                0u32..0x4_0000,
+                proptest::collection::vec(any::<u8>(), 1..64)
+            )
+                .prop_map(|(at, bytes)| Step::Scribble { at, bytes }),
+            proptest::collection::vec((0u32..0x4_0000, any::<u16>(), any::<bool>()), 0..6)
+                .prop_map(|bufs| Step::Chain { bufs }),
+            Just(Step::Process),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_driver_behaviour_is_survived(steps in proptest::collection::vec(step(), 1..40)) {
+            let mut r = rig(&numbered_disk(), false, true);
+            r.pages.0.lock().unwrap().push(0x38000..0x3a000);
+            r.start(0);
+            for step in steps {
+                match step {
+                    Step::Write { offset, value, len } => {
+                        let bytes = u64::from(value).to_le_bytes();
+                        r.driver.transport.write(u64::from(offset), &bytes[..usize::from(len)]);
+                    }
+                    Step::Read { offset, len } => {
+                        let mut bytes = [0u8; 8];
+                        r.driver.transport.read(u64::from(offset), &mut bytes[..usize::from(len)]);
+                    }
+                    Step::Scribble { at, bytes } => {
+                        r.mem.write_slice(&bytes, GuestAddress(u64::from(at))).unwrap();
+                    }
+                    Step::Chain { bufs } => {
+                        let bufs: Vec<Buf> = bufs
+                            .into_iter()
+                            .map(|(addr, len, w)| Buf { addr: u64::from(addr), len: u32::from(len), writable: w })
+                            .collect();
+                        if !bufs.is_empty() {
+                            r.queue.submit(&r.mem, &bufs);
+                        }
+                    }
+                    Step::Process => r.process(),
+                }
+            }
+            r.process();
+        }
+    }
+}
