@@ -414,7 +414,12 @@ impl MmioTransport {
             Ok(()) => self.status |= VIRTIO_CONFIG_S_DRIVER_OK,
             Err(e) => {
                 tracing::warn!(device = self.memory.device_name(), error = %e, "Cannot activate the device");
+                // The driver learns of NEEDS_RESET through a configuration change interrupt
+                // (virtio 1.2 §2.1.2).
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                if let Err(e) = self.interrupt.trigger(super::InterruptCause::ConfigChange) {
+                    tracing::warn!(error = %e, "Cannot signal NEEDS_RESET");
+                }
             }
         }
     }

@@ -130,6 +130,15 @@ fn queue_setup_is_checked() {
     let status = d.read(reg::VIRTIO_MMIO_STATUS);
     assert_eq!(status & VIRTIO_CONFIG_S_DRIVER_OK, 0);
     assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(
+        d.read(reg::VIRTIO_MMIO_INTERRUPT_STATUS),
+        reg::VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(
+        d.read(reg::VIRTIO_MMIO_CONFIG_GENERATION),
+        0,
+        "the config itself is unchanged"
+    );
 }
 
 #[test]
