@@ -45,14 +45,23 @@ impl PageRange {
 #[derive(Clone, Copy)]
 pub enum Task {
     Greet,
-    Stamp { range: PageRange, cpus: u64 },
+    Stamp {
+        range: PageRange,
+        cpus: u64,
+    },
     Check(PageRange),
     Fault,
     Exit(u8),
     /// Loop forever (until the VMM stops the VM).
     Spin,
     /// `KVM_HC_MAP_GPA_RANGE` (or hypercall `nr`) with a result to expect.
-    Hypercall { nr: u64, gpa: u64, pages: u64, attrs: u64, expect: u64 },
+    Hypercall {
+        nr: u64,
+        gpa: u64,
+        pages: u64,
+        attrs: u64,
+        expect: u64,
+    },
     /// Write `MSR_KVM_MIGRATION_CONTROL`.
     MsrWrite(u64),
     /// Write the UART's scratch register: device state a migration must carry.
@@ -64,15 +73,27 @@ pub enum Task {
     /// Time `count` hypercall round trips against as many bare I/O exits.
     HypercallBench(u64),
     /// Print `len` bytes at guest-physical `gpa` in hex (an injected launch secret).
-    ReadSecret { gpa: u64, len: u64 },
+    ReadSecret {
+        gpa: u64,
+        len: u64,
+    },
     /// Stamp the range over and over, forever: a guest that keeps dirtying memory. With
     /// `check_every`, each round first checks the stamps of the last one, and every that many
     /// rounds says so.
-    DirtyLoop { range: PageRange, check_every: Option<u64> },
+    DirtyLoop {
+        range: PageRange,
+        check_every: Option<u64>,
+    },
     /// Write one word per page of the range (seed unused), `rate` pages a second, forever.
-    DirtyPaced { range: PageRange, rate: u64 },
+    DirtyPaced {
+        range: PageRange,
+        rate: u64,
+    },
     /// Share every other page of `count` pages from `first`: the worst case for a run list.
-    ShareAlternate { first: u64, count: u64 },
+    ShareAlternate {
+        first: u64,
+        count: u64,
+    },
 }
 
 /// Why a word of the command line is not a task.
@@ -153,7 +174,9 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         }
         b"msr-write" => {
             let [value] = parse_params(word, params, ["value"])?;
-            Ok(Task::MsrWrite(value.ok_or(err("missing parameter", b"value"))?))
+            Ok(Task::MsrWrite(
+                value.ok_or(err("missing parameter", b"value"))?,
+            ))
         }
         b"uart-scratch" => {
             let [value] = parse_params(word, params, ["value"])?;
@@ -163,7 +186,9 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         }
         b"msr-read" => {
             let [expect] = parse_params(word, params, ["expect"])?;
-            Ok(Task::MsrRead(expect.ok_or(err("missing parameter", b"expect"))?))
+            Ok(Task::MsrRead(
+                expect.ok_or(err("missing parameter", b"expect"))?,
+            ))
         }
         b"share-alternate" => {
             let [first, count] = parse_params(word, params, ["first", "count"])?;
@@ -191,7 +216,10 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             if len > 256 {
                 return Err(err("len must be at most 256", b""));
             }
-            Ok(Task::ReadSecret { gpa: gpa.ok_or(err("missing parameter", b"gpa"))?, len })
+            Ok(Task::ReadSecret {
+                gpa: gpa.ok_or(err("missing parameter", b"gpa"))?,
+                len,
+            })
         }
         b"dirty-loop" => {
             let [seed, first, count, stride, check] =
@@ -199,7 +227,10 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             if check == Some(0) {
                 return Err(err("check must be at least 1", b""));
             }
-            Ok(Task::DirtyLoop { range: range([seed, first, count, stride])?, check_every: check })
+            Ok(Task::DirtyLoop {
+                range: range([seed, first, count, stride])?,
+                check_every: check,
+            })
         }
         b"dirty-paced" => {
             let [first, count, rate] = parse_params(word, params, ["first", "count", "rate"])?;

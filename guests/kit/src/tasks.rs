@@ -64,7 +64,12 @@ fn validate(task: &Task, ram: &RamMap) {
         Task::DirtyLoop { range, .. } => ("dirty-loop: ", range),
         Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
         Task::ReadSecret { gpa, len } => {
-            let range = PageRange { seed: 0, first: gpa / PAGE_SIZE, count: (gpa + len).div_ceil(PAGE_SIZE) - gpa / PAGE_SIZE, stride: 1 };
+            let range = PageRange {
+                seed: 0,
+                first: gpa / PAGE_SIZE,
+                count: (gpa + len).div_ceil(PAGE_SIZE) - gpa / PAGE_SIZE,
+                stride: 1,
+            };
             return validate(&Task::Check(range), ram);
         }
         _ => return,
@@ -121,7 +126,13 @@ fn run(task: &Task, index: usize) {
         Task::Spin => loop {
             arch::pause();
         },
-        Task::Hypercall { nr, gpa, pages, attrs, expect } => {
+        Task::Hypercall {
+            nr,
+            gpa,
+            pages,
+            attrs,
+            expect,
+        } => {
             let result = paravirt::hypercall(paravirt::transport(), nr, gpa, pages, attrs);
             report_value("hypercall", result, expect);
         }
@@ -138,7 +149,11 @@ fn run(task: &Task, index: usize) {
             write_str("\n");
         }
         Task::MsrRead(expect) => {
-            report_value("msr-read", paravirt::rdmsr(paravirt::MSR_KVM_MIGRATION_CONTROL), expect);
+            report_value(
+                "msr-read",
+                paravirt::rdmsr(paravirt::MSR_KVM_MIGRATION_CONTROL),
+                expect,
+            );
         }
         Task::Reset => reset::reset_and_resume_at(index + 1),
         Task::HypercallBench(count) => hypercall_bench(count),
@@ -170,7 +185,7 @@ fn run(task: &Task, index: usize) {
                     fail_check("dirty-loop check", mismatch);
                 }
                 stamp(&range, 0, range.count);
-                if round % every == 0 {
+                if round.is_multiple_of(every) {
                     write_str("dirty-loop: round ");
                     write_dec(round);
                     write_str(" checked\n");
@@ -222,7 +237,14 @@ fn run(task: &Task, index: usize) {
 }
 
 /// Prints `<what> FAILED at gfn G: found X, expected Y` and stops the guest with status 1.
-fn fail_check(what: &str, Mismatch { gfn, found, expected }: Mismatch) -> ! {
+fn fail_check(
+    what: &str,
+    Mismatch {
+        gfn,
+        found,
+        expected,
+    }: Mismatch,
+) -> ! {
     write_str(what);
     write_str(" FAILED at gfn ");
     write_hex(gfn);
