@@ -181,8 +181,8 @@ def scenarios():
     yield Scenario("check the AP trampoline page", "check:seed=1,first=0x4,count=3,stride=2", 2,
                    f"veil-kit: error: check: gfn 0x8 is the kit's own memory (image, page tables "
                    f"and stacks at {kit_mem}, AP trampoline at gfn 0x8)\n")
-    yield Scenario("stride jumps over the kit image", "stamp:seed=3,first=0x80,count=2,stride=0x200", 0,
-                   "stamped 2 pages on 1 vCPUs\n", stamped=[(3, [0x80, 0x280])])
+    yield Scenario("stride jumps over the kit image", "stamp:seed=3,first=0x80,count=2,stride=0x380", 0,
+                   "stamped 2 pages on 1 vCPUs\n", stamped=[(3, [0x80, 0x400])])
     yield Scenario("range past the address space", "stamp:seed=1,first=0x800,count=2,stride=0xffffffffffff",
                    2, "veil-kit: error: stamp: page range runs past the 52-bit physical address space\n")
     yield Scenario("too many cpus", "stamp:seed=1,first=0x800,count=2,cpus=33", 2,
