@@ -44,10 +44,10 @@ def gfns(first, count, stride=1):
 
 
 SECTOR = 512
-# QEMU microvm's virtio-mmio transports are 512 bytes at 0xfeb00000 + 512 * i; the first
-# -device lands on the last of its 24 (i = 23). QEMU adds no virtio_mmio.device= entry for a
-# PVH kernel, so the scenarios pass it. The IRQ is not used by the kit's polled driver.
-MICROVM_BLK = "virtio_mmio.device=512@0xfeb02e00:12"
+# QEMU microvm's virtio-mmio transports are 512 bytes at 0xfeb00000 + 512 * i, transport i on
+# GSI 24 + i (its second IOAPIC, with ACPI on); the first -device lands on the last of its 24
+# (i = 23). QEMU adds no virtio_mmio.device= entry for a PVH kernel, so the scenarios pass it.
+MICROVM_BLK = "virtio_mmio.device=512@0xfeb02e00:47"
 DISK_SERIAL = "veil-disk-0"
 
 
@@ -312,12 +312,20 @@ def blk_scenarios():
         f"{dev} blk-bench:dev=0,size=4096,count=200,depth=1 blk-bench:dev=0,size=65536,count=100,depth=max",
         0, None, disk=Disk(sectors=16384))
     yield Scenario(
+        "blk-irq sees the device's interrupt pending in the IRR", f"{dev} blk-irq:dev=0", 0,
+        "blk-irq ok: dev 0: irq 47, vector 0x6f pending in the local APIC's IRR "
+        "(InterruptStatus 0x1)\n", disk=Disk())
+    yield Scenario(
+        "blk-irq on the wrong IRQ sees nothing", "virtio_mmio.device=512@0xfeb02e00:46 blk-irq:dev=0", 1,
+        "blk-irq FAILED: dev 0: irq 46, vector 0x6e not pending in the local APIC's IRR "
+        "(InterruptStatus 0x1)\n", disk=Disk())
+    yield Scenario(
         "no device behind the transport", "virtio_mmio.device=512@0xfeb00000:5 blk-id:dev=0", 2,
         "veil-kit: error: blk-id: dev 0 at 0xfeb00000 (irq 5): no device behind this transport "
         "(device id 0)\n", disk=Disk())
     yield Scenario(
         "legacy transport is refused", f"{dev} blk-id:dev=0", 2,
-        "veil-kit: error: blk-id: dev 0 at 0xfeb02e00 (irq 12): legacy virtio-mmio (version 1) "
+        "veil-kit: error: blk-id: dev 0 at 0xfeb02e00 (irq 47): legacy virtio-mmio (version 1) "
         "transport; the kit needs version 2 (QEMU: -global virtio-mmio.force-legacy=false)\n",
         disk=Disk(legacy=True))
     yield Scenario(

@@ -116,6 +116,9 @@ pub enum BlkOp {
     Write { sector: u64, count: u64, seed: u64 },
     /// Print the device's id string and capacity.
     Id,
+    /// One read with interrupts requested and the device's IRQ routed to this vCPU, interrupts
+    /// disabled: the vector must then be pending in the LAPIC's IRR.
+    Irq,
     /// A one-sector request that must fail with IOERR: a read (or a write) at `sector`, by
     /// default the first sector past the end of the disk.
     Bad { sector: Option<u64>, write: bool },
@@ -413,11 +416,16 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 op,
             })
         }
-        b"blk-id" => {
+        b"blk-id" | b"blk-irq" => {
             let [dev] = parse_params(word, params, ["dev"])?;
+            let op = if name == b"blk-id" {
+                BlkOp::Id
+            } else {
+                BlkOp::Irq
+            };
             Ok(Task::Blk {
                 dev: dev.ok_or(err("missing parameter", b"dev"))?,
-                op: BlkOp::Id,
+                op,
             })
         }
         b"blk-bad" => {

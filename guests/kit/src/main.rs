@@ -17,6 +17,7 @@ mod arch;
 mod boot;
 mod cmdline;
 mod entry;
+mod ioapic;
 mod layout;
 mod mem;
 mod memmap;

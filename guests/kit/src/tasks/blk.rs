@@ -12,7 +12,7 @@ use crate::virtio::blk::{
     self, Blk, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use crate::virtio::{dma, Error};
-use crate::{arch, EXIT_CHECK_FAILED};
+use crate::{arch, ioapic, EXIT_CHECK_FAILED};
 use veil_guest_abi::page_stamp;
 
 /// Sectors in one request of `blk-check` and `blk-write`: a whole slot buffer.
@@ -23,6 +23,7 @@ fn name(op: &BlkOp) -> &'static str {
         BlkOp::Check { .. } => "blk-check",
         BlkOp::Write { .. } => "blk-write",
         BlkOp::Id => "blk-id",
+        BlkOp::Irq => "blk-irq",
         BlkOp::Bad { .. } => "blk-bad",
         BlkOp::Bench { .. } => "blk-bench",
     }
@@ -56,6 +57,7 @@ pub fn run(op: &BlkOp, dev: u64, device: &MmioDevice) {
             seed,
         } => write(&mut blk, sector, count, seed),
         BlkOp::Id => id(&mut blk, dev),
+        BlkOp::Irq => irq(&mut blk, dev, device.irq),
         BlkOp::Bad { sector, write } => {
             let sector = sector.unwrap_or(blk.capacity);
             bad(&mut blk, sector, write)
@@ -216,6 +218,70 @@ fn id(blk: &mut Blk, dev: u64) -> Result<(), Error> {
     } else {
         "\n"
     });
+    Ok(())
+}
+
+/// The vector `blk-irq` routes GSI `gsi` to: distinct per GSI (an IRR bit, never acknowledged,
+/// stays set), above the 32 exception vectors.
+fn irq_vector(gsi: u64) -> u8 {
+    0x40 + gsi as u8
+}
+
+/// How long `blk-irq` waits for the vector after the request completed, in TSC ticks (well
+/// under a second): the device raises its line right after it updates the used ring.
+const IRQ_WAIT_TSC: u64 = 1_000_000_000;
+
+fn irq(blk: &mut Blk, dev: u64, gsi: u64) -> Result<(), Error> {
+    let Some(line) = ioapic::Line::for_gsi(gsi) else {
+        begin_error();
+        write_str("blk-irq: no IOAPIC input for irq ");
+        write_dec(gsi);
+        write_str(" (the kit knows GSIs 0..=47: IOAPICs at 0xfec00000 and 0xfec10000)");
+        end_error()
+    };
+    let vector = irq_vector(gsi);
+    if ioapic::irr_pending(vector) {
+        begin_error();
+        write_str("blk-irq: vector ");
+        write_hex(vector.into());
+        write_str(" is already pending (one blk-irq per device and boot)");
+        end_error();
+    }
+    line.route(vector, arch::apic_id());
+    blk.set_interrupts(true);
+    let status = blk.request(blk::VIRTIO_BLK_T_IN, 0, SECTOR_SIZE as u32);
+    let deadline = arch::rdtsc() + IRQ_WAIT_TSC;
+    while !ioapic::irr_pending(vector) && arch::rdtsc() < deadline {
+        arch::pause();
+    }
+    let pending = ioapic::irr_pending(vector);
+    let interrupt_status = blk.take_interrupt_status();
+    line.mask();
+    let status = status?;
+    if status != VIRTIO_BLK_S_OK {
+        failed_request("blk-irq", "read", 0, status);
+    }
+    write_str(if pending {
+        "blk-irq ok: dev "
+    } else {
+        "blk-irq FAILED: dev "
+    });
+    write_dec(dev);
+    write_str(": irq ");
+    write_dec(gsi);
+    write_str(", vector ");
+    write_hex(vector.into());
+    write_str(if pending {
+        " pending in the local APIC's IRR"
+    } else {
+        " not pending in the local APIC's IRR"
+    });
+    write_str(" (InterruptStatus ");
+    write_hex(interrupt_status.into());
+    write_str(")\n");
+    if !pending {
+        arch::exit(EXIT_CHECK_FAILED);
+    }
     Ok(())
 }
 

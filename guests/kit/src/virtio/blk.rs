@@ -70,6 +70,16 @@ impl Blk {
         self.dev.features & VIRTIO_BLK_F_FLUSH != 0
     }
 
+    /// Asks for interrupts on completion (they stay off otherwise: the kit polls).
+    pub fn set_interrupts(&mut self, on: bool) {
+        self.dev.queue.set_interrupts(on);
+    }
+
+    /// Reads and acknowledges the transport's InterruptStatus.
+    pub fn take_interrupt_status(&self) -> u32 {
+        self.dev.transport.take_interrupt_status()
+    }
+
     /// Requests that can be in flight at once.
     pub fn slots(&self) -> usize {
         self.dev.queue.slots()

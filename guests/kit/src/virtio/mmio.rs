@@ -17,6 +17,8 @@ const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
 const QUEUE_DESC_LOW: u64 = 0x080;
 const QUEUE_DESC_HIGH: u64 = 0x084;
@@ -74,6 +76,14 @@ impl Transport {
     #[inline(always)]
     pub fn notify(&self, queue: u32) {
         self.write(QUEUE_NOTIFY, queue);
+    }
+
+    /// Reads InterruptStatus and acknowledges what it says (§4.2.2): the device lowers its
+    /// line. Bit 0 is a used-buffer notification, bit 1 a configuration change.
+    pub fn take_interrupt_status(&self) -> u32 {
+        let status = self.read(INTERRUPT_STATUS);
+        self.write(INTERRUPT_ACK, status);
+        status
     }
 
     /// A 32-bit field of the config space; 64-bit fields are read as two of these under the

@@ -107,6 +107,13 @@ impl SplitQueue {
         }
     }
 
+    /// Asks the device for used-buffer notifications (interrupts), or not (the default).
+    pub fn set_interrupts(&mut self, on: bool) {
+        let flags = if on { 0 } else { VIRTQ_AVAIL_F_NO_INTERRUPT };
+        // SAFETY: `avail.flags` is in the kit's DMA area.
+        unsafe { addr_of_mut!((*dma::area()).rings.avail.flags).write_volatile(flags) };
+    }
+
     /// How many requests can be in flight at once.
     pub fn slots(&self) -> usize {
         self.slots
