@@ -3,7 +3,9 @@
 
 A peer check for the kit, independent of Veil's own VMM: every scenario boots the kit with a
 command line, compares the serial output and the exit status with what docs/guest-kit.md
-promises, and, for stamping scenarios, reads guest RAM back from the file that backs it.
+promises, and, for stamping scenarios, reads guest RAM back from the file that backs it. Disk
+scenarios attach QEMU's virtio-blk-device (modern virtio-mmio) on a raw file they pre-fill and
+read back.
 
     python3 guests/kit/qemu-test.py [PATH-TO-veil-kit] [-k SUBSTRING]
 

@@ -17,6 +17,8 @@ use veil_guest_abi::page_stamp;
 
 /// Sectors in one request of `blk-check` and `blk-write`: a whole slot buffer.
 const SECTORS_PER_REQUEST: u64 = dma::BUFFER_SIZE as u64 / SECTOR_SIZE;
+// `blk-bench` takes sizes up to 64 KiB (cmdline.rs): one slot buffer each.
+const _: () = assert!(dma::BUFFER_SIZE >= 65536);
 
 fn name(op: &BlkOp) -> &'static str {
     match op {
