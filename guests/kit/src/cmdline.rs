@@ -2,6 +2,11 @@
 //!
 //! Numbers are decimal or `0x` hex. Parsing allocates nothing: [`Tasks`] walks the line and
 //! yields one [`Task`] (or the first error) per word.
+//!
+//! Words `virtio_mmio.device=SIZE@BASE:IRQ[:ID]` are not tasks but virtio-mmio transports, in
+//! the format Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES parses (drivers/virtio/virtio_mmio.c,
+//! `vm_cmdline_set`): Veil appends one per device, and QEMU microvm's are given with `-append`.
+//! [`MmioDevices`] yields them in order; `dev=D` in a task is the D-th of them (0-based).
 
 /// A page range: `count` pages starting at frame `first`, `stride` frames apart, stamped or
 /// checked with `seed`.
@@ -45,14 +50,23 @@ impl PageRange {
 #[derive(Clone, Copy)]
 pub enum Task {
     Greet,
-    Stamp { range: PageRange, cpus: u64 },
+    Stamp {
+        range: PageRange,
+        cpus: u64,
+    },
     Check(PageRange),
     Fault,
     Exit(u8),
     /// Loop forever (until the VMM stops the VM).
     Spin,
     /// `KVM_HC_MAP_GPA_RANGE` (or hypercall `nr`) with a result to expect.
-    Hypercall { nr: u64, gpa: u64, pages: u64, attrs: u64, expect: u64 },
+    Hypercall {
+        nr: u64,
+        gpa: u64,
+        pages: u64,
+        attrs: u64,
+        expect: u64,
+    },
     /// Write `MSR_KVM_MIGRATION_CONTROL`.
     MsrWrite(u64),
     /// Write the UART's scratch register: device state a migration must carry.
@@ -64,15 +78,164 @@ pub enum Task {
     /// Time `count` hypercall round trips against as many bare I/O exits.
     HypercallBench(u64),
     /// Print `len` bytes at guest-physical `gpa` in hex (an injected launch secret).
-    ReadSecret { gpa: u64, len: u64 },
+    ReadSecret {
+        gpa: u64,
+        len: u64,
+    },
     /// Stamp the range over and over, forever: a guest that keeps dirtying memory. With
     /// `check_every`, each round first checks the stamps of the last one, and every that many
     /// rounds says so.
-    DirtyLoop { range: PageRange, check_every: Option<u64> },
+    DirtyLoop {
+        range: PageRange,
+        check_every: Option<u64>,
+    },
     /// Write one word per page of the range (seed unused), `rate` pages a second, forever.
-    DirtyPaced { range: PageRange, rate: u64 },
+    DirtyPaced {
+        range: PageRange,
+        rate: u64,
+    },
     /// Share every other page of `count` pages from `first`: the worst case for a run list.
-    ShareAlternate { first: u64, count: u64 },
+    ShareAlternate {
+        first: u64,
+        count: u64,
+    },
+    /// A virtio-blk task on the `dev`-th `virtio_mmio.device=` transport.
+    Blk {
+        dev: u64,
+        op: BlkOp,
+    },
+}
+
+/// What a virtio-blk task does (see docs/guest-kit.md).
+#[derive(Clone, Copy)]
+pub enum BlkOp {
+    /// Read `count` sectors from `sector` and check each one's first word against
+    /// `page_stamp(seed, sector)`.
+    Check { sector: u64, count: u64, seed: u64 },
+    /// Write such sectors, then flush.
+    Write { sector: u64, count: u64, seed: u64 },
+    /// Print the device's id string and capacity.
+    Id,
+    /// One read with interrupts requested and the device's IRQ routed to this vCPU, interrupts
+    /// disabled: the vector must then be pending in the LAPIC's IRR.
+    Irq,
+    /// A one-sector request that must fail with IOERR: a read (or a write) at `sector`, by
+    /// default the first sector past the end of the disk.
+    Bad { sector: Option<u64>, write: bool },
+    /// Time `count` requests of `size` bytes with `depth` in flight (`None`: as many as the
+    /// queue holds).
+    Bench {
+        size: u64,
+        count: u64,
+        depth: Option<u64>,
+        write: bool,
+    },
+}
+
+/// `depth=max` in `blk-bench`: as many requests in flight as the queue holds.
+const DEPTH_MAX: u64 = u64::MAX;
+
+/// A virtio-mmio transport from a `virtio_mmio.device=SIZE@BASE:IRQ[:ID]` word.
+#[derive(Clone, Copy)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u64,
+}
+
+/// The prefix of a transport word.
+const MMIO_DEVICE_PREFIX: &[u8] = b"virtio_mmio.device=";
+
+/// Iterator over the `virtio_mmio.device=` words of a command line.
+pub struct MmioDevices<'a> {
+    words: Words<'a>,
+}
+
+impl<'a> MmioDevices<'a> {
+    pub fn new(cmdline: &'a [u8]) -> Self {
+        MmioDevices {
+            words: Words { rest: cmdline },
+        }
+    }
+}
+
+impl<'a> Iterator for MmioDevices<'a> {
+    type Item = Result<MmioDevice, ParseError<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let word = self.words.find(|w| w.starts_with(MMIO_DEVICE_PREFIX))?;
+        Some(parse_mmio_device(word))
+    }
+}
+
+/// `SIZE@BASE:IRQ[:ID]`: SIZE with an optional K/M/G suffix (Linux's `memparse`), BASE and IRQ
+/// numbers; ID (Linux's platform-device id) is accepted and ignored. The window must lie in the
+/// 32-bit MMIO hole (3..4 GiB), which the kit maps uncached, and hold the registers (0x100
+/// bytes) and some config space.
+fn parse_mmio_device(word: &[u8]) -> Result<MmioDevice, ParseError<'_>> {
+    let err = |msg, item| ParseError { word, msg, item };
+    let spec = &word[MMIO_DEVICE_PREFIX.len()..];
+    let at = spec
+        .iter()
+        .position(|&b| b == b'@')
+        .ok_or(err("expected SIZE@BASE:IRQ", b""))?;
+    let (size, rest) = (&spec[..at], &spec[at + 1..]);
+    let colon = rest
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(err("expected SIZE@BASE:IRQ", b""))?;
+    let (base, rest) = (&rest[..colon], &rest[colon + 1..]);
+    let irq = match rest.iter().position(|&b| b == b':') {
+        Some(i) => &rest[..i],
+        None => rest,
+    };
+    let (digits, shift) = match size {
+        [d @ .., b'K' | b'k'] => (d, 10),
+        [d @ .., b'M' | b'm'] => (d, 20),
+        [d @ .., b'G' | b'g'] => (d, 30),
+        _ => (size, 0),
+    };
+    let size = parse_number(digits)
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or(err("bad number", size))?;
+    let base_value = parse_number(base).ok_or(err("bad number", base))?;
+    let irq = parse_number(irq).ok_or(err("bad number", irq))?;
+    if size < 0x200 {
+        return Err(err("the window must be at least 0x200 bytes", b""));
+    }
+    let in_hole =
+        base_value >= 3 << 30 && base_value.checked_add(size).is_some_and(|e| e <= 4 << 30);
+    if !in_hole || base_value % 4 != 0 {
+        return Err(err(
+            "the window must be 4-byte aligned inside 0xc0000000..0x100000000",
+            base,
+        ));
+    }
+    Ok(MmioDevice {
+        base: base_value,
+        size,
+        irq,
+    })
+}
+
+/// The whitespace-separated words of a command line.
+struct Words<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let start = self.rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        let rest = &self.rest[start..];
+        let len = rest
+            .iter()
+            .position(|b| b.is_ascii_whitespace())
+            .unwrap_or(rest.len());
+        self.rest = &rest[len..];
+        Some(&rest[..len])
+    }
 }
 
 /// Why a word of the command line is not a task.
@@ -84,14 +247,16 @@ pub struct ParseError<'a> {
     pub item: &'a [u8],
 }
 
-/// Iterator over the tasks of a command line.
+/// Iterator over the tasks of a command line (skipping `virtio_mmio.device=` words).
 pub struct Tasks<'a> {
-    rest: &'a [u8],
+    words: Words<'a>,
 }
 
 impl<'a> Tasks<'a> {
     pub fn new(cmdline: &'a [u8]) -> Self {
-        Tasks { rest: cmdline }
+        Tasks {
+            words: Words { rest: cmdline },
+        }
     }
 }
 
@@ -99,14 +264,8 @@ impl<'a> Iterator for Tasks<'a> {
     type Item = Result<Task, ParseError<'a>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let start = self.rest.iter().position(|b| !b.is_ascii_whitespace())?;
-        let rest = &self.rest[start..];
-        let len = rest
-            .iter()
-            .position(|b| b.is_ascii_whitespace())
-            .unwrap_or(rest.len());
-        self.rest = &rest[len..];
-        Some(parse_task(&rest[..len]))
+        let word = self.words.find(|w| !w.starts_with(MMIO_DEVICE_PREFIX))?;
+        Some(parse_task(word))
     }
 }
 
@@ -153,7 +312,9 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         }
         b"msr-write" => {
             let [value] = parse_params(word, params, ["value"])?;
-            Ok(Task::MsrWrite(value.ok_or(err("missing parameter", b"value"))?))
+            Ok(Task::MsrWrite(
+                value.ok_or(err("missing parameter", b"value"))?,
+            ))
         }
         b"uart-scratch" => {
             let [value] = parse_params(word, params, ["value"])?;
@@ -163,7 +324,9 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         }
         b"msr-read" => {
             let [expect] = parse_params(word, params, ["expect"])?;
-            Ok(Task::MsrRead(expect.ok_or(err("missing parameter", b"expect"))?))
+            Ok(Task::MsrRead(
+                expect.ok_or(err("missing parameter", b"expect"))?,
+            ))
         }
         b"share-alternate" => {
             let [first, count] = parse_params(word, params, ["first", "count"])?;
@@ -191,7 +354,10 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             if len > 256 {
                 return Err(err("len must be at most 256", b""));
             }
-            Ok(Task::ReadSecret { gpa: gpa.ok_or(err("missing parameter", b"gpa"))?, len })
+            Ok(Task::ReadSecret {
+                gpa: gpa.ok_or(err("missing parameter", b"gpa"))?,
+                len,
+            })
         }
         b"dirty-loop" => {
             let [seed, first, count, stride, check] =
@@ -199,7 +365,10 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             if check == Some(0) {
                 return Err(err("check must be at least 1", b""));
             }
-            Ok(Task::DirtyLoop { range: range([seed, first, count, stride])?, check_every: check })
+            Ok(Task::DirtyLoop {
+                range: range([seed, first, count, stride])?,
+                check_every: check,
+            })
         }
         b"dirty-paced" => {
             let [first, count, rate] = parse_params(word, params, ["first", "count", "rate"])?;
@@ -216,6 +385,85 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         b"check" => {
             let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;
             Ok(Task::Check(range(p)?))
+        }
+        b"blk-check" | b"blk-write" => {
+            let [dev, sector, count, seed] =
+                parse_params(word, params, ["dev", "sector", "count", "seed"])?;
+            let sector = sector.ok_or(err("missing parameter", b"sector"))?;
+            let count = count.ok_or(err("missing parameter", b"count"))?;
+            let seed = seed.ok_or(err("missing parameter", b"seed"))?;
+            if count == 0 {
+                return Err(err("count must be at least 1", b""));
+            }
+            if sector.checked_add(count).is_none() {
+                return Err(err("sector + count overflows", b""));
+            }
+            let op = if name == b"blk-check" {
+                BlkOp::Check {
+                    sector,
+                    count,
+                    seed,
+                }
+            } else {
+                BlkOp::Write {
+                    sector,
+                    count,
+                    seed,
+                }
+            };
+            Ok(Task::Blk {
+                dev: dev.ok_or(err("missing parameter", b"dev"))?,
+                op,
+            })
+        }
+        b"blk-id" | b"blk-irq" => {
+            let [dev] = parse_params(word, params, ["dev"])?;
+            let op = if name == b"blk-id" {
+                BlkOp::Id
+            } else {
+                BlkOp::Irq
+            };
+            Ok(Task::Blk {
+                dev: dev.ok_or(err("missing parameter", b"dev"))?,
+                op,
+            })
+        }
+        b"blk-bad" => {
+            let [dev, sector, write] = parse_params(word, params, ["dev", "sector", "write"])?;
+            let write = flag(write).ok_or(err("write must be 0 or 1", b""))?;
+            let op = BlkOp::Bad { sector, write };
+            Ok(Task::Blk {
+                dev: dev.ok_or(err("missing parameter", b"dev"))?,
+                op,
+            })
+        }
+        b"blk-bench" => {
+            let [dev, size, count, depth, write] =
+                parse_params(word, params, ["dev", "size", "count", "depth", "write"])?;
+            let size = size.ok_or(err("missing parameter", b"size"))?;
+            if size == 0 || size % 512 != 0 || size > 65536 {
+                return Err(err("size must be a multiple of 512, at most 65536", b""));
+            }
+            let count = count.ok_or(err("missing parameter", b"count"))?;
+            if count == 0 {
+                return Err(err("count must be at least 1", b""));
+            }
+            let depth = match depth.unwrap_or(1) {
+                0 => return Err(err("depth must be at least 1 (or max)", b"")),
+                DEPTH_MAX => None,
+                d => Some(d),
+            };
+            let write = flag(write).ok_or(err("write must be 0 or 1", b""))?;
+            let op = BlkOp::Bench {
+                size,
+                count,
+                depth,
+                write,
+            };
+            Ok(Task::Blk {
+                dev: dev.ok_or(err("missing parameter", b"dev"))?,
+                op,
+            })
         }
         b"exit" => {
             let [code] = parse_params(word, params, ["code"])?;
@@ -254,9 +502,23 @@ fn parse_params<'a, const N: usize>(
         if values[slot].is_some() {
             return Err(err("repeated parameter", key));
         }
-        values[slot] = Some(parse_number(value).ok_or(err("bad number", value))?);
+        // `depth=max` (blk-bench) is the one word a number may be.
+        let number = match (key, value) {
+            (b"depth", b"max") => Some(DEPTH_MAX),
+            _ => parse_number(value),
+        };
+        values[slot] = Some(number.ok_or(err("bad number", value))?);
     }
     Ok(values)
+}
+
+/// An optional 0/1 parameter: `None` for any other value.
+fn flag(value: Option<u64>) -> Option<bool> {
+    match value {
+        None | Some(0) => Some(false),
+        Some(1) => Some(true),
+        _ => None,
+    }
 }
 
 /// Decimal or `0x`/`0X` hex, no overflow; a leading `-` gives the two's complement (hypercall

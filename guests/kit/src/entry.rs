@@ -54,7 +54,7 @@ kit_gdt_ptr:
      * `paging::map_ram` into `kit_pd`. ---- */
     .pushsection .data.kit_page_tables, "aw", @progbits
     .balign 4096
-    .globl kit_pml4, kit_pdpt
+    .globl kit_pml4, kit_pdpt, kit_pd_low, kit_pd_mmio
 kit_pml4:
     .quad kit_pdpt + 3
     .fill 511, 8, 0

@@ -4,7 +4,8 @@
 //! out of the boot area (`boot`), and runs the tasks of its command line (`cmdline`, `tasks`):
 //! print a greeting, stamp pages with `veil_guest_abi::page_stamp` (on several vCPUs: `smp`),
 //! check stamps, fault, or exit with a status. Output goes to COM1 (`serial`), the status to
-//! `veil_guest_abi::EXIT_PORT`. See docs/guest-kit.md.
+//! `veil_guest_abi::EXIT_PORT`. Polled virtio-mmio drivers (`virtio`) serve the `blk-*` tasks.
+//! See docs/guest-kit.md.
 //!
 //! The project's hosts run guests in KVM's instruction emulator (~2M instructions/s), which
 //! handles no exceptions or interrupts: the kit never enables interrupts, never faults except
@@ -16,6 +17,7 @@ mod arch;
 mod boot;
 mod cmdline;
 mod entry;
+mod ioapic;
 mod layout;
 mod mem;
 mod memmap;
@@ -25,6 +27,7 @@ mod reset;
 mod serial;
 mod smp;
 mod tasks;
+mod virtio;
 
 // Exit statuses, shared with the VMM's tests through the ABI crate.
 pub use veil_guest_abi::{

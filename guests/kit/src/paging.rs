@@ -11,10 +11,17 @@ use crate::layout::MAPPED_GIB;
 extern "C" {
     static mut kit_pdpt: [u64; 512];
     static mut kit_pd: [[u64; 512]; MAPPED_GIB];
+    /// The first GiB's 2 MiB pages (entry.rs).
+    static mut kit_pd_low: [u64; 512];
+    /// 3..4 GiB: the LAPIC's page, and the virtio-mmio windows mapped by [`map_mmio`].
+    static mut kit_pd_mmio: [u64; 512];
 }
 
 const PRESENT_WRITABLE: u64 = 0x3;
 const HUGE: u64 = 0x80;
+/// PWT | PCD: uncached, for device registers.
+const UNCACHED: u64 = 0x18;
+const LARGE_PAGE: u64 = 1 << 21;
 /// Where the xAPIC registers are (the default APIC base); mapped uncached by the boot tables.
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
 /// The GiB the boot tables map statically with the LAPIC (3..4 GiB, the 32-bit MMIO hole).
@@ -36,6 +43,46 @@ pub fn map_ram(end_gfn: u64) {
                 (*dir)[i as usize] = addr | HUGE | PRESENT_WRITABLE;
             }
             pdpt.add(g).write(dir as u64 | PRESENT_WRITABLE);
+        }
+    }
+    arch::flush_tlb();
+}
+
+/// Maps the 2 MiB pages holding the device window `base..base + size` (inside 3..4 GiB, as
+/// `cmdline` checks) uncached, as the LAPIC's is.
+pub fn map_mmio(base: u64, size: u64) {
+    let first = (base - (3 << 30)) / LARGE_PAGE;
+    let last = (base + size - 1 - (3 << 30)) / LARGE_PAGE;
+    for i in first..=last.min(511) {
+        let entry = ((3 << 30) + i * LARGE_PAGE) | UNCACHED | HUGE | PRESENT_WRITABLE;
+        // SAFETY: the kit's own table for 3..4 GiB, which holds no RAM: (re)mapping a device
+        // page there changes no mapping of memory the kit uses.
+        unsafe {
+            (core::ptr::addr_of_mut!(kit_pd_mmio) as *mut u64)
+                .add(i as usize)
+                .write(entry)
+        };
+    }
+    arch::flush_tlb();
+}
+
+/// Clears the memory-encryption bit `c_bit` in the 2 MiB pages of the first GiB that hold
+/// `start..end`, so the guest's own accesses there are unencrypted, like the device's: the
+/// first half of Linux's `set_memory_decrypted` (the second is the hypercall).
+///
+/// On these hosts a no-op in effect: the kit's tables never set the C-bit (under Veil's
+/// emulated SEV nothing is encrypted, and bit 51 lies beyond the emulated MAXPHYADDR). A kit
+/// that kept its private memory encrypted on real hardware would have to map the range with
+/// 4 KiB pages first (a 2 MiB page here also holds other kit memory) and flush the cache lines
+/// of those pages (`clflush`), since they were written while private.
+pub fn clear_c_bit(start: u64, end: u64, c_bit: u32) {
+    let mask = 1u64.checked_shl(c_bit).unwrap_or(0);
+    for i in start / LARGE_PAGE..end.div_ceil(LARGE_PAGE).min(512) {
+        // SAFETY: the kit's own table for the first GiB; clearing the C-bit keeps the identity
+        // mapping (same address, same permissions).
+        unsafe {
+            let entry = (core::ptr::addr_of_mut!(kit_pd_low) as *mut u64).add(i as usize);
+            entry.write(entry.read() & !mask);
         }
     }
     arch::flush_tlb();

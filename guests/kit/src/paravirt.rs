@@ -5,11 +5,30 @@ use core::arch::asm;
 use core::arch::x86_64::__cpuid;
 
 use veil_guest_abi::{
-    VEIL_CPUID_FEATURES, VEIL_CPUID_SIGNATURE, VEIL_CPUID_SIGNATURE_WORD, VEIL_FEATURE_HYPERCALL_PORT,
+    VEIL_CPUID_FEATURES, VEIL_CPUID_SIGNATURE, VEIL_CPUID_SIGNATURE_WORD,
+    VEIL_FEATURE_HYPERCALL_PORT,
 };
 
 /// `MSR_KVM_MIGRATION_CONTROL` (Documentation/virt/kvm/x86/msr.rst).
 pub const MSR_KVM_MIGRATION_CONTROL: u32 = 0x4b56_4d08;
+
+/// CPUID Fn8000_001F, "Encrypted Memory Capabilities" (AMD APM vol. 3, appendix E.4.17):
+/// EAX bit 1 is SEV, EBX[5:0] the C-bit's position. Veil's SEV guests see it (docs/sev.md).
+const CPUID_MEM_ENCRYPT: u32 = 0x8000_001f;
+const CPUID_MEM_ENCRYPT_SEV: u32 = 1 << 1;
+
+/// The C-bit's position when this guest runs with encrypted memory (SEV), else `None`.
+///
+/// From CPUID alone. Linux also reads MSR_AMD64_SEV (0xc0010131) to tell an SEV-capable host
+/// from an SEV guest; the kit does not, because an MSR the VMM does not know is a #GP, which
+/// stops the VM on these hosts, and a VMM reports SEV in this leaf only to its SEV guests.
+pub fn memory_encryption_c_bit() -> Option<u32> {
+    if __cpuid(0x8000_0000).eax < CPUID_MEM_ENCRYPT {
+        return None;
+    }
+    let leaf = __cpuid(CPUID_MEM_ENCRYPT);
+    (leaf.eax & CPUID_MEM_ENCRYPT_SEV != 0).then_some(leaf.ebx & 0x3f)
+}
 
 /// How this guest reaches the hypervisor's hypercall handler.
 #[derive(Clone, Copy)]

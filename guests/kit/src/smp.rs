@@ -33,22 +33,22 @@ static JOB_CPUS: AtomicU64 = AtomicU64::new(1);
 const AP_START_TIMEOUT_TSC: u64 = 10_000_000_000;
 
 // xAPIC registers (offsets from LAPIC_BASE).
-const LAPIC_SVR: u64 = 0xf0;
+pub const LAPIC_SVR: u64 = 0xf0;
 const LAPIC_ICR_LOW: u64 = 0x300;
 const LAPIC_ICR_HIGH: u64 = 0x310;
-const SVR_APIC_ENABLE: u32 = 1 << 8;
+pub const SVR_APIC_ENABLE: u32 = 1 << 8;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 /// INIT, level assert.
 const ICR_INIT: u32 = 0x4500;
 /// Start-up IPI; the low byte is the vector (the trampoline's page number).
 const ICR_STARTUP: u32 = 0x4600;
 
-fn lapic_read(reg: u64) -> u32 {
+pub fn lapic_read(reg: u64) -> u32 {
     // SAFETY: LAPIC_BASE is identity-mapped (uncached); reading a register has no side effect.
     unsafe { ((LAPIC_BASE + reg) as *const u32).read_volatile() }
 }
 
-fn lapic_write(reg: u64, value: u32) {
+pub fn lapic_write(reg: u64, value: u32) {
     // SAFETY: as for `lapic_read`; the registers written here only send IPIs or enable the
     // APIC, and interrupts stay disabled on every vCPU.
     unsafe { ((LAPIC_BASE + reg) as *mut u32).write_volatile(value) }

@@ -1,26 +1,72 @@
 //! Running the command line: check every task first, then run them in order.
 
-use crate::cmdline::{PageRange, ParseError, Task, Tasks};
+use crate::cmdline::{MmioDevice, MmioDevices, PageRange, ParseError, Task, Tasks};
 use crate::layout::{image_gfns, trampoline_gfn, MAX_CPUS};
 use crate::memmap::RamMap;
 use crate::serial::{begin_error, end_error, write_bytes, write_dec, write_hex, write_str};
 use crate::{arch, paravirt, reset, smp, EXIT_CHECK_FAILED, EXIT_OK};
 use veil_guest_abi::{page_stamp, PAGE_SIZE};
 
+mod blk;
 mod paced;
+
+/// Most `virtio_mmio.device=` entries the kit takes.
+const MAX_MMIO_DEVICES: usize = 16;
+
+/// The command line's virtio-mmio transports, in order: `dev=D` is the D-th.
+struct Devices {
+    list: [MmioDevice; MAX_MMIO_DEVICES],
+    len: usize,
+}
+
+impl Devices {
+    /// Parses every `virtio_mmio.device=` word; a malformed one is reported like a bad task.
+    fn new(cmdline: &[u8]) -> Self {
+        let mut devices = Devices {
+            list: [MmioDevice {
+                base: 0,
+                size: 0,
+                irq: 0,
+            }; MAX_MMIO_DEVICES],
+            len: 0,
+        };
+        for device in MmioDevices::new(cmdline) {
+            let device = device.unwrap_or_else(|e| report_parse_error(&e));
+            if devices.len == MAX_MMIO_DEVICES {
+                begin_error();
+                write_str("more than ");
+                write_dec(MAX_MMIO_DEVICES as u64);
+                write_str(" virtio_mmio.device entries");
+                end_error();
+            }
+            devices.list[devices.len] = device;
+            devices.len += 1;
+        }
+        devices
+    }
+
+    fn get(&self, dev: u64) -> Option<&MmioDevice> {
+        self.list[..self.len].get(usize::try_from(dev).ok()?)
+    }
+}
 
 /// Runs the whole command line and exits: 0 when every task ran, 1 when a check failed, 2 on
 /// a malformed line or a bad page range (reported before any task runs), or a task's own
 /// status (`exit`, `fault`).
 pub fn run_all(cmdline: &[u8], ram: &RamMap) -> ! {
     // Validate everything first, so a typo in the last task does not leave half-done work.
+    let devices = Devices::new(cmdline);
     let mut tasks = 0;
     for task in Tasks::new(cmdline) {
-        validate(&task.unwrap_or_else(|e| report_parse_error(&e)), ram);
+        validate(
+            &task.unwrap_or_else(|e| report_parse_error(&e)),
+            ram,
+            &devices,
+        );
         tasks += 1;
     }
     if tasks == 0 {
-        run(&Task::Greet, 0);
+        run(&Task::Greet, 0, &devices);
     }
     // After a `reset` task, carry on with the task that followed it.
     let resume_from = reset::take_resume_point();
@@ -28,7 +74,11 @@ pub fn run_all(cmdline: &[u8], ram: &RamMap) -> ! {
         write_str("veil-kit: resumed after reset\n");
     }
     for (index, task) in Tasks::new(cmdline).enumerate().skip(resume_from) {
-        run(&task.unwrap_or_else(|e| report_parse_error(&e)), index);
+        run(
+            &task.unwrap_or_else(|e| report_parse_error(&e)),
+            index,
+            &devices,
+        );
     }
     arch::exit(EXIT_OK)
 }
@@ -48,9 +98,21 @@ fn report_parse_error(e: &ParseError<'_>) -> ! {
 }
 
 /// Exits with status 2 if `task` cannot run: pages outside RAM or inside the kit's own memory,
-/// or too many vCPUs.
-fn validate(task: &Task, ram: &RamMap) {
+/// too many vCPUs, or a `dev=D` without its `virtio_mmio.device=` entry.
+fn validate(task: &Task, ram: &RamMap, devices: &Devices) {
     let (name, range) = match task {
+        Task::Blk { dev, .. } => {
+            if devices.get(*dev).is_none() {
+                begin_error();
+                write_str("dev ");
+                write_dec(*dev);
+                write_str(": the command line has ");
+                write_dec(devices.len as u64);
+                write_str(" virtio_mmio.device entries (dev counts them from 0)");
+                end_error();
+            }
+            return;
+        }
         Task::Stamp { range, cpus } => {
             if *cpus == 0 || *cpus > MAX_CPUS {
                 begin_error();
@@ -64,8 +126,13 @@ fn validate(task: &Task, ram: &RamMap) {
         Task::DirtyLoop { range, .. } => ("dirty-loop: ", range),
         Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
         Task::ReadSecret { gpa, len } => {
-            let range = PageRange { seed: 0, first: gpa / PAGE_SIZE, count: (gpa + len).div_ceil(PAGE_SIZE) - gpa / PAGE_SIZE, stride: 1 };
-            return validate(&Task::Check(range), ram);
+            let range = PageRange {
+                seed: 0,
+                first: gpa / PAGE_SIZE,
+                count: (gpa + len).div_ceil(PAGE_SIZE) - gpa / PAGE_SIZE,
+                stride: 1,
+            };
+            return validate(&Task::Check(range), ram, devices);
         }
         _ => return,
     };
@@ -116,12 +183,24 @@ fn validate(task: &Task, ram: &RamMap) {
     }
 }
 
-fn run(task: &Task, index: usize) {
+fn run(task: &Task, index: usize, devices: &Devices) {
     match *task {
+        Task::Blk { dev, ref op } => {
+            // `validate` checked the entry exists.
+            if let Some(device) = devices.get(dev) {
+                blk::run(op, dev, device);
+            }
+        }
         Task::Spin => loop {
             arch::pause();
         },
-        Task::Hypercall { nr, gpa, pages, attrs, expect } => {
+        Task::Hypercall {
+            nr,
+            gpa,
+            pages,
+            attrs,
+            expect,
+        } => {
             let result = paravirt::hypercall(paravirt::transport(), nr, gpa, pages, attrs);
             report_value("hypercall", result, expect);
         }
@@ -138,7 +217,11 @@ fn run(task: &Task, index: usize) {
             write_str("\n");
         }
         Task::MsrRead(expect) => {
-            report_value("msr-read", paravirt::rdmsr(paravirt::MSR_KVM_MIGRATION_CONTROL), expect);
+            report_value(
+                "msr-read",
+                paravirt::rdmsr(paravirt::MSR_KVM_MIGRATION_CONTROL),
+                expect,
+            );
         }
         Task::Reset => reset::reset_and_resume_at(index + 1),
         Task::HypercallBench(count) => hypercall_bench(count),
@@ -170,7 +253,7 @@ fn run(task: &Task, index: usize) {
                     fail_check("dirty-loop check", mismatch);
                 }
                 stamp(&range, 0, range.count);
-                if round % every == 0 {
+                if round.is_multiple_of(every) {
                     write_str("dirty-loop: round ");
                     write_dec(round);
                     write_str(" checked\n");
@@ -222,7 +305,14 @@ fn run(task: &Task, index: usize) {
 }
 
 /// Prints `<what> FAILED at gfn G: found X, expected Y` and stops the guest with status 1.
-fn fail_check(what: &str, Mismatch { gfn, found, expected }: Mismatch) -> ! {
+fn fail_check(
+    what: &str,
+    Mismatch {
+        gfn,
+        found,
+        expected,
+    }: Mismatch,
+) -> ! {
     write_str(what);
     write_str(" FAILED at gfn ");
     write_hex(gfn);
