@@ -1,12 +1,15 @@
 //! Builds a VM from a few choices and wires its devices.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
+use veil_devices::virtio::block::{Block, BlockConfig, BlockError};
 use veil_devices::{Bus, BusError, ExitPort, ResetPort, Serial, SerialSink};
 use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
+use veil_hypervisor::devices::{layout, DeviceManager, DeviceManagerError, DeviceSnapshot};
 use veil_hypervisor::paravirt::TransportChoice;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::VmSetup;
@@ -52,16 +55,46 @@ pub enum Error {
     /// The incoming device state does not decode.
     #[error("The incoming guest's device state is not valid")]
     DeviceState(#[source] serde_json::Error),
+    /// A disk could not be opened.
+    #[error("Cannot use {} as a disk", path.display())]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: BlockError,
+    },
+    /// The virtio devices could not be set up.
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
+    /// Two disks were given the same id.
+    #[error("Two disks have the id {0}: ids name disks and must differ")]
+    DuplicateDiskId(String),
+}
+
+/// Opens and names every disk, in order.
+fn open_disks(disks: &[BlockConfig]) -> Result<Vec<(String, Block)>, Error> {
+    let mut opened: Vec<(String, Block)> = Vec::new();
+    for (index, config) in disks.iter().enumerate() {
+        let name = config.id.clone().unwrap_or_else(|| format!("disk{index}"));
+        if opened.iter().any(|(other, _)| *other == name) {
+            return Err(Error::DuplicateDiskId(name));
+        }
+        let block = Block::new(config.clone()).map_err(|source| Error::Disk {
+            path: config.path.clone(),
+            source,
+        })?;
+        opened.push((name, block));
+    }
+    Ok(opened)
 }
 
 /// What a migration carries of the devices the builder makes.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct DeviceSnapshot {
+struct SavedDeviceState {
     /// COM1's registers; absent, the UART starts afresh.
     serial: Option<veil_devices::serial::SerialRegisters>,
 }
 
-impl DeviceSnapshot {
+impl SavedDeviceState {
     fn decode(value: serde_json::Value) -> Result<Self, Error> {
         if value.is_null() {
             return Ok(Self::default());
@@ -78,7 +111,7 @@ struct SavedDevices {
 impl veil_hypervisor::DeviceState for SavedDevices {
     fn save(&self) -> serde_json::Value {
         let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let snapshot = DeviceSnapshot {
+        let snapshot = SavedDeviceState {
             serial: Some(serial.registers()),
         };
         serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
@@ -115,6 +148,9 @@ pub struct VmBuilder {
     hypercall_transport: TransportChoice,
     encrypted_memory: bool,
     sev: Option<SevConfig>,
+    disks: Vec<BlockConfig>,
+    /// For an incoming guest: where this host finds a disk, by its name.
+    disk_paths: HashMap<String, PathBuf>,
 }
 
 impl Default for VmBuilder {
@@ -138,7 +174,23 @@ impl VmBuilder {
             hypercall_transport: TransportChoice::Auto,
             encrypted_memory: false,
             sev: None,
+            disks: Vec::new(),
+            disk_paths: HashMap::new(),
         }
+    }
+
+    /// Adds a virtio-blk disk (a raw file or block device), locked against other writers.
+    /// Disks are named by their `id`, or `disk0`, `disk1`... in the order added.
+    pub fn disk(mut self, disk: BlockConfig) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// For a guest arriving by migration: its disk named `name` is at `path` on this host
+    /// (by default, at the path it had on the source: shared storage).
+    pub fn disk_path(mut self, name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        self.disk_paths.insert(name.into(), path.into());
+        self
     }
 
     /// Launches the guest under SEV: measured by the firmware, memory private by default.
@@ -233,10 +285,22 @@ impl VmBuilder {
         };
         // Open the firmware first: a host without SEV should fail before anything is built.
         let mut sev_setup = self.sev.as_ref().map(sev_launch::prepare).transpose()?;
+        // Disks next: a locked or missing one fails before the VM exists.
+        let disks = open_disks(&self.disks)?;
+        let mut boot = self.boot;
+        let entries = layout::cmdline_entries(disks.len());
+        if !entries.is_empty() {
+            boot.cmdline = [boot.cmdline.as_str(), entries.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
         let config = VmConfig {
             memory: self.memory,
             vcpus: self.vcpus,
-            boot: receive.is_none().then_some(self.boot),
+            boot: receive.is_none().then_some(boot),
             encrypted_memory: self.encrypted_memory || self.sev.is_some(),
             hypercall_transport: self.hypercall_transport,
         };
@@ -246,13 +310,15 @@ impl VmBuilder {
         };
         let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
         let incoming = receive.is_some();
-        let mut arrived_devices = DeviceSnapshot::default();
+        let mut arrived_devices = SavedDeviceState::default();
+        let mut arrived_virtio = Vec::new();
         let sev = match (receive, self.sev, sev_setup) {
             (Some(receive), sev, mut setup) => {
                 let firmware = setup.as_mut().and_then(|s| s.firmware_mut());
                 let (snapshot, handle) = receive(vm.memory(), firmware).map_err(Error::Receive)?;
                 vm.restore(&snapshot)?;
-                arrived_devices = DeviceSnapshot::decode(snapshot.devices)?;
+                arrived_devices = SavedDeviceState::decode(snapshot.devices)?;
+                arrived_virtio = snapshot.virtio;
                 match (sev, setup, handle) {
                     (Some(config), Some(setup), Some(handle)) => {
                         sev_launch::block_if_nosend(config.policy, vm.paravirt());
@@ -305,9 +371,26 @@ impl VmBuilder {
         )?;
         pio.insert(Arc::new(Mutex::new(keyboard_reset)), I8042_COMMAND_PORT, 1)?;
 
+        let mut devices =
+            DeviceManager::new(vm.memory().clone(), vm.paravirt(), config.encrypted_memory);
+        for (name, block) in disks {
+            devices.add_block(vm.fd(), &name, block)?;
+        }
+        for saved in &arrived_virtio {
+            match &saved.device {
+                DeviceSnapshot::Block { path, state } => {
+                    let path = self.disk_paths.get(&saved.name).unwrap_or(path);
+                    devices.restore_block(vm.fd(), saved, path.clone(), state)?;
+                }
+            }
+        }
+        let (mmio, virtio) = devices.start()?;
+
         let handlers = ExitHandlers {
             pio,
+            mmio,
             device_state: Some(Arc::new(SavedDevices { serial })),
+            virtio: Some(virtio),
             ..Default::default()
         };
         let running = if incoming {

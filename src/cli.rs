@@ -283,6 +283,12 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub sev: bool,
 
+    /// Where this host finds the incoming guest's disk NAME: id=NAME,path=FILE. Repeatable.
+    /// Without it a disk is opened at the path it had on the source (shared storage); it is
+    /// locked once the source has flushed and released it.
+    #[arg(long = "disk", value_parser = parse_disk_mapping, value_name = "id=NAME,path=FILE")]
+    pub disks: Vec<(String, PathBuf)>,
+
     #[command(flatten)]
     pub sev_platform: SevPlatformArgs,
 }
@@ -312,6 +318,14 @@ pub struct MachineArgs {
     /// Serve the control API (JSON lines, mode 0600) on this UNIX socket; `veil ctl` speaks it.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// A virtio-blk disk: path=FILE (a raw image or a block device)[,readonly=on][,id=NAME].
+    /// Repeatable; the guest finds disks in the order given (virtio_mmio.device= entries are
+    /// appended to its command line). The file is locked: two VMMs cannot write one disk. The
+    /// id (at most 20 bytes) is what the guest reads with GET_ID and names the disk for
+    /// migration; without one a disk is disk0, disk1, ...
+    #[arg(long = "disk", value_parser = parse_disk, value_name = "path=FILE,...")]
+    pub disks: Vec<veil::DiskConfig>,
 
     /// How guest hypercalls reach Veil: `exit` (vmmcall, KVM_EXIT_HYPERCALL), `port` (Veil's
     /// I/O-port transport, for hosts that cannot deliver hypercall exits), or `auto` (probe the
@@ -390,6 +404,71 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
+/// `key=value` pairs separated by commas, each key at most once.
+fn parse_options<'a>(text: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for item in text.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not key=value"))?;
+        if !known.contains(&key) {
+            return Err(format!(
+                "unknown option '{key}' (known: {})",
+                known.join(", ")
+            ));
+        }
+        if pairs.iter().any(|(k, _)| *k == key) {
+            return Err(format!("'{key}' is given twice"));
+        }
+        if value.is_empty() {
+            return Err(format!("'{key}' needs a value"));
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+/// `path=FILE[,readonly=on|off][,id=NAME]`.
+pub fn parse_disk(text: &str) -> Result<veil::DiskConfig, String> {
+    let mut disk = veil::DiskConfig::new("");
+    let mut has_path = false;
+    for (key, value) in parse_options(text, &["path", "readonly", "id"])? {
+        match key {
+            "path" => {
+                disk.path = value.into();
+                has_path = true;
+            }
+            "readonly" => {
+                disk.read_only = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(format!("readonly is on or off, not '{value}'")),
+                }
+            }
+            _ => {
+                if value.len() > 20 {
+                    return Err(format!("the id '{value}' is longer than 20 bytes"));
+                }
+                disk.id = Some(value.into())
+            }
+        }
+    }
+    if !has_path {
+        return Err("a disk needs path=FILE".into());
+    }
+    Ok(disk)
+}
+
+/// `id=NAME,path=FILE`.
+pub fn parse_disk_mapping(text: &str) -> Result<(String, PathBuf), String> {
+    let pairs = parse_options(text, &["id", "path"])?;
+    let get = |key| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    match (get("id"), get("path")) {
+        (Some(id), Some(path)) => Ok((id.into(), path.into())),
+        _ => Err("a disk mapping needs id=NAME,path=FILE".into()),
+    }
+}
+
 /// `stdio`, `file:PATH`, `unix:PATH`, `null`.
 pub fn parse_serial(text: &str) -> Result<SerialSink, String> {
     let (kind, path) = text.split_once(':').unwrap_or((text, ""));
@@ -407,6 +486,33 @@ pub fn parse_serial(text: &str) -> Result<SerialSink, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disks_parse_with_their_options_and_say_what_is_wrong() {
+        let disk = parse_disk("path=/d.img,readonly=on,id=root").unwrap();
+        assert_eq!(disk.path, PathBuf::from("/d.img"));
+        assert!(disk.read_only);
+        assert_eq!(disk.id.as_deref(), Some("root"));
+        let plain = parse_disk("path=/d.img").unwrap();
+        assert!(!plain.read_only && plain.id.is_none());
+        assert!(parse_disk("readonly=on").unwrap_err().contains("path=FILE"));
+        assert!(parse_disk("path=/a,size=1")
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(parse_disk("path=/a,path=/b").unwrap_err().contains("twice"));
+        assert!(parse_disk("path=/a,readonly=maybe")
+            .unwrap_err()
+            .contains("on or off"));
+        assert!(parse_disk("/d.img").unwrap_err().contains("key=value"));
+        assert!(parse_disk("path=/a,id=an-id-of-more-than-20-bytes")
+            .unwrap_err()
+            .contains("20 bytes"));
+        assert_eq!(
+            parse_disk_mapping("id=root,path=/b.img"),
+            Ok(("root".into(), PathBuf::from("/b.img")))
+        );
+        assert!(parse_disk_mapping("id=root").is_err());
+    }
 
     #[test]
     fn sizes_parse_in_binary_units() {

@@ -46,10 +46,13 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
         .vcpus(args.vcpus)
         .serial(args.serial)
         .hypercall_transport(args.hypercall_transport.into());
-    let builder = match args.memory_file {
+    let mut builder = match args.memory_file {
         Some(path) => builder.memory_file(path),
         None => builder,
     };
+    for disk in args.disks {
+        builder = builder.disk(disk);
+    }
     (builder, args.api_socket)
 }
 
@@ -135,6 +138,9 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
         .serial(args.serial);
+    for (name, path) in args.disks {
+        builder = builder.disk_path(name, path);
+    }
     let mut discard = DiscardMemoryFile::new(args.memory_file.clone());
     if let Some(path) = args.memory_file {
         builder = builder.memory_file(path);

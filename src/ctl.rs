@@ -219,6 +219,22 @@ fn print_status(s: &Value) {
                 .unwrap_or_default()
         ),
     }
+    for d in s["devices"].as_array().into_iter().flatten() {
+        let backing = match (d["path"].as_str(), d["read_only"].as_bool()) {
+            (Some(path), Some(true)) => format!(", {path} (read-only)"),
+            (Some(path), _) => format!(", {path}"),
+            _ => String::new(),
+        };
+        println!(
+            "device             {} {} at {:#x} irq {}, driver status {:#x}, {} refused accesses{backing}",
+            d["kind"].as_str().unwrap_or("?"),
+            d["name"].as_str().unwrap_or("?"),
+            d["mmio_base"].as_u64().unwrap_or(0),
+            d["irq"],
+            d["driver_status"].as_u64().unwrap_or(0),
+            d["refused_accesses"],
+        );
+    }
     match s["page_states"].as_object() {
         None => {
             println!("page states        none (memory is not encrypted: every page is plain data)")

@@ -52,6 +52,8 @@ pub struct ExitHandlers {
     pub hypercall_port: Option<u16>,
     /// The state of the VMM's devices, saved with the VM for a migration.
     pub device_state: Option<Arc<dyn DeviceState>>,
+    /// The virtio devices and their thread: paused, saved and stopped with the VM.
+    pub virtio: Option<Arc<crate::devices::VirtioDevices>>,
 }
 
 /// Devices whose state the VMM keeps (a UART's registers, say): the VM saves it opaquely in

@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod control;
 pub mod cpuid;
+pub mod devices;
 pub mod exits;
 pub mod host;
 pub mod layout;

@@ -98,6 +98,9 @@ pub struct VmSnapshot {
     /// The VMM's devices ([`crate::exits::DeviceState`]); opaque here.
     #[serde(default)]
     pub devices: serde_json::Value,
+    /// The virtio devices, in slot order.
+    #[serde(default)]
+    pub virtio: Vec<crate::devices::VirtioSnapshot>,
 }
 
 /// A VM that is set up but not running yet.
@@ -327,6 +330,7 @@ impl Vm {
         let power_on = self.power_on;
         let sync_regs = self.sync_regs;
         let device_state = handlers.device_state.clone();
+        let virtio = handlers.virtio.clone();
         let handlers = Arc::new(handlers);
         let vcpus: Vec<Arc<Mutex<Vcpu>>> = self
             .vcpus
@@ -386,6 +390,7 @@ impl Vm {
             paravirt: self.paravirt,
             features: self.features,
             device_state,
+            virtio,
             cpuid: self.cpuid,
         })
     }
@@ -448,6 +453,7 @@ pub struct RunningVm {
     paravirt: Arc<Paravirt>,
     features: ParavirtFeatures,
     device_state: Option<Arc<dyn crate::exits::DeviceState>>,
+    virtio: Option<Arc<crate::devices::VirtioDevices>>,
     cpuid: Cpuid,
 }
 
@@ -511,14 +517,28 @@ impl RunningVm {
         self.features
     }
 
-    /// Parks all vCPUs; returns once none is in the guest.
+    /// Pauses the whole machine: parks all vCPUs, then waits until no device serves a
+    /// request and the devices' effects are durable. Returns once nothing touches guest
+    /// memory, so a dirty scan after it is the last one needed.
     pub fn pause(&self) -> RunState {
-        self.control.pause()
+        let state = self.control.pause();
+        if let Some(devices) = &self.virtio {
+            devices.pause();
+        }
+        state
     }
 
-    /// Resumes parked vCPUs.
+    /// Resumes the devices, then the vCPUs.
     pub fn resume(&self) -> RunState {
+        if let Some(devices) = &self.virtio {
+            devices.resume();
+        }
         self.control.resume()
+    }
+
+    /// The virtio devices, if the VM has any.
+    pub fn devices(&self) -> Option<&Arc<crate::devices::VirtioDevices>> {
+        self.virtio.as_ref()
     }
 
     /// Asks the VM to stop; [`RunningVm::wait`] returns once it has.
@@ -545,6 +565,9 @@ impl RunningVm {
         }
         if let Some(t) = lock(&self.supervisor).take() {
             let _ = t.join();
+        }
+        if let Some(devices) = &self.virtio {
+            devices.stop();
         }
         reason
     }
@@ -616,6 +639,7 @@ impl RunningVm {
                 .device_state
                 .as_ref()
                 .map_or(serde_json::Value::Null, |d| d.save()),
+            virtio: self.virtio.as_ref().map(|d| d.save()).unwrap_or_default(),
         })
     }
 

@@ -35,6 +35,8 @@ pub struct VmStatus {
     pub sev: Option<SevStatus>,
     /// The outgoing migration, under way or last.
     pub migration: veil_migration::monitor::Progress,
+    /// The virtio devices, in slot order.
+    pub devices: Vec<veil_hypervisor::devices::DeviceStatus>,
 }
 
 /// An SEV guest's launch.
@@ -106,6 +108,7 @@ impl VmStatus {
             paravirt: vm.paravirt_features(),
             sev,
             migration,
+            devices: vm.devices().map(|d| d.status()).unwrap_or_default(),
         }
     }
 }

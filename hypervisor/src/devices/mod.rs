@@ -1,0 +1,415 @@
+//! The machine's virtio devices: where each sits ([`layout`]), how KVM reaches it (an
+//! ioeventfd per queue for notifications, an irqfd per device for its interrupt), the thread
+//! that serves them ([`event_loop`]), the guard that keeps an encrypted guest's devices to its
+//! shared pages ([`shared_pages`]), and their state for a migration.
+//!
+//! A [`DeviceManager`] collects devices while the VM is built; [`DeviceManager::start`] hands
+//! back the MMIO bus for the vCPUs and the running [`VirtioDevices`], which the VM pauses,
+//! resumes, saves and stops with itself.
+
+pub mod event_loop;
+pub mod layout;
+pub mod shared_pages;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
+use veil_devices::persist::Persist;
+use veil_devices::virtio::block::{Block, BlockError, BlockRestoreArgs, BlockState};
+use veil_devices::virtio::mmio::{
+    MmioError, MmioRestoreArgs, MmioState, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
+};
+use veil_devices::virtio::{DeviceMemory, MmioTransport, Refusals, VirtioDevice};
+use veil_devices::{Bus, BusError};
+
+use crate::memory::GuestMemory;
+use crate::paravirt::Paravirt;
+pub use event_loop::{EventLoop, EventLoopError};
+pub use layout::DeviceSlot;
+use shared_pages::GuestSharedPages;
+
+/// Errors attaching, starting or restoring devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    #[error("Too many virtio devices: at most {}", layout::MAX_VIRTIO_DEVICES)]
+    TooMany,
+    #[error("Cannot create the transport of {name}")]
+    Transport {
+        name: String,
+        #[source]
+        source: MmioError,
+    },
+    #[error("KVM refused the {what} of {name}")]
+    Kvm {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("Cannot place {name} on the MMIO bus")]
+    Bus {
+        name: String,
+        #[source]
+        source: BusError,
+    },
+    #[error(transparent)]
+    Loop(#[from] EventLoopError),
+    #[error("Cannot restore {name}")]
+    RestoreBlock {
+        name: String,
+        #[source]
+        source: BlockError,
+    },
+    #[error("The incoming device {name} sat at {saved:#x}, here it would be at {here:#x}")]
+    SlotMismatch { name: String, saved: u64, here: u64 },
+    #[error("Cannot hand {name}'s disk over")]
+    HandOver {
+        name: String,
+        #[source]
+        source: veil_devices::virtio::block::DiskError,
+    },
+}
+
+/// One kind of device, with what only that kind has.
+#[derive(Clone)]
+pub enum MachineDevice {
+    Block(Arc<Mutex<Block>>),
+}
+
+impl MachineDevice {
+    /// The virtio side, for the transport.
+    fn virtio(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        match self {
+            MachineDevice::Block(b) => b.clone(),
+        }
+    }
+
+    /// The event side, for the device thread.
+    fn subscriber(&self) -> event_loop::Subscriber {
+        match self {
+            MachineDevice::Block(b) => b.clone(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            MachineDevice::Block(_) => "virtio-blk",
+        }
+    }
+}
+
+/// A device in the machine.
+pub struct AttachedDevice {
+    pub name: String,
+    pub slot: DeviceSlot,
+    pub device: MachineDevice,
+    transport: Arc<Mutex<MmioTransport>>,
+    refusals: Refusals,
+}
+
+/// What the status API shows of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub kind: &'static str,
+    pub mmio_base: u64,
+    pub irq: u32,
+    /// The virtio device status register (virtio 1.2 §2.1): 15 is a driver that is up.
+    pub driver_status: u32,
+    /// Guest-memory accesses the shared-page guard refused (always 0 for a plain guest).
+    pub refused_accesses: u64,
+    /// The backing file, for a disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+}
+
+/// What a migration carries of one device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    pub name: String,
+    pub slot: DeviceSlot,
+    pub transport: MmioState,
+    pub device: DeviceSnapshot,
+}
+
+/// A device's own state, by kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum DeviceSnapshot {
+    /// A disk: shared storage, so the target opens the same path unless it maps the name to
+    /// another.
+    Block { path: PathBuf, state: BlockState },
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Collects the machine's devices while the VM is built.
+pub struct DeviceManager {
+    memory: GuestMemory,
+    /// The guest's paravirtual state when its memory is encrypted: devices keep to its shared
+    /// pages.
+    encrypted: Option<Arc<Paravirt>>,
+    mmio: Bus,
+    attached: Vec<AttachedDevice>,
+}
+
+impl DeviceManager {
+    /// Devices over `memory`; for a guest with encrypted memory, `paravirt` says which pages
+    /// are shared.
+    pub fn new(memory: GuestMemory, paravirt: &Arc<Paravirt>, encrypted: bool) -> Self {
+        Self {
+            memory,
+            encrypted: encrypted.then(|| Arc::clone(paravirt)),
+            mmio: Bus::new(),
+            attached: Vec::new(),
+        }
+    }
+
+    fn device_memory(&self, name: &str) -> DeviceMemory {
+        match &self.encrypted {
+            None => DeviceMemory::plain(self.memory.clone(), name),
+            Some(paravirt) => DeviceMemory::encrypted(
+                self.memory.clone(),
+                Arc::new(GuestSharedPages(Arc::clone(paravirt))),
+                name,
+            ),
+        }
+    }
+
+    /// The slot the next device gets.
+    pub fn next_slot(&self) -> Result<DeviceSlot, DeviceManagerError> {
+        DeviceSlot::nth(self.attached.len()).ok_or(DeviceManagerError::TooMany)
+    }
+
+    /// Adds a disk in the next slot.
+    pub fn add_block(
+        &mut self,
+        vm: &VmFd,
+        name: &str,
+        block: Block,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let device = MachineDevice::Block(Arc::new(Mutex::new(block)));
+        let memory = self.device_memory(name);
+        let transport = MmioTransport::new(device.virtio(), memory.clone()).map_err(|source| {
+            DeviceManagerError::Transport {
+                name: name.into(),
+                source,
+            }
+        })?;
+        self.attach(vm, name, device, transport, memory)
+    }
+
+    /// Adds a disk that arrives with a migrating guest, in the slot it had, from its saved
+    /// state; `path` is where this host finds it.
+    pub fn restore_block(
+        &mut self,
+        vm: &VmFd,
+        saved: &VirtioSnapshot,
+        path: PathBuf,
+        state: &BlockState,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let name = saved.name.clone();
+        let here = self.next_slot()?;
+        if here != saved.slot {
+            return Err(DeviceManagerError::SlotMismatch {
+                name,
+                saved: saved.slot.base,
+                here: here.base,
+            });
+        }
+        let block = Block::restore(BlockRestoreArgs { path }, state).map_err(|source| {
+            DeviceManagerError::RestoreBlock {
+                name: name.clone(),
+                source,
+            }
+        })?;
+        let device = MachineDevice::Block(Arc::new(Mutex::new(block)));
+        let memory = self.device_memory(&name);
+        let transport = MmioTransport::restore(
+            MmioRestoreArgs {
+                device: device.virtio(),
+                memory: memory.clone(),
+            },
+            &saved.transport,
+        )
+        .map_err(|source| DeviceManagerError::Transport {
+            name: name.clone(),
+            source,
+        })?;
+        self.attach(vm, &name, device, transport, memory)
+    }
+
+    fn attach(
+        &mut self,
+        vm: &VmFd,
+        name: &str,
+        device: MachineDevice,
+        transport: MmioTransport,
+        memory: DeviceMemory,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let slot = self.next_slot()?;
+        let kvm = |what| {
+            move |source| DeviceManagerError::Kvm {
+                name: name.into(),
+                what,
+                source,
+            }
+        };
+        // Queue notifications go straight to the device thread: the vCPU does not exit.
+        let notify = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+        for (queue, event) in transport.notify_eventfds().iter().enumerate() {
+            vm.register_ioevent(event, &notify, queue as u32)
+                .map_err(kvm("ioeventfd"))?;
+        }
+        vm.register_irqfd(transport.interrupt_eventfd(), slot.irq)
+            .map_err(kvm("irqfd"))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), slot.base, MMIO_WINDOW_LEN)
+            .map_err(|source| DeviceManagerError::Bus {
+                name: name.into(),
+                source,
+            })?;
+        self.attached.push(AttachedDevice {
+            name: name.into(),
+            slot,
+            device,
+            transport,
+            refusals: memory.refusals(),
+        });
+        Ok(slot)
+    }
+
+    /// Starts the device thread; returns the MMIO bus for the vCPUs and the devices.
+    pub fn start(self) -> Result<(Bus, Arc<VirtioDevices>), DeviceManagerError> {
+        let subscribers = self
+            .attached
+            .iter()
+            .map(|a| a.device.subscriber())
+            .collect();
+        let events = EventLoop::start(subscribers)?;
+        Ok((
+            self.mmio,
+            Arc::new(VirtioDevices {
+                attached: self.attached,
+                events,
+            }),
+        ))
+    }
+}
+
+/// The machine's devices, served by their thread.
+pub struct VirtioDevices {
+    attached: Vec<AttachedDevice>,
+    events: EventLoop,
+}
+
+impl VirtioDevices {
+    /// Waits until no device serves a request, then makes every device's effects durable
+    /// (a disk's writes flushed). Nothing runs until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.events.pause();
+        for a in &self.attached {
+            if let Err(e) = lock(&a.device.virtio()).quiesce() {
+                tracing::warn!(device = %a.name, error = %e, "Cannot quiesce the device");
+            }
+        }
+    }
+
+    /// Lets the devices serve again.
+    pub fn resume(&self) {
+        self.events.resume();
+    }
+
+    /// Stops the device thread for good.
+    pub fn stop(&self) {
+        self.events.stop();
+    }
+
+    /// Every device's state, in slot order; the devices must be paused.
+    pub fn save(&self) -> Vec<VirtioSnapshot> {
+        self.attached
+            .iter()
+            .map(|a| VirtioSnapshot {
+                name: a.name.clone(),
+                slot: a.slot,
+                transport: lock(&a.transport).save(),
+                device: match &a.device {
+                    MachineDevice::Block(b) => {
+                        let b = lock(b);
+                        DeviceSnapshot::Block {
+                            path: b.path().to_owned(),
+                            state: b.save(),
+                        }
+                    }
+                },
+            })
+            .collect()
+    }
+
+    /// Lets a migration target take over what only one host may hold: every disk flushed and
+    /// unlocked. The devices must be paused; [`take_back`](Self::take_back) undoes it.
+    pub fn hand_over(&self) -> Result<(), DeviceManagerError> {
+        for a in &self.attached {
+            match &a.device {
+                MachineDevice::Block(b) => {
+                    lock(b)
+                        .release_disk()
+                        .map_err(|source| DeviceManagerError::HandOver {
+                            name: a.name.clone(),
+                            source,
+                        })?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back what [`hand_over`](Self::hand_over) let go, when the guest stays here.
+    pub fn take_back(&self) -> Result<(), DeviceManagerError> {
+        for a in &self.attached {
+            match &a.device {
+                MachineDevice::Block(b) => {
+                    lock(b)
+                        .reacquire_disk()
+                        .map_err(|source| DeviceManagerError::HandOver {
+                            name: a.name.clone(),
+                            source,
+                        })?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What each device shows the status API.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        self.attached
+            .iter()
+            .map(|a| {
+                let (path, read_only) = match &a.device {
+                    MachineDevice::Block(b) => {
+                        let b = lock(b);
+                        (Some(b.path().to_owned()), Some(b.read_only()))
+                    }
+                };
+                DeviceStatus {
+                    name: a.name.clone(),
+                    kind: a.device.kind(),
+                    mmio_base: a.slot.base,
+                    irq: a.slot.irq,
+                    driver_status: lock(&a.transport).status(),
+                    refused_accesses: a.refusals.get(),
+                    path,
+                    read_only,
+                }
+            })
+            .collect()
+    }
+}
