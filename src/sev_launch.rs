@@ -254,6 +254,8 @@ impl VmSetup for SevSetup {
             }),
         };
         let (eax, ebx) = sev.guest_leaf();
+        // A host whose CPU tops out below this leaf (no SEV) would hide it from the guest.
+        cpuid.reach_leaf(CPUID_MEMORY_ENCRYPTION);
         cpuid.set_register(CPUID_MEMORY_ENCRYPTION, 0, Register::Eax, eax);
         cpuid.set_register(CPUID_MEMORY_ENCRYPTION, 0, Register::Ebx, ebx);
     }

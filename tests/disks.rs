@@ -240,3 +240,85 @@ fn veil_ctl_status_lists_the_disks() {
     common::ctl(&socket, &["shutdown"]);
     vm.wait();
 }
+
+#[test]
+fn an_sev_guests_disk_works_through_shared_pages_and_refuses_a_private_one() {
+    use std::process::Stdio;
+    let dir = TempDir::new("disk-sev");
+    let disk = dir.path("disk.img");
+    stamped_disk(&disk, 256, 7);
+    let disk_before = std::fs::read(&disk).unwrap();
+    // Guest RAM is a file, so the host can see that the private page stays untouched.
+    let memory = dir.path("ram");
+    let private_page: u64 = 0x80_0000;
+    let marker = [0x5au8; 4096];
+    {
+        let file = File::create(&memory).unwrap();
+        file.set_len(64 << 20).unwrap();
+        file.write_all_at(&marker, private_page).unwrap();
+    }
+    let socket = dir.path("api.sock");
+    let spec = format!("path={}", disk.display());
+    let mut vm = common::veil()
+        .args(["run", "--memory", "64M", "--sev", "--sev-platform", "emulated"])
+        .arg("--sev-state-dir")
+        .arg(dir.path("sev"))
+        .arg("--memory-file")
+        .arg(&memory)
+        .args(["--disk", &spec, "--api-socket"])
+        .arg(&socket)
+        .arg("--kernel")
+        .arg(common::kit())
+        .args([
+            "--cmdline",
+            &format!(
+                "blk-check:dev=0,sector=0,count=64,seed=7 blk-write:dev=0,sector=200,count=8,seed=3 \
+                 blk-bad:dev=0,sector=0,at={private_page:#x} \
+                 blk-bad:dev=0,sector=10,write=1,at={private_page:#x} greet spin"
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    let mut stdout = vm.0.stdout.take().unwrap();
+    common::read_until(&mut stdout, "Hello");
+    let status = common::status(&socket);
+    assert_eq!(status["devices"][0]["refused_accesses"], 2, "{status}");
+    assert!(
+        status["page_states"]["shared_pages"].as_u64().unwrap() > 0,
+        "the driver shared its rings and buffers: {status}"
+    );
+    common::ctl(&socket, &["shutdown"]);
+    vm.wait();
+    // The refused read wrote nothing into the private page, the refused write took nothing
+    // from it, and the shared-page requests did their work.
+    let mut page = vec![0u8; 4096];
+    File::open(&memory)
+        .unwrap()
+        .read_exact_at(&mut page, private_page)
+        .unwrap();
+    assert_eq!(page, marker);
+    let disk_after = std::fs::read(&disk).unwrap();
+    for s in 200..208 {
+        assert_eq!(first_word(&disk, s), page_stamp(3, s));
+    }
+    let unwritten = |d: &[u8]| [&d[..200 * 512], &d[208 * 512..]].concat();
+    assert_eq!(unwritten(&disk_after), unwritten(&disk_before));
+}
+
+#[test]
+fn without_encrypted_memory_the_same_request_is_served() {
+    // The control for the test above: the refusal comes from the guard, not the request.
+    let dir = TempDir::new("disk-plain-at");
+    let disk = dir.path("disk.img");
+    stamped_disk(&disk, 64, 7);
+    let spec = format!("path={}", disk.display());
+    let out = run_kit(
+        "blk-bad:dev=0,sector=0,at=0x800000",
+        &["--memory", "64M", "--disk", &spec],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("status OK (0), expected IOERR"));
+}

@@ -104,6 +104,15 @@ impl Cpuid {
         &mut self.entries[pos]
     }
 
+    /// Raises the highest basic (leaf 0) or extended (0x8000_0000) leaf to at least
+    /// `function`, so a guest that checks the maximum first (as Linux does before reading
+    /// 0x8000_001F) sees a leaf Veil added beyond what the host reports.
+    pub fn reach_leaf(&mut self, function: u32) {
+        let range = function & 0x8000_0000;
+        let max = &mut self.entry_mut(range, 0).eax;
+        *max = (*max).max(function);
+    }
+
     /// Sets `mask` in a register of a leaf: how other crates advertise what they implement.
     pub fn set_bits(&mut self, function: u32, index: u32, register: Register, mask: u32) {
         *register_mut(self.entry_mut(function, index), register) |= mask;
@@ -209,6 +218,20 @@ fn register_mut(entry: &mut kvm_cpuid_entry2, register: Register) -> &mut u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_leaf_added_beyond_the_hosts_maximum_is_made_reachable_and_none_is_lowered() {
+        use super::*;
+        let mut cpuid = Cpuid::from_entries(vec![kvm_cpuid_entry2 {
+            function: 0x8000_0000,
+            eax: 0x8000_0008,
+            ..Default::default()
+        }]);
+        cpuid.reach_leaf(0x8000_001f);
+        assert_eq!(cpuid.entry(0x8000_0000, 0).unwrap().eax, 0x8000_001f);
+        cpuid.reach_leaf(0x8000_0001);
+        assert_eq!(cpuid.entry(0x8000_0000, 0).unwrap().eax, 0x8000_001f);
+    }
+
     #[test]
     fn a_host_lacking_a_feature_the_guest_was_given_is_named() {
         use super::*;

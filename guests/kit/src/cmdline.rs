@@ -120,8 +120,13 @@ pub enum BlkOp {
     /// disabled: the vector must then be pending in the LAPIC's IRR.
     Irq,
     /// A one-sector request that must fail with IOERR: a read (or a write) at `sector`, by
-    /// default the first sector past the end of the disk.
-    Bad { sector: Option<u64>, write: bool },
+    /// default the first sector past the end of the disk; its data at guest-physical `at`
+    /// (page-aligned) instead of the DMA area when given.
+    Bad {
+        sector: Option<u64>,
+        write: bool,
+        at: Option<u64>,
+    },
     /// Time `count` requests of `size` bytes with `depth` in flight (`None`: as many as the
     /// queue holds).
     Bench {
@@ -429,9 +434,13 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             })
         }
         b"blk-bad" => {
-            let [dev, sector, write] = parse_params(word, params, ["dev", "sector", "write"])?;
+            let [dev, sector, write, at] =
+                parse_params(word, params, ["dev", "sector", "write", "at"])?;
             let write = flag(write).ok_or(err("write must be 0 or 1", b""))?;
-            let op = BlkOp::Bad { sector, write };
+            if at.is_some_and(|gpa| gpa % veil_guest_abi::PAGE_SIZE != 0) {
+                return Err(err("at must be page-aligned", b""));
+            }
+            let op = BlkOp::Bad { sector, write, at };
             Ok(Task::Blk {
                 dev: dev.ok_or(err("missing parameter", b"dev"))?,
                 op,

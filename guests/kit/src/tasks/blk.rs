@@ -60,9 +60,9 @@ pub fn run(op: &BlkOp, dev: u64, device: &MmioDevice) {
         } => write(&mut blk, sector, count, seed),
         BlkOp::Id => id(&mut blk, dev),
         BlkOp::Irq => irq(&mut blk, dev, device.irq),
-        BlkOp::Bad { sector, write } => {
+        BlkOp::Bad { sector, write, at } => {
             let sector = sector.unwrap_or(blk.capacity);
-            bad(&mut blk, sector, write)
+            bad(&mut blk, sector, write, at)
         }
         BlkOp::Bench {
             size,
@@ -287,13 +287,17 @@ fn irq(blk: &mut Blk, dev: u64, gsi: u64) -> Result<(), Error> {
     Ok(())
 }
 
-fn bad(blk: &mut Blk, sector: u64, write: bool) -> Result<(), Error> {
+fn bad(blk: &mut Blk, sector: u64, write: bool, at: Option<u64>) -> Result<(), Error> {
     let (kind, op) = if write {
         (blk::VIRTIO_BLK_T_OUT, "write")
     } else {
         (blk::VIRTIO_BLK_T_IN, "read")
     };
-    let status = blk.request(kind, sector, SECTOR_SIZE as u32)?;
+    let len = SECTOR_SIZE as u32;
+    let status = match at {
+        Some(gpa) => blk.request_at(kind, sector, len, gpa)?,
+        None => blk.request(kind, sector, len)?,
+    };
     if status != VIRTIO_BLK_S_IOERR {
         write_str("blk-bad FAILED: ");
         write_str(op);

@@ -140,6 +140,15 @@ impl Blk {
         self.kick();
         Ok(self.complete()?.1)
     }
+
+    /// One request on slot 0 whose data is at guest-physical `gpa` rather than in the DMA
+    /// area (for an SEV guest, a page it never shared: the device must refuse it).
+    pub fn request_at(&mut self, kind: u32, sector: u64, len: u32, gpa: u64) -> Result<u8, Error> {
+        self.dev.queue.redirect_data(0, Some(gpa));
+        let status = self.request(kind, sector, len);
+        self.dev.queue.redirect_data(0, None);
+        status
+    }
 }
 
 impl Drop for Blk {

@@ -152,6 +152,18 @@ impl SplitQueue {
         self.in_flight |= 1 << slot;
     }
 
+    /// Points slot `slot`'s data descriptor at guest-physical `gpa` instead of its buffer
+    /// (`None`: back to the buffer); the slot must not be in flight.
+    pub fn redirect_data(&mut self, slot: usize, gpa: Option<u64>) {
+        assert!(slot < self.slots && self.in_flight & (1 << slot) == 0);
+        // SAFETY: the slot's descriptors are in the kit's DMA area and not with the device.
+        unsafe {
+            let area = dma::area();
+            let addr = gpa.unwrap_or_else(|| dma::gpa(addr_of_mut!((*area).buffers[slot])));
+            addr_of_mut!((*area).rings.desc[3 * slot + 1].addr).write_volatile(addr);
+        }
+    }
+
     /// Makes every submitted chain visible to the device (`avail.idx`); the caller notifies.
     #[inline]
     pub fn publish(&mut self) {
