@@ -84,6 +84,14 @@ impl PendingInput {
         self.bytes.len()
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        self.bytes.iter().copied().collect()
+    }
+
     /// Takes what fits of `bytes`; returns how many.
     pub(crate) fn push(&mut self, bytes: &[u8]) -> usize {
         let n = bytes.len().min(self.room());

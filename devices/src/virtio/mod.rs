@@ -52,8 +52,13 @@
 //! events.add_subscriber(block);
 //! # Ok(()) }
 //! ```
+//!
+//! A console ([`console::Console`]) is wired the same way, from
+//! `ConsoleBackend::open` (`--console stdio|file:PATH|unix:PATH`); as a subscriber it also
+//! watches its input descriptor, reading it only while it has room for what it reads.
 
 pub mod block;
+pub mod console;
 pub mod interrupt;
 pub mod memory;
 pub mod mmio;
