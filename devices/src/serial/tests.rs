@@ -239,3 +239,51 @@ fn input_comes_from_the_socket_client_that_connected_last() {
     assert_eq!(drain(&bus, usize::MAX), b"!");
     drop(first);
 }
+
+mod guest_cannot_panic {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A port write of any size in and around the UART's ports (loopback, DLAB and all).
+        Write { offset: u8, bytes: Vec<u8> },
+        /// A port read.
+        Read { offset: u8, len: u8 },
+        /// Input from the host.
+        Input(Vec<u8>),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u8..8, proptest::collection::vec(any::<u8>(), 1..3))
+                .prop_map(|(offset, bytes)| Step::Write { offset, bytes }),
+            (0u8..8, 1u8..3).prop_map(|(offset, len)| Step::Read { offset, len }),
+            proptest::collection::vec(any::<u8>(), 0..200).prop_map(Step::Input),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_guest_and_host_behaviour_is_survived(steps in proptest::collection::vec(step(), 1..100)) {
+            let (serial, bus) = com1();
+            for step in steps {
+                match step {
+                    Step::Write { offset, bytes } => {
+                        bus.write(COM1 + u64::from(offset), &bytes);
+                    }
+                    Step::Read { offset, len } => {
+                        let mut bytes = [0u8; 2];
+                        bus.read(COM1 + u64::from(offset), &mut bytes[..usize::from(len)]);
+                    }
+                    Step::Input(bytes) => {
+                        serial.lock().unwrap().receive(&bytes);
+                    }
+                }
+            }
+            prop_assert!(serial.lock().unwrap().pending_input() <= INPUT_CAPACITY);
+        }
+    }
+}

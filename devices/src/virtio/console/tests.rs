@@ -410,3 +410,97 @@ fn a_unix_socket_console_talks_to_its_client() {
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"bin\n");
 }
+
+mod guest_cannot_panic {
+    use proptest::prelude::*;
+
+    use crate::virtio::testing::Buf;
+    use crate::BusDevice;
+
+    use super::*;
+
+    /// One thing a hostile driver, or the host, can do.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A register or config write of any size at any offset in the window.
+        Write { offset: u16, value: u32, len: u8 },
+        /// A register or config read.
+        Read { offset: u16, len: u8 },
+        /// Garbage in guest memory (rings and buffers live in the first 128 KiB).
+        Scribble { at: u32, bytes: Vec<u8> },
+        /// A chain of arbitrary descriptors on either queue.
+        Chain {
+            transmit: bool,
+            bufs: Vec<(u32, u16, bool)>,
+        },
+        /// Input from the host.
+        Input(Vec<u8>),
+        /// The device thread serving a queue.
+        Process { transmit: bool },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u16..0x1000, any::<u32>(), 1u8..=8).prop_map(|(offset, value, len)| Step::Write {
+                offset,
+                value,
+                len
+            }),
+            (0u16..0x1000, 1u8..=8).prop_map(|(offset, len)| Step::Read { offset, len }),
+            (
+                0u32..0x2_0000,
+                proptest::collection::vec(any::<u8>(), 1..64)
+            )
+                .prop_map(|(at, bytes)| Step::Scribble { at, bytes }),
+            (
+                any::<bool>(),
+                proptest::collection::vec((0u32..0x2_0000, any::<u16>(), any::<bool>()), 1..6)
+            )
+                .prop_map(|(transmit, bufs)| Step::Chain { transmit, bufs }),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(Step::Input),
+            any::<bool>().prop_map(|transmit| Step::Process { transmit }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_driver_behaviour_is_survived(steps in proptest::collection::vec(step(), 1..40)) {
+            let mut r = rig(true);
+            r.pages.0.lock().unwrap().push(0x18000..0x1a000);
+            r.start();
+            for step in steps {
+                match step {
+                    Step::Write { offset, value, len } => {
+                        let bytes = u64::from(value).to_le_bytes();
+                        r.driver.transport.write(u64::from(offset), &bytes[..usize::from(len)]);
+                    }
+                    Step::Read { offset, len } => {
+                        let mut bytes = [0u8; 8];
+                        r.driver.transport.read(u64::from(offset), &mut bytes[..usize::from(len)]);
+                    }
+                    Step::Scribble { at, bytes } => {
+                        r.mem.write_slice(&bytes, GuestAddress(u64::from(at))).unwrap();
+                    }
+                    Step::Chain { transmit, bufs } => {
+                        let bufs: Vec<Buf> = bufs
+                            .into_iter()
+                            .map(|(addr, len, w)| Buf { addr: u64::from(addr), len: u32::from(len), writable: w })
+                            .collect();
+                        let queue = if transmit { &mut r.tx } else { &mut r.rx };
+                        queue.submit(&r.mem, &bufs);
+                    }
+                    Step::Input(bytes) => {
+                        r.console.lock().unwrap().receive(&bytes);
+                    }
+                    Step::Process { transmit } => {
+                        r.process(if transmit { TRANSMITQ_PORT0 } else { RECEIVEQ_PORT0 });
+                    }
+                }
+            }
+            r.process(RECEIVEQ_PORT0);
+            r.process(TRANSMITQ_PORT0);
+            prop_assert!(r.console.lock().unwrap().pending_input() <= INPUT_CAPACITY);
+        }
+    }
+}
