@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod exit_port;
+pub mod host_console;
 pub mod persist;
 pub mod reset;
 pub mod serial;
