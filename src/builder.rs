@@ -5,8 +5,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use veil_devices::host_console::ConsoleIo;
 use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
 use veil_devices::virtio::block::{Block, BlockConfig, BlockError};
+use veil_devices::virtio::console::{BackendError, Console, ConsoleBackend, ConsoleError};
 use veil_devices::{Bus, BusError, ExitPort, ResetPort, Serial, SerialSink};
 use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
 use veil_hypervisor::devices::{layout, DeviceManager, DeviceManagerError, DeviceSnapshot};
@@ -68,7 +70,16 @@ pub enum Error {
     /// Two disks were given the same id.
     #[error("Two disks have the id {0}: ids name disks and must differ")]
     DuplicateDiskId(String),
+    /// The console's host end could not be opened.
+    #[error("Cannot open the console")]
+    ConsoleBackend(#[from] BackendError),
+    /// The console could not be created.
+    #[error("Cannot create the console")]
+    Console(#[from] ConsoleError),
 }
+
+/// The name of the console device.
+const CONSOLE_NAME: &str = "console0";
 
 /// Opens and names every disk, in order.
 fn open_disks(disks: &[BlockConfig]) -> Result<Vec<(String, Block)>, Error> {
@@ -151,6 +162,7 @@ pub struct VmBuilder {
     disks: Vec<BlockConfig>,
     /// For an incoming guest: where this host finds a disk, by its name.
     disk_paths: HashMap<String, PathBuf>,
+    console: Option<ConsoleBackend>,
 }
 
 impl Default for VmBuilder {
@@ -176,7 +188,17 @@ impl VmBuilder {
             sev: None,
             disks: Vec::new(),
             disk_paths: HashMap::new(),
+            console: None,
         }
+    }
+
+    /// Adds a virtio console (one port) after the disks, with its host end on `backend`;
+    /// with `stdio` the console, not COM1, reads standard input. For a guest arriving by
+    /// migration: where an arriving console's host end is (by default its output goes to
+    /// stdout and it gets no input).
+    pub fn console(mut self, backend: ConsoleBackend) -> Self {
+        self.console = Some(backend);
+        self
     }
 
     /// Adds a virtio-blk disk (a raw file or block device), locked against other writers.
@@ -279,16 +301,28 @@ impl VmBuilder {
     }
 
     fn build(self, receive: Option<ReceiveGuest<'_>>) -> Result<Vm, Error> {
-        let out = match self.serial {
-            SerialOutput::Sink(sink) => sink.open()?,
-            SerialOutput::Writer(w) => w,
+        // Standard input goes to one device: the console when it is on stdio, else COM1.
+        let console_reads_stdin = self.console == Some(ConsoleBackend::Stdio);
+        let (out, serial_input) = match self.serial {
+            SerialOutput::Sink(SerialSink::Stdout) if console_reads_stdin => {
+                (SerialSink::Stdout.open()?, None)
+            }
+            SerialOutput::Sink(sink) => {
+                let io = sink.open_io()?;
+                (io.output, io.input)
+            }
+            SerialOutput::Writer(w) => (w, None),
         };
         // Open the firmware first: a host without SEV should fail before anything is built.
         let mut sev_setup = self.sev.as_ref().map(sev_launch::prepare).transpose()?;
         // Disks next: a locked or missing one fails before the VM exists.
         let disks = open_disks(&self.disks)?;
+        let console = match (&receive, &self.console) {
+            (None, Some(backend)) => Some(Console::new(backend.open()?)?),
+            _ => None,
+        };
         let mut boot = self.boot;
-        let entries = layout::cmdline_entries(disks.len());
+        let entries = layout::cmdline_entries(disks.len() + usize::from(console.is_some()));
         if !entries.is_empty() {
             boot.cmdline = [boot.cmdline.as_str(), entries.as_str()]
                 .iter()
@@ -349,6 +383,11 @@ impl VmBuilder {
             None => Serial::new(trigger, out),
         };
         vm.register_irqfd(serial.interrupt(), COM1_IRQ)?;
+        let has_input = serial_input.is_some();
+        let mut serial = serial;
+        if let Some(input) = serial_input {
+            serial.set_input(input)?;
+        }
         let serial = Arc::new(Mutex::new(serial));
         let control = vm.control();
         let exit_port =
@@ -376,13 +415,27 @@ impl VmBuilder {
         for (name, block) in disks {
             devices.add_block(vm.fd(), &name, block)?;
         }
+        if let Some(console) = console {
+            devices.add_console(vm.fd(), CONSOLE_NAME, console)?;
+        }
+        let console_arrives = arrived_virtio
+            .iter()
+            .any(|saved| matches!(saved.device, DeviceSnapshot::Console { .. }));
+        let mut arriving_console = match (&self.console, console_arrives) {
+            (_, false) => None,
+            (Some(backend), true) => Some(backend.open()?),
+            // Output where COM1's would go by default; the input stays COM1's.
+            (None, true) => Some(ConsoleIo {
+                output: Box::new(std::io::stdout()),
+                input: None,
+            }),
+        };
         for saved in &arrived_virtio {
-            match &saved.device {
-                DeviceSnapshot::Block { path, state } => {
-                    let path = self.disk_paths.get(&saved.name).unwrap_or(path);
-                    devices.restore_block(vm.fd(), saved, path.clone(), state)?;
-                }
-            }
+            let disk_path = self.disk_paths.get(&saved.name).cloned();
+            devices.restore(vm.fd(), saved, disk_path, &mut arriving_console)?;
+        }
+        if has_input {
+            devices.add_subscriber(serial.clone());
         }
         let (mmio, virtio) = devices.start()?;
 

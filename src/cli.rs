@@ -283,6 +283,11 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub sev: bool,
 
+    /// Where an arriving guest's virtio console goes (as for `run`); by default its output
+    /// goes to stdout and COM1 keeps standard input.
+    #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
+    pub console: Option<veil::ConsoleBackend>,
+
     /// Where this host finds the incoming guest's disk NAME: id=NAME,path=FILE. Repeatable.
     /// Without it a disk is opened at the path it had on the source (shared storage); it is
     /// locked once the source has flushed and released it.
@@ -326,6 +331,12 @@ pub struct MachineArgs {
     /// migration; without one a disk is disk0, disk1, ...
     #[arg(long = "disk", value_parser = parse_disk, value_name = "path=FILE,...")]
     pub disks: Vec<veil::DiskConfig>,
+
+    /// A virtio console (hvc0 in Linux), after the disks: stdio (it then reads standard input
+    /// instead of COM1), file:PATH (output only), or unix:PATH (Veil listens; every client
+    /// sees the output, the newest one types).
+    #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
+    pub console: Option<veil::ConsoleBackend>,
 
     /// How guest hypercalls reach Veil: `exit` (vmmcall, KVM_EXIT_HYPERCALL), `port` (Veil's
     /// I/O-port transport, for hosts that cannot deliver hypercall exits), or `auto` (probe the
@@ -467,6 +478,12 @@ pub fn parse_disk_mapping(text: &str) -> Result<(String, PathBuf), String> {
         (Some(id), Some(path)) => Ok((id.into(), path.into())),
         _ => Err("a disk mapping needs id=NAME,path=FILE".into()),
     }
+}
+
+/// `stdio`, `file:PATH`, `unix:PATH`.
+pub fn parse_console(text: &str) -> Result<veil::ConsoleBackend, String> {
+    text.parse()
+        .map_err(|_| format!("'{text}' is not a console: use stdio, file:PATH or unix:PATH"))
 }
 
 /// `stdio`, `file:PATH`, `unix:PATH`, `null`.

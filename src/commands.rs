@@ -53,6 +53,9 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
     for disk in args.disks {
         builder = builder.disk(disk);
     }
+    if let Some(console) = args.console {
+        builder = builder.console(console);
+    }
     (builder, args.api_socket)
 }
 
@@ -140,6 +143,9 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         .serial(args.serial);
     for (name, path) in args.disks {
         builder = builder.disk_path(name, path);
+    }
+    if let Some(console) = args.console {
+        builder = builder.console(console);
     }
     let mut discard = DiscardMemoryFile::new(args.memory_file.clone());
     if let Some(path) = args.memory_file {

@@ -27,6 +27,7 @@ pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder};
 pub use capture::CapturedOutput;
 pub use incoming::check_incoming;
 pub use veil_devices::virtio::block::BlockConfig as DiskConfig;
+pub use veil_devices::virtio::console::ConsoleBackend;
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};
 

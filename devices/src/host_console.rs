@@ -196,8 +196,16 @@ impl HostInput {
             match ops.add(events) {
                 Ok(()) => self.watching = true,
                 Err(e) => {
-                    // A regular file or /dev/null as stdin cannot be watched: no input then.
-                    tracing::warn!(error = %e, "Cannot watch the console input: input ignored");
+                    // A regular file or /dev/null as stdin cannot be watched (EPERM): no input
+                    // then, as the operator meant; anything else is worth a warning.
+                    let quiet = matches!(&e, event_manager::Error::Epoll(errno) if errno.errno() == libc::EPERM);
+                    if quiet {
+                        tracing::debug!(
+                            "The console input cannot be watched (a file or /dev/null): no input"
+                        );
+                    } else {
+                        tracing::warn!(error = %e, "Cannot watch the console input: input ignored");
+                    }
                     self.reader = None;
                 }
             }

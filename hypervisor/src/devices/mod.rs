@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
+use veil_devices::host_console::ConsoleIo;
 use veil_devices::persist::Persist;
 use veil_devices::virtio::block::{Block, BlockError, BlockRestoreArgs, BlockState};
+use veil_devices::virtio::console::{Console, ConsoleError, ConsoleState};
 use veil_devices::virtio::mmio::{
     MmioError, MmioRestoreArgs, MmioState, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
 };
@@ -62,6 +64,12 @@ pub enum DeviceManagerError {
         #[source]
         source: BlockError,
     },
+    #[error("Cannot restore {name}")]
+    RestoreConsole {
+        name: String,
+        #[source]
+        source: ConsoleError,
+    },
     #[error("The incoming device {name} sat at {saved:#x}, here it would be at {here:#x}")]
     SlotMismatch { name: String, saved: u64, here: u64 },
     #[error("Cannot hand {name}'s disk over")]
@@ -76,6 +84,7 @@ pub enum DeviceManagerError {
 #[derive(Clone)]
 pub enum MachineDevice {
     Block(Arc<Mutex<Block>>),
+    Console(Arc<Mutex<Console>>),
 }
 
 impl MachineDevice {
@@ -83,6 +92,7 @@ impl MachineDevice {
     fn virtio(&self) -> Arc<Mutex<dyn VirtioDevice>> {
         match self {
             MachineDevice::Block(b) => b.clone(),
+            MachineDevice::Console(c) => c.clone(),
         }
     }
 
@@ -90,12 +100,38 @@ impl MachineDevice {
     fn subscriber(&self) -> event_loop::Subscriber {
         match self {
             MachineDevice::Block(b) => b.clone(),
+            MachineDevice::Console(c) => c.clone(),
         }
     }
 
     fn kind(&self) -> &'static str {
         match self {
             MachineDevice::Block(_) => "virtio-blk",
+            MachineDevice::Console(_) => "virtio-console",
+        }
+    }
+
+    /// What only one host may hold is let go (a disk's lock), or taken back.
+    fn hand_over(&self, release: bool) -> Result<(), veil_devices::virtio::block::DiskError> {
+        match self {
+            MachineDevice::Block(b) if release => lock(b).release_disk(),
+            MachineDevice::Block(b) => lock(b).reacquire_disk(),
+            MachineDevice::Console(_) => Ok(()),
+        }
+    }
+
+    fn snapshot(&self) -> DeviceSnapshot {
+        match self {
+            MachineDevice::Block(b) => {
+                let b = lock(b);
+                DeviceSnapshot::Block {
+                    path: b.path().to_owned(),
+                    state: b.save(),
+                }
+            }
+            MachineDevice::Console(c) => DeviceSnapshot::Console {
+                state: lock(c).save(),
+            },
         }
     }
 }
@@ -143,6 +179,9 @@ pub enum DeviceSnapshot {
     /// A disk: shared storage, so the target opens the same path unless it maps the name to
     /// another.
     Block { path: PathBuf, state: BlockState },
+    /// A console: its host end is this host's (`--console`); input the guest had not taken
+    /// yet travels.
+    Console { state: ConsoleState },
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,6 +196,8 @@ pub struct DeviceManager {
     encrypted: Option<Arc<Paravirt>>,
     mmio: Bus,
     attached: Vec<AttachedDevice>,
+    /// Devices that are not virtio but read host input on the device thread (the UART).
+    others: Vec<event_loop::Subscriber>,
 }
 
 impl DeviceManager {
@@ -168,7 +209,13 @@ impl DeviceManager {
             encrypted: encrypted.then(|| Arc::clone(paravirt)),
             mmio: Bus::new(),
             attached: Vec::new(),
+            others: Vec::new(),
         }
+    }
+
+    /// Serves `subscriber`'s events on the device thread too (a UART's input).
+    pub fn add_subscriber(&mut self, subscriber: event_loop::Subscriber) {
+        self.others.push(subscriber);
     }
 
     fn device_memory(&self, name: &str) -> DeviceMemory {
@@ -205,14 +252,82 @@ impl DeviceManager {
         self.attach(vm, name, device, transport, memory)
     }
 
-    /// Adds a disk that arrives with a migrating guest, in the slot it had, from its saved
-    /// state; `path` is where this host finds it.
-    pub fn restore_block(
+    /// Adds a console in the next slot.
+    pub fn add_console(
+        &mut self,
+        vm: &VmFd,
+        name: &str,
+        console: Console,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let device = MachineDevice::Console(Arc::new(Mutex::new(console)));
+        let memory = self.device_memory(name);
+        let transport = MmioTransport::new(device.virtio(), memory.clone()).map_err(|source| {
+            DeviceManagerError::Transport {
+                name: name.into(),
+                source,
+            }
+        })?;
+        self.attach(vm, name, device, transport, memory)
+    }
+
+    /// Adds a device that arrives with a migrating guest, in the slot it had, from its saved
+    /// state: a disk at `disk_path` on this host (by default the path it had), a console on
+    /// `console` (this host's end, taken; without one its output is discarded).
+    pub fn restore(
+        &mut self,
+        vm: &VmFd,
+        saved: &VirtioSnapshot,
+        disk_path: Option<PathBuf>,
+        console: &mut Option<ConsoleIo>,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        match &saved.device {
+            DeviceSnapshot::Block { path, state } => {
+                let path = disk_path.unwrap_or_else(|| path.clone());
+                self.restore_block(vm, saved, path, state)
+            }
+            DeviceSnapshot::Console { state } => {
+                let name = saved.name.clone();
+                let io = console.take().unwrap_or_else(|| ConsoleIo {
+                    output: Box::new(std::io::sink()),
+                    input: None,
+                });
+                let console = Console::restore(io, state).map_err(|source| {
+                    DeviceManagerError::RestoreConsole {
+                        name: name.clone(),
+                        source,
+                    }
+                })?;
+                let device = MachineDevice::Console(Arc::new(Mutex::new(console)));
+                self.restore_device(vm, saved, device)
+            }
+        }
+    }
+
+    /// A disk that arrives with a migrating guest, from its saved state; `path` is where
+    /// this host finds it.
+    fn restore_block(
         &mut self,
         vm: &VmFd,
         saved: &VirtioSnapshot,
         path: PathBuf,
         state: &BlockState,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let block = Block::restore(BlockRestoreArgs { path }, state).map_err(|source| {
+            DeviceManagerError::RestoreBlock {
+                name: saved.name.clone(),
+                source,
+            }
+        })?;
+        let device = MachineDevice::Block(Arc::new(Mutex::new(block)));
+        self.restore_device(vm, saved, device)
+    }
+
+    /// Restores the transport of `device`, rebuilt from `saved`, in the slot it had.
+    fn restore_device(
+        &mut self,
+        vm: &VmFd,
+        saved: &VirtioSnapshot,
+        device: MachineDevice,
     ) -> Result<DeviceSlot, DeviceManagerError> {
         let name = saved.name.clone();
         let here = self.next_slot()?;
@@ -223,13 +338,6 @@ impl DeviceManager {
                 here: here.base,
             });
         }
-        let block = Block::restore(BlockRestoreArgs { path }, state).map_err(|source| {
-            DeviceManagerError::RestoreBlock {
-                name: name.clone(),
-                source,
-            }
-        })?;
-        let device = MachineDevice::Block(Arc::new(Mutex::new(block)));
         let memory = self.device_memory(&name);
         let transport = MmioTransport::restore(
             MmioRestoreArgs {
@@ -292,6 +400,7 @@ impl DeviceManager {
             .attached
             .iter()
             .map(|a| a.device.subscriber())
+            .chain(self.others)
             .collect();
         let events = EventLoop::start(subscribers)?;
         Ok((
@@ -340,15 +449,7 @@ impl VirtioDevices {
                 name: a.name.clone(),
                 slot: a.slot,
                 transport: lock(&a.transport).save(),
-                device: match &a.device {
-                    MachineDevice::Block(b) => {
-                        let b = lock(b);
-                        DeviceSnapshot::Block {
-                            path: b.path().to_owned(),
-                            state: b.save(),
-                        }
-                    }
-                },
+                device: a.device.snapshot(),
             })
             .collect()
     }
@@ -356,36 +457,24 @@ impl VirtioDevices {
     /// Lets a migration target take over what only one host may hold: every disk flushed and
     /// unlocked. The devices must be paused; [`take_back`](Self::take_back) undoes it.
     pub fn hand_over(&self) -> Result<(), DeviceManagerError> {
+        self.release_all(true)
+    }
+
+    fn release_all(&self, release: bool) -> Result<(), DeviceManagerError> {
         for a in &self.attached {
-            match &a.device {
-                MachineDevice::Block(b) => {
-                    lock(b)
-                        .release_disk()
-                        .map_err(|source| DeviceManagerError::HandOver {
-                            name: a.name.clone(),
-                            source,
-                        })?
-                }
-            }
+            a.device
+                .hand_over(release)
+                .map_err(|source| DeviceManagerError::HandOver {
+                    name: a.name.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
 
     /// Takes back what [`hand_over`](Self::hand_over) let go, when the guest stays here.
     pub fn take_back(&self) -> Result<(), DeviceManagerError> {
-        for a in &self.attached {
-            match &a.device {
-                MachineDevice::Block(b) => {
-                    lock(b)
-                        .reacquire_disk()
-                        .map_err(|source| DeviceManagerError::HandOver {
-                            name: a.name.clone(),
-                            source,
-                        })?
-                }
-            }
-        }
-        Ok(())
+        self.release_all(false)
     }
 
     /// What each device shows the status API.
@@ -398,6 +487,7 @@ impl VirtioDevices {
                         let b = lock(b);
                         (Some(b.path().to_owned()), Some(b.read_only()))
                     }
+                    MachineDevice::Console(_) => (None, None),
                 };
                 DeviceStatus {
                     name: a.name.clone(),
