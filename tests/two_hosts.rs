@@ -570,3 +570,137 @@ fn with_the_link_down_mid_migration_the_guest_stays_on_its_host() {
     });
     assert!(said.contains("Migration stream I/O failed"), "{said}");
 }
+
+/// Records the disk-writing guest writes, one sector each: enough that it is still writing
+/// when the migration ends.
+const DISK_RECORDS: u64 = 60_000;
+const DISK_SEED: u64 = 0xd15c;
+
+/// A guest writing numbered records to its disk the whole time migrates from A to B over
+/// TLS: every record it wrote on either host is in the file, each in its place, and the guest
+/// on B reads them all back. The disk is shared storage: B opens the same file once A has
+/// flushed and released it.
+fn a_disk_writing_guest_migrates(sev: bool) {
+    let hosts = TwoHosts::new();
+    let disk = hosts.path("disk.img");
+    File::create(&disk)
+        .unwrap()
+        .set_len(DISK_RECORDS * 512)
+        .unwrap();
+    let a_api = hosts.path("a.sock");
+    let a_out = hosts.path("a.out");
+    // It spins when done, so B's status can be read.
+    let log = format!("blk-log:dev=0,sector=0,count={DISK_RECORDS},seed={DISK_SEED} spin");
+    // An SEV guest starts unmigratable; its driver shares its own rings and buffers.
+    let cmdline = if sev {
+        format!("greet msr-write:value=1 {log}")
+    } else {
+        format!("greet {log}")
+    };
+    let mut args = strings(&[
+        "run",
+        "--memory",
+        "32M",
+        "--api-socket",
+        a_api.to_str().unwrap(),
+    ]);
+    args.push("--serial".into());
+    args.push(format!("file:{}", a_out.display()));
+    args.push("--disk".into());
+    args.push(format!("path={},id=log", disk.display()));
+    if sev {
+        args.push("--sev".into());
+        args.extend(sev_platform(&hosts.path("sev-a")));
+    }
+    args.extend(strings(&["--cmdline", &cmdline, "--kernel"]));
+    args.push(common::kit().display().to_string());
+    let mut source = hosts
+        .veil(&hosts.a, &args)
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    wait_for_output(&a_out, "blk-log: 256 records");
+
+    let mut receiver_args = common::tls::args(&hosts.tls_b);
+    let mut migrate_args = common::tls::args(&hosts.tls_a);
+    if sev {
+        receiver_args.push("--sev".into());
+        receiver_args.extend(sev_platform(&hosts.path("sev-b")));
+        let chain = hosts.path("sev-b.chain");
+        let out = common::veil()
+            .args(["sev", "export-chain", "--out"])
+            .arg(&chain)
+            .args(sev_platform(&hosts.path("sev-b")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::describe(&out));
+        migrate_args.extend(["--sev-trust-chain".into(), chain.display().to_string()]);
+    }
+    let mut b = receive(&hosts, &hosts.b, B_ADDR, "b", &receiver_args);
+    let out = migrate(&a_api, B_ADDR, &migrate_args);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(source.wait().success(), "A's veil lets the guest go");
+    let on_a = std::fs::read_to_string(&a_out).unwrap();
+    assert!(
+        !on_a.contains("blk-log ok"),
+        "the guest was still writing when it left A: {on_a}"
+    );
+
+    // On B the guest finishes, reads every record back and finds each in its place.
+    let b_out = hosts.path("b.out");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&b_out)
+        .unwrap_or_default()
+        .contains("blk-log ok")
+    {
+        let said = std::fs::read_to_string(&b_out).unwrap_or_default();
+        assert!(
+            !said.contains("FAILED") && Instant::now() < deadline,
+            "the guest on B: {said}\n{}",
+            std::fs::read_to_string(&b.stderr).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let on_b = std::fs::read_to_string(&b_out).unwrap();
+    assert!(
+        on_b.contains(&format!(
+            "blk-check ok: {DISK_RECORDS} sectors from sector 0"
+        )),
+        "{on_b}"
+    );
+    let status = common::status(&b.api);
+    assert_eq!(status["devices"][0]["name"], "log");
+    assert_eq!(status["devices"][0]["refused_accesses"], 0);
+    common::ctl(&b.api, &["shutdown"]);
+    b.process.wait();
+    // And the host finds every record in the file, each where the guest put it.
+    let file = File::open(&disk).unwrap();
+    for record in 0..DISK_RECORDS {
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, record * 512).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(word),
+            page_stamp(DISK_SEED, record),
+            "record {record}"
+        );
+    }
+}
+
+#[test]
+fn a_plain_guest_writing_its_disk_migrates_without_losing_a_write() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    a_disk_writing_guest_migrates(false);
+}
+
+#[test]
+fn an_sev_guest_writing_its_disk_migrates_without_losing_a_write() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    a_disk_writing_guest_migrates(true);
+}

@@ -139,6 +139,8 @@ pub enum SendError {
     SevEs,
     #[error("A migration of this guest is already under way")]
     AlreadyMigrating,
+    #[error("Cannot hand the guest's devices over")]
+    Devices(#[from] veil_hypervisor::devices::DeviceManagerError),
 }
 
 /// A target that fails mid-pass sends its reason and hangs up, so the source's next write
@@ -253,6 +255,8 @@ struct Sender<'a, S> {
     report: SendReport,
     /// When to give up, from `SendOptions::timeout`.
     deadline: Option<(Instant, Duration)>,
+    /// The disks were released for the target: take them back if the guest stays here.
+    devices_handed_over: bool,
 }
 
 /// Migrates `vm` over `stream`. On success the guest has stopped here and runs on the target;
@@ -303,6 +307,7 @@ fn send_claimed<'f, S: Read + Write>(
         sent: Vec::new(),
         report: SendReport::default(),
         deadline: options.timeout.map(|t| (started + t, t)),
+        devices_handed_over: false,
     };
     let result = sender.run(options, started);
     // Whatever happened, stop tracking; resume the guest unless it may now run elsewhere.
@@ -327,6 +332,18 @@ fn send_claimed<'f, S: Read + Write>(
                 let _ = write_frame(sender.stream, &message);
             }
             if sender.session.guest_may_resume_here() && vm.run_state() == RunState::Paused {
+                if sender.devices_handed_over {
+                    if let Some(devices) = vm.devices() {
+                        // Another VMM may have opened a disk meanwhile: then the guest runs
+                        // on, and its disk requests fail, rather than two writers sharing it.
+                        if let Err(e) = devices.take_back() {
+                            tracing::error!(
+                                "cannot take the disks back after the failed migration: {}",
+                                crate::error_chain(&e)
+                            );
+                        }
+                    }
+                }
                 vm.resume();
             }
             Err(e)
@@ -410,11 +427,19 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             }
         }
         let paused = Instant::now();
+        // vCPUs and devices: once this returns no device has a request in flight, so the
+        // dirty scan below is the last one, device writes included.
         if self.vm.pause() != RunState::Paused {
             return Err(SendError::GuestStopped);
         }
         let mut stage = Stages::new(paused);
-        stage.done("pause the vCPUs");
+        stage.done("pause the vCPUs and devices");
+        if let Some(devices) = self.vm.devices() {
+            // Disks flushed and unlocked: the target opens them when it restores the state.
+            self.devices_handed_over = true;
+            devices.hand_over()?;
+            stage.done("hand the disks over");
+        }
         // With every vCPU parked nothing can change it any more: the last word.
         during_migration(self.vm)?;
         check_deadline(self.deadline)?;

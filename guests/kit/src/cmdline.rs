@@ -114,6 +114,10 @@ pub enum BlkOp {
     Check { sector: u64, count: u64, seed: u64 },
     /// Write such sectors, then flush.
     Write { sector: u64, count: u64, seed: u64 },
+    /// Write such sectors one request at a time (a record per sector, progress every 256),
+    /// then read them all back and check them: a guest that migrates meanwhile proves that
+    /// no write it saw complete was lost or misplaced.
+    Log { sector: u64, count: u64, seed: u64 },
     /// Print the device's id string and capacity.
     Id,
     /// One read with interrupts requested and the device's IRQ routed to this vCPU, interrupts
@@ -391,7 +395,7 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             let p = parse_params(word, params, ["seed", "first", "count", "stride"])?;
             Ok(Task::Check(range(p)?))
         }
-        b"blk-check" | b"blk-write" => {
+        b"blk-check" | b"blk-write" | b"blk-log" => {
             let [dev, sector, count, seed] =
                 parse_params(word, params, ["dev", "sector", "count", "seed"])?;
             let sector = sector.ok_or(err("missing parameter", b"sector"))?;
@@ -403,18 +407,22 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             if sector.checked_add(count).is_none() {
                 return Err(err("sector + count overflows", b""));
             }
-            let op = if name == b"blk-check" {
-                BlkOp::Check {
+            let op = match name {
+                b"blk-check" => BlkOp::Check {
                     sector,
                     count,
                     seed,
-                }
-            } else {
-                BlkOp::Write {
+                },
+                b"blk-write" => BlkOp::Write {
                     sector,
                     count,
                     seed,
-                }
+                },
+                _ => BlkOp::Log {
+                    sector,
+                    count,
+                    seed,
+                },
             };
             Ok(Task::Blk {
                 dev: dev.ok_or(err("missing parameter", b"dev"))?,

@@ -24,6 +24,7 @@ fn name(op: &BlkOp) -> &'static str {
     match op {
         BlkOp::Check { .. } => "blk-check",
         BlkOp::Write { .. } => "blk-write",
+        BlkOp::Log { .. } => "blk-log",
         BlkOp::Id => "blk-id",
         BlkOp::Irq => "blk-irq",
         BlkOp::Bad { .. } => "blk-bad",
@@ -58,6 +59,11 @@ pub fn run(op: &BlkOp, dev: u64, device: &MmioDevice) {
             count,
             seed,
         } => write(&mut blk, sector, count, seed),
+        BlkOp::Log {
+            sector,
+            count,
+            seed,
+        } => log(&mut blk, sector, count, seed),
         BlkOp::Id => id(&mut blk, dev),
         BlkOp::Irq => irq(&mut blk, dev, device.irq),
         BlkOp::Bad { sector, write, at } => {
@@ -188,6 +194,33 @@ fn write(blk: &mut Blk, sector: u64, count: u64, seed: u64) -> Result<(), Error>
     } else {
         ", not flushed (no VIRTIO_BLK_F_FLUSH)\n"
     });
+    Ok(())
+}
+
+/// Records between two progress lines of `blk-log`.
+const LOG_PROGRESS_EVERY: u64 = 256;
+
+fn log(blk: &mut Blk, sector: u64, count: u64, seed: u64) -> Result<(), Error> {
+    on_disk(blk, "blk-log", sector, count);
+    let buffer = blk.buffer(0);
+    for i in 0..count {
+        let s = sector + i;
+        // SAFETY: the first sector of the slot's buffer, which the device is not using.
+        unsafe { word(buffer, 0).write_volatile(page_stamp(seed, s)) };
+        let status = blk.request(blk::VIRTIO_BLK_T_OUT, s, SECTOR_SIZE as u32)?;
+        if status != VIRTIO_BLK_S_OK {
+            failed_request("blk-log", "write", s, status);
+        }
+        if (i + 1) % LOG_PROGRESS_EVERY == 0 {
+            write_str("blk-log: ");
+            write_dec(i + 1);
+            write_str(" records\n");
+        }
+    }
+    check(blk, sector, count, seed)?;
+    write_str("blk-log ok: ");
+    write_dec(count);
+    write_str(" records written and read back\n");
     Ok(())
 }
 
