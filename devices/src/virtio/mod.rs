@@ -60,6 +60,7 @@ pub mod mmio;
 #[cfg(test)]
 pub(crate) mod testing;
 
+
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -145,6 +146,17 @@ pub(crate) const VIRTIO_F_ACCESS_PLATFORM: u64 =
 /// `used_event`/`avail_event` suppression (virtio 1.2 §2.7.10).
 pub(crate) const VIRTIO_RING_F_EVENT_IDX: u64 =
     1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Checks a queue's three ring areas before touching any: a ring the device could read but
+/// not complete into would leave requests served and never reported.
+pub(crate) fn rings_shared(queue: &Queue, memory: &DeviceMemory) -> bool {
+    use virtio_queue::QueueT;
+
+    let size = u64::from(queue.size());
+    memory.allows(queue.desc_table(), 16 * size, "the descriptor table")
+        && memory.allows(queue.avail_ring(), 6 + 2 * size, "the available ring")
+        && memory.allows(queue.used_ring(), 6 + 8 * size, "the used ring")
+}
 
 /// Whether the driver wants an interrupt for the buffers just used: `used_event` with
 /// EVENT_IDX, else the available ring's `VRING_AVAIL_F_NO_INTERRUPT` flag (virtio 1.2

@@ -25,8 +25,8 @@ pub use disk::{Disk, DiskError, SECTOR_SIZE};
 pub use persist::{BlockRestoreArgs, BlockState};
 
 use super::{
-    driver_wants_interrupt, Activation, DeviceError, DeviceMemory, Interrupt, InterruptCause,
-    VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    driver_wants_interrupt, rings_shared, Activation, DeviceError, DeviceMemory, Interrupt,
+    InterruptCause, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
 };
 use request::DiskId;
 
@@ -165,15 +165,6 @@ impl Block {
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         config
     }
-
-    /// Checks the queue's three ring areas before touching any: a ring the device could read
-    /// but not complete into would leave requests served and never reported.
-    fn rings_shared(queue: &Queue, memory: &DeviceMemory) -> bool {
-        let size = u64::from(queue.size());
-        memory.allows(queue.desc_table(), 16 * size, "the descriptor table")
-            && memory.allows(queue.avail_ring(), 6 + 2 * size, "the available ring")
-            && memory.allows(queue.used_ring(), 6 + 8 * size, "the used ring")
-    }
 }
 
 fn disk_id(id: &str) -> Result<DiskId, BlockError> {
@@ -278,7 +269,7 @@ impl VirtioDevice for Block {
         let (Some(active), Some(queue)) = (&self.active, self.queues.get_mut(index)) else {
             return;
         };
-        if !Self::rings_shared(queue, &active.memory) {
+        if !rings_shared(queue, &active.memory) {
             return;
         }
         let mem = active.memory.guarded();
