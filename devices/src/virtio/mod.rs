@@ -57,6 +57,7 @@ pub mod block;
 pub mod interrupt;
 pub mod memory;
 pub mod mmio;
+pub mod vsock;
 #[cfg(test)]
 pub(crate) mod testing;
 
