@@ -57,10 +57,9 @@ pub mod block;
 pub mod interrupt;
 pub mod memory;
 pub mod mmio;
-pub mod vsock;
 #[cfg(test)]
 pub(crate) mod testing;
-
+pub mod vsock;
 
 use std::sync::Arc;
 

@@ -252,11 +252,8 @@ impl Vsock {
                 queue.go_to_previous_position();
                 break;
             };
-            let used = match VsockPacket::from_rx_virtq_chain(
-                &mem,
-                &mut chain.clone(),
-                MAX_PKT_BUF_SIZE as u32,
-            ) {
+            // Any buffer size is fine: what is written is bounded by `rx_room`.
+            let used = match VsockPacket::from_rx_virtq_chain(&mem, &mut chain.clone(), u32::MAX) {
                 Ok(mut packet) => fill_rx(&mut packet, &header, data),
                 Err(e) => {
                     tracing::debug!(error = %e, "vsock receive buffer unusable");

@@ -146,8 +146,13 @@ impl Rig {
 
     /// Sends one packet from the guest and lets the device serve the transmit queue.
     fn guest_send(&mut self, mut header: Header, data: &[u8]) {
-        let (hdr, at) = tx_addr(self.tx.next_head());
         header.len = data.len() as u32;
+        self.guest_send_raw(header, data);
+    }
+
+    /// Sends a packet whose header says what it likes about its length.
+    fn guest_send_raw(&mut self, header: Header, data: &[u8]) {
+        let (hdr, at) = tx_addr(self.tx.next_head());
         self.mem
             .write_slice(&header.to_bytes(), GuestAddress(hdr))
             .unwrap();
@@ -739,5 +744,113 @@ fn the_event_loop_serves_host_connections() {
     while events.run_with_timeout(50).unwrap() > 0 {
         rounds += 1;
         assert!(rounds < 3, "the event loop keeps waking");
+    }
+}
+
+mod guest_cannot_panic {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::virtio::testing::Buf;
+
+    /// One thing a hostile driver (or a host program) can do.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A packet with any header; ports from a few values so connections are hit.
+        Send {
+            header: (u16, u16, u8, u8, u32, u32, u32, bool),
+            len: Option<u32>,
+            data: Vec<u8>,
+        },
+        /// Receive buffers.
+        Rx(u8),
+        /// The event loop's view of the host side.
+        Host,
+        /// Garbage anywhere in the rings and buffers.
+        Scribble { at: u32, bytes: Vec<u8> },
+        /// Arbitrary descriptors on a queue.
+        Chain {
+            queue: u8,
+            bufs: Vec<(u32, u16, bool)>,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (
+                (
+                    0u16..9,
+                    0u16..4,
+                    0u8..4,
+                    0u8..4,
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<bool>()
+                ),
+                proptest::option::of(0u32..0x2_0000),
+                proptest::collection::vec(any::<u8>(), 0..300),
+            )
+                .prop_map(|(header, len, data)| Step::Send { header, len, data }),
+            (1u8..4).prop_map(Step::Rx),
+            Just(Step::Host),
+            (
+                0u32..0x4_0000,
+                proptest::collection::vec(any::<u8>(), 1..32)
+            )
+                .prop_map(|(at, bytes)| Step::Scribble { at, bytes }),
+            (
+                0u8..3,
+                proptest::collection::vec((0u32..0x4_0000, any::<u16>(), any::<bool>()), 1..4)
+            )
+                .prop_map(|(queue, bufs)| Step::Chain { queue, bufs }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn any_guest_behaviour_is_survived(steps in proptest::collection::vec(step(), 1..40)) {
+            let mut r = rig(true);
+            r.pages.0.lock().unwrap().push(0x2_8000..0x2_a000);
+            let _listener = UnixListener::bind(listener_path(&r.path(), 80)).unwrap();
+            let mut host = UnixStream::connect(r.path()).unwrap();
+            host.write_all(b"CONNECT 1\n").unwrap();
+            host.write_all(&[0x42; 5000]).unwrap();
+            let host_port = |sel: u8| [80, 5, 1 << 30, (1 << 30) + 1][usize::from(sel)];
+            for step in steps {
+                match step {
+                    Step::Send { header: (op, kind, guest_port, host, flags, buf_alloc, fwd_cnt, foreign), len, data } => {
+                        let mut header = from_guest(Op::Rw, u32::from(guest_port), host_port(host));
+                        header.op = op;
+                        header.type_ = kind;
+                        header.flags = flags;
+                        header.buf_alloc = buf_alloc;
+                        header.fwd_cnt = fwd_cnt;
+                        if foreign {
+                            header.dst_cid = 7;
+                        }
+                        header.len = len.unwrap_or(data.len() as u32);
+                        r.guest_send_raw(header, &data);
+                    }
+                    // What lands in the buffers is not checked: the guest scribbles there.
+                    Step::Rx(n) => r.post_rx(usize::from(n)),
+                    Step::Host => r.host_events(),
+                    Step::Scribble { at, bytes } => {
+                        r.mem.write_slice(&bytes, GuestAddress(u64::from(at))).unwrap();
+                    }
+                    Step::Chain { queue, bufs } => {
+                        let bufs: Vec<Buf> = bufs
+                            .into_iter()
+                            .map(|(addr, len, w)| Buf { addr: u64::from(addr), len: u32::from(len), writable: w })
+                            .collect();
+                        let q = match queue { 0 => &mut r.rx, 1 => &mut r.tx, _ => &mut r.ev };
+                        q.submit(&r.mem, &bufs);
+                        r.vsock.lock().unwrap().process_queue(usize::from(queue));
+                    }
+                }
+            }
+            r.host_events();
+        }
     }
 }

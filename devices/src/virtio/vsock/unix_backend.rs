@@ -97,6 +97,8 @@ pub struct UnixBackend {
     replies: VecDeque<Header>,
     bounce: Vec<u8>,
     timeout: Duration,
+    /// When the timer fires next, if it is armed.
+    timer_deadline: Option<Instant>,
 }
 
 impl AsRawFd for UnixBackend {
@@ -146,6 +148,7 @@ impl UnixBackend {
             replies: VecDeque::new(),
             bounce: vec![0; MAX_PKT_BUF_SIZE],
             timeout: CONNECT_TIMEOUT,
+            timer_deadline: None,
         })
     }
 
@@ -210,6 +213,7 @@ impl UnixBackend {
                 if let Err(e) = self.timer.wait() {
                     tracing::debug!(error = %e, "Cannot read the vsock timer");
                 }
+                self.timer_deadline = None;
             }
             token if self.pending.contains_key(&token) => self.read_connect_line(token),
             token => {
@@ -591,13 +595,22 @@ impl UnixBackend {
         }
     }
 
+    /// Makes sure the timer fires by `deadline`; an earlier one already armed stays.
     fn arm_timer(&mut self, deadline: Instant) {
+        let now = Instant::now();
+        if self
+            .timer_deadline
+            .is_some_and(|armed| armed <= deadline && armed > now)
+        {
+            return;
+        }
         // The timer only wakes the loop; `expire` decides. A zero duration would disarm it.
         let wait = deadline
-            .saturating_duration_since(Instant::now())
+            .saturating_duration_since(now)
             .max(Duration::from_millis(1));
-        if let Err(e) = self.timer.reset(wait, None) {
-            tracing::warn!(error = %e, "Cannot arm the vsock timer");
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.timer_deadline = Some(deadline),
+            Err(e) => tracing::warn!(error = %e, "Cannot arm the vsock timer"),
         }
     }
 }
