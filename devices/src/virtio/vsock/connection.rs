@@ -249,7 +249,8 @@ impl Connection {
             self.to_host.drain(..n);
             self.forwarded(n);
         }
-        self.apply_guest_shutdown()
+        self.apply_guest_shutdown();
+        Ok(())
     }
 
     fn forwarded(&mut self, n: usize) {
@@ -271,16 +272,15 @@ impl Connection {
         self.owed.credit_update = true;
     }
 
-    /// The guest shut one or both directions down. Whether the connection is over: both
-    /// directions closed and everything the guest sent delivered.
-    pub fn guest_shutdown(&mut self, flags: u32) -> Result<bool, ConnectionError> {
+    /// The guest shut one or both directions down; [`finished`](Self::finished) says whether
+    /// that ends the connection.
+    pub fn guest_shutdown(&mut self, flags: u32) {
         self.guest_shutdown |= flags & VIRTIO_VSOCK_SHUTDOWN_F_BOTH;
-        self.apply_guest_shutdown()?;
-        Ok(self.guest_shutdown == VIRTIO_VSOCK_SHUTDOWN_F_BOTH && self.to_host.is_empty())
+        self.apply_guest_shutdown();
     }
 
     /// Passes a guest's "no more data" on to the host once its data is delivered.
-    fn apply_guest_shutdown(&mut self) -> Result<(), ConnectionError> {
+    fn apply_guest_shutdown(&mut self) {
         if self.guest_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND != 0
             && self.to_host.is_empty()
             && !self.host_write_closed
@@ -291,7 +291,6 @@ impl Connection {
                 tracing::debug!(error = %e, "Cannot shut the host socket's write side");
             }
         }
-        Ok(())
     }
 
     /// Whether the guest shut both directions and everything it sent is delivered.
@@ -337,7 +336,11 @@ impl Connection {
                     self.credit_requested = true;
                     return Ok(Some(Outgoing::Control(Op::CreditRequest, 0)));
                 }
-            } else if n > 0 {
+            } else if n == 0 {
+                // A receive buffer with no room for data: spend it on a credit update
+                // rather than leave it at the head of the ring for ever.
+                return Ok(Some(Outgoing::Control(Op::CreditUpdate, 0)));
+            } else {
                 match self.stream.read(&mut bounce[..n]) {
                     Ok(0) => {
                         // The host closed: both ways, as far as the device can tell.

@@ -7,9 +7,8 @@
 //!
 //! Every buffer goes through the device's [`GuardedMemory`]: a transmit packet whose header
 //! the guard refuses is dropped unread; one whose data it refuses is dropped and its
-//! connection reset. A receive buffer the guard refuses is returned empty, and the packet
-//! meant for it dropped with its connection reset (the connection's data is gone, so the
-//! stream could not go on intact). Nothing is read from or written to a
+//! connection reset. A receive buffer the guard refuses is returned empty before the device
+//! reads anything from the host for it, so no connection loses data. Nothing is read from or written to a
 //! refused page, and each refusal is counted.
 //!
 //! On migration every connection is reset: the restored device (or
@@ -182,6 +181,19 @@ impl Vsock {
         self.process_event_queue();
     }
 
+    /// Hands the socket path over to a migration target on the same filesystem (as
+    /// [`Block::release_disk`](crate::virtio::block::Block::release_disk) does the disk): the
+    /// device stops listening and removes its socket file. Open connections stay until
+    /// [`reset_for_migration`](Self::reset_for_migration).
+    pub fn release_socket(&mut self) {
+        self.backend.release_socket();
+    }
+
+    /// Listens again, when a migration failed and the guest runs on here.
+    pub fn reacquire_socket(&mut self) -> Result<(), VsockError> {
+        self.backend.reacquire_socket().map_err(VsockError::Backend)
+    }
+
     /// Handles the host side's events, then moves what they made possible.
     pub(crate) fn handle_backend_events(&mut self) {
         self.backend.handle_events();
@@ -241,28 +253,32 @@ impl Vsock {
         let mem = active.memory.guarded();
         let mut used_any = false;
         while self.backend.has_news() {
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(mut chain) = queue.pop_descriptor_chain(&mem) else {
                 break;
             };
             let head = chain.head_index();
-            // The packet is chosen (and its data read from the host) before the buffer is
-            // checked: a buffer the guard refuses then costs exactly that packet.
-            let Some((header, data)) = self.backend.next_for_guest(rx_room(&chain)) else {
-                // Nothing after all: the buffer goes back for the next packet.
-                queue.go_to_previous_position();
-                break;
-            };
-            // Any buffer size is fine: what is written is bounded by `rx_room`.
-            let used = match VsockPacket::from_rx_virtq_chain(&mem, &mut chain.clone(), u32::MAX) {
-                Ok(mut packet) => fill_rx(&mut packet, &header, data),
+            // The buffer passes the guard before any host data is read for it: a refused or
+            // malformed buffer comes back empty and costs no connection its data. Any size
+            // is fine, what is written is bounded by the bounce buffer.
+            let used = match VsockPacket::from_rx_virtq_chain(&mem, &mut chain, u32::MAX) {
+                Ok(mut packet) => {
+                    let room = packet.data_slice().map_or(0, |s| s.len());
+                    let Some((header, data)) = self.backend.next_for_guest(room) else {
+                        // Nothing after all: the buffer goes back for the next packet.
+                        queue.go_to_previous_position();
+                        break;
+                    };
+                    let used = fill_rx(&mut packet, &header, data);
+                    if used == 0 {
+                        self.backend.lost_packet(&header);
+                    }
+                    used
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "vsock receive buffer unusable");
+                    tracing::debug!(error = %e, "vsock receive buffer unusable: returned empty");
                     0
                 }
             };
-            if used == 0 {
-                self.backend.lost_packet(&header);
-            }
             if let Err(e) = queue.add_used(&mem, head, used) {
                 tracing::warn!(error = %e, "Cannot return a vsock receive buffer");
                 break;
@@ -352,24 +368,6 @@ fn transmit(
         None => 0,
     };
     backend.on_guest_packet(&header, &scratch[..len]);
-}
-
-/// The data space of a receive chain, from its descriptors alone (the guard checks the
-/// buffers when the packet is written).
-fn rx_room(chain: &DescriptorChain<&GuardedMemory<'_>>) -> usize {
-    let mut descriptors = chain.clone();
-    let Some(first) = descriptors.next() else {
-        return 0;
-    };
-    let room = if first.has_next() {
-        descriptors
-            .next()
-            .filter(|d| d.is_write_only())
-            .map_or(0, |d| d.len() as usize)
-    } else {
-        (first.len() as usize).saturating_sub(HEADER_LEN)
-    };
-    room.min(MAX_PKT_BUF_SIZE)
 }
 
 /// Writes one packet into a receive buffer; the used length, zero if it could not be written.

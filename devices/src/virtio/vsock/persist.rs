@@ -2,6 +2,10 @@
 //! the restored device owes the guest a TRANSPORT_RESET event (as Firecracker's does after a
 //! snapshot), sent as soon as the driver's event queue has a buffer, and host programs
 //! connect again on the target.
+//!
+//! The target listens at the socket path when it restores: on a filesystem both ends see,
+//! the source hands the path over first with [`Vsock::release_socket`], or the target is
+//! given a path of its own.
 
 use std::path::PathBuf;
 

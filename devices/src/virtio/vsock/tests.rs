@@ -386,6 +386,41 @@ fn the_device_advertises_and_returns_credit() {
 }
 
 #[test]
+fn malformed_receive_buffers_come_back_empty_and_cost_nothing() {
+    let mut r = rig(false);
+    let (mut host, key) = r.host_connection(GUEST_BUF);
+    // Spend what host_connection posted.
+    for _ in 0..3 {
+        host.write_all(b"x").unwrap();
+        assert_eq!(r.wait_rx().len(), 1);
+    }
+    host.write_all(b"data").unwrap();
+    // A header-only buffer, a read-only one, and one whose data part has no room.
+    let (hdr, data) = rx_addr(r.rx.next_head());
+    r.rx.submit(&r.mem, &[writable(hdr, HEADER_LEN as u32)]);
+    let (hdr, data2) = rx_addr(r.rx.next_head());
+    r.rx.submit(
+        &r.mem,
+        &[readable(hdr, HEADER_LEN as u32), readable(data2, 64)],
+    );
+    let (hdr, _) = rx_addr(r.rx.next_head());
+    r.rx.submit(
+        &r.mem,
+        &[writable(hdr, HEADER_LEN as u32), writable(data, 0)],
+    );
+    r.host_events();
+    let got = r.guest_rx();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0].1.len() + got[1].1.len(), 0);
+    // The buffer without room carried a credit update rather than sitting in the ring.
+    assert_eq!(op(&got[2].0), Some(Op::CreditUpdate));
+    assert_eq!(got[2].0.dst_port, key.guest_port);
+    r.post_rx(1);
+    assert_eq!(r.guest_rx()[0].1, b"data");
+    assert_eq!(r.vsock.lock().unwrap().connections(), 1);
+}
+
+#[test]
 fn a_guest_beyond_its_credit_is_reset() {
     let mut r = rig(false);
     let (mut host, key) = r.host_connection(GUEST_BUF);
@@ -596,15 +631,15 @@ fn private_pages_are_refused_counted_and_reset_the_connection() {
     assert_eq!(r.vsock.lock().unwrap().connections(), 0);
     r.pages.0.lock().unwrap().clear();
 
-    // A private receive buffer: nothing written into it, counted, the connection reset.
+    // A private receive buffer: nothing written into it, counted, returned empty; the host's
+    // data was not read for it and goes into the next buffer.
     r.guest_send(from_guest(Op::Request, 1002, 80), &[]);
     assert_eq!(op(&r.guest_rx()[0].0), Some(Op::Response));
     let (mut host, _) = listener.accept().unwrap();
-    let head = r.rx.next_head();
-    let (rx_hdr, rx_data) = rx_addr(head);
+    let (rx_hdr, rx_data) = rx_addr(r.rx.next_head());
     r.pages.0.lock().unwrap().push(rx_data..rx_data + 0x1000);
-    r.post_rx(1);
     host.write_all(b"for the guest").unwrap();
+    r.post_rx(1);
     let got = r.wait_rx();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1.len(), 0, "the buffer came back empty");
@@ -614,12 +649,11 @@ fn private_pages_are_refused_counted_and_reset_the_connection() {
         .unwrap();
     assert!(untouched.iter().all(|&b| b == 0xee));
     assert_eq!(r.refusals(), 3);
-    assert_closed(&mut host);
     r.pages.0.lock().unwrap().clear();
     r.post_rx(1);
     let got = r.guest_rx();
-    assert_eq!(op(&got[0].0), Some(Op::Rst));
-    assert_eq!(got[0].0.dst_port, 1002);
+    assert_eq!(op(&got[0].0), Some(Op::Rw));
+    assert_eq!(got[0].1, b"for the guest");
 }
 
 /// Posts an event buffer; the event id the device wrote, if any.
@@ -724,6 +758,49 @@ fn save_and_restore_sends_transport_reset() {
         &(EVQ as u32).to_le_bytes(),
     );
     assert_eq!(events.run_with_timeout(1000).unwrap(), 1);
+}
+
+#[test]
+fn the_socket_path_is_handed_over_and_taken_back() {
+    let r = rig(false);
+    r.vsock.lock().unwrap().release_socket();
+    assert!(!r.path().exists());
+    assert!(UnixStream::connect(r.path()).is_err());
+    // A target on the same filesystem can listen there now.
+    let target = Vsock::restore(
+        VsockRestoreArgs { uds_path: r.path() },
+        &r.vsock.lock().unwrap().save(),
+    )
+    .unwrap();
+    assert!(UnixStream::connect(r.path()).is_ok());
+    // While it does, the source cannot take the path back; once it is gone, it can.
+    let err = r.vsock.lock().unwrap().reacquire_socket().unwrap_err();
+    assert!(
+        matches!(err, VsockError::Backend(BackendError::Bind { .. })),
+        "{err}"
+    );
+    drop(target);
+    r.vsock.lock().unwrap().reacquire_socket().unwrap();
+    let mut host = UnixStream::connect(r.path()).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    r.host_events();
+    assert_eq!(r.vsock.lock().unwrap().connections(), 1);
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced_but_a_live_one_is_not() {
+    let r = rig(false);
+    let err = Vsock::new(VsockConfig::new(GUEST_CID, r.path()))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, VsockError::Backend(BackendError::Bind { .. })),
+        "{err}"
+    );
+    let stale = r.dir.as_path().join("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    Vsock::new(VsockConfig::new(GUEST_CID, &stale)).unwrap();
 }
 
 #[test]

@@ -79,11 +79,19 @@ struct PendingHost {
     deadline: Instant,
 }
 
+/// The listening socket and the identity of the file it made, so that only that file is
+/// ever removed.
+struct Listener {
+    socket: UnixListener,
+    file: (u64, u64),
+}
+
 /// The host side: the listening socket, the host programs' sockets and the connections.
 pub struct UnixBackend {
     path: PathBuf,
     guest_cid: u64,
-    listener: UnixListener,
+    /// `None` while the path is handed over to a migration target.
+    listener: Option<Listener>,
     epoll: Epoll,
     timer: TimerFd,
     pending: HashMap<u64, PendingHost>,
@@ -112,31 +120,20 @@ impl UnixBackend {
     /// Listens on `path` for a guest with CID `guest_cid`. A socket file left by a VMM that
     /// is gone is replaced; one somebody listens on is not.
     pub fn new(path: &Path, guest_cid: u64) -> Result<Self, BackendError> {
-        let listener = bind(path)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| BackendError::Bind {
-                path: path.to_owned(),
-                source,
-            })?;
         let epoll = Epoll::new().map_err(BackendError::Epoll)?;
         let timer = TimerFd::new().map_err(BackendError::Timer)?;
-        for (fd, token) in [
-            (listener.as_raw_fd(), LISTENER_TOKEN),
-            (timer.as_raw_fd(), TIMER_TOKEN),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(BackendError::Epoll)?;
-        }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+            )
+            .map_err(BackendError::Epoll)?;
+        let listener = listen(path, &epoll)?;
         Ok(Self {
             path: path.to_owned(),
             guest_cid,
-            listener,
+            listener: Some(listener),
             epoll,
             timer,
             pending: HashMap::new(),
@@ -241,7 +238,10 @@ impl UnixBackend {
 
     fn accept_all(&mut self) {
         loop {
-            let stream = match self.listener.accept() {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let stream = match listener.socket.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -423,7 +423,6 @@ impl UnixBackend {
             }
             (ConnState::AwaitingResponse, Op::Response) => {
                 conn.established();
-                conn.deadline = None;
                 let line = format!("OK {}\n", key.host_port);
                 conn.stream()
                     .write_all(line.as_bytes())
@@ -438,7 +437,10 @@ impl UnixBackend {
                 conn.credit_requested();
                 Ok(())
             }
-            (_, Op::Shutdown) => conn.guest_shutdown(header.flags).map(|_| ()),
+            (_, Op::Shutdown) => {
+                conn.guest_shutdown(header.flags);
+                Ok(())
+            }
         };
         match result {
             Err(e) => {
@@ -564,6 +566,38 @@ impl UnixBackend {
         self.replies.clear();
     }
 
+    /// Stops listening and removes the socket file, so that a migration target on the same
+    /// filesystem can listen at the path. Open connections are not touched.
+    pub fn release_socket(&mut self) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            listener.socket.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        // Only the file this device made: somebody may have bound the path since.
+        if file_id(&self.path).is_ok_and(|id| id == listener.file) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "Cannot remove the vsock socket");
+            }
+        }
+    }
+
+    /// Listens at the path again, after a migration that failed.
+    pub fn reacquire_socket(&mut self) -> Result<(), BackendError> {
+        if self.listener.is_none() {
+            self.listener = Some(listen(&self.path, &self.epoll)?);
+        }
+        Ok(())
+    }
+
+    /// Whether host programs can connect now.
+    pub fn is_listening(&self) -> bool {
+        self.listener.is_some()
+    }
+
     /// Closes what waited too long.
     fn expire(&mut self, now: Instant) {
         self.pending.retain(|_, p| {
@@ -613,6 +647,34 @@ impl UnixBackend {
             Err(e) => tracing::warn!(error = %e, "Cannot arm the vsock timer"),
         }
     }
+}
+
+/// Listens at `path`, non-blocking, in `epoll`.
+fn listen(path: &Path, epoll: &Epoll) -> Result<Listener, BackendError> {
+    let socket = bind(path)?;
+    let file = socket
+        .set_nonblocking(true)
+        .and_then(|()| file_id(path))
+        .map_err(|source| BackendError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            socket.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        )
+        .map_err(BackendError::Epoll)?;
+    Ok(Listener { socket, file })
+}
+
+/// The device and inode of a file.
+fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// Binds `path`, replacing a socket file nobody listens on any more.
