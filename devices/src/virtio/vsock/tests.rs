@@ -322,6 +322,75 @@ fn data_moves_both_ways_byte_exact() {
 }
 
 #[test]
+fn a_megabyte_echoes_through_both_credit_windows() {
+    const TOTAL: usize = 1 << 20;
+    const GUEST_WINDOW: u32 = 64 << 10;
+    let mut r = rig(false);
+    let (host, key) = r.host_connection(GUEST_WINDOW);
+    let sent = pattern(TOTAL, 5);
+    let mut writer = host.try_clone().unwrap();
+    let to_write = sent.clone();
+    let writer = std::thread::spawn(move || writer.write_all(&to_write).unwrap());
+    let mut reader = host;
+    let reader = std::thread::spawn(move || read_exact_within(&mut reader, TOTAL));
+
+    // The guest: consumes what it receives, returns credit, echoes within the device's.
+    let (mut consumed, mut echoed, mut reported) = (0u32, 0u32, 0u32);
+    let (mut dev_buf_alloc, mut dev_fwd_cnt) = (0u32, 0u32);
+    let mut received = Vec::new();
+    let mut backlog = std::collections::VecDeque::new();
+    let mut outstanding = 3; // host_connection posted 4; the REQUEST used one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (received.len() < TOTAL || !backlog.is_empty()) && Instant::now() < deadline {
+        r.host_events();
+        let got = r.guest_rx();
+        outstanding -= got.len();
+        let progressed = !got.is_empty();
+        for (header, data) in got {
+            dev_buf_alloc = header.buf_alloc;
+            dev_fwd_cnt = header.fwd_cnt;
+            if op(&header) == Some(Op::Rw) {
+                consumed = consumed.wrapping_add(data.len() as u32);
+                // The device never has more in flight than the window the guest gave.
+                assert!(consumed.wrapping_sub(reported) <= GUEST_WINDOW);
+                backlog.extend(&data);
+                received.extend(data);
+            }
+        }
+        if progressed {
+            let mut update = from_guest(Op::CreditUpdate, 52, key.host_port);
+            update.buf_alloc = GUEST_WINDOW;
+            update.fwd_cnt = consumed;
+            r.guest_send(update, &[]);
+            reported = consumed;
+        }
+        loop {
+            let credit = dev_buf_alloc.saturating_sub(echoed.wrapping_sub(dev_fwd_cnt));
+            let n = backlog.len().min(credit as usize).min(4096);
+            if n == 0 {
+                break;
+            }
+            let chunk: Vec<u8> = backlog.drain(..n).collect();
+            let mut rw = from_guest(Op::Rw, 52, key.host_port);
+            rw.buf_alloc = GUEST_WINDOW;
+            rw.fwd_cnt = consumed;
+            r.guest_send(rw, &chunk);
+            echoed = echoed.wrapping_add(n as u32);
+        }
+        if outstanding < 6 {
+            r.post_rx(6 - outstanding);
+            outstanding = 6;
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    writer.join().unwrap();
+    assert!(received == sent, "host to guest differs");
+    assert!(reader.join().unwrap() == sent, "the echo differs");
+}
+
+#[test]
 fn a_guest_without_credit_gets_nothing_and_the_rest_stays_in_the_socket() {
     let mut r = rig(false);
     let (mut host, key) = r.host_connection(0);
