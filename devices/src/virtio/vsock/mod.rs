@@ -36,6 +36,7 @@
 pub mod client;
 mod connection;
 mod event_handler;
+mod host_socket;
 pub mod packet;
 mod persist;
 mod unix_backend;
@@ -51,8 +52,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use client::{connect_to_guest, ClientError, GuestConnection};
 pub use connection::CONN_BUF_ALLOC;
+pub use host_socket::listener_path;
 pub use persist::{VsockRestoreArgs, VsockState};
-pub use unix_backend::{listener_path, BackendError, UnixBackend, CONNECT_TIMEOUT};
+pub use unix_backend::{BackendError, UnixBackend, CONNECT_TIMEOUT};
 
 use super::{
     driver_wants_interrupt, rings_shared, Activation, DeviceError, DeviceMemory, GuardedMemory,

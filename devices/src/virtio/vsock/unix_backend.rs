@@ -19,18 +19,19 @@
 //! connections come and go without touching the event manager.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, SockAddr, Socket, Type};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::connection::{ConnState, Connection, Outgoing};
+use super::connection::{ConnState, Connection, ConnectionError, Outgoing};
+use super::host_socket::{
+    connect_nonblocking, file_id, listen, listener_path, parse_connect, Listener,
+};
 use super::packet::{ConnKey, Header, Op, VIRTIO_VSOCK_TYPE_STREAM, VMADDR_CID_HOST};
 
 /// How long a host-initiated connection waits for the guest's RESPONSE, a host program for
@@ -79,13 +80,6 @@ struct PendingHost {
     deadline: Instant,
 }
 
-/// The listening socket and the identity of the file it made, so that only that file is
-/// ever removed.
-struct Listener {
-    socket: UnixListener,
-    file: (u64, u64),
-}
-
 /// The host side: the listening socket, the host programs' sockets and the connections.
 pub struct UnixBackend {
     path: PathBuf,
@@ -129,7 +123,11 @@ impl UnixBackend {
                 EpollEvent::new(EventSet::IN, TIMER_TOKEN),
             )
             .map_err(BackendError::Epoll)?;
-        let listener = listen(path, &epoll)?;
+        let listener =
+            listen(path, &epoll, LISTENER_TOKEN).map_err(|source| BackendError::Bind {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(Self {
             path: path.to_owned(),
             guest_cid,
@@ -402,7 +400,8 @@ impl UnixBackend {
         }) else {
             tracing::debug!(?header, "vsock packet the device does not serve: reset");
             // A live connection that sends such a packet is reset; an RST is never answered.
-            if self.forget(key) || op != Some(Op::Rst) {
+            self.forget(key);
+            if op != Some(Op::Rst) {
                 self.reply_rst(header);
             }
             return;
@@ -426,10 +425,10 @@ impl UnixBackend {
                 let line = format!("OK {}\n", key.host_port);
                 conn.stream()
                     .write_all(line.as_bytes())
-                    .map_err(super::connection::ConnectionError::Host)
+                    .map_err(ConnectionError::Host)
             }
             (ConnState::AwaitingResponse, _) | (_, Op::Request | Op::Response) => {
-                Err(super::connection::ConnectionError::Unexpected(op))
+                Err(ConnectionError::Unexpected(op))
             }
             (_, Op::Rw) => conn.send_to_host(data),
             (_, Op::CreditUpdate) => Ok(()),
@@ -588,7 +587,13 @@ impl UnixBackend {
     /// Listens at the path again, after a migration that failed.
     pub fn reacquire_socket(&mut self) -> Result<(), BackendError> {
         if self.listener.is_none() {
-            self.listener = Some(listen(&self.path, &self.epoll)?);
+            let listener = listen(&self.path, &self.epoll, LISTENER_TOKEN).map_err(|source| {
+                BackendError::Bind {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+            self.listener = Some(listener);
         }
         Ok(())
     }
@@ -646,101 +651,5 @@ impl UnixBackend {
             Ok(()) => self.timer_deadline = Some(deadline),
             Err(e) => tracing::warn!(error = %e, "Cannot arm the vsock timer"),
         }
-    }
-}
-
-/// Listens at `path`, non-blocking, in `epoll`.
-fn listen(path: &Path, epoll: &Epoll) -> Result<Listener, BackendError> {
-    let socket = bind(path)?;
-    let file = socket
-        .set_nonblocking(true)
-        .and_then(|()| file_id(path))
-        .map_err(|source| BackendError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            socket.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-        )
-        .map_err(BackendError::Epoll)?;
-    Ok(Listener { socket, file })
-}
-
-/// The device and inode of a file.
-fn file_id(path: &Path) -> io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-
-    let meta = std::fs::symlink_metadata(path)?;
-    Ok((meta.dev(), meta.ino()))
-}
-
-/// Binds `path`, replacing a socket file nobody listens on any more.
-fn bind(path: &Path) -> Result<UnixListener, BackendError> {
-    let bind_error = |source| BackendError::Bind {
-        path: path.to_owned(),
-        source,
-    };
-    match UnixListener::bind(path) {
-        Ok(listener) => Ok(listener),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            match UnixStream::connect(path) {
-                Err(refused) if refused.kind() == io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path).map_err(bind_error)?;
-                    UnixListener::bind(path).map_err(bind_error)
-                }
-                // Somebody listens there: not ours to take.
-                _ => Err(bind_error(e)),
-            }
-        }
-        Err(e) => Err(bind_error(e)),
-    }
-}
-
-/// Where a guest's connection to host port `port` goes: `PATH_port`.
-pub fn listener_path(path: &Path, port: u32) -> PathBuf {
-    let mut name = OsString::from(path.as_os_str());
-    name.push(format!("_{port}"));
-    PathBuf::from(name)
-}
-
-/// Connects without ever blocking the device thread: a listener whose backlog is full
-/// refuses like one that is not there.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-    socket.set_nonblocking(true)?;
-    socket.connect(&SockAddr::unix(path)?)?;
-    Ok(socket.into())
-}
-
-/// `CONNECT <port>` with an optional `\r`.
-fn parse_connect(line: &[u8]) -> Option<u32> {
-    let line = std::str::from_utf8(line).ok()?;
-    let port = line.trim_end_matches('\r').strip_prefix("CONNECT ")?;
-    port.trim().parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_lines() {
-        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
-        assert_eq!(parse_connect(b"CONNECT 4294967295\r"), Some(u32::MAX));
-        assert_eq!(parse_connect(b"CONNECT"), None);
-        assert_eq!(parse_connect(b"CONNECT -1"), None);
-        assert_eq!(parse_connect(b"connect 52"), None);
-        assert_eq!(parse_connect(&[0xff, 0xfe]), None);
-    }
-
-    #[test]
-    fn listener_paths_append_the_port() {
-        assert_eq!(
-            listener_path(Path::new("/run/v.sock"), 80),
-            PathBuf::from("/run/v.sock_80")
-        );
     }
 }
