@@ -617,6 +617,25 @@ fn unknown_connections_are_reset_and_resets_are_not_answered() {
 }
 
 #[test]
+fn a_guest_that_does_not_read_its_resets_stops_being_served() {
+    let mut r = rig(false);
+    // No receive buffers: every RST for an unknown connection waits in the device, up to a
+    // bound; then the device leaves the guest's packets in its ring.
+    for port in 0..256 {
+        r.guest_send(from_guest(Op::Rw, port, 5), b"?");
+    }
+    assert_eq!(r.tx.used_idx(&r.mem), 256);
+    r.guest_send(from_guest(Op::Rw, 999, 5), b"?");
+    assert_eq!(r.tx.used_idx(&r.mem), 256, "the packet waits in the ring");
+    // Reading makes room, and the waiting packet is taken.
+    r.post_rx(8);
+    assert_eq!(r.tx.used_idx(&r.mem), 257);
+    let got = r.guest_rx();
+    assert_eq!(got.len(), 8);
+    assert!(got.iter().all(|(h, _)| op(h) == Some(Op::Rst)));
+}
+
+#[test]
 fn a_guest_reset_or_silence_closes_the_host_socket() {
     let mut r = rig(false);
     r.post_rx(4);
