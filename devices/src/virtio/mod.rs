@@ -64,6 +64,7 @@ pub mod memory;
 pub mod mmio;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod vsock;
 
 use std::sync::Arc;
 

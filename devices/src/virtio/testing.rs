@@ -164,6 +164,11 @@ impl TestQueue {
         head
     }
 
+    /// The head index the next [`submit`](Self::submit) will use.
+    pub(crate) fn next_head(&self) -> u16 {
+        self.next_desc
+    }
+
     fn avail_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.avail + 2)).unwrap()
     }
