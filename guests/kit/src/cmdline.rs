@@ -104,6 +104,53 @@ pub enum Task {
         dev: u64,
         op: BlkOp,
     },
+    /// A virtio-console task on the `dev`-th transport.
+    Console {
+        dev: u64,
+        op: ConsoleOp,
+    },
+    /// Read `count` bytes from COM1 and print them.
+    SerialEcho {
+        count: u64,
+    },
+}
+
+impl Task {
+    /// The `virtio_mmio.device=` entry the task uses, if any.
+    pub fn dev(&self) -> Option<u64> {
+        match *self {
+            Task::Blk { dev, .. } | Task::Console { dev, .. } => Some(dev),
+            _ => None,
+        }
+    }
+}
+
+/// Most bytes of `con-write`'s text.
+pub const TEXT_MAX: usize = 64;
+
+/// A short text from the command line (no whitespace: words are split on it).
+#[derive(Clone, Copy)]
+pub struct Text {
+    bytes: [u8; TEXT_MAX],
+    len: u8,
+}
+
+impl Text {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// Most bytes `con-echo` and `serial-echo` read (each is printed, one exit a byte).
+pub const ECHO_MAX: u64 = 4096;
+
+/// What a virtio-console task does (see docs/guest-kit.md).
+#[derive(Clone, Copy)]
+pub enum ConsoleOp {
+    /// Transmit the text and a newline.
+    Write(Text),
+    /// Read `count` bytes of input and send them back.
+    Echo { count: u64 },
 }
 
 /// What a virtio-blk task does (see docs/guest-kit.md).
@@ -465,6 +512,45 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 op,
             })
         }
+        b"con-write" => {
+            // `text=` comes last and takes the rest of the word, commas included.
+            let (params, text) = split_text(params);
+            let [dev] = parse_params(word, params, ["dev"])?;
+            let text = text.ok_or(err("missing parameter", b"text"))?;
+            if text.len() > TEXT_MAX {
+                return Err(err("text must be at most 64 bytes", b""));
+            }
+            let mut bytes = [0; TEXT_MAX];
+            bytes[..text.len()].copy_from_slice(text);
+            let text = Text {
+                bytes,
+                len: text.len() as u8,
+            };
+            Ok(Task::Console {
+                dev: dev.ok_or(err("missing parameter", b"dev"))?,
+                op: ConsoleOp::Write(text),
+            })
+        }
+        b"con-echo" | b"serial-echo" => {
+            let (dev, count) = if name == b"con-echo" {
+                let [dev, count] = parse_params(word, params, ["dev", "count"])?;
+                (Some(dev.ok_or(err("missing parameter", b"dev"))?), count)
+            } else {
+                let [count] = parse_params(word, params, ["count"])?;
+                (None, count)
+            };
+            let count = count.ok_or(err("missing parameter", b"count"))?;
+            if count == 0 || count > ECHO_MAX {
+                return Err(err("count must be 1..=4096", b""));
+            }
+            Ok(match dev {
+                Some(dev) => Task::Console {
+                    dev,
+                    op: ConsoleOp::Echo { count },
+                },
+                None => Task::SerialEcho { count },
+            })
+        }
         b"exit" => {
             let [code] = parse_params(word, params, ["code"])?;
             let code = code.ok_or(err("missing parameter", b"code"))?;
@@ -472,6 +558,22 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             Ok(Task::Exit(code))
         }
         _ => Err(err("unknown task", name)),
+    }
+}
+
+/// Splits `key=value,...,text=TEXT` into the parameters before `text=` and TEXT (which may
+/// hold `,` and `=`).
+fn split_text(params: Option<&[u8]>) -> (Option<&[u8]>, Option<&[u8]>) {
+    const KEY: &[u8] = b"text=";
+    let Some(params) = params else {
+        return (None, None);
+    };
+    let at = (0..params.len())
+        .find(|&i| (i == 0 || params[i - 1] == b',') && params[i..].starts_with(KEY));
+    match at {
+        None => (Some(params), None),
+        Some(0) => (None, Some(&params[KEY.len()..])),
+        Some(i) => (Some(&params[..i - 1]), Some(&params[i + KEY.len()..])),
     }
 }
 

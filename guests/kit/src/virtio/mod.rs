@@ -1,5 +1,5 @@
-//! A polled virtio-mmio (version 2) driver core, and virtio-blk, virtio-console and
-//! virtio-vsock on top of it.
+//! A polled virtio-mmio (version 2) driver core, and virtio-blk and virtio-console
+//! on top of it.
 //!
 //! The kit cannot take interrupts on the project's hosts (HOST-NOTES), so every driver here
 //! polls: it submits a request, writes QueueNotify, and spins on the used ring with a TSC
@@ -12,9 +12,9 @@
 //!   shared with the host first in an SEV guest, as Linux's swiotlb does.
 //! - `blk`: virtio-blk requests (§5.2) and its config space.
 //! - `console`: virtio-console's port 0 (§5.3), without multiport.
-//! - `vsock`: virtio-vsock packets (§5.10); the connections are the tasks' business.
 
 pub mod blk;
+pub mod console;
 pub mod dma;
 pub mod mmio;
 pub mod queue;
@@ -25,6 +25,11 @@ use crate::serial::{write_dec, write_hex, write_str};
 /// TSC ticks: several seconds at any clock (the TSC runs at host speed even when the guest is
 /// emulated), far above the milliseconds a request takes here.
 const DEVICE_TIMEOUT_TSC: u64 = 20_000_000_000;
+
+/// How long a task waits for the other side (console input, a vsock peer's connection, data or
+/// credit), in TSC ticks: about a minute, so a host test has time to start its side, but a
+/// guest nobody talks to still stops with an error instead of spinning forever.
+pub const PEER_TIMEOUT_TSC: u64 = 150_000_000_000;
 
 // Device IDs (virtio 1.2 §5).
 /// A block device (§5.2).
