@@ -113,13 +113,20 @@ pub enum Task {
     SerialEcho {
         count: u64,
     },
+    /// A virtio-vsock task on the `dev`-th transport.
+    Vsock {
+        dev: u64,
+        op: VsockOp,
+    },
 }
 
 impl Task {
     /// The `virtio_mmio.device=` entry the task uses, if any.
     pub fn dev(&self) -> Option<u64> {
         match *self {
-            Task::Blk { dev, .. } | Task::Console { dev, .. } => Some(dev),
+            Task::Blk { dev, .. } | Task::Console { dev, .. } | Task::Vsock { dev, .. } => {
+                Some(dev)
+            }
             _ => None,
         }
     }
@@ -143,6 +150,8 @@ impl Text {
 
 /// Most bytes `con-echo` and `serial-echo` read (each is printed, one exit a byte).
 pub const ECHO_MAX: u64 = 4096;
+/// Most bytes a `vsock-echo` or `vsock-connect` moves (the stream counters are 32-bit).
+pub const VSOCK_BYTES_MAX: u64 = 1 << 30;
 
 /// What a virtio-console task does (see docs/guest-kit.md).
 #[derive(Clone, Copy)]
@@ -151,6 +160,17 @@ pub enum ConsoleOp {
     Write(Text),
     /// Read `count` bytes of input and send them back.
     Echo { count: u64 },
+}
+
+/// What a virtio-vsock task does (see docs/guest-kit.md).
+#[derive(Clone, Copy)]
+pub enum VsockOp {
+    /// Accept a connection on `port`, echo `bytes` bytes, shut down.
+    Echo { port: u32, bytes: u64 },
+    /// Connect to the host's `port`, send `bytes` bytes of the pattern, read them back.
+    Connect { port: u32, bytes: u64 },
+    /// Accept a connection on `port` and never read from it.
+    Slow { port: u32 },
 }
 
 /// What a virtio-blk task does (see docs/guest-kit.md).
@@ -550,6 +570,28 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 },
                 None => Task::SerialEcho { count },
             })
+        }
+        b"vsock-echo" | b"vsock-connect" | b"vsock-slow" => {
+            let slow = name == b"vsock-slow";
+            let [dev, port, bytes] = if slow {
+                let [dev, port] = parse_params(word, params, ["dev", "port"])?;
+                [dev, port, Some(1)]
+            } else {
+                parse_params(word, params, ["dev", "port", "bytes"])?
+            };
+            let dev = dev.ok_or(err("missing parameter", b"dev"))?;
+            let port = port.ok_or(err("missing parameter", b"port"))?;
+            let port = u32::try_from(port).map_err(|_| err("port must be 0..=0xffffffff", b""))?;
+            let bytes = bytes.ok_or(err("missing parameter", b"bytes"))?;
+            if bytes == 0 || bytes > VSOCK_BYTES_MAX {
+                return Err(err("bytes must be 1..=0x40000000", b""));
+            }
+            let op = match name {
+                b"vsock-echo" => VsockOp::Echo { port, bytes },
+                b"vsock-connect" => VsockOp::Connect { port, bytes },
+                _ => VsockOp::Slow { port },
+            };
+            Ok(Task::Vsock { dev, op })
         }
         b"exit" => {
             let [code] = parse_params(word, params, ["code"])?;

@@ -10,6 +10,7 @@ use veil_guest_abi::{page_stamp, PAGE_SIZE};
 mod blk;
 mod console;
 mod paced;
+mod vsock;
 
 /// Most `virtio_mmio.device=` entries the kit takes.
 const MAX_MMIO_DEVICES: usize = 16;
@@ -128,7 +129,7 @@ fn report_parse_error(e: &ParseError<'_>) -> ! {
 /// too many vCPUs, or a `dev=D` without its `virtio_mmio.device=` entry.
 fn validate(task: &Task, ram: &RamMap, devices: &Devices) {
     let (name, range) = match task {
-        Task::Blk { .. } | Task::Console { .. } => {
+        Task::Blk { .. } | Task::Console { .. } | Task::Vsock { .. } => {
             let dev = task.dev().unwrap_or(0);
             if devices.get(dev).is_none() {
                 begin_error();
@@ -225,6 +226,11 @@ fn run(task: &Task, index: usize, devices: &Devices) {
             }
         }
         Task::SerialEcho { count } => console::serial_echo(count),
+        Task::Vsock { dev, ref op } => {
+            if let Some(device) = devices.get(dev) {
+                vsock::run(op, dev, device);
+            }
+        }
         Task::Spin => loop {
             arch::pause();
         },

@@ -1,5 +1,5 @@
-//! A polled virtio-mmio (version 2) driver core, and virtio-blk and virtio-console
-//! on top of it.
+//! A polled virtio-mmio (version 2) driver core, and virtio-blk, virtio-console and
+//! virtio-vsock on top of it.
 //!
 //! The kit cannot take interrupts on the project's hosts (HOST-NOTES), so every driver here
 //! polls: it submits a request, writes QueueNotify, and spins on the used ring with a TSC
@@ -12,12 +12,14 @@
 //!   shared with the host first in an SEV guest, as Linux's swiotlb does.
 //! - `blk`: virtio-blk requests (§5.2) and its config space.
 //! - `console`: virtio-console's port 0 (§5.3), without multiport.
+//! - `vsock`: virtio-vsock packets (§5.10); the connections are the tasks' business.
 
 pub mod blk;
 pub mod console;
 pub mod dma;
 pub mod mmio;
 pub mod queue;
+pub mod vsock;
 
 use crate::serial::{write_dec, write_hex, write_str};
 
@@ -84,6 +86,9 @@ pub enum Error {
     BadUsedId(u32),
     /// The device completed a request without writing its status byte.
     NoStatus,
+    /// A vsock packet shorter than its header, or with a payload longer than what the device
+    /// wrote (the bytes it wrote).
+    BadPacket(u32),
 }
 
 impl Error {
@@ -146,6 +151,11 @@ impl Error {
                 write_str(", which is no request in flight");
             }
             Error::NoStatus => write_str("the device completed a request without a status"),
+            Error::BadPacket(written) => {
+                write_str("the device delivered a malformed packet (");
+                write_dec(written.into());
+                write_str(" bytes written)");
+            }
         }
     }
 }
