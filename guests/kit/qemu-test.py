@@ -11,7 +11,9 @@ read back.
 
 Without a path it uses guests/kit/target/x86_64-unknown-linux-gnu/release/veil-kit (run
 `cargo build --release` in guests/kit first). Console scenarios attach virtio-serial-device
-with a virtconsole on a file or UNIX-socket chardev, and feed COM1 through QEMU's stdin.
+with a virtconsole on a file or UNIX-socket chardev, and feed COM1 through QEMU's stdin. Vsock
+scenarios attach vhost-user-vsock-device, served by vhost_user_vsock.py beside this file, which
+is also the host end of the guest's connection.
 Needs qemu-system-x86_64 (Debian:
 qemu-system-x86) and /dev/kvm; skips everything, saying so, when either is missing. Prints one
 line per scenario with its wall time and ends with 'N passed, N failed'.
@@ -19,6 +21,8 @@ line per scenario with its wall time and ends with 'N passed, N failed'.
 
 import argparse
 import os
+import re
+import select
 import shutil
 import socket
 import struct
@@ -27,6 +31,8 @@ import sys
 import tempfile
 import time
 
+import vhost_user_vsock as vu
+
 PAGE = 4096
 MASK = (1 << 64) - 1
 KIT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +40,7 @@ DEFAULT_ELF = os.path.join(KIT_DIR, "target", "x86_64-unknown-linux-gnu", "relea
 # QEMU reports a write of N to the isa-debug-exit port as exit status (N << 1) | 1; a triple
 # fault with -no-reboot ends QEMU with status 0.
 TRIPLE_FAULT = "triple fault"
+KILLED = "killed once its output was complete"
 
 
 def page_stamp(seed, gfn):
@@ -80,7 +87,8 @@ class Console:
 
 class Scenario:
     def __init__(self, name, cmdline, status, output, smp=1, mem="64M", stamped=(), untouched=(),
-                 prefill=None, timeout=120, disk=None, console=None, stdin=b""):
+                 prefill=None, timeout=120, disk=None, console=None, stdin=b"", vsock=None,
+                 until=None):
         self.name = name
         self.cmdline = cmdline
         self.status = status  # kit exit status, or TRIPLE_FAULT
@@ -94,6 +102,8 @@ class Scenario:
         self.disk = disk
         self.console = console
         self.stdin = stdin  # bytes COM1 receives (QEMU's -serial stdio)
+        self.vsock = vsock  # a vhost_user_vsock.Peer: the host side of the guest's connection
+        self.until = until  # stop QEMU once the serial output has this (status KILLED)
 
 
 def mem_bytes(mem):
@@ -150,14 +160,30 @@ def run(elf, sc, workdir):
             chardev = f"socket,id=con,path={con_sock},server=on,wait=on"
         cmd += ["-global", "virtio-mmio.force-legacy=false", "-device", "virtio-serial-device",
                 "-chardev", chardev, "-device", "virtconsole,chardev=con"]
+    backend = None
+    if sc.vsock:
+        vu_sock = os.path.join(workdir, "vhost-user.sock")
+        backend = vu.Backend(vu_sock, sc.vsock)
+        backend.start()
+        cmd += ["-global", "virtio-mmio.force-legacy=false",
+                "-chardev", f"socket,id=vu,path={vu_sock}",
+                "-device", "vhost-user-vsock-device,chardev=vu"]
     start = time.monotonic()
     console_got = b""
+    killed = False
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.PIPE)
         if sc.console and sc.console.input is not None:
             console_got = talk_to_console(con_sock, sc.console.input, sc.timeout)
-        stdout, stderr = proc.communicate(input=sc.stdin, timeout=sc.timeout)
+        if sc.until:
+            stdout = read_until(proc, sc.until, sc.timeout)
+            proc.kill()
+            killed = True
+            rest, stderr = proc.communicate(timeout=sc.timeout)
+            stdout += rest
+        else:
+            stdout, stderr = proc.communicate(input=sc.stdin, timeout=sc.timeout)
         proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -165,7 +191,14 @@ def run(elf, sc, workdir):
         return [f"timed out after {sc.timeout} s"], sc.timeout
     elapsed = time.monotonic() - start
     problems = []
-    if proc.returncode == 0:
+    if backend:
+        backend.join(10)
+        problems += [f"host side: {p}" for p in sc.vsock.verdict()]
+        if backend.error:
+            problems.append(backend.error)
+    if killed:
+        status = KILLED
+    elif proc.returncode == 0:
         status = TRIPLE_FAULT
     elif proc.returncode & 1:
         status = proc.returncode >> 1
@@ -180,6 +213,9 @@ def run(elf, sc, workdir):
         if not lines or not all(l.startswith("blk-bench: dev 0, ") and " MB/s (" in l for l in lines):
             problems.append(f"output {out!r}, expected blk-bench lines")
         print("".join(f"       {l}\n" for l in lines), end="")
+    elif isinstance(sc.output, re.Pattern):
+        if not sc.output.fullmatch(out):
+            problems.append(f"output {out!r}, expected to match {sc.output.pattern!r}")
     elif out != sc.output:
         problems.append(f"output {out!r}, expected {sc.output!r}")
     with open(ram, "rb") as f:
@@ -212,6 +248,20 @@ def run(elf, sc, workdir):
             if bad:
                 problems.append(f"sectors written that should not be: {bad[:8]}")
     return problems, elapsed
+
+
+def read_until(proc, text, timeout):
+    """Reads the guest's serial output until it contains `text` (or `timeout` passes)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+    return out
 
 
 def talk_to_console(path, data, timeout):
@@ -341,6 +391,7 @@ def scenarios():
 
     yield from blk_scenarios()
     yield from console_scenarios()
+    yield from vsock_scenarios()
 
 
 def blk_scenarios():
@@ -410,8 +461,7 @@ def blk_scenarios():
 
 def console_scenarios():
     """virtio-console against QEMU's virtio-serial-device and virtconsole, COM1 input on stdin.
-    QEMU's vhost-vsock-device needs /dev/vhost-vsock, which these hosts lack, so the vsock
-    tasks only meet their error paths here."""
+    The vsock tasks' refusals of a wrong or absent device are here too."""
     dev = MICROVM_BLK  # the first -device's transport, whichever device it is
     yield Scenario(
         "con-write: the text reaches the console's chardev",
@@ -454,6 +504,51 @@ def console_scenarios():
         "1..=0x40000000\n")
 
 
+def vsock_scenarios():
+    """The vsock tasks against QEMU's vhost-user-vsock-device (modern virtio-mmio) and a
+    vhost-user backend in Python that is also the host side of the connection
+    (vhost_user_vsock.py): QEMU's own vhost-vsock-device would need /dev/vhost-vsock."""
+    dev = MICROVM_BLK
+    mib4 = 4 << 20
+    yield Scenario(
+        "vsock-echo: 4 MiB through a host-initiated connection",
+        f"{dev} vsock-echo:dev=0,port=1234,bytes={mib4}", 0,
+        # Packets: as the host's sends and the guest's polling happen to meet.
+        re.compile("vsock-echo: dev 0 port 1234: listening \\(cid 3\\)\n"
+                   f"vsock-echo: dev 0 port 1234: echoed {mib4} bytes in \\d+ packets\n"),
+        vsock=vu.Peer("echo", 1234, mib4))
+    yield Scenario(
+        "vsock-echo within a small host credit (staged, then sent as credit comes)",
+        f"{dev} vsock-echo:dev=0,port=7,bytes=300000", 0,
+        re.compile("vsock-echo: dev 0 port 7: listening \\(cid 3\\)\n"
+                   "vsock-echo: dev 0 port 7: echoed 300000 bytes in \\d+ packets\n"),
+        vsock=vu.Peer("echo", 7, 300000, host_buf_alloc=20000, host_credit_every=15000,
+                      chunk=7000))
+    yield Scenario(
+        "vsock-echo asks a silent host for credit (CREDIT_REQUEST)",
+        f"{dev} vsock-echo:dev=0,port=7,bytes=50000", 0,
+        "vsock-echo: dev 0 port 7: listening (cid 3)\n"
+        "vsock-echo: dev 0 port 7: echoed 50000 bytes in 3 packets\n",
+        vsock=vu.Peer("echo", 7, 50000, host_buf_alloc=20000, host_credit_every=1 << 30))
+    yield Scenario(
+        "vsock-connect: 4 MiB of the pattern there and back, within the host's credit",
+        f"{dev} vsock-connect:dev=0,port=1234,bytes={mib4}", 0,
+        f"vsock-connect: dev 0 port 1234: sent and received {mib4} bytes, all as sent\n",
+        vsock=vu.Peer("connect", 1234, mib4, host_buf_alloc=50000, host_credit_every=40000))
+    yield Scenario(
+        "vsock-connect to a port nobody listens on is refused",
+        f"{dev} vsock-connect:dev=0,port=99,bytes=10", 1,
+        "vsock-connect FAILED: dev 0 port 99: connection refused by the host (RST)\n",
+        vsock=vu.Peer("refuse", 99))
+    yield Scenario(
+        "vsock-slow: the host stops at the guest's credit",
+        f"{dev} vsock-slow:dev=0,port=5", KILLED,
+        "vsock-slow: dev 0 port 5: listening (cid 3)\n"
+        "vsock-slow: dev 0 port 5: connected; not reading (buf_alloc 131072)\n"
+        "vsock-slow: dev 0 port 5: the peer stopped at its credit, 131072 bytes\n",
+        vsock=vu.Peer("slow", 5, 131072), until="stopped at its credit, 131072 bytes\n")
+
+
 def image_gfns(elf):
     """[start, end) frames of the kit image, from its PT_LOAD segment."""
     with open(elf, "rb") as f:
@@ -484,7 +579,7 @@ def main():
         for sc in scenarios():
             if args.filter not in sc.name:
                 continue
-            if sc.output is not None:
+            if isinstance(sc.output, str):
                 sc.output = sc.output.replace("gfns 0x100..0x1d3", f"gfns {start:#x}..{end:#x}")
             problems, elapsed = run(args.elf, sc, workdir)
             verdict = "ok  " if not problems else "FAIL"
