@@ -541,6 +541,26 @@ def vsock_scenarios():
         "vsock-connect FAILED: dev 0 port 99: connection refused by the host (RST)\n",
         vsock=vu.Peer("refuse", 99))
     yield Scenario(
+        "vsock-echo: a host that closes early fails the task",
+        f"{dev} vsock-echo:dev=0,port=7,bytes=100000", 1,
+        "vsock-echo: dev 0 port 7: listening (cid 3)\n"
+        "vsock-echo FAILED: dev 0 port 7: the peer closed the connection after 30000 bytes\n",
+        vsock=vu.Peer("echo", 7, 100000, close_after=30000, chunk=10000))
+    yield Scenario(
+        "vsock-connect: a wrong byte coming back is found",
+        f"{dev} vsock-connect:dev=0,port=1234,bytes=200000", 1,
+        "vsock-connect FAILED: dev 0 port 1234: byte 123457 is "
+        f"{(123457 % 251) ^ 0xff:#x}, expected {123457 % 251:#x}\n",
+        vsock=vu.Peer("connect", 1234, 200000, corrupt_at=123457))
+    yield Scenario(
+        "vsock-slow: a host that sends past the guest's credit is caught",
+        f"{dev} vsock-slow:dev=0,port=5", 1,
+        re.compile("vsock-slow: dev 0 port 5: listening \\(cid 3\\)\n"
+                   "vsock-slow: dev 0 port 5: connected; not reading \\(buf_alloc 131072\\)\n"
+                   "(vsock-slow: dev 0 port 5: the peer stopped at its credit, 131072 bytes\n)?"
+                   "vsock-slow FAILED: dev 0 port 5: the peer sent beyond its credit: \\d+ bytes\n"),
+        vsock=vu.Peer("slow", 5, 131072, ignore_credit=True, chunk=4096))
+    yield Scenario(
         "vsock-slow: the host stops at the guest's credit",
         f"{dev} vsock-slow:dev=0,port=5", KILLED,
         "vsock-slow: dev 0 port 5: listening (cid 3)\n"

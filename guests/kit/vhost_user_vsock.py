@@ -59,14 +59,18 @@ class Peer:
       credit the guest must have given);
     - refuse: answer the guest's connection request with RST.
     `host_buf_alloc` is the credit the host gives the guest; `host_credit_every` how many
-    consumed bytes it waits for before telling the guest (small values make the guest wait)."""
+    consumed bytes it waits for before telling the guest (small values make the guest wait).
+    A misbehaving host, for the guest to catch: `ignore_credit` sends past the guest's credit,
+    `close_after` sends RST after that many bytes, `corrupt_at` flips that byte of what it
+    echoes (connect mode)."""
 
     def __init__(self, mode, port, nbytes=0, host_buf_alloc=256 * 1024, host_credit_every=None,
-                 chunk=65536 - 44):
+                 chunk=65536 - 44, ignore_credit=False, close_after=None, corrupt_at=None):
         self.mode, self.port, self.nbytes = mode, port, nbytes
         self.buf_alloc = host_buf_alloc
         self.credit_every = host_credit_every or host_buf_alloc // 2
         self.chunk = chunk
+        self.ignore_credit, self.close_after, self.corrupt_at = ignore_credit, close_after, corrupt_at
         self.data = os.urandom(nbytes) if mode == "echo" else b""
         self.problems = []
         self.out = []  # packets (header tuple, payload) for the guest
@@ -168,7 +172,13 @@ class Peer:
         else:
             return
         while True:
+            if self.close_after is not None and self.tx_cnt >= self.close_after:
+                self.send(OP_RST, 0, *self.local())
+                self.done = True
+                return
             credit = self.guest_credit()
+            if self.ignore_credit:
+                credit = max(credit, 0) + self.chunk if self.tx_cnt < 4 * self.guest_buf_alloc else 0
             if credit < 0:
                 self.problem(f"the guest's credit went negative ({credit})")
                 return
@@ -177,7 +187,12 @@ class Peer:
                 payload = bytes(n)
             else:
                 n = min(self.chunk, credit, len(source) - offset)
+                if self.close_after is not None:
+                    n = min(n, self.close_after - self.tx_cnt)
                 payload = bytes(source[offset:offset + n])
+                if self.corrupt_at is not None and self.tx_cnt <= self.corrupt_at < self.tx_cnt + n:
+                    i = self.corrupt_at - self.tx_cnt
+                    payload = payload[:i] + bytes([payload[i] ^ 0xFF]) + payload[i + 1:]
             if n <= 0:
                 if self.mode == "slow" and credit == 0 and self.slow_stalled_at is None:
                     self.slow_stalled_at = self.tx_cnt
@@ -192,6 +207,8 @@ class Peer:
     def verdict(self):
         """What went wrong, seen from the host, once the guest has exited."""
         problems = list(self.problems)
+        if self.ignore_credit or self.close_after is not None or self.corrupt_at is not None:
+            return problems  # the guest's own report is what the scenario checks
         if self.mode == "echo" and bytes(self.got) != self.data:
             problems.append(f"echo differs: sent {len(self.data)} bytes, got {len(self.got)} back"
                             + ("" if len(self.got) != len(self.data) else ", not the same"))

@@ -86,8 +86,8 @@ pub enum Error {
     BadUsedId(u32),
     /// The device completed a request without writing its status byte.
     NoStatus,
-    /// A vsock packet shorter than its header, or with a payload longer than what the device
-    /// wrote (the bytes it wrote).
+    /// A vsock packet shorter than its header or longer than its buffer, or with a payload
+    /// longer than what the device wrote (the bytes it says it wrote).
     BadPacket(u32),
 }
 

@@ -169,7 +169,7 @@ impl Vsock {
         };
         let (buffer, written) = used?;
         let base = dma::buffer(buffer.into());
-        if written < HEADER_SIZE {
+        if !(HEADER_SIZE..=dma::BUFFER_SIZE as u32).contains(&written) {
             return Err(Error::BadPacket(written));
         }
         // SAFETY: the device wrote at least the header at the start of this buffer (it
