@@ -536,6 +536,11 @@ def vsock_scenarios():
         f"vsock-connect: dev 0 port 1234: sent and received {mib4} bytes, all as sent\n",
         vsock=vu.Peer("connect", 1234, mib4, host_buf_alloc=50000, host_credit_every=40000))
     yield Scenario(
+        "vsock-connect with a host that never volunteers a CREDIT_UPDATE",
+        f"{dev} vsock-connect:dev=0,port=1234,bytes=50000", 0,
+        "vsock-connect: dev 0 port 1234: sent and received 50000 bytes, all as sent\n",
+        vsock=vu.Peer("connect", 1234, 50000, host_buf_alloc=20000, host_credit_every=1 << 30))
+    yield Scenario(
         "vsock-connect to a port nobody listens on is refused",
         f"{dev} vsock-connect:dev=0,port=99,bytes=10", 1,
         "vsock-connect FAILED: dev 0 port 99: connection refused by the host (RST)\n",

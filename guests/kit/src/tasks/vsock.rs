@@ -36,9 +36,8 @@ use crate::cmdline::{MmioDevice, VsockOp};
 use crate::mem::first_difference;
 use crate::serial::{write_dec, write_hex, write_str};
 use crate::virtio::vsock::{
-    Header, Vsock, RX_PAYLOAD_MAX, VIRTIO_VSOCK_OP_CREDIT_REQUEST, VIRTIO_VSOCK_OP_REQUEST,
-    VIRTIO_VSOCK_OP_RESPONSE, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW, VIRTIO_VSOCK_TYPE_STREAM,
-    VMADDR_CID_HOST,
+    Header, Vsock, RX_PAYLOAD_MAX, VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RESPONSE,
+    VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW, VIRTIO_VSOCK_TYPE_STREAM, VMADDR_CID_HOST,
 };
 use crate::virtio::{dma, Error, PEER_TIMEOUT_TSC};
 use crate::{arch, EXIT_CHECK_FAILED};
@@ -58,8 +57,6 @@ const PATTERN_PERIOD: u32 = 251;
 /// against, at any offset into the period.
 const PATTERN_LEN: usize = (PATTERN_PERIOD + RX_PAYLOAD_MAX) as usize;
 const _: () = assert!(TX_CHUNK <= RX_PAYLOAD_MAX && PATTERN_LEN <= 2 * dma::BUFFER_SIZE);
-/// While data waits for the peer's credit, a CREDIT_REQUEST this often (TSC ticks, ~1 s).
-const CREDIT_REQUEST_EVERY_TSC: u64 = 2_500_000_000;
 
 /// Runs `op` on the `dev`-th transport, `device`.
 pub fn run(op: &VsockOp, dev: u64, device: &MmioDevice) {
@@ -102,7 +99,6 @@ fn echo(v: &mut Vsock, task: &Task, bytes: u32) -> Result<(), Error> {
         let (mut received, mut sent, mut staged_from) = (0u32, 0u32, None::<u32>);
         let mut packets = 0u64;
         let mut deadline = arch::rdtsc() + PEER_TIMEOUT_TSC;
-        let mut credit_request_at = 0;
         while sent < bytes {
             s.fwd_cnt = s.fwd_cnt.wrapping_add(v.take_sent());
             match next(v)? {
@@ -162,11 +158,7 @@ fn echo(v: &mut Vsock, task: &Task, bytes: u32) -> Result<(), Error> {
                 packets += 1;
                 staged_from = (from + n < received).then_some(from + n);
             }
-            if staged_from.is_some() && s.credit() == 0 && arch::rdtsc() > credit_request_at {
-                let h = s.header(v.guest_cid, VIRTIO_VSOCK_OP_CREDIT_REQUEST, 0, 0);
-                v.send(&h, core::ptr::null(), None)?;
-                credit_request_at = arch::rdtsc() + CREDIT_REQUEST_EVERY_TSC;
-            }
+            s.ask_for_credit(v, staged_from.is_some())?;
             s.update_credit(v, false)?;
         }
         shutdown(v, &mut s)?;
@@ -257,6 +249,7 @@ fn connect(v: &mut Vsock, task: &Task, bytes: u32) -> Result<(), Error> {
         };
         let (mut sent, mut received) = (0u32, 0u32);
         while received < bytes {
+            s.ask_for_credit(v, sent < bytes)?;
             // Send the pattern as far as the peer's credit goes.
             while sent < bytes {
                 let n = (bytes - sent).min(s.credit()).min(TX_CHUNK);

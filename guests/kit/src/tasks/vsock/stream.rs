@@ -14,6 +14,8 @@ use crate::{arch, EXIT_CHECK_FAILED};
 /// The receive buffer the kit advertises (`buf_alloc`): what a peer may send beyond what the
 /// kit has consumed. It is also the echo's staging ring, so the peer's credit bounds it.
 pub const BUF_ALLOC: u32 = 128 * 1024;
+/// While data waits for the peer's credit, a CREDIT_REQUEST this often (TSC ticks, ~1 s).
+const CREDIT_REQUEST_EVERY_TSC: u64 = 2_500_000_000;
 /// How long to wait for the peer's RST after the kit's SHUTDOWN before sending RST itself
 /// (§5.10.6.6 leaves it to the implementation), in TSC ticks (~2 s).
 const SHUTDOWN_WAIT_TSC: u64 = 5_000_000_000;
@@ -61,6 +63,8 @@ pub struct Stream {
     /// Payload bytes the kit has consumed, and what the peer last heard of it.
     pub fwd_cnt: u32,
     pub fwd_cnt_told: u32,
+    /// When the kit may next send a CREDIT_REQUEST (TSC).
+    credit_request_at: u64,
 }
 
 impl Stream {
@@ -74,6 +78,7 @@ impl Stream {
             tx_cnt: 0,
             fwd_cnt: 0,
             fwd_cnt_told: 0,
+            credit_request_at: 0,
         }
     }
 
@@ -109,6 +114,17 @@ impl Stream {
             buf_alloc: BUF_ALLOC,
             fwd_cnt: self.fwd_cnt,
         }
+    }
+
+    /// While the kit has data `waiting` and the peer has no room, asks for its credit
+    /// (CREDIT_REQUEST) every `CREDIT_REQUEST_EVERY_TSC`: a peer may not volunteer it.
+    pub fn ask_for_credit(&mut self, v: &mut Vsock, waiting: bool) -> Result<(), Error> {
+        if waiting && self.credit() == 0 && arch::rdtsc() > self.credit_request_at {
+            let h = self.header(v.guest_cid, VIRTIO_VSOCK_OP_CREDIT_REQUEST, 0, 0);
+            v.send(&h, core::ptr::null(), None)?;
+            self.credit_request_at = arch::rdtsc() + CREDIT_REQUEST_EVERY_TSC;
+        }
+        Ok(())
     }
 
     /// Sends a CREDIT_UPDATE once the kit has consumed half its buffer unannounced.
