@@ -10,19 +10,28 @@ read back.
     python3 guests/kit/qemu-test.py [PATH-TO-veil-kit] [-k SUBSTRING]
 
 Without a path it uses guests/kit/target/x86_64-unknown-linux-gnu/release/veil-kit (run
-`cargo build --release` in guests/kit first). Needs qemu-system-x86_64 (Debian:
+`cargo build --release` in guests/kit first). Console scenarios attach virtio-serial-device
+with a virtconsole on a file or UNIX-socket chardev, and feed COM1 through QEMU's stdin. Vsock
+scenarios attach vhost-user-vsock-device, served by vhost_user_vsock.py beside this file, which
+is also the host end of the guest's connection.
+Needs qemu-system-x86_64 (Debian:
 qemu-system-x86) and /dev/kvm; skips everything, saying so, when either is missing. Prints one
 line per scenario with its wall time and ends with 'N passed, N failed'.
 """
 
 import argparse
 import os
+import re
+import select
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+
+import vhost_user_vsock as vu
 
 PAGE = 4096
 MASK = (1 << 64) - 1
@@ -31,6 +40,7 @@ DEFAULT_ELF = os.path.join(KIT_DIR, "target", "x86_64-unknown-linux-gnu", "relea
 # QEMU reports a write of N to the isa-debug-exit port as exit status (N << 1) | 1; a triple
 # fault with -no-reboot ends QEMU with status 0.
 TRIPLE_FAULT = "triple fault"
+KILLED = "killed once its output was complete"
 
 
 def page_stamp(seed, gfn):
@@ -65,9 +75,20 @@ class Disk:
         self.untouched = untouched  # sectors whose first word must still be 0
 
 
+class Console:
+    """-device virtio-serial-device with a virtconsole (port 0) on a chardev: a file when there
+    is no `input` (its contents must end up `output`), else a UNIX socket the scenario writes
+    `input` to and reads `output` back from."""
+
+    def __init__(self, output, input=None):
+        self.output = output
+        self.input = input
+
+
 class Scenario:
     def __init__(self, name, cmdline, status, output, smp=1, mem="64M", stamped=(), untouched=(),
-                 prefill=None, timeout=120, disk=None):
+                 prefill=None, timeout=120, disk=None, console=None, stdin=b"", vsock=None,
+                 until=None):
         self.name = name
         self.cmdline = cmdline
         self.status = status  # kit exit status, or TRIPLE_FAULT
@@ -79,6 +100,10 @@ class Scenario:
         self.prefill = prefill  # {gfn: u64} written into RAM before boot
         self.timeout = timeout
         self.disk = disk
+        self.console = console
+        self.stdin = stdin  # bytes COM1 receives (QEMU's -serial stdio)
+        self.vsock = vsock  # a vhost_user_vsock.Peer: the host side of the guest's connection
+        self.until = until  # stop QEMU once the serial output has this (status KILLED)
 
 
 def mem_bytes(mem):
@@ -122,14 +147,58 @@ def run(elf, sc, workdir):
         cmd += ["-global", f"virtio-mmio.force-legacy={'true' if sc.disk.legacy else 'false'}",
                 "-device", f"virtio-blk-device,drive=d0,serial={DISK_SERIAL}",
                 "-drive", f"id=d0,file={disk},format=raw,if=none"]
+    con_out = os.path.join(workdir, "console")
+    con_sock = os.path.join(workdir, "console.sock")
+    if sc.console:
+        for path in (con_out, con_sock):
+            if os.path.exists(path):
+                os.unlink(path)
+        if sc.console.input is None:
+            chardev = f"file,id=con,path={con_out}"
+        else:
+            # wait=on: QEMU starts the guest only once the scenario is connected.
+            chardev = f"socket,id=con,path={con_sock},server=on,wait=on"
+        cmd += ["-global", "virtio-mmio.force-legacy=false", "-device", "virtio-serial-device",
+                "-chardev", chardev, "-device", "virtconsole,chardev=con"]
+    backend = None
+    if sc.vsock:
+        vu_sock = os.path.join(workdir, "vhost-user.sock")
+        backend = vu.Backend(vu_sock, sc.vsock)
+        backend.start()
+        cmd += ["-global", "virtio-mmio.force-legacy=false",
+                "-chardev", f"socket,id=vu,path={vu_sock}",
+                "-device", "vhost-user-vsock-device,chardev=vu"]
     start = time.monotonic()
+    console_got = b""
+    killed = False
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=sc.timeout, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.PIPE)
+        if sc.console and sc.console.input is not None:
+            console_got = talk_to_console(con_sock, sc.console.input, sc.timeout)
+        if sc.until:
+            stdout = read_until(proc, sc.until, sc.timeout)
+            proc.kill()
+            killed = True
+            rest, stderr = proc.communicate(timeout=sc.timeout)
+            stdout += rest
+        else:
+            stdout, stderr = proc.communicate(input=sc.stdin, timeout=sc.timeout)
+        proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return [f"timed out after {sc.timeout} s"], sc.timeout
     elapsed = time.monotonic() - start
     problems = []
-    if proc.returncode == 0:
+    if backend:
+        backend.join(10)
+        problems += [f"host side: {p}" for p in sc.vsock.verdict()]
+        if backend.error:
+            problems.append(backend.error)
+    if killed:
+        status = KILLED
+    elif proc.returncode == 0:
         status = TRIPLE_FAULT
     elif proc.returncode & 1:
         status = proc.returncode >> 1
@@ -144,6 +213,9 @@ def run(elf, sc, workdir):
         if not lines or not all(l.startswith("blk-bench: dev 0, ") and " MB/s (" in l for l in lines):
             problems.append(f"output {out!r}, expected blk-bench lines")
         print("".join(f"       {l}\n" for l in lines), end="")
+    elif isinstance(sc.output, re.Pattern):
+        if not sc.output.fullmatch(out):
+            problems.append(f"output {out!r}, expected to match {sc.output.pattern!r}")
     elif out != sc.output:
         problems.append(f"output {out!r}, expected {sc.output!r}")
     with open(ram, "rb") as f:
@@ -157,6 +229,12 @@ def run(elf, sc, workdir):
         bad = [g for g in sc.untouched if word(g) != 0]
         if bad:
             problems.append(f"pages written that should not be: {[hex(g) for g in bad[:8]]}")
+    if sc.console:
+        if sc.console.input is None:
+            with open(con_out, "rb") as f:
+                console_got = f.read()
+        if console_got != sc.console.output:
+            problems.append(f"console {console_got!r}, expected {sc.console.output!r}")
     if sc.disk:
         with open(disk, "rb") as f:
             def first_word(sector):
@@ -170,6 +248,41 @@ def run(elf, sc, workdir):
             if bad:
                 problems.append(f"sectors written that should not be: {bad[:8]}")
     return problems, elapsed
+
+
+def read_until(proc, text, timeout):
+    """Reads the guest's serial output until it contains `text` (or `timeout` passes)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def talk_to_console(path, data, timeout):
+    """Connects to QEMU's console socket, sends `data` and returns what comes back until QEMU
+    closes it (the guest exited)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return b""
+        time.sleep(0.02)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall(data)
+        s.settimeout(max(1.0, deadline - time.monotonic()))
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return got
 
 
 def scenarios():
@@ -277,6 +390,8 @@ def scenarios():
         0, "stamped 15360 pages on 2 vCPUs\n", smp=2, stamped=[(11, gfns(0x400, 15360))])
 
     yield from blk_scenarios()
+    yield from console_scenarios()
+    yield from vsock_scenarios()
 
 
 def blk_scenarios():
@@ -344,6 +459,121 @@ def blk_scenarios():
         "least 1 (or max)\n")
 
 
+def console_scenarios():
+    """virtio-console against QEMU's virtio-serial-device and virtconsole, COM1 input on stdin.
+    The vsock tasks' refusals of a wrong or absent device are here too."""
+    dev = MICROVM_BLK  # the first -device's transport, whichever device it is
+    yield Scenario(
+        "con-write: the text reaches the console's chardev",
+        f"{dev} con-write:dev=0,text=hello con-write:dev=0,text=a,b=c", 0,
+        "con-write ok: dev 0: 6 bytes\ncon-write ok: dev 0: 6 bytes\n",
+        console=Console(b"hello\na,b=c\n"))
+    yield Scenario(
+        "con-echo: console input comes back on the console and on COM1",
+        f"{dev} con-echo:dev=0,count=7", 0, "con-echo: ping\\x01\\n\\\\\n",
+        console=Console(b"ping\x01\n\\", input=b"ping\x01\n\\"))
+    text = bytes(i % 95 + 32 for i in range(3000))
+    yield Scenario(
+        "con-echo: 3000 bytes, then con-write on the same device",
+        f"{dev} con-echo:dev=0,count=3000 con-write:dev=0,text=done", 0,
+        "con-echo: " + text.decode().replace("\\", "\\\\") + "\ncon-write ok: dev 0: 5 bytes\n",
+        console=Console(text + b"done\n", input=text))
+    yield Scenario(
+        "serial-echo reads what COM1 received", "serial-echo:count=9 greet", 0,
+        "serial-echo: hi\\tthere\\n\nHello from the Veil guest kit!\n", stdin=b"hi\tthere\nleft over")
+    yield Scenario(
+        "con-write on a block device is refused", f"{dev} con-write:dev=0,text=x", 2,
+        "veil-kit: error: con-write: dev 0 at 0xfeb02e00 (irq 47): device id 2, not a console (3)\n",
+        disk=Disk())
+    yield Scenario(
+        "vsock-echo on a console is refused", f"{dev} vsock-echo:dev=0,port=1234,bytes=10", 2,
+        "veil-kit: error: vsock-echo: dev 0 at 0xfeb02e00 (irq 47): device id 3, not a socket "
+        "device (19)\n", console=Console(b""))
+    yield Scenario(
+        "vsock-connect with no device behind the transport",
+        "virtio_mmio.device=512@0xfeb00000:24 vsock-connect:dev=0,port=1234,bytes=10", 2,
+        "veil-kit: error: vsock-connect: dev 0 at 0xfeb00000 (irq 24): no device behind this "
+        "transport (device id 0)\n", console=Console(b""))
+    yield Scenario(
+        "con-write text too long", "con-write:dev=0,text=" + "x" * 65, 2,
+        f"veil-kit: error: bad task `con-write:dev=0,text={'x' * 65}`: text must be at most 64 "
+        "bytes\n")
+    yield Scenario(
+        "vsock-echo bytes 0", "vsock-echo:dev=0,port=1,bytes=0", 2,
+        "veil-kit: error: bad task `vsock-echo:dev=0,port=1,bytes=0`: bytes must be "
+        "1..=0x40000000\n")
+
+
+def vsock_scenarios():
+    """The vsock tasks against QEMU's vhost-user-vsock-device (modern virtio-mmio) and a
+    vhost-user backend in Python that is also the host side of the connection
+    (vhost_user_vsock.py): QEMU's own vhost-vsock-device would need /dev/vhost-vsock."""
+    dev = MICROVM_BLK
+    mib4 = 4 << 20
+    yield Scenario(
+        "vsock-echo: 4 MiB through a host-initiated connection",
+        f"{dev} vsock-echo:dev=0,port=1234,bytes={mib4}", 0,
+        # Packets: as the host's sends and the guest's polling happen to meet.
+        re.compile("vsock-echo: dev 0 port 1234: listening \\(cid 3\\)\n"
+                   f"vsock-echo: dev 0 port 1234: echoed {mib4} bytes in \\d+ packets\n"),
+        vsock=vu.Peer("echo", 1234, mib4))
+    yield Scenario(
+        "vsock-echo within a small host credit (staged, then sent as credit comes)",
+        f"{dev} vsock-echo:dev=0,port=7,bytes=300000", 0,
+        re.compile("vsock-echo: dev 0 port 7: listening \\(cid 3\\)\n"
+                   "vsock-echo: dev 0 port 7: echoed 300000 bytes in \\d+ packets\n"),
+        vsock=vu.Peer("echo", 7, 300000, host_buf_alloc=20000, host_credit_every=15000,
+                      chunk=7000))
+    yield Scenario(
+        "vsock-echo asks a silent host for credit (CREDIT_REQUEST)",
+        f"{dev} vsock-echo:dev=0,port=7,bytes=50000", 0,
+        "vsock-echo: dev 0 port 7: listening (cid 3)\n"
+        "vsock-echo: dev 0 port 7: echoed 50000 bytes in 3 packets\n",
+        vsock=vu.Peer("echo", 7, 50000, host_buf_alloc=20000, host_credit_every=1 << 30))
+    yield Scenario(
+        "vsock-connect: 4 MiB of the pattern there and back, within the host's credit",
+        f"{dev} vsock-connect:dev=0,port=1234,bytes={mib4}", 0,
+        f"vsock-connect: dev 0 port 1234: sent and received {mib4} bytes, all as sent\n",
+        vsock=vu.Peer("connect", 1234, mib4, host_buf_alloc=50000, host_credit_every=40000))
+    yield Scenario(
+        "vsock-connect with a host that never volunteers a CREDIT_UPDATE",
+        f"{dev} vsock-connect:dev=0,port=1234,bytes=50000", 0,
+        "vsock-connect: dev 0 port 1234: sent and received 50000 bytes, all as sent\n",
+        vsock=vu.Peer("connect", 1234, 50000, host_buf_alloc=20000, host_credit_every=1 << 30))
+    yield Scenario(
+        "vsock-connect to a port nobody listens on is refused",
+        f"{dev} vsock-connect:dev=0,port=99,bytes=10", 1,
+        "vsock-connect FAILED: dev 0 port 99: connection refused by the host (RST)\n",
+        vsock=vu.Peer("refuse", 99))
+    yield Scenario(
+        "vsock-echo: a host that closes early fails the task",
+        f"{dev} vsock-echo:dev=0,port=7,bytes=100000", 1,
+        "vsock-echo: dev 0 port 7: listening (cid 3)\n"
+        "vsock-echo FAILED: dev 0 port 7: the peer closed the connection after 30000 bytes\n",
+        vsock=vu.Peer("echo", 7, 100000, close_after=30000, chunk=10000))
+    yield Scenario(
+        "vsock-connect: a wrong byte coming back is found",
+        f"{dev} vsock-connect:dev=0,port=1234,bytes=200000", 1,
+        "vsock-connect FAILED: dev 0 port 1234: byte 123457 is "
+        f"{(123457 % 251) ^ 0xff:#x}, expected {123457 % 251:#x}\n",
+        vsock=vu.Peer("connect", 1234, 200000, corrupt_at=123457))
+    yield Scenario(
+        "vsock-slow: a host that sends past the guest's credit is caught",
+        f"{dev} vsock-slow:dev=0,port=5", 1,
+        re.compile("vsock-slow: dev 0 port 5: listening \\(cid 3\\)\n"
+                   "vsock-slow: dev 0 port 5: connected; not reading \\(buf_alloc 131072\\)\n"
+                   "(vsock-slow: dev 0 port 5: the peer stopped at its credit, 131072 bytes\n)?"
+                   "vsock-slow FAILED: dev 0 port 5: the peer sent beyond its credit: \\d+ bytes\n"),
+        vsock=vu.Peer("slow", 5, 131072, ignore_credit=True, chunk=4096))
+    yield Scenario(
+        "vsock-slow: the host stops at the guest's credit",
+        f"{dev} vsock-slow:dev=0,port=5", KILLED,
+        "vsock-slow: dev 0 port 5: listening (cid 3)\n"
+        "vsock-slow: dev 0 port 5: connected; not reading (buf_alloc 131072)\n"
+        "vsock-slow: dev 0 port 5: the peer stopped at its credit, 131072 bytes\n",
+        vsock=vu.Peer("slow", 5, 131072), until="stopped at its credit, 131072 bytes\n")
+
+
 def image_gfns(elf):
     """[start, end) frames of the kit image, from its PT_LOAD segment."""
     with open(elf, "rb") as f:
@@ -374,7 +604,7 @@ def main():
         for sc in scenarios():
             if args.filter not in sc.name:
                 continue
-            if sc.output is not None:
+            if isinstance(sc.output, str):
                 sc.output = sc.output.replace("gfns 0x100..0x1d3", f"gfns {start:#x}..{end:#x}")
             problems, elapsed = run(args.elf, sc, workdir)
             verdict = "ok  " if not problems else "FAIL"

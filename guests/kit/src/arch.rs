@@ -14,6 +14,16 @@ pub fn outb(port: u16, value: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) }
 }
 
+/// Reads a byte from I/O port `port`.
+#[inline]
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: port reads go to the VMM's devices (the UART); they touch no memory the compiler
+    // knows about.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nostack, preserves_flags)) }
+    value
+}
+
 /// Stops the VM with `status` (the byte `veil run` returns; QEMU's isa-debug-exit reports
 /// `(status << 1) | 1`), and halts forever should the VMM not stop it.
 pub fn exit(status: u8) -> ! {

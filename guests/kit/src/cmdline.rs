@@ -104,6 +104,73 @@ pub enum Task {
         dev: u64,
         op: BlkOp,
     },
+    /// A virtio-console task on the `dev`-th transport.
+    Console {
+        dev: u64,
+        op: ConsoleOp,
+    },
+    /// Read `count` bytes from COM1 and print them.
+    SerialEcho {
+        count: u64,
+    },
+    /// A virtio-vsock task on the `dev`-th transport.
+    Vsock {
+        dev: u64,
+        op: VsockOp,
+    },
+}
+
+impl Task {
+    /// The `virtio_mmio.device=` entry the task uses, if any.
+    pub fn dev(&self) -> Option<u64> {
+        match *self {
+            Task::Blk { dev, .. } | Task::Console { dev, .. } | Task::Vsock { dev, .. } => {
+                Some(dev)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Most bytes of `con-write`'s text.
+pub const TEXT_MAX: usize = 64;
+
+/// A short text from the command line (no whitespace: words are split on it).
+#[derive(Clone, Copy)]
+pub struct Text {
+    bytes: [u8; TEXT_MAX],
+    len: u8,
+}
+
+impl Text {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// Most bytes `con-echo` and `serial-echo` read (each is printed, one exit a byte).
+pub const ECHO_MAX: u64 = 4096;
+/// Most bytes a `vsock-echo` or `vsock-connect` moves (the stream counters are 32-bit).
+pub const VSOCK_BYTES_MAX: u64 = 1 << 30;
+
+/// What a virtio-console task does (see docs/guest-kit.md).
+#[derive(Clone, Copy)]
+pub enum ConsoleOp {
+    /// Transmit the text and a newline.
+    Write(Text),
+    /// Read `count` bytes of input and send them back.
+    Echo { count: u64 },
+}
+
+/// What a virtio-vsock task does (see docs/guest-kit.md).
+#[derive(Clone, Copy)]
+pub enum VsockOp {
+    /// Accept a connection on `port`, echo `bytes` bytes, shut down.
+    Echo { port: u32, bytes: u64 },
+    /// Connect to the host's `port`, send `bytes` bytes of the pattern, read them back.
+    Connect { port: u32, bytes: u64 },
+    /// Accept a connection on `port` and never read from it.
+    Slow { port: u32 },
 }
 
 /// What a virtio-blk task does (see docs/guest-kit.md).
@@ -482,6 +549,67 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 op,
             })
         }
+        b"con-write" => {
+            // `text=` comes last and takes the rest of the word, commas included.
+            let (params, text) = split_text(params);
+            let [dev] = parse_params(word, params, ["dev"])?;
+            let text = text.ok_or(err("missing parameter", b"text"))?;
+            if text.len() > TEXT_MAX {
+                return Err(err("text must be at most 64 bytes", b""));
+            }
+            let mut bytes = [0; TEXT_MAX];
+            bytes[..text.len()].copy_from_slice(text);
+            let text = Text {
+                bytes,
+                len: text.len() as u8,
+            };
+            Ok(Task::Console {
+                dev: dev.ok_or(err("missing parameter", b"dev"))?,
+                op: ConsoleOp::Write(text),
+            })
+        }
+        b"con-echo" | b"serial-echo" => {
+            let (dev, count) = if name == b"con-echo" {
+                let [dev, count] = parse_params(word, params, ["dev", "count"])?;
+                (Some(dev.ok_or(err("missing parameter", b"dev"))?), count)
+            } else {
+                let [count] = parse_params(word, params, ["count"])?;
+                (None, count)
+            };
+            let count = count.ok_or(err("missing parameter", b"count"))?;
+            if count == 0 || count > ECHO_MAX {
+                return Err(err("count must be 1..=4096", b""));
+            }
+            Ok(match dev {
+                Some(dev) => Task::Console {
+                    dev,
+                    op: ConsoleOp::Echo { count },
+                },
+                None => Task::SerialEcho { count },
+            })
+        }
+        b"vsock-echo" | b"vsock-connect" | b"vsock-slow" => {
+            let slow = name == b"vsock-slow";
+            let [dev, port, bytes] = if slow {
+                let [dev, port] = parse_params(word, params, ["dev", "port"])?;
+                [dev, port, Some(1)]
+            } else {
+                parse_params(word, params, ["dev", "port", "bytes"])?
+            };
+            let dev = dev.ok_or(err("missing parameter", b"dev"))?;
+            let port = port.ok_or(err("missing parameter", b"port"))?;
+            let port = u32::try_from(port).map_err(|_| err("port must be 0..=0xffffffff", b""))?;
+            let bytes = bytes.ok_or(err("missing parameter", b"bytes"))?;
+            if bytes == 0 || bytes > VSOCK_BYTES_MAX {
+                return Err(err("bytes must be 1..=0x40000000", b""));
+            }
+            let op = match name {
+                b"vsock-echo" => VsockOp::Echo { port, bytes },
+                b"vsock-connect" => VsockOp::Connect { port, bytes },
+                _ => VsockOp::Slow { port },
+            };
+            Ok(Task::Vsock { dev, op })
+        }
         b"exit" => {
             let [code] = parse_params(word, params, ["code"])?;
             let code = code.ok_or(err("missing parameter", b"code"))?;
@@ -489,6 +617,22 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             Ok(Task::Exit(code))
         }
         _ => Err(err("unknown task", name)),
+    }
+}
+
+/// Splits `key=value,...,text=TEXT` into the parameters before `text=` and TEXT (which may
+/// hold `,` and `=`).
+fn split_text(params: Option<&[u8]>) -> (Option<&[u8]>, Option<&[u8]>) {
+    const KEY: &[u8] = b"text=";
+    let Some(params) = params else {
+        return (None, None);
+    };
+    let at = (0..params.len())
+        .find(|&i| (i == 0 || params[i - 1] == b',') && params[i..].starts_with(KEY));
+    match at {
+        None => (Some(params), None),
+        Some(0) => (None, Some(&params[KEY.len()..])),
+        Some(i) => (Some(&params[..i - 1]), Some(&params[i + KEY.len()..])),
     }
 }
 

@@ -4,7 +4,8 @@
 //! out of the boot area (`boot`), and runs the tasks of its command line (`cmdline`, `tasks`):
 //! print a greeting, stamp pages with `veil_guest_abi::page_stamp` (on several vCPUs: `smp`),
 //! check stamps, fault, or exit with a status. Output goes to COM1 (`serial`), the status to
-//! `veil_guest_abi::EXIT_PORT`. Polled virtio-mmio drivers (`virtio`) serve the `blk-*` tasks.
+//! `veil_guest_abi::EXIT_PORT`. Polled virtio-mmio drivers (`virtio`) serve the `blk-*`, `con-*`
+//! and `vsock-*` tasks; COM1 input serves `serial-echo`.
 //! See docs/guest-kit.md.
 //!
 //! The project's hosts run guests in KVM's instruction emulator (~2M instructions/s), which

@@ -104,3 +104,40 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as `memcmp`.
     unsafe { memcmp(a, b, n) }
 }
+
+/// The index of the first of `n` bytes where `a` and `b` differ, if any: eight bytes a step
+/// (`repe cmpsq`), then the differing word or the tail byte by byte. For checking bulk data
+/// in a guest that runs at ~2M instructions a second.
+///
+/// # Safety
+/// `a` and `b` must be valid for `n` bytes.
+pub unsafe fn first_difference(a: *const u8, b: *const u8, n: usize) -> Option<usize> {
+    let words = n / 8;
+    let mut checked = 0;
+    if words > 0 {
+        let left: usize;
+        let differ: u8;
+        // SAFETY: the caller guarantees both ranges are valid for `words * 8 <= n` bytes; DF is
+        // clear. With a nonzero count `repe cmpsq` leaves ZF from its last comparison.
+        unsafe {
+            asm!(
+                "repe cmpsq",
+                "setne {differ}",
+                differ = out(reg_byte) differ,
+                inout("rcx") words => left,
+                inout("rsi") a => _,
+                inout("rdi") b => _,
+                options(nostack, readonly)
+            );
+        }
+        checked = if differ != 0 {
+            (words - left - 1) * 8
+        } else {
+            words * 8
+        };
+    }
+    (checked..n).find(|&i| {
+        // SAFETY: `i < n`, inside both ranges.
+        unsafe { a.add(i).read() != b.add(i).read() }
+    })
+}

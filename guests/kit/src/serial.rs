@@ -1,10 +1,49 @@
-//! Output on COM1.
+//! Output on COM1, and polled input.
 //!
 //! Bytes go straight to the transmit register without polling the line status: every port
 //! access is a VM exit (~19 us on the project's hosts) and the VMM's UART never backs up.
+//! Input is the 16550's: LSR's data-ready bit, then the receive buffer register (DLAB is
+//! never set, so offset 0 reads RBR). Interrupts stay off, so the kit polls.
 
-use crate::arch::outb;
+use crate::arch::{self, outb};
 use veil_guest_abi::COM1_PORT;
+
+/// The line status register (16550: offset 5).
+const UART_LSR: u16 = 5;
+/// LSR bit 0, DR: a received byte waits in RBR.
+const UART_LSR_DR: u8 = 1;
+
+/// The next byte COM1 received, or `None` if none came before TSC `deadline`.
+pub fn read_byte(deadline: u64) -> Option<u8> {
+    loop {
+        if arch::inb(COM1_PORT + UART_LSR) & UART_LSR_DR != 0 {
+            return Some(arch::inb(COM1_PORT));
+        }
+        if arch::rdtsc() > deadline {
+            return None;
+        }
+        arch::pause();
+    }
+}
+
+/// Writes `byte` so that any byte reads back unambiguously on a line: printable ASCII as it
+/// is, `\\`, `\n`, `\r`, `\t`, and `\xNN` for everything else.
+pub fn write_escaped(byte: u8) {
+    let hex = b"0123456789abcdef";
+    match byte {
+        b'\\' => write_str("\\\\"),
+        b'\n' => write_str("\\n"),
+        b'\r' => write_str("\\r"),
+        b'\t' => write_str("\\t"),
+        b' '..=b'~' => outb(COM1_PORT, byte),
+        _ => write_bytes(&[
+            b'\\',
+            b'x',
+            hex[usize::from(byte >> 4)],
+            hex[usize::from(byte & 0xf)],
+        ]),
+    }
+}
 
 /// Writes raw bytes.
 pub fn write_bytes(bytes: &[u8]) {

@@ -4,11 +4,13 @@ use crate::cmdline::{MmioDevice, MmioDevices, PageRange, ParseError, Task, Tasks
 use crate::layout::{image_gfns, trampoline_gfn, MAX_CPUS};
 use crate::memmap::RamMap;
 use crate::serial::{begin_error, end_error, write_bytes, write_dec, write_hex, write_str};
-use crate::{arch, paravirt, reset, smp, EXIT_CHECK_FAILED, EXIT_OK};
+use crate::{arch, paravirt, reset, smp, virtio, EXIT_CHECK_FAILED, EXIT_OK};
 use veil_guest_abi::{page_stamp, PAGE_SIZE};
 
 mod blk;
+mod console;
 mod paced;
+mod vsock;
 
 /// Most `virtio_mmio.device=` entries the kit takes.
 const MAX_MMIO_DEVICES: usize = 16;
@@ -83,6 +85,32 @@ pub fn run_all(cmdline: &[u8], ram: &RamMap) -> ! {
     arch::exit(EXIT_OK)
 }
 
+/// A device that cannot be set up: `<task>: dev D at BASE (irq I): <why>` and exit 2.
+fn device_error(task: &str, dev: u64, device: &MmioDevice, e: virtio::Error) -> ! {
+    begin_error();
+    write_str(task);
+    write_str(": dev ");
+    write_dec(dev);
+    write_str(" at ");
+    write_hex(device.base);
+    write_str(" (irq ");
+    write_dec(device.irq);
+    write_str("): ");
+    e.write();
+    end_error()
+}
+
+/// A device that failed mid-task: `<task> FAILED: dev D: <why>` and exit 1.
+fn device_failed(task: &str, dev: u64, e: virtio::Error) -> ! {
+    write_str(task);
+    write_str(" FAILED: dev ");
+    write_dec(dev);
+    write_str(": ");
+    e.write();
+    write_str("\n");
+    arch::exit(EXIT_CHECK_FAILED)
+}
+
 fn report_parse_error(e: &ParseError<'_>) -> ! {
     begin_error();
     write_str("bad task `");
@@ -101,11 +129,12 @@ fn report_parse_error(e: &ParseError<'_>) -> ! {
 /// too many vCPUs, or a `dev=D` without its `virtio_mmio.device=` entry.
 fn validate(task: &Task, ram: &RamMap, devices: &Devices) {
     let (name, range) = match task {
-        Task::Blk { dev, .. } => {
-            if devices.get(*dev).is_none() {
+        Task::Blk { .. } | Task::Console { .. } | Task::Vsock { .. } => {
+            let dev = task.dev().unwrap_or(0);
+            if devices.get(dev).is_none() {
                 begin_error();
                 write_str("dev ");
-                write_dec(*dev);
+                write_dec(dev);
                 write_str(": the command line has ");
                 write_dec(devices.len as u64);
                 write_str(" virtio_mmio.device entries (dev counts them from 0)");
@@ -189,6 +218,17 @@ fn run(task: &Task, index: usize, devices: &Devices) {
             // `validate` checked the entry exists.
             if let Some(device) = devices.get(dev) {
                 blk::run(op, dev, device);
+            }
+        }
+        Task::Console { dev, ref op } => {
+            if let Some(device) = devices.get(dev) {
+                console::run(op, dev, device);
+            }
+        }
+        Task::SerialEcho { count } => console::serial_echo(count),
+        Task::Vsock { dev, ref op } => {
+            if let Some(device) = devices.get(dev) {
+                vsock::run(op, dev, device);
             }
         }
         Task::Spin => loop {

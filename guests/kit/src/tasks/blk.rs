@@ -35,19 +35,8 @@ fn name(op: &BlkOp) -> &'static str {
 /// Runs `op` on the `dev`-th transport, `device`.
 pub fn run(op: &BlkOp, dev: u64, device: &MmioDevice) {
     let task = name(op);
-    let mut blk = Blk::open(device.base, device.size).unwrap_or_else(|e| {
-        begin_error();
-        write_str(task);
-        write_str(": dev ");
-        write_dec(dev);
-        write_str(" at ");
-        write_hex(device.base);
-        write_str(" (irq ");
-        write_dec(device.irq);
-        write_str("): ");
-        e.write();
-        end_error()
-    });
+    let mut blk = Blk::open(device.base, device.size)
+        .unwrap_or_else(|e| super::device_error(task, dev, device, e));
     let result = match *op {
         BlkOp::Check {
             sector,
@@ -78,13 +67,7 @@ pub fn run(op: &BlkOp, dev: u64, device: &MmioDevice) {
         } => bench(&mut blk, dev, size, count, depth, write),
     };
     if let Err(e) = result {
-        write_str(task);
-        write_str(" FAILED: dev ");
-        write_dec(dev);
-        write_str(": ");
-        e.write();
-        write_str("\n");
-        arch::exit(EXIT_CHECK_FAILED);
+        super::device_failed(task, dev, e);
     }
 }
 

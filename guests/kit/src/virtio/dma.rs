@@ -21,13 +21,22 @@ use core::mem::MaybeUninit;
 use crate::{paging, paravirt};
 use veil_guest_abi::PAGE_SIZE;
 
-/// Most descriptors the kit's queue has (virtio 1.2 §2.7: a power of 2); the device may offer
-/// fewer.
+/// Most descriptors a queue of the kit has (virtio 1.2 §2.7: a power of 2); the device may
+/// offer fewer.
 pub const QUEUE_MAX: usize = 32;
-/// Request slots: one fixed three-descriptor chain each (header, data, status).
+/// Most queues a device has here: virtio-vsock's rx, tx and event queues (§5.10.2).
+pub const QUEUES: usize = 3;
+/// Block request slots: one fixed three-descriptor chain each (header, data, status).
 pub const SLOTS: usize = QUEUE_MAX / 3;
-/// Each slot's data buffer: the largest request the kit makes.
+/// Data buffers, one per block request slot; the console and vsock drivers divide them up
+/// their own way.
+pub const BUFFERS: usize = SLOTS;
+/// Each data buffer: the largest block request the kit makes.
 pub const BUFFER_SIZE: usize = 64 * 1024;
+/// vsock transmit slots: a two-descriptor chain each (header, data), half the tx queue.
+pub const VSOCK_TX_SLOTS: usize = QUEUE_MAX / 2;
+/// vsock event buffers (§5.10.6.7: the driver keeps the event queue populated).
+pub const VSOCK_EVENTS: usize = 4;
 
 /// `struct virtq_desc` (virtio 1.2 §2.7.5).
 #[repr(C, align(16))]
@@ -53,6 +62,25 @@ pub struct BlkHeader {
     pub sector: u64,
 }
 
+/// `struct virtio_vsock_hdr` (§5.10.6): 44 bytes, little-endian, packed. Written and read
+/// field by field with volatile accesses (`core::ptr::addr_of_mut!` on a packed field gives
+/// an unaligned pointer, which `write_unaligned` handles).
+#[repr(C, packed)]
+pub struct VsockHeader {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub kind: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<VsockHeader>() == 44);
+
 /// `struct virtq_avail` (§2.7.6), aligned to 2.
 #[repr(C)]
 pub struct AvailRing {
@@ -71,23 +99,32 @@ pub struct UsedRing {
     pub avail_event: u16,
 }
 
-/// The first page: the split virtqueue's three parts (§2.7: the descriptor table aligned to
-/// 16, the available ring to 2, the used ring to 4) and the slots' headers and status bytes.
+/// One split virtqueue's three parts (§2.7: the descriptor table aligned to 16, the available
+/// ring to 2, the used ring to 4).
 #[repr(C)]
-pub struct RingPage {
+pub struct Rings {
     pub desc: [Desc; QUEUE_MAX],
     pub avail: AvailRing,
     pub used: UsedRing,
-    pub headers: [BlkHeader; SLOTS],
-    pub status: [u8; SLOTS],
 }
 
-/// The whole area: the ring page, then the data buffers, page-aligned.
+/// The first page: every queue's rings, and the small things devices read or write beside the
+/// data buffers (block request headers and status bytes, vsock transmit headers and events).
+#[repr(C)]
+pub struct RingPage {
+    pub queues: [Rings; QUEUES],
+    pub headers: [BlkHeader; SLOTS],
+    pub status: [u8; SLOTS],
+    pub vsock_tx: [VsockHeader; VSOCK_TX_SLOTS],
+    pub vsock_events: [u32; VSOCK_EVENTS],
+}
+
+/// The whole area: the ring page, then the data buffers, page-aligned and contiguous.
 #[repr(C, align(4096))]
 pub struct DmaArea {
     pub rings: RingPage,
     _pad: [u8; PAGE_SIZE as usize - core::mem::size_of::<RingPage>()],
-    pub buffers: [[u8; BUFFER_SIZE]; SLOTS],
+    pub buffers: [[u8; BUFFER_SIZE]; BUFFERS],
 }
 
 const _: () = assert!(core::mem::size_of::<RingPage>() <= PAGE_SIZE as usize);
@@ -103,6 +140,15 @@ static mut DMA: MaybeUninit<DmaArea> = MaybeUninit::uninit();
 pub fn area() -> *mut DmaArea {
     // Only the address is taken (no reference to the static is made).
     core::ptr::addr_of_mut!(DMA).cast()
+}
+
+/// Data buffer `index`'s first byte (the buffers are contiguous: `index * BUFFER_SIZE` bytes
+/// from buffer 0).
+#[inline(always)]
+pub fn buffer(index: usize) -> *mut u8 {
+    // SAFETY: only an address inside the kit's DMA area is computed (`index` is bounds-checked
+    // by the array index).
+    unsafe { core::ptr::addr_of_mut!((*area()).buffers[index]).cast() }
 }
 
 /// Guest-physical address of `ptr` in the area (the kit is identity-mapped).

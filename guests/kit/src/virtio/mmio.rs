@@ -86,7 +86,7 @@ impl Transport {
         status
     }
 
-    /// A 32-bit field of the config space; 64-bit fields are read as two of these under the
+    /// A 64-bit field of the config space; 64-bit fields are read as two of these under the
     /// same ConfigGeneration (§4.2.2.2, §2.5.1).
     pub fn config_read64(&self, offset: u64) -> u64 {
         // A device that keeps changing its config space gets a few tries, not a hang.
@@ -118,19 +118,27 @@ impl Transport {
     }
 }
 
-/// A device after DRIVER_OK: its transport, the features both sides agreed on, and queue 0.
-pub struct Device {
+/// A device after DRIVER_OK: its transport, the features both sides agreed on, and its first
+/// `Q` queues.
+pub struct Device<const Q: usize> {
     pub transport: Transport,
     pub features: u64,
-    pub queue: SplitQueue,
+    pub queues: [SplitQueue; Q],
 }
 
 /// Brings up the device at `base..base + size` (§3.1.1): checks the magic, version 2 and
 /// `device_id`, resets it, negotiates features (VERSION_1 required; ACCESS_PLATFORM taken
 /// when offered, and required with encrypted memory, as Linux does; plus those of `wanted`
-/// the device offers), sets up queue 0 in the DMA area (shared with the host first in an SEV
-/// guest) and sets DRIVER_OK. On failure after the reset the device is left FAILED.
-pub fn init(base: u64, size: u64, device_id: u32, wanted: u64) -> Result<Device, Error> {
+/// the device offers), sets up queues `0..Q` in the DMA area (shared with the host first in
+/// an SEV guest), each with at least `min_sizes[q]` descriptors, and sets DRIVER_OK. On failure
+/// after the reset the device is left FAILED.
+pub fn init<const Q: usize>(
+    base: u64,
+    size: u64,
+    device_id: u32,
+    wanted: u64,
+    min_sizes: [u16; Q],
+) -> Result<Device<Q>, Error> {
     paging::map_mmio(base, size);
     let transport = Transport { base };
     let magic = transport.read(MAGIC_VALUE);
@@ -145,22 +153,31 @@ pub fn init(base: u64, size: u64, device_id: u32, wanted: u64) -> Result<Device,
     match transport.read(DEVICE_ID) {
         id if id == device_id => {}
         0 => return Err(Error::NoDevice),
-        id => return Err(Error::WrongDevice(id)),
+        found => {
+            return Err(Error::WrongDevice {
+                found,
+                expected: device_id,
+            })
+        }
     }
     transport.reset()?;
-    let result = negotiate(&transport, wanted);
+    let result = negotiate(&transport, wanted, min_sizes);
     if result.is_err() {
         transport.write(STATUS, transport.read(STATUS) | FAILED);
     }
-    let (features, queue) = result?;
+    let (features, queues) = result?;
     Ok(Device {
         transport,
         features,
-        queue,
+        queues,
     })
 }
 
-fn negotiate(t: &Transport, wanted: u64) -> Result<(u64, SplitQueue), Error> {
+fn negotiate<const Q: usize>(
+    t: &Transport,
+    wanted: u64,
+    min_sizes: [u16; Q],
+) -> Result<(u64, [SplitQueue; Q]), Error> {
     let mut status = ACKNOWLEDGE;
     t.write(STATUS, status);
     status |= DRIVER;
@@ -188,31 +205,44 @@ fn negotiate(t: &Transport, wanted: u64) -> Result<(u64, SplitQueue), Error> {
         return Err(Error::FeaturesRefused);
     }
 
-    // Queue 0 (§4.2.3.2).
-    t.write(QUEUE_SEL, 0);
-    let max = t.read(QUEUE_NUM_MAX);
-    if max == 0 || t.read(QUEUE_READY) != 0 {
-        return Err(Error::QueueUnavailable);
-    }
-    // The largest power of 2 both sides can hold (split queues are powers of 2, §2.7).
-    let limit = max.min(dma::QUEUE_MAX as u32);
-    let size = 1u32 << (31 - limit.leading_zeros());
-    if size < 4 {
-        return Err(Error::QueueTooSmall(max));
-    }
     dma::share_with_host()?;
-    let queue = SplitQueue::new(size as u16);
-    t.write(QUEUE_NUM, size);
-    let (desc, avail, used) = queue.addresses();
-    t.write64(QUEUE_DESC_LOW, QUEUE_DESC_HIGH, desc);
-    t.write64(QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, avail);
-    t.write64(QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, used);
-    t.write(QUEUE_READY, 1);
+    let mut ready = [const { None }; Q];
+    for (index, slot) in ready.iter_mut().enumerate() {
+        *slot = Some(setup_queue(t, index, min_sizes[index])?);
+    }
+    let queues = ready.map(|q| q.expect("every queue was set up"));
 
     status |= DRIVER_OK;
     t.write(STATUS, status);
     if t.read(STATUS) & DEVICE_NEEDS_RESET != 0 {
         return Err(Error::NeedsReset);
     }
-    Ok((features, queue))
+    Ok((features, queues))
+}
+
+/// Queue `index` (§4.2.3.2): the largest power of 2 both sides can hold (split queues are
+/// powers of 2, §2.7), at least `min` descriptors.
+fn setup_queue(t: &Transport, index: usize, min: u16) -> Result<SplitQueue, Error> {
+    t.write(QUEUE_SEL, index as u32);
+    let max = t.read(QUEUE_NUM_MAX);
+    if max == 0 || t.read(QUEUE_READY) != 0 {
+        return Err(Error::QueueUnavailable(index as u32));
+    }
+    let limit = max.min(dma::QUEUE_MAX as u32);
+    let size = 1u32 << (31 - limit.leading_zeros());
+    if size < u32::from(min) {
+        return Err(Error::QueueTooSmall {
+            queue: index as u32,
+            max,
+            needed: min.into(),
+        });
+    }
+    let queue = SplitQueue::new(index, size as u16);
+    t.write(QUEUE_NUM, size);
+    let (desc, avail, used) = queue.addresses();
+    t.write64(QUEUE_DESC_LOW, QUEUE_DESC_HIGH, desc);
+    t.write64(QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, avail);
+    t.write64(QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, used);
+    t.write(QUEUE_READY, 1);
+    Ok(queue)
 }

@@ -1,4 +1,5 @@
-//! A polled virtio-mmio (version 2) driver core, and virtio-blk on top of it.
+//! A polled virtio-mmio (version 2) driver core, and virtio-blk, virtio-console and
+//! virtio-vsock on top of it.
 //!
 //! The kit cannot take interrupts on the project's hosts (HOST-NOTES), so every driver here
 //! polls: it submits a request, writes QueueNotify, and spins on the used ring with a TSC
@@ -6,15 +7,19 @@
 //! and ~0.6 us a memory access, so a request costs a few dozen of each.
 //!
 //! - `mmio`: the transport registers and the initialisation sequence (virtio 1.2 §3.1, §4.2.3).
-//! - `queue`: one split virtqueue (§2.7), fixed three-descriptor chains, one per request slot.
-//! - `dma`: the memory the device reads and writes (rings, request headers, data buffers),
+//! - `queue`: one split virtqueue (§2.7); the drivers lay out their own chains.
+//! - `dma`: the memory the devices read and write (rings, request headers, data buffers),
 //!   shared with the host first in an SEV guest, as Linux's swiotlb does.
 //! - `blk`: virtio-blk requests (§5.2) and its config space.
+//! - `console`: virtio-console's port 0 (§5.3), without multiport.
+//! - `vsock`: virtio-vsock packets (§5.10); the connections are the tasks' business.
 
 pub mod blk;
+pub mod console;
 pub mod dma;
 pub mod mmio;
 pub mod queue;
+pub mod vsock;
 
 use crate::serial::{write_dec, write_hex, write_str};
 
@@ -22,6 +27,29 @@ use crate::serial::{write_dec, write_hex, write_str};
 /// TSC ticks: several seconds at any clock (the TSC runs at host speed even when the guest is
 /// emulated), far above the milliseconds a request takes here.
 const DEVICE_TIMEOUT_TSC: u64 = 20_000_000_000;
+
+/// How long a task waits for the other side (console input, a vsock peer's connection, data or
+/// credit), in TSC ticks: about a minute, so a host test has time to start its side, but a
+/// guest nobody talks to still stops with an error instead of spinning forever.
+pub const PEER_TIMEOUT_TSC: u64 = 150_000_000_000;
+
+// Device IDs (virtio 1.2 §5).
+/// A block device (§5.2).
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// A console (§5.3).
+pub const VIRTIO_ID_CONSOLE: u32 = 3;
+/// A socket device, virtio-vsock (§5.10).
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+
+/// What a device ID names, for messages.
+fn device_name(id: u32) -> &'static str {
+    match id {
+        VIRTIO_ID_BLOCK => "block device",
+        VIRTIO_ID_CONSOLE => "console",
+        VIRTIO_ID_VSOCK => "socket device",
+        _ => "known device",
+    }
+}
 
 /// Why a device cannot be used or a request did not complete.
 #[derive(Clone, Copy)]
@@ -34,8 +62,8 @@ pub enum Error {
     Version(u32),
     /// DeviceID 0: the transport has no device behind it.
     NoDevice,
-    /// Another kind of device (DeviceID).
-    WrongDevice(u32),
+    /// Another kind of device (DeviceID) than the driver's.
+    WrongDevice { found: u32, expected: u32 },
     /// The device does not offer VIRTIO_F_VERSION_1.
     NoVersion1,
     /// An SEV guest's device must offer VIRTIO_F_ACCESS_PLATFORM (Linux refuses it otherwise).
@@ -44,10 +72,10 @@ pub enum Error {
     FeaturesRefused,
     /// Status did not read back 0 after a reset.
     ResetTimeout,
-    /// Queue 0 is absent (QueueNumMax 0) or already live (QueueReady 1).
-    QueueUnavailable,
-    /// QueueNumMax too small for one three-descriptor request.
-    QueueTooSmall(u32),
+    /// The queue is absent (QueueNumMax 0) or already live (QueueReady 1).
+    QueueUnavailable(u32),
+    /// QueueNumMax too small for what the driver lays out in the queue.
+    QueueTooSmall { queue: u32, max: u32, needed: u32 },
     /// DEVICE_NEEDS_RESET after DRIVER_OK.
     NeedsReset,
     /// `KVM_HC_MAP_GPA_RANGE` refused to share the DMA area (its result).
@@ -58,6 +86,9 @@ pub enum Error {
     BadUsedId(u32),
     /// The device completed a request without writing its status byte.
     NoStatus,
+    /// A vsock packet shorter than its header or longer than its buffer, or with a payload
+    /// longer than what the device wrote (the bytes it says it wrote).
+    BadPacket(u32),
 }
 
 impl Error {
@@ -78,10 +109,14 @@ impl Error {
                 write_dec(v.into());
             }
             Error::NoDevice => write_str("no device behind this transport (device id 0)"),
-            Error::WrongDevice(id) => {
+            Error::WrongDevice { found, expected } => {
                 write_str("device id ");
-                write_dec(id.into());
-                write_str(", not a block device (2)");
+                write_dec(found.into());
+                write_str(", not a ");
+                write_str(device_name(expected));
+                write_str(" (");
+                write_dec(expected.into());
+                write_str(")");
             }
             Error::NoVersion1 => write_str("the device does not offer VIRTIO_F_VERSION_1"),
             Error::NoAccessPlatform => write_str(
@@ -90,11 +125,19 @@ impl Error {
             ),
             Error::FeaturesRefused => write_str("the device refused the features (FEATURES_OK)"),
             Error::ResetTimeout => write_str("the device did not reset (status stays nonzero)"),
-            Error::QueueUnavailable => write_str("queue 0 is absent or already in use"),
-            Error::QueueTooSmall(n) => {
-                write_str("queue 0 holds ");
-                write_dec(n.into());
-                write_str(" descriptors, fewer than one request needs (3)");
+            Error::QueueUnavailable(queue) => {
+                write_str("queue ");
+                write_dec(queue.into());
+                write_str(" is absent or already in use");
+            }
+            Error::QueueTooSmall { queue, max, needed } => {
+                write_str("queue ");
+                write_dec(queue.into());
+                write_str(" holds ");
+                write_dec(max.into());
+                write_str(" descriptors, fewer than the driver needs (");
+                write_dec(needed.into());
+                write_str(")");
             }
             Error::NeedsReset => write_str("the device set DEVICE_NEEDS_RESET"),
             Error::Share(result) => {
@@ -108,6 +151,11 @@ impl Error {
                 write_str(", which is no request in flight");
             }
             Error::NoStatus => write_str("the device completed a request without a status"),
+            Error::BadPacket(written) => {
+                write_str("the device delivered a malformed packet (");
+                write_dec(written.into());
+                write_str(" bytes written)");
+            }
         }
     }
 }

@@ -1,104 +1,86 @@
 //! One split virtqueue (virtio 1.2 §2.7) in the DMA area, driven by polling.
 //!
-//! The descriptor table is laid out once: request slot `s` owns descriptors `3s` (the request
-//! header, device-readable), `3s + 1` (the data buffer) and `3s + 2` (the status byte,
-//! device-writable), chained in that order. A request only rewrites the data descriptor's
-//! length and direction (or skips it, for a request without data), so a submission is a
-//! handful of stores: this guest pays ~0.6 us for each.
+//! The queue knows rings, not requests: a driver lays out its descriptors once (block request
+//! chains, vsock header-and-data pairs, single receive buffers) with [`SplitQueue::set_desc`]
+//! and then only puts chain heads on the available ring and takes them back from the used
+//! ring. A submission is a handful of stores: this guest pays ~0.6 us for each.
 //!
-//! Every access to the area is volatile (the device reads and writes it behind the compiler's
-//! back), and the fences order the driver's stores as §2.7.13 requires: the chain before the
-//! available ring entry before `avail.idx`, and `used.idx` before the used entry it covers.
-//! On x86 the fences only constrain the compiler (stores are not reordered with stores, nor
-//! loads with loads), but they say what the protocol needs.
+//! Every access to the rings is volatile (the device reads and writes them behind the
+//! compiler's back), and the fences order the driver's stores as §2.7.13 requires: the chain
+//! before the available ring entry before `avail.idx`, and `used.idx` before the used entry it
+//! covers. On x86 the fences only constrain the compiler (stores are not reordered with stores,
+//! nor loads with loads), but they say what the protocol needs.
 
 use core::ptr::addr_of_mut;
 use core::sync::atomic::{fence, Ordering};
 
-use super::dma::{self, SLOTS};
+use super::dma::{self, Rings, QUEUE_MAX};
 use super::{Error, DEVICE_TIMEOUT_TSC};
 use crate::arch;
 
 /// VIRTQ_DESC_F_NEXT (§2.7.5): the chain continues at `next`.
-const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 /// VIRTQ_DESC_F_WRITE (§2.7.5): the device writes this buffer.
-const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.6): a polling driver needs no used-buffer notifications.
 const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
-/// The driver's side of queue 0.
+// One bit per descriptor in `in_flight`.
+const _: () = assert!(QUEUE_MAX <= 32);
+
+/// The driver's side of one queue.
 pub struct SplitQueue {
-    /// Queue size - 1 (the size is a power of 2).
-    mask: u16,
-    /// Request slots the queue holds (size / 3, at most `dma::SLOTS`).
-    slots: usize,
+    /// Which of the DMA area's ring sets (the queue's index on its device).
+    index: usize,
+    /// Queue size (a power of 2, at most `QUEUE_MAX`).
+    size: u16,
     /// The next `avail.idx` (published by [`SplitQueue::publish`]).
     next_avail: u16,
     /// The `used.idx` consumed so far.
     last_used: u16,
-    /// Bit `s`: slot `s` is with the device.
+    /// Bit `d`: the chain whose head is descriptor `d` is with the device.
     in_flight: u32,
 }
 
-const _: () = assert!(SLOTS <= 32);
-
 impl SplitQueue {
-    /// Lays out the rings for a queue of `size` descriptors (a power of 2, 4..=QUEUE_MAX).
-    pub fn new(size: u16) -> Self {
-        let slots = (usize::from(size) / 3).min(SLOTS);
-        let area = dma::area();
-        for slot in 0..slots {
-            let head = (3 * slot) as u16;
-            // SAFETY: `area` is the kit's DMA area and `3 * slot + 2 < QUEUE_MAX`; the device
-            // cannot use the queue before the transport gives it the addresses, after this.
-            unsafe {
-                let rings = addr_of_mut!((*area).rings);
-                let header = addr_of_mut!((*rings).headers[slot]);
-                addr_of_mut!((*header).reserved).write_volatile(0);
-                let data = addr_of_mut!((*area).buffers[slot]);
-                let status = addr_of_mut!((*rings).status[slot]);
-                let chain = [
-                    (dma::gpa(header), 16, VIRTQ_DESC_F_NEXT, head + 1),
-                    (
-                        dma::gpa(data),
-                        dma::BUFFER_SIZE as u32,
-                        VIRTQ_DESC_F_NEXT,
-                        head + 2,
-                    ),
-                    (dma::gpa(status), 1, VIRTQ_DESC_F_WRITE, 0),
-                ];
-                for (i, (addr, len, flags, next)) in chain.into_iter().enumerate() {
-                    let desc = addr_of_mut!((*rings).desc[usize::from(head) + i]);
-                    addr_of_mut!((*desc).addr).write_volatile(addr);
-                    addr_of_mut!((*desc).len).write_volatile(len);
-                    addr_of_mut!((*desc).flags).write_volatile(flags);
-                    addr_of_mut!((*desc).next).write_volatile(next);
-                }
-            }
-        }
-        // SAFETY: as above; the rings start empty (a reset device starts from index 0).
+    /// Empty rings for queue `index` of `size` descriptors (a power of 2, 1..=QUEUE_MAX), with
+    /// interrupts suppressed. The device must not know the rings yet (it learns their
+    /// addresses after this).
+    pub fn new(index: usize, size: u16) -> Self {
+        let queue = SplitQueue {
+            index: index % dma::QUEUES,
+            size,
+            next_avail: 0,
+            last_used: 0,
+            in_flight: 0,
+        };
+        // SAFETY: the rings are in the kit's DMA area; a reset device starts from index 0.
         unsafe {
-            let rings = addr_of_mut!((*area).rings);
+            let rings = queue.rings();
             addr_of_mut!((*rings).avail.flags).write_volatile(VIRTQ_AVAIL_F_NO_INTERRUPT);
             addr_of_mut!((*rings).avail.idx).write_volatile(0);
             addr_of_mut!((*rings).used.flags).write_volatile(0);
             addr_of_mut!((*rings).used.idx).write_volatile(0);
         }
-        SplitQueue {
-            mask: size - 1,
-            slots,
-            next_avail: 0,
-            last_used: 0,
-            in_flight: 0,
-        }
+        queue
+    }
+
+    #[inline(always)]
+    fn rings(&self) -> *mut Rings {
+        // SAFETY: only an address inside the kit's DMA area is computed (`index < QUEUES`).
+        unsafe { addr_of_mut!((*dma::area()).rings.queues[self.index]) }
+    }
+
+    /// Queue size: descriptors `0..size` are the driver's to lay out.
+    pub fn size(&self) -> u16 {
+        self.size
     }
 
     /// Guest-physical addresses of the descriptor table, available ring and used ring.
     pub fn addresses(&self) -> (u64, u64, u64) {
-        let area = dma::area();
+        let rings = self.rings();
         // SAFETY: only addresses inside the kit's DMA area are computed.
         unsafe {
-            let rings = addr_of_mut!((*area).rings);
             (
                 dma::gpa(addr_of_mut!((*rings).desc)),
                 dma::gpa(addr_of_mut!((*rings).avail.flags)),
@@ -107,89 +89,122 @@ impl SplitQueue {
         }
     }
 
+    /// Writes descriptor `id` (`id < size`), which must not be part of a chain in flight.
+    #[inline]
+    pub fn set_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let i = usize::from(id) % QUEUE_MAX;
+        // SAFETY: the descriptor is in the kit's DMA area (index masked); the caller gives
+        // the device no chain through it until it is written.
+        unsafe {
+            let desc = addr_of_mut!((*self.rings()).desc[i]);
+            addr_of_mut!((*desc).addr).write_volatile(addr);
+            addr_of_mut!((*desc).len).write_volatile(len);
+            addr_of_mut!((*desc).flags).write_volatile(flags);
+            addr_of_mut!((*desc).next).write_volatile(next);
+        }
+    }
+
+    /// Rewrites only descriptor `id`'s length and flags (a request's data buffer).
+    #[inline]
+    pub fn set_len_flags(&mut self, id: u16, len: u32, flags: u16) {
+        let i = usize::from(id) % QUEUE_MAX;
+        // SAFETY: as in `set_desc`.
+        unsafe {
+            let desc = addr_of_mut!((*self.rings()).desc[i]);
+            addr_of_mut!((*desc).len).write_volatile(len);
+            addr_of_mut!((*desc).flags).write_volatile(flags);
+        }
+    }
+
+    /// Rewrites only descriptor `id`'s flags and `next` (where a chain ends).
+    #[inline]
+    pub fn set_flags_next(&mut self, id: u16, flags: u16, next: u16) {
+        let i = usize::from(id) % QUEUE_MAX;
+        // SAFETY: as in `set_desc`.
+        unsafe {
+            let desc = addr_of_mut!((*self.rings()).desc[i]);
+            addr_of_mut!((*desc).flags).write_volatile(flags);
+            addr_of_mut!((*desc).next).write_volatile(next);
+        }
+    }
+
     /// Asks the device for used-buffer notifications (interrupts), or not (the default).
     pub fn set_interrupts(&mut self, on: bool) {
         let flags = if on { 0 } else { VIRTQ_AVAIL_F_NO_INTERRUPT };
         // SAFETY: `avail.flags` is in the kit's DMA area.
-        unsafe { addr_of_mut!((*dma::area()).rings.avail.flags).write_volatile(flags) };
+        unsafe { addr_of_mut!((*self.rings()).avail.flags).write_volatile(flags) };
     }
 
-    /// How many requests can be in flight at once.
-    pub fn slots(&self) -> usize {
-        self.slots
-    }
-
-    /// Puts slot `slot`'s chain on the available ring, with `data_len` bytes of data the device
-    /// writes (`device_writes`) or reads, or no data descriptor when `data_len` is 0. The
-    /// caller has filled the slot's header; the device sees the request after [`publish`].
-    ///
-    /// [`publish`]: SplitQueue::publish
+    /// Whether the chain at `head` is with the device.
     #[inline]
-    pub fn submit(&mut self, slot: usize, data_len: u32, device_writes: bool) {
-        assert!(slot < self.slots && self.in_flight & (1 << slot) == 0);
-        let head = 3 * slot;
-        let flags = if device_writes {
-            VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
-        } else {
-            VIRTQ_DESC_F_NEXT
-        };
-        let next = if data_len == 0 { head + 2 } else { head + 1 };
-        // SAFETY: the slot's descriptors are in the kit's DMA area (`slot < SLOTS`) and not
-        // with the device (it is not in flight); the ring index is masked to the queue size.
-        unsafe {
-            let rings = addr_of_mut!((*dma::area()).rings);
-            addr_of_mut!((*rings).desc[head].next).write_volatile(next as u16);
-            if data_len != 0 {
-                addr_of_mut!((*rings).desc[head + 1].len).write_volatile(data_len);
-                addr_of_mut!((*rings).desc[head + 1].flags).write_volatile(flags);
-            }
-            let entry = usize::from(self.next_avail & self.mask) % dma::QUEUE_MAX;
-            // The chain is written before its ring entry.
-            fence(Ordering::Release);
-            addr_of_mut!((*rings).avail.ring[entry]).write_volatile(head as u16);
-        }
+    pub fn in_flight(&self, head: u16) -> bool {
+        self.in_flight & (1 << (head % 32)) != 0
+    }
+
+    /// Puts the chain starting at descriptor `head` (already written, not in flight) on the
+    /// available ring; the device sees it after [`SplitQueue::publish`].
+    #[inline]
+    pub fn push(&mut self, head: u16) {
+        assert!(head < self.size && !self.in_flight(head));
+        let entry = usize::from(self.next_avail & (self.size - 1)) % QUEUE_MAX;
+        // The chain is written before its ring entry.
+        fence(Ordering::Release);
+        // SAFETY: the ring entry is in the kit's DMA area (index masked to the queue size).
+        unsafe { addr_of_mut!((*self.rings()).avail.ring[entry]).write_volatile(head) };
         self.next_avail = self.next_avail.wrapping_add(1);
-        self.in_flight |= 1 << slot;
+        self.in_flight |= 1 << head;
     }
 
-    /// Points slot `slot`'s data descriptor at guest-physical `gpa` instead of its buffer
-    /// (`None`: back to the buffer); the slot must not be in flight.
-    pub fn redirect_data(&mut self, slot: usize, gpa: Option<u64>) {
-        assert!(slot < self.slots && self.in_flight & (1 << slot) == 0);
-        // SAFETY: the slot's descriptors are in the kit's DMA area and not with the device.
-        unsafe {
-            let area = dma::area();
-            let addr = gpa.unwrap_or_else(|| dma::gpa(addr_of_mut!((*area).buffers[slot])));
-            addr_of_mut!((*area).rings.desc[3 * slot + 1].addr).write_volatile(addr);
-        }
-    }
-
-    /// Makes every submitted chain visible to the device (`avail.idx`); the caller notifies.
+    /// Makes every pushed chain visible to the device (`avail.idx`); the caller notifies.
     #[inline]
     pub fn publish(&mut self) {
         // Ring entries before the index that covers them (§2.7.13).
         fence(Ordering::Release);
-        // SAFETY: `avail_idx` is in the kit's DMA area.
-        unsafe { addr_of_mut!((*dma::area()).rings.avail.idx).write_volatile(self.next_avail) };
+        // SAFETY: `avail.idx` is in the kit's DMA area.
+        unsafe { addr_of_mut!((*self.rings()).avail.idx).write_volatile(self.next_avail) };
         // No full barrier before the notification: the driver never reads the device's
         // suppression flags (it always notifies), and x86 does not let the uncached MMIO store
         // of QueueNotify pass this store; a `fence(SeqCst)` would cost a locked instruction
         // (~1 us emulated) per kick.
     }
 
-    /// Whether the device has completed a request not yet taken with [`wait_used`].
-    ///
-    /// [`wait_used`]: SplitQueue::wait_used
+    /// Whether the device has completed a chain not yet taken.
     #[inline]
     pub fn has_used(&self) -> bool {
-        // SAFETY: `used_idx` is in the kit's DMA area; the device writes it, hence volatile.
-        unsafe { addr_of_mut!((*dma::area()).rings.used.idx).read_volatile() != self.last_used }
+        // SAFETY: `used.idx` is in the kit's DMA area; the device writes it, hence volatile.
+        unsafe { addr_of_mut!((*self.rings()).used.idx).read_volatile() != self.last_used }
     }
 
-    /// Waits for the next completed request and returns its slot, or fails after
-    /// `DEVICE_TIMEOUT_TSC` or on a used entry that names no chain in flight.
+    /// The next completed chain, if any: its head and the length the device wrote. Fails on a
+    /// used entry that names no chain in flight.
     #[inline]
-    pub fn wait_used(&mut self) -> Result<usize, Error> {
+    pub fn take_used(&mut self) -> Option<Result<(u16, u32), Error>> {
+        if !self.has_used() {
+            return None;
+        }
+        // The used entry is read after the index that covers it.
+        fence(Ordering::Acquire);
+        let entry = usize::from(self.last_used & (self.size - 1)) % QUEUE_MAX;
+        // SAFETY: the used ring is in the kit's DMA area; the entry index is masked.
+        let (id, len) = unsafe {
+            let elem = addr_of_mut!((*self.rings()).used.ring[entry]);
+            (
+                addr_of_mut!((*elem).id).read_volatile(),
+                addr_of_mut!((*elem).len).read_volatile(),
+            )
+        };
+        self.last_used = self.last_used.wrapping_add(1);
+        if id >= u32::from(self.size) || !self.in_flight(id as u16) {
+            return Some(Err(Error::BadUsedId(id)));
+        }
+        self.in_flight &= !(1 << id);
+        Some(Ok((id as u16, len)))
+    }
+
+    /// Waits for the next completed chain (see [`SplitQueue::take_used`]), or fails after
+    /// `DEVICE_TIMEOUT_TSC`.
+    #[inline]
+    pub fn wait_used(&mut self) -> Result<(u16, u32), Error> {
         if !self.has_used() {
             let deadline = arch::rdtsc() + DEVICE_TIMEOUT_TSC;
             while !self.has_used() {
@@ -199,17 +214,6 @@ impl SplitQueue {
                 arch::pause();
             }
         }
-        // The used entry is read after the index that covers it.
-        fence(Ordering::Acquire);
-        let entry = usize::from(self.last_used & self.mask) % dma::QUEUE_MAX;
-        // SAFETY: the used ring is in the kit's DMA area; the entry index is masked.
-        let id = unsafe { addr_of_mut!((*dma::area()).rings.used.ring[entry].id).read_volatile() };
-        self.last_used = self.last_used.wrapping_add(1);
-        let slot = (id / 3) as usize;
-        if id % 3 != 0 || slot >= self.slots || self.in_flight & (1 << slot) == 0 {
-            return Err(Error::BadUsedId(id));
-        }
-        self.in_flight &= !(1 << slot);
-        Ok(slot)
+        self.take_used().unwrap_or(Err(Error::Timeout))
     }
 }
