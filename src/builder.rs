@@ -9,6 +9,7 @@ use veil_devices::host_console::ConsoleIo;
 use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
 use veil_devices::virtio::block::{Block, BlockConfig, BlockError};
 use veil_devices::virtio::console::{BackendError, Console, ConsoleBackend, ConsoleError};
+use veil_devices::virtio::vsock::{self, Vsock, VsockConfig, VsockError};
 use veil_devices::{Bus, BusError, ExitPort, ResetPort, Serial, SerialSink};
 use veil_guest_abi::{COM1_PORT, EXIT_PORT, RESET_CONTROL_PORT};
 use veil_hypervisor::devices::{layout, DeviceManager, DeviceManagerError, DeviceSnapshot};
@@ -76,10 +77,15 @@ pub enum Error {
     /// The console could not be created.
     #[error("Cannot create the console")]
     Console(#[from] ConsoleError),
+    /// The vsock device could not be created.
+    #[error("Cannot create the vsock device")]
+    Vsock(#[from] VsockError),
 }
 
 /// The name of the console device.
 const CONSOLE_NAME: &str = "console0";
+/// The name of the vsock device.
+const VSOCK_NAME: &str = "vsock0";
 
 /// Opens and names every disk, in order.
 fn open_disks(disks: &[BlockConfig]) -> Result<Vec<(String, Block)>, Error> {
@@ -160,9 +166,11 @@ pub struct VmBuilder {
     encrypted_memory: bool,
     sev: Option<SevConfig>,
     disks: Vec<BlockConfig>,
-    /// For an incoming guest: where this host finds a disk, by its name.
+    /// For an incoming guest: where this host finds a disk (or the vsock socket), by the
+    /// device's name.
     disk_paths: HashMap<String, PathBuf>,
     console: Option<ConsoleBackend>,
+    vsock: Option<VsockConfig>,
 }
 
 impl Default for VmBuilder {
@@ -189,7 +197,24 @@ impl VmBuilder {
             disks: Vec::new(),
             disk_paths: HashMap::new(),
             console: None,
+            vsock: None,
         }
+    }
+
+    /// Adds a virtio-vsock device for CID `config.guest_cid` whose host side is UNIX sockets:
+    /// host programs connect to `config.uds_path` and write `CONNECT <port>`; the guest
+    /// reaches listeners at `<uds_path>_<port>` (see docs/devices.md). It comes after the
+    /// disks and before the console.
+    pub fn vsock(mut self, config: VsockConfig) -> Self {
+        self.vsock = Some(config);
+        self
+    }
+
+    /// For a guest arriving by migration: its vsock device listens at `path` on this host
+    /// (by default at the path it had on the source).
+    pub fn vsock_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.disk_paths.insert(VSOCK_NAME.into(), path.into());
+        self
     }
 
     /// Adds a virtio console (one port) after the disks, with its host end on `backend`;
@@ -317,12 +342,18 @@ impl VmBuilder {
         let mut sev_setup = self.sev.as_ref().map(sev_launch::prepare).transpose()?;
         // Disks next: a locked or missing one fails before the VM exists.
         let disks = open_disks(&self.disks)?;
+        let vsock = match (&receive, &self.vsock) {
+            (None, Some(config)) => Some(Vsock::new(config.clone())?),
+            _ => None,
+        };
         let console = match (&receive, &self.console) {
             (None, Some(backend)) => Some(Console::new(backend.open()?)?),
             _ => None,
         };
         let mut boot = self.boot;
-        let entries = layout::cmdline_entries(disks.len() + usize::from(console.is_some()));
+        let entries = layout::cmdline_entries(
+            disks.len() + usize::from(vsock.is_some()) + usize::from(console.is_some()),
+        );
         if !entries.is_empty() {
             boot.cmdline = [boot.cmdline.as_str(), entries.as_str()]
                 .iter()
@@ -415,6 +446,9 @@ impl VmBuilder {
         for (name, block) in disks {
             devices.add_block(vm.fd(), &name, block)?;
         }
+        if let Some(vsock) = vsock {
+            devices.add_vsock(vm.fd(), VSOCK_NAME, vsock)?;
+        }
         if let Some(console) = console {
             devices.add_console(vm.fd(), CONSOLE_NAME, console)?;
         }
@@ -457,6 +491,15 @@ impl VmBuilder {
             migration: Arc::new(MigrationMonitor::new()),
         })
     }
+}
+
+/// Why [`Vm::connect_vsock`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockConnectError {
+    #[error("The VM has no vsock device (VmBuilder::vsock, --vsock)")]
+    NoVsock,
+    #[error("Cannot connect to the guest over vsock")]
+    Connect(#[source] vsock::ClientError),
 }
 
 /// An SEV guest's firmware context.
@@ -511,6 +554,21 @@ impl Vm {
     /// The SEV launch, for an SEV guest.
     pub fn sev(&self) -> Option<&SevGuest> {
         self.sev.as_ref()
+    }
+
+    /// Opens a stream to the guest's vsock port `port` (the guest must be listening), for
+    /// programs that talk to a sandbox: returns the stream and the host port the guest sees.
+    pub fn connect_vsock(
+        &self,
+        port: u32,
+        timeout: std::time::Duration,
+    ) -> Result<vsock::GuestConnection, VsockConnectError> {
+        let path = self
+            .running
+            .devices()
+            .and_then(|d| d.vsock_socket())
+            .ok_or(VsockConnectError::NoVsock)?;
+        vsock::connect_to_guest(&path, port, timeout).map_err(VsockConnectError::Connect)
     }
 
     /// The hypervisor-level handle, for what this facade does not cover.

@@ -288,6 +288,11 @@ pub struct ReceiveArgs {
     #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
     pub console: Option<veil::ConsoleBackend>,
 
+    /// Where an arriving guest's vsock device listens on this host (by default at the socket
+    /// path it had on the source).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_socket: Option<PathBuf>,
+
     /// Where this host finds the incoming guest's disk NAME: id=NAME,path=FILE. Repeatable.
     /// Without it a disk is opened at the path it had on the source (shared storage); it is
     /// locked once the source has flushed and released it.
@@ -332,7 +337,14 @@ pub struct MachineArgs {
     #[arg(long = "disk", value_parser = parse_disk, value_name = "path=FILE,...")]
     pub disks: Vec<veil::DiskConfig>,
 
-    /// A virtio console (hvc0 in Linux), after the disks: stdio (it then reads standard input
+    /// A virtio-vsock device: cid=N (3 or more, the guest's address),socket=PATH. Host
+    /// programs connect to PATH and write "CONNECT <port>\n" (answered "OK <hostport>\n")
+    /// to reach a guest listening on <port>; a guest connecting to CID 2 port P reaches a
+    /// listener at PATH_P. It comes after the disks.
+    #[arg(long, value_parser = parse_vsock, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<veil::VsockConfig>,
+
+    /// A virtio console (hvc0 in Linux), after the disks and vsock: stdio (it then reads standard input
     /// instead of COM1), file:PATH (output only), or unix:PATH (Veil listens; every client
     /// sees the output, the newest one types).
     #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
@@ -477,6 +489,26 @@ pub fn parse_disk_mapping(text: &str) -> Result<(String, PathBuf), String> {
     match (get("id"), get("path")) {
         (Some(id), Some(path)) => Ok((id.into(), path.into())),
         _ => Err("a disk mapping needs id=NAME,path=FILE".into()),
+    }
+}
+
+/// `cid=N,socket=PATH`.
+pub fn parse_vsock(text: &str) -> Result<veil::VsockConfig, String> {
+    let pairs = parse_options(text, &["cid", "socket"])?;
+    let get = |key| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    match (get("cid"), get("socket")) {
+        (Some(cid), Some(socket)) => {
+            let cid: u64 = cid
+                .parse()
+                .map_err(|_| format!("cid must be a number, not '{cid}'"))?;
+            if !(3..u64::from(u32::MAX)).contains(&cid) {
+                return Err(format!(
+                    "cid {cid} is reserved: guests have 3 to 4294967294"
+                ));
+            }
+            Ok(veil::VsockConfig::new(cid, socket))
+        }
+        _ => Err("a vsock device needs cid=N,socket=PATH".into()),
     }
 }
 

@@ -53,6 +53,9 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
     for disk in args.disks {
         builder = builder.disk(disk);
     }
+    if let Some(vsock) = args.vsock {
+        builder = builder.vsock(vsock);
+    }
     if let Some(console) = args.console {
         builder = builder.console(console);
     }
@@ -143,6 +146,9 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         .serial(args.serial);
     for (name, path) in args.disks {
         builder = builder.disk_path(name, path);
+    }
+    if let Some(path) = args.vsock_socket {
+        builder = builder.vsock_socket(path);
     }
     if let Some(console) = args.console {
         builder = builder.console(console);

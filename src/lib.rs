@@ -23,11 +23,12 @@ mod capture;
 mod incoming;
 pub mod sev_launch;
 
-pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder};
+pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder, VsockConnectError};
 pub use capture::CapturedOutput;
 pub use incoming::check_incoming;
 pub use veil_devices::virtio::block::BlockConfig as DiskConfig;
 pub use veil_devices::virtio::console::ConsoleBackend;
+pub use veil_devices::virtio::vsock::{GuestConnection, VsockConfig};
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};
 

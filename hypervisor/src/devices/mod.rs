@@ -23,6 +23,7 @@ use veil_devices::virtio::console::{Console, ConsoleError, ConsoleState};
 use veil_devices::virtio::mmio::{
     MmioError, MmioRestoreArgs, MmioState, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
 };
+use veil_devices::virtio::vsock::{Vsock, VsockError, VsockRestoreArgs, VsockState};
 use veil_devices::virtio::{DeviceMemory, MmioTransport, Refusals, VirtioDevice};
 use veil_devices::{Bus, BusError};
 
@@ -70,6 +71,18 @@ pub enum DeviceManagerError {
         #[source]
         source: ConsoleError,
     },
+    #[error("Cannot restore {name}")]
+    RestoreVsock {
+        name: String,
+        #[source]
+        source: VsockError,
+    },
+    #[error("Cannot take {name}'s socket back")]
+    TakeBackSocket {
+        name: String,
+        #[source]
+        source: VsockError,
+    },
     #[error("The incoming device {name} sat at {saved:#x}, here it would be at {here:#x}")]
     SlotMismatch { name: String, saved: u64, here: u64 },
     #[error("Cannot hand {name}'s disk over")]
@@ -85,6 +98,7 @@ pub enum DeviceManagerError {
 pub enum MachineDevice {
     Block(Arc<Mutex<Block>>),
     Console(Arc<Mutex<Console>>),
+    Vsock(Arc<Mutex<Vsock>>),
 }
 
 impl MachineDevice {
@@ -93,6 +107,7 @@ impl MachineDevice {
         match self {
             MachineDevice::Block(b) => b.clone(),
             MachineDevice::Console(c) => c.clone(),
+            MachineDevice::Vsock(v) => v.clone(),
         }
     }
 
@@ -101,6 +116,7 @@ impl MachineDevice {
         match self {
             MachineDevice::Block(b) => b.clone(),
             MachineDevice::Console(c) => c.clone(),
+            MachineDevice::Vsock(v) => v.clone(),
         }
     }
 
@@ -108,15 +124,53 @@ impl MachineDevice {
         match self {
             MachineDevice::Block(_) => "virtio-blk",
             MachineDevice::Console(_) => "virtio-console",
+            MachineDevice::Vsock(_) => "virtio-vsock",
         }
     }
 
-    /// What only one host may hold is let go (a disk's lock), or taken back.
-    fn hand_over(&self, release: bool) -> Result<(), veil_devices::virtio::block::DiskError> {
+    /// What only one host may hold is let go (a disk's lock, a vsock's socket path), or
+    /// taken back.
+    fn hand_over(&self, name: &str, release: bool) -> Result<(), DeviceManagerError> {
+        let disk = |source| DeviceManagerError::HandOver {
+            name: name.into(),
+            source,
+        };
         match self {
-            MachineDevice::Block(b) if release => lock(b).release_disk(),
-            MachineDevice::Block(b) => lock(b).reacquire_disk(),
+            MachineDevice::Block(b) if release => lock(b).release_disk().map_err(disk),
+            MachineDevice::Block(b) => lock(b).reacquire_disk().map_err(disk),
+            // Connections stay until the guest leaves; host programs reconnect on the
+            // target, which listens at the path once it has the guest.
+            MachineDevice::Vsock(v) if release => {
+                lock(v).release_socket();
+                Ok(())
+            }
+            MachineDevice::Vsock(v) => {
+                lock(v)
+                    .reacquire_socket()
+                    .map_err(|source| DeviceManagerError::TakeBackSocket {
+                        name: name.into(),
+                        source,
+                    })
+            }
             MachineDevice::Console(_) => Ok(()),
+        }
+    }
+
+    /// Fills in what only this kind of device has to show.
+    fn describe(&self, status: &mut DeviceStatus) {
+        match self {
+            MachineDevice::Block(b) => {
+                let b = lock(b);
+                status.path = Some(b.path().to_owned());
+                status.read_only = Some(b.read_only());
+            }
+            MachineDevice::Console(_) => {}
+            MachineDevice::Vsock(v) => {
+                let v = lock(v);
+                status.path = Some(v.uds_path().to_owned());
+                status.guest_cid = Some(v.guest_cid());
+                status.connections = Some(v.connections());
+            }
         }
     }
 
@@ -132,6 +186,13 @@ impl MachineDevice {
             MachineDevice::Console(c) => DeviceSnapshot::Console {
                 state: lock(c).save(),
             },
+            MachineDevice::Vsock(v) => {
+                let v = lock(v);
+                DeviceSnapshot::Vsock {
+                    socket: v.uds_path().to_owned(),
+                    state: v.save(),
+                }
+            }
         }
     }
 }
@@ -156,11 +217,17 @@ pub struct DeviceStatus {
     pub driver_status: u32,
     /// Guest-memory accesses the shared-page guard refused (always 0 for a plain guest).
     pub refused_accesses: u64,
-    /// The backing file, for a disk.
+    /// The backing file, for a disk; the UNIX socket, for vsock.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
+    /// The guest's CID, for vsock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cid: Option<u64>,
+    /// Open connections, for vsock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
 }
 
 /// What a migration carries of one device.
@@ -182,6 +249,9 @@ pub enum DeviceSnapshot {
     /// A console: its host end is this host's (`--console`); input the guest had not taken
     /// yet travels.
     Console { state: ConsoleState },
+    /// A vsock device: connections do not travel (the guest hears TRANSPORT_RESET); the target
+    /// listens at the same socket path unless told another.
+    Vsock { socket: PathBuf, state: VsockState },
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -270,19 +340,50 @@ impl DeviceManager {
         self.attach(vm, name, device, transport, memory)
     }
 
+    /// Adds a vsock device in the next slot.
+    pub fn add_vsock(
+        &mut self,
+        vm: &VmFd,
+        name: &str,
+        vsock: Vsock,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let device = MachineDevice::Vsock(Arc::new(Mutex::new(vsock)));
+        let memory = self.device_memory(name);
+        let transport = MmioTransport::new(device.virtio(), memory.clone()).map_err(|source| {
+            DeviceManagerError::Transport {
+                name: name.into(),
+                source,
+            }
+        })?;
+        self.attach(vm, name, device, transport, memory)
+    }
+
     /// Adds a device that arrives with a migrating guest, in the slot it had, from its saved
-    /// state: a disk at `disk_path` on this host (by default the path it had), a console on
-    /// `console` (this host's end, taken; without one its output is discarded).
+    /// state: a disk or a vsock socket at `path_here` on this host (by default the path it
+    /// had: shared storage), a console on `console` (this host's end, taken; without one its
+    /// output is discarded).
     pub fn restore(
         &mut self,
         vm: &VmFd,
         saved: &VirtioSnapshot,
-        disk_path: Option<PathBuf>,
+        path_here: Option<PathBuf>,
         console: &mut Option<ConsoleIo>,
     ) -> Result<DeviceSlot, DeviceManagerError> {
         match &saved.device {
+            DeviceSnapshot::Vsock { socket, state } => {
+                let uds_path = path_here.unwrap_or_else(|| socket.clone());
+                let vsock =
+                    Vsock::restore(VsockRestoreArgs { uds_path }, state).map_err(|source| {
+                        DeviceManagerError::RestoreVsock {
+                            name: saved.name.clone(),
+                            source,
+                        }
+                    })?;
+                let device = MachineDevice::Vsock(Arc::new(Mutex::new(vsock)));
+                self.restore_device(vm, saved, device)
+            }
             DeviceSnapshot::Block { path, state } => {
-                let path = disk_path.unwrap_or_else(|| path.clone());
+                let path = path_here.unwrap_or_else(|| path.clone());
                 self.restore_block(vm, saved, path, state)
             }
             DeviceSnapshot::Console { state } => {
@@ -462,12 +563,7 @@ impl VirtioDevices {
 
     fn release_all(&self, release: bool) -> Result<(), DeviceManagerError> {
         for a in &self.attached {
-            a.device
-                .hand_over(release)
-                .map_err(|source| DeviceManagerError::HandOver {
-                    name: a.name.clone(),
-                    source,
-                })?;
+            a.device.hand_over(&a.name, release)?;
         }
         Ok(())
     }
@@ -477,28 +573,33 @@ impl VirtioDevices {
         self.release_all(false)
     }
 
+    /// The socket host programs reach the guest's vsock device through, if it has one.
+    pub fn vsock_socket(&self) -> Option<PathBuf> {
+        self.attached.iter().find_map(|a| match &a.device {
+            MachineDevice::Vsock(v) => Some(lock(v).uds_path().to_owned()),
+            _ => None,
+        })
+    }
+
     /// What each device shows the status API.
     pub fn status(&self) -> Vec<DeviceStatus> {
         self.attached
             .iter()
             .map(|a| {
-                let (path, read_only) = match &a.device {
-                    MachineDevice::Block(b) => {
-                        let b = lock(b);
-                        (Some(b.path().to_owned()), Some(b.read_only()))
-                    }
-                    MachineDevice::Console(_) => (None, None),
-                };
-                DeviceStatus {
+                let mut status = DeviceStatus {
                     name: a.name.clone(),
                     kind: a.device.kind(),
                     mmio_base: a.slot.base,
                     irq: a.slot.irq,
                     driver_status: lock(&a.transport).status(),
                     refused_accesses: a.refusals.get(),
-                    path,
-                    read_only,
-                }
+                    path: None,
+                    read_only: None,
+                    guest_cid: None,
+                    connections: None,
+                };
+                a.device.describe(&mut status);
+                status
             })
             .collect()
     }
