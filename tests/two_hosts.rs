@@ -704,3 +704,100 @@ fn an_sev_guest_writing_its_disk_migrates_without_losing_a_write() {
     }
     a_disk_writing_guest_migrates(true);
 }
+
+/// A host program talking to its guest over vsock: the migration resets its connection (the
+/// guest hears TRANSPORT_RESET and listens again) and the program reconnects at the same
+/// socket path, now served by B, and finishes its exchange there.
+#[test]
+fn a_vsock_host_program_reconnects_to_its_guest_on_the_target() {
+    use std::io::{Read, Write};
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let socket = hosts.path("guest.vsock");
+    let a_api = hosts.path("a.sock");
+    let a_out = hosts.path("a.out");
+    let bytes = 64 << 10;
+    let mut args = strings(&[
+        "run",
+        "--memory",
+        "32M",
+        "--api-socket",
+        a_api.to_str().unwrap(),
+    ]);
+    args.push("--serial".into());
+    args.push(format!("file:{}", a_out.display()));
+    args.push("--vsock".into());
+    args.push(format!("cid=3,socket={}", socket.display()));
+    args.extend(strings(&[
+        "--cmdline",
+        &format!("greet vsock-echo:dev=0,port=52,bytes={bytes} spin"),
+        "--kernel",
+    ]));
+    args.push(common::kit().display().to_string());
+    let mut source = hosts
+        .veil(&hosts.a, &args)
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    wait_for_output(&a_out, "listening");
+    let connect = || {
+        veil_devices::virtio::vsock::connect_to_guest(&socket, 52, Duration::from_secs(10))
+            .expect("the guest accepts")
+            .stream
+    };
+    // Half the exchange on A.
+    let mut on_a = connect();
+    on_a.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let half = vec![0x3cu8; bytes / 2];
+    on_a.write_all(&half).unwrap();
+    let mut back = vec![0u8; half.len()];
+    on_a.read_exact(&mut back).unwrap();
+    assert_eq!(back, half);
+
+    let mut b = receive(
+        &hosts,
+        &hosts.b,
+        B_ADDR,
+        "b",
+        &common::tls::args(&hosts.tls_b),
+    );
+    let out = migrate(&a_api, B_ADDR, &common::tls::args(&hosts.tls_a));
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(source.wait().success());
+    // The old connection is gone with A.
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        on_a.read(&mut rest).unwrap_or(0),
+        0,
+        "the connection to A ended"
+    );
+    let b_out = hosts.path("b.out");
+    wait_for_output(&b_out, "vsock: transport reset");
+
+    // The program reconnects at the same path and does the whole exchange with B.
+    let mut on_b = connect();
+    on_b.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let mut reader = on_b.try_clone().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut got = vec![0u8; bytes];
+        reader.read_exact(&mut got).map(|_| got)
+    });
+    on_b.write_all(&data).unwrap();
+    assert!(
+        reading.join().unwrap().unwrap() == data,
+        "the echo from B differs"
+    );
+    wait_for_output(&b_out, &format!("echoed {bytes} bytes"));
+    let status = common::status(&b.api);
+    assert_eq!(status["devices"][0]["kind"], "virtio-vsock");
+    assert_eq!(status["devices"][0]["guest_cid"], 3);
+    common::ctl(&b.api, &["shutdown"]);
+    b.process.wait();
+}
