@@ -337,7 +337,7 @@ pub struct MachineArgs {
     #[arg(long = "disk", value_parser = parse_disk, value_name = "path=FILE,...")]
     pub disks: Vec<veil::DiskConfig>,
 
-    /// A virtio-vsock device: cid=N (3 or more, the guest's address),socket=PATH. Host
+    /// A virtio-vsock device: cid=N (the guest's address, 3 or more) and socket=PATH. Host
     /// programs connect to PATH and write "CONNECT <port>\n" (answered "OK <hostport>\n")
     /// to reach a guest listening on <port>; a guest connecting to CID 2 port P reaches a
     /// listener at PATH_P. It comes after the disks.
