@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use veil_devices::host_console::ConsoleIo;
-use veil_devices::serial::{IrqTrigger, SerialError, SERIAL_PORT_LEN};
+use veil_devices::persist::Persist;
+use veil_devices::serial::{IrqTrigger, SerialError, SerialRestoreArgs, SERIAL_PORT_LEN};
 use veil_devices::virtio::block::{Block, BlockConfig, BlockError};
 use veil_devices::virtio::console::{BackendError, Console, ConsoleBackend, ConsoleError};
 use veil_devices::virtio::vsock::{self, Vsock, VsockConfig, VsockError};
@@ -55,9 +56,6 @@ pub enum Error {
     /// plain VM.
     #[error("The incoming guest's SEV-ness does not match this VM's (--sev-platform)")]
     IncomingSev,
-    /// The incoming device state does not decode.
-    #[error("The incoming guest's device state is not valid")]
-    DeviceState(#[source] serde_json::Error),
     /// A disk could not be opened.
     #[error("Cannot use {} as a disk", path.display())]
     Disk {
@@ -102,37 +100,6 @@ fn open_disks(disks: &[BlockConfig]) -> Result<Vec<(String, Block)>, Error> {
         opened.push((name, block));
     }
     Ok(opened)
-}
-
-/// What a migration carries of the devices the builder makes.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct SavedDeviceState {
-    /// COM1's registers; absent, the UART starts afresh.
-    serial: Option<veil_devices::serial::SerialRegisters>,
-}
-
-impl SavedDeviceState {
-    fn decode(value: serde_json::Value) -> Result<Self, Error> {
-        if value.is_null() {
-            return Ok(Self::default());
-        }
-        serde_json::from_value(value).map_err(Error::DeviceState)
-    }
-}
-
-/// Saves the devices' state for a migration.
-struct SavedDevices {
-    serial: Arc<Mutex<Serial>>,
-}
-
-impl veil_hypervisor::DeviceState for SavedDevices {
-    fn save(&self) -> serde_json::Value {
-        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let snapshot = SavedDeviceState {
-            serial: Some(serial.registers()),
-        };
-        serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
-    }
 }
 
 /// Where guest serial output goes.
@@ -375,14 +342,14 @@ impl VmBuilder {
         };
         let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
         let incoming = receive.is_some();
-        let mut arrived_devices = SavedDeviceState::default();
+        let mut arrived_serial = None;
         let mut arrived_virtio = Vec::new();
         let sev = match (receive, self.sev, sev_setup) {
             (Some(receive), sev, mut setup) => {
                 let firmware = setup.as_mut().and_then(|s| s.firmware_mut());
                 let (snapshot, handle) = receive(vm.memory(), firmware).map_err(Error::Receive)?;
                 vm.restore(&snapshot)?;
-                arrived_devices = SavedDeviceState::decode(snapshot.devices)?;
+                arrived_serial = snapshot.serial;
                 arrived_virtio = snapshot.virtio;
                 match (sev, setup, handle) {
                     (Some(config), Some(setup), Some(handle)) => {
@@ -409,8 +376,14 @@ impl VmBuilder {
         };
 
         let trigger = IrqTrigger::new().map_err(SerialError::Eventfd)?;
-        let serial = match &arrived_devices.serial {
-            Some(registers) => Serial::with_registers(trigger, out, registers)?,
+        let serial = match &arrived_serial {
+            Some(state) => Serial::restore(
+                SerialRestoreArgs {
+                    trigger,
+                    output: out,
+                },
+                state,
+            )?,
             None => Serial::new(trigger, out),
         };
         vm.register_irqfd(serial.interrupt(), COM1_IRQ)?;
@@ -468,16 +441,13 @@ impl VmBuilder {
             let disk_path = self.disk_paths.get(&saved.name).cloned();
             devices.restore(vm.fd(), saved, disk_path, &mut arriving_console)?;
         }
-        if has_input {
-            devices.add_subscriber(serial.clone());
-        }
-        let (mmio, virtio) = devices.start()?;
+        devices.set_serial(serial.clone(), has_input);
+        let (mmio, devices) = devices.start()?;
 
         let handlers = ExitHandlers {
             pio,
             mmio,
-            device_state: Some(Arc::new(SavedDevices { serial })),
-            virtio: Some(virtio),
+            devices: Some(devices),
             ..Default::default()
         };
         let running = if incoming {

@@ -72,8 +72,8 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
         incoming.acknowledge().unwrap();
         incoming.wait_complete().unwrap();
         // The UART the guest set up came along (its scratch register is not a default).
-        let devices = target.inner().snapshot().unwrap().devices;
-        assert_eq!(devices["serial"]["scratch"], 0x5a, "{devices}");
+        let serial = target.inner().snapshot().unwrap().serial.unwrap();
+        assert_eq!(serial.registers.scratch, 0x5a, "{serial:?}");
         assert_eq!(target.resume(), RunState::Running);
         let report = sending.join().unwrap().expect("migration succeeds");
 

@@ -50,17 +50,8 @@ pub struct ExitHandlers {
     /// Veil's port transport: an `in eax` from this port is a hypercall with the registers as
     /// `vmmcall` would pass them (see `veil_guest_abi::HYPERCALL_PORT`).
     pub hypercall_port: Option<u16>,
-    /// The state of the VMM's devices, saved with the VM for a migration.
-    pub device_state: Option<Arc<dyn DeviceState>>,
-    /// The virtio devices and their thread: paused, saved and stopped with the VM.
-    pub virtio: Option<Arc<crate::devices::VirtioDevices>>,
-}
-
-/// Devices whose state the VMM keeps (a UART's registers, say): the VM saves it opaquely in
-/// its snapshot, and whoever builds the target's devices reads it back.
-pub trait DeviceState: Send + Sync {
-    /// The devices' state now; the VM is paused.
-    fn save(&self) -> serde_json::Value;
+    /// The machine's devices and their thread: paused, saved and stopped with the VM.
+    pub devices: Option<Arc<crate::devices::MachineDevices>>,
 }
 
 /// Why a vCPU could not go on.

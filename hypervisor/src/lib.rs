@@ -21,6 +21,6 @@ pub mod vm;
 
 pub use boot::BootConfig;
 pub use control::{RunState, VmControl, VmStop};
-pub use exits::{DeviceState, ExitHandlers, FaultReport, HypercallHandler, MsrHandler};
+pub use exits::{ExitHandlers, FaultReport, HypercallHandler, MsrHandler};
 pub use memory::{GuestMemory, GuestRam, MemoryConfig};
 pub use vm::{RunningVm, Vm, VmConfig, VmError, VmSetup};

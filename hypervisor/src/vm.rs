@@ -95,9 +95,9 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub platform: PlatformState,
     pub paravirt: ParavirtSnapshot,
-    /// The VMM's devices ([`crate::exits::DeviceState`]); opaque here.
+    /// COM1; absent, the target's UART starts afresh.
     #[serde(default)]
-    pub devices: serde_json::Value,
+    pub serial: Option<veil_devices::serial::SerialState>,
     /// The virtio devices, in slot order.
     #[serde(default)]
     pub virtio: Vec<crate::devices::VirtioSnapshot>,
@@ -329,8 +329,7 @@ impl Vm {
         handlers.hypercall_port = handlers.hypercall_port.or(self.features.hypercall_port);
         let power_on = self.power_on;
         let sync_regs = self.sync_regs;
-        let device_state = handlers.device_state.clone();
-        let virtio = handlers.virtio.clone();
+        let devices = handlers.devices.clone();
         let handlers = Arc::new(handlers);
         let vcpus: Vec<Arc<Mutex<Vcpu>>> = self
             .vcpus
@@ -389,8 +388,7 @@ impl Vm {
             msr_indices: self.msr_indices,
             paravirt: self.paravirt,
             features: self.features,
-            device_state,
-            virtio,
+            devices,
             cpuid: self.cpuid,
         })
     }
@@ -452,8 +450,7 @@ pub struct RunningVm {
     msr_indices: Vec<u32>,
     paravirt: Arc<Paravirt>,
     features: ParavirtFeatures,
-    device_state: Option<Arc<dyn crate::exits::DeviceState>>,
-    virtio: Option<Arc<crate::devices::VirtioDevices>>,
+    devices: Option<Arc<crate::devices::MachineDevices>>,
     cpuid: Cpuid,
 }
 
@@ -522,7 +519,7 @@ impl RunningVm {
     /// memory, so a dirty scan after it is the last one needed.
     pub fn pause(&self) -> RunState {
         let state = self.control.pause();
-        if let Some(devices) = &self.virtio {
+        if let Some(devices) = &self.devices {
             devices.pause();
         }
         state
@@ -530,15 +527,15 @@ impl RunningVm {
 
     /// Resumes the devices, then the vCPUs.
     pub fn resume(&self) -> RunState {
-        if let Some(devices) = &self.virtio {
+        if let Some(devices) = &self.devices {
             devices.resume();
         }
         self.control.resume()
     }
 
     /// The virtio devices, if the VM has any.
-    pub fn devices(&self) -> Option<&Arc<crate::devices::VirtioDevices>> {
-        self.virtio.as_ref()
+    pub fn devices(&self) -> Option<&Arc<crate::devices::MachineDevices>> {
+        self.devices.as_ref()
     }
 
     /// Asks the VM to stop; [`RunningVm::wait`] returns once it has.
@@ -566,7 +563,7 @@ impl RunningVm {
         if let Some(t) = lock(&self.supervisor).take() {
             let _ = t.join();
         }
-        if let Some(devices) = &self.virtio {
+        if let Some(devices) = &self.devices {
             devices.stop();
         }
         reason
@@ -635,11 +632,8 @@ impl RunningVm {
             vcpus: self.save_vcpu_states()?,
             platform: self.save_platform_state()?,
             paravirt: self.paravirt.snapshot(),
-            devices: self
-                .device_state
-                .as_ref()
-                .map_or(serde_json::Value::Null, |d| d.save()),
-            virtio: self.virtio.as_ref().map(|d| d.save()).unwrap_or_default(),
+            serial: self.devices.as_ref().and_then(|d| d.save_serial()),
+            virtio: self.devices.as_ref().map(|d| d.save()).unwrap_or_default(),
         })
     }
 

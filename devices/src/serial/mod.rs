@@ -7,6 +7,7 @@
 //! reading the input descriptor, and the guest's read that makes room wakes it again.
 
 mod event_handler;
+mod persist;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ use crate::host_console::{
     ConsoleIo, HostConsoleError, HostInput, PendingInput, UnixSocketConsole, INPUT_CAPACITY,
 };
 use crate::BusDevice;
+
+pub use persist::{SerialRestoreArgs, SerialState};
 
 /// Registers a 16550 occupies on the I/O bus.
 pub const SERIAL_PORT_LEN: u64 = 8;

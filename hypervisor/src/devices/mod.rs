@@ -4,7 +4,7 @@
 //! shared pages ([`shared_pages`]), and their state for a migration.
 //!
 //! A [`DeviceManager`] collects devices while the VM is built; [`DeviceManager::start`] hands
-//! back the MMIO bus for the vCPUs and the running [`VirtioDevices`], which the VM pauses,
+//! back the MMIO bus for the vCPUs and the running [`MachineDevices`], which the VM pauses,
 //! resumes, saves and stops with itself.
 
 pub mod event_loop;
@@ -18,6 +18,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use veil_devices::host_console::ConsoleIo;
 use veil_devices::persist::Persist;
+use veil_devices::serial::{Serial, SerialState};
 use veil_devices::virtio::block::{Block, BlockError, BlockRestoreArgs, BlockState};
 use veil_devices::virtio::console::{Console, ConsoleError, ConsoleState};
 use veil_devices::virtio::mmio::{
@@ -266,8 +267,9 @@ pub struct DeviceManager {
     encrypted: Option<Arc<Paravirt>>,
     mmio: Bus,
     attached: Vec<AttachedDevice>,
-    /// Devices that are not virtio but read host input on the device thread (the UART).
-    others: Vec<event_loop::Subscriber>,
+    /// COM1, which the machine saves with the rest and whose input (if any) the device
+    /// thread reads.
+    serial: Option<(Arc<Mutex<Serial>>, bool)>,
 }
 
 impl DeviceManager {
@@ -279,13 +281,14 @@ impl DeviceManager {
             encrypted: encrypted.then(|| Arc::clone(paravirt)),
             mmio: Bus::new(),
             attached: Vec::new(),
-            others: Vec::new(),
+            serial: None,
         }
     }
 
-    /// Serves `subscriber`'s events on the device thread too (a UART's input).
-    pub fn add_subscriber(&mut self, subscriber: event_loop::Subscriber) {
-        self.others.push(subscriber);
+    /// Adds COM1 (already on the port I/O bus); `reads_input` when it has host input for
+    /// the device thread to read.
+    pub fn set_serial(&mut self, serial: Arc<Mutex<Serial>>, reads_input: bool) {
+        self.serial = Some((serial, reads_input));
     }
 
     fn device_memory(&self, name: &str) -> DeviceMemory {
@@ -496,18 +499,27 @@ impl DeviceManager {
     }
 
     /// Starts the device thread; returns the MMIO bus for the vCPUs and the devices.
-    pub fn start(self) -> Result<(Bus, Arc<VirtioDevices>), DeviceManagerError> {
+    pub fn start(self) -> Result<(Bus, Arc<MachineDevices>), DeviceManagerError> {
         let subscribers = self
             .attached
             .iter()
             .map(|a| a.device.subscriber())
-            .chain(self.others)
+            .chain(
+                self.serial
+                    .iter()
+                    .filter(|(_, input)| *input)
+                    .map(|(s, _)| {
+                        let serial: event_loop::Subscriber = s.clone();
+                        serial
+                    }),
+            )
             .collect();
         let events = EventLoop::start(subscribers)?;
         Ok((
             self.mmio,
-            Arc::new(VirtioDevices {
+            Arc::new(MachineDevices {
                 attached: self.attached,
+                serial: self.serial.map(|(s, _)| s),
                 events,
             }),
         ))
@@ -515,12 +527,13 @@ impl DeviceManager {
 }
 
 /// The machine's devices, served by their thread.
-pub struct VirtioDevices {
+pub struct MachineDevices {
     attached: Vec<AttachedDevice>,
+    serial: Option<Arc<Mutex<Serial>>>,
     events: EventLoop,
 }
 
-impl VirtioDevices {
+impl MachineDevices {
     /// Waits until no device serves a request, then makes every device's effects durable
     /// (a disk's writes flushed). Nothing runs until [`resume`](Self::resume).
     pub fn pause(&self) {
@@ -542,7 +555,12 @@ impl VirtioDevices {
         self.events.stop();
     }
 
-    /// Every device's state, in slot order; the devices must be paused.
+    /// COM1's state; the devices must be paused.
+    pub fn save_serial(&self) -> Option<SerialState> {
+        self.serial.as_ref().map(|s| lock(s).save())
+    }
+
+    /// Every virtio device's state, in slot order; the devices must be paused.
     pub fn save(&self) -> Vec<VirtioSnapshot> {
         self.attached
             .iter()
