@@ -195,6 +195,17 @@ pub fn prepare(config: &SevConfig) -> Result<SevSetup, SevLaunchError> {
     })
 }
 
+/// What the guest reads from SEV_STATUS when Veil must answer: on the emulated platform the
+/// CPU knows nothing of the guest, and its memory is not encrypted, so bit 0 ("encryption
+/// active") is honestly 0 and a guest that checks it, as Linux's `sme_enable` and the kit do,
+/// keeps the C-bit out of its page tables. On hardware the CPU answers (1).
+pub fn sev_status_msr(config: &SevConfig) -> Option<u64> {
+    match config.platform {
+        SevPlatform::Emulated { .. } => Some(0),
+        SevPlatform::Hardware { .. } => None,
+    }
+}
+
 /// Opens the firmware on its own, for `veil sev` commands (no VM).
 pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLaunchError> {
     match platform {
@@ -555,4 +566,96 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SevLaunchError> 
             path: path.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_hypervisor::boot::{LoadedKind, LoadedRange};
+    use veil_hypervisor::layout::{BOOT_GDT_START, MEMMAP_START, PVH_INFO_START, ZERO_PAGE_START};
+
+    fn range(kind: LoadedKind, start: u64, len: u64) -> LoadedRange {
+        LoadedRange {
+            kind,
+            start: GuestAddress(start),
+            len,
+        }
+    }
+
+    /// Everything a PVH kernel reads before its own page tables (the kit, loaded as Veil
+    /// loads it) is measured, in whole blocks, once.
+    #[test]
+    fn a_pvh_launch_measures_the_kernel_cmdline_start_info_memmap_and_gdt() {
+        let ram = GuestRam::new(&veil_hypervisor::MemoryConfig {
+            size: 32 << 20,
+            file: None,
+        })
+        .unwrap();
+        let image = veil_hypervisor::boot::load(
+            ram.memory(),
+            &veil_hypervisor::BootConfig {
+                kernel: veil_guests::kit_elf_path().into(),
+                initrd: None,
+                cmdline: "greet".into(),
+            },
+        )
+        .unwrap();
+        let measured = measured_ranges(&image.loaded).unwrap();
+        let covers = |gpa: u64, len: u64| {
+            measured
+                .iter()
+                .any(|m| m.gpa <= gpa && gpa + len <= m.gpa + m.len)
+        };
+        assert!(
+            covers(veil_hypervisor::layout::KERNEL_START, 4096),
+            "kernel"
+        );
+        assert!(
+            covers(veil_guest_abi::CMDLINE_START, 6),
+            "cmdline with its NUL"
+        );
+        // hvm_start_info is 56 bytes; the memory map 24 bytes per entry; the GDT 5 entries.
+        assert!(covers(PVH_INFO_START.0, 56), "hvm_start_info");
+        assert!(covers(MEMMAP_START.0, 24), "memory map");
+        assert!(covers(BOOT_GDT_START.0, 40), "boot GDT");
+        assert!(measured.iter().all(|m| m.gpa % 16 == 0 && m.len % 16 == 0));
+    }
+
+    /// The Linux boot protocol's structures: the whole 4 KiB zero page (boot.rst: the kernel
+    /// reads boot_params with paging off, all private), the command line and the GDT, apart.
+    #[test]
+    fn a_linux_launch_measures_the_whole_zero_page_apart_from_the_gdt() {
+        let loaded = [
+            range(LoadedKind::Kernel, 0x10_0000, 0x5_1234),
+            range(LoadedKind::Cmdline, veil_guest_abi::CMDLINE_START, 13),
+            range(LoadedKind::Initrd, 0x1f0_0000, 0x3_0001),
+            range(LoadedKind::BootParams, BOOT_GDT_START.0, 40),
+            range(LoadedKind::BootParams, ZERO_PAGE_START.0, 4096),
+        ];
+        let measured = measured_ranges(&loaded).unwrap();
+        assert_eq!(measured[0].len, 0x5_1240, "the kernel's tail block");
+        assert_eq!(measured[1].len, 16);
+        assert_eq!(measured[2].len, 0x3_0010);
+        assert_eq!((measured[3].gpa, measured[3].len), (BOOT_GDT_START.0, 48));
+        assert_eq!(
+            (measured[4].gpa, measured[4].len),
+            (ZERO_PAGE_START.0, 4096)
+        );
+    }
+
+    #[test]
+    fn ranges_that_would_be_encrypted_twice_or_are_empty_are_refused() {
+        let loaded = [
+            range(LoadedKind::Cmdline, 0x2_0000, 13),
+            range(LoadedKind::BootParams, 0x2_0008, 8),
+        ];
+        let err = measured_ranges(&loaded).unwrap_err();
+        assert!(
+            matches!(err, SevLaunchError::MeasuredTwice { gpa: 0x2_0000, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("encrypt it twice"));
+        assert!(measured_ranges(&[range(LoadedKind::Initrd, 0x1000, 0)]).is_err());
+        assert!(measured_ranges(&[range(LoadedKind::Initrd, u64::MAX - 4, 8)]).is_err());
+    }
 }

@@ -325,3 +325,31 @@ fn a_secret_that_never_comes_ends_the_launch_after_the_timeout_with_the_reason()
         "the launch gave up on time"
     );
 }
+
+#[test]
+fn an_sev_guest_that_resets_is_stopped_with_the_reason_instead_of_reloaded_in_plaintext() {
+    let dir = TempDir::new("sev-reset");
+    let out = veil()
+        .args([
+            "run",
+            "--memory",
+            "32M",
+            "--sev",
+            "--sev-platform",
+            "emulated",
+        ])
+        .arg("--sev-state-dir")
+        .arg(dir.path("state"))
+        .args(["--cmdline", "greet reset greet", "--kernel"])
+        .arg(kit())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("An SEV guest cannot be reset"), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("resumed after reset"),
+        "{}",
+        describe(&out)
+    );
+}
