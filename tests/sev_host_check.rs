@@ -12,13 +12,16 @@ use common::describe;
 
 fn sev_host_check(args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();
-    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/sev-host-check"))
-        .arg("--veil")
-        .arg(env!("CARGO_BIN_EXE_veil"))
-        .args(args)
-        .env_remove("VEIL_LOG")
-        .output()
-        .unwrap();
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/sev-host-check"
+    ))
+    .arg("--veil")
+    .arg(env!("CARGO_BIN_EXE_veil"))
+    .args(args)
+    .env_remove("VEIL_LOG")
+    .output()
+    .unwrap();
     (out, started.elapsed())
 }
 
@@ -32,7 +35,10 @@ fn on_a_host_without_sev_the_check_says_what_is_missing_and_exits_0_at_once() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(took < Duration::from_secs(5), "took {took:?}");
-    assert!(text.contains("SKIPPED: this host has no usable AMD SEV"), "{text}");
+    assert!(
+        text.contains("SKIPPED: this host has no usable AMD SEV"),
+        "{text}"
+    );
     assert!(text.contains("/dev/sev does not exist"), "{text}");
     assert!(text.contains("nothing was run or changed"), "{text}");
     assert!(
