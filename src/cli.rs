@@ -30,9 +30,17 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Wait for one migrating guest, take it over and run it (as `veil run` would).
     Receive(ReceiveArgs),
-    /// The SEV platform: its status and certificate chain.
+    /// The SEV platform: its status and certificate chain; the guest owner's side; the PSP's
+    /// transport rate.
     #[command(subcommand)]
     Sev(SevCommand),
+    /// Write the bundled guest kit (an ELF with a PVH entry) to a file, for `veil run --kernel`
+    /// and for guest owners recomputing a measurement.
+    Kit {
+        /// Where to write it.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +62,68 @@ pub enum SevCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Play the guest owner for one launch: write the LAUNCH_START session and certificate for
+    /// `veil run --sev-owner-session/--sev-owner-cert`, wait for the launch measurement
+    /// (`--sev-measurement-out`), verify it against the image recomputed here, and only then
+    /// write the secret for `--sev-secret`.
+    Owner(Box<OwnerArgs>),
+    /// Time SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA on this platform: a throwaway SEV guest's
+    /// pages are sent one by one to a second guest context and received there.
+    BenchTransport {
+        #[command(flatten)]
+        platform: SevPlatformArgs,
+        /// How many 4 KiB pages to send and receive.
+        #[arg(long, default_value_t = 4096, value_name = "N")]
+        pages: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `veil sev owner`.
+#[derive(Debug, Args)]
+pub struct OwnerArgs {
+    /// The platform's certificate chain (`veil sev export-chain`, or `sevctl export --full`).
+    #[arg(long, value_name = "FILE")]
+    pub chain: PathBuf,
+    /// The guest policy, hex, as given to `veil run --sev-policy`.
+    #[arg(long, default_value = "0x1", value_parser = parse_hex_u32, value_name = "HEX")]
+    pub policy: u32,
+    /// Where to write the 128-byte session blob.
+    #[arg(long, value_name = "FILE")]
+    pub session_out: PathBuf,
+    /// Where to write the owner's DH certificate.
+    #[arg(long, value_name = "FILE")]
+    pub cert_out: PathBuf,
+    /// The measurement file `veil run --sev-measurement-out` writes; waited for.
+    #[arg(long, value_name = "FILE")]
+    pub measurement: PathBuf,
+    /// The kernel the guest should have been launched with.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: PathBuf,
+    /// Its initrd, if any.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// The guest's whole command line.
+    #[arg(long, default_value = "", value_name = "STR")]
+    pub cmdline: String,
+    /// The guest's RAM, as given to `veil run --memory`.
+    #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "SIZE")]
+    pub memory: u64,
+    /// The secret, hex (whole 16-byte blocks, at most 256 bytes).
+    #[arg(long, requires = "secret_out", value_name = "HEX")]
+    pub secret: Option<String>,
+    /// Guest-physical address of the secret.
+    #[arg(long, default_value = "0x400000", value_parser = parse_hex_u64, value_name = "HEX")]
+    pub secret_gpa: u64,
+    /// Where to write the secret for `veil run --sev-secret` (atomically).
+    #[arg(long, value_name = "FILE")]
+    pub secret_out: Option<PathBuf>,
+    /// How long to wait for the measurement.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    pub timeout: std::time::Duration,
 }
 
 /// Which SEV firmware to use.
@@ -68,6 +138,13 @@ pub struct SevPlatformArgs {
     /// Where the emulated platform keeps its identity (keys and certificate chain).
     #[arg(long, default_value = "/var/lib/veil/sev-emulated", value_name = "DIR")]
     pub sev_state_dir: PathBuf,
+
+    /// Hardware: this chip's CEK certificate as AMD signed it (SEV format; AMD's key server
+    /// gives it, `sevctl export --full` includes it). The firmware exports its CEK unsigned, so
+    /// without this the platform's chain does not verify to AMD and cannot be exported, given
+    /// to a guest owner or checked by a migration source.
+    #[arg(long, value_name = "FILE")]
+    pub sev_cek: Option<PathBuf>,
 }
 
 /// `--sev-platform` values.
@@ -80,7 +157,9 @@ pub enum PlatformChoice {
 impl SevPlatformArgs {
     pub fn platform(&self) -> veil::sev_launch::SevPlatform {
         match self.sev_platform {
-            PlatformChoice::Hardware => veil::sev_launch::SevPlatform::Hardware,
+            PlatformChoice::Hardware => veil::sev_launch::SevPlatform::Hardware {
+                signed_cek: self.sev_cek.clone(),
+            },
             PlatformChoice::Emulated => veil::sev_launch::SevPlatform::Emulated {
                 state_dir: self.sev_state_dir.clone(),
             },
@@ -149,6 +228,12 @@ impl SevLaunchArgs {
 
 /// NODBG, as QEMU defaults to.
 const DEFAULT_SEV_POLICY: u32 = 0x1;
+
+/// `0x400000`, `400000`.
+pub fn parse_hex_u64(text: &str) -> Result<u64, String> {
+    let digits = text.trim_start_matches("0x").trim_start_matches("0X");
+    u64::from_str_radix(digits, 16).map_err(|_| format!("'{text}' is not a 64-bit hex number"))
+}
 
 /// `0x1`, `1`, `0x00050003`.
 pub fn parse_hex_u32(text: &str) -> Result<u32, String> {

@@ -36,6 +36,11 @@ pub fn dispatch(command: Command) -> CommandResult {
         Command::Ctl(args) => crate::ctl::run(args),
         Command::Receive(args) => receive(args),
         Command::Sev(command) => sev(command),
+        Command::Kit { out } => {
+            std::fs::write(&out, veil_guests::KIT_ELF)
+                .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -277,6 +282,37 @@ fn sev(command: SevCommand) -> CommandResult {
                 platform_name(&platform),
                 out.display()
             );
+        }
+        SevCommand::Owner(args) => crate::owner::run(*args)?,
+        SevCommand::BenchTransport {
+            platform,
+            pages,
+            json,
+        } => {
+            let bench = veil::sev_bench::transport(&platform.platform(), pages)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&bench)?);
+            } else {
+                println!(
+                    "platform            {} (API {}.{} build {})",
+                    platform_name(&platform),
+                    bench.api_major,
+                    bench.api_minor,
+                    bench.build
+                );
+                for (name, rate) in [
+                    ("SEND_UPDATE_DATA", &bench.send_update_data),
+                    ("RECEIVE_UPDATE_DATA", &bench.receive_update_data),
+                ] {
+                    println!(
+                        "{name:<20}{} pages in {:.3} s: {:.0} pages/s ({:.1} MiB/s)",
+                        rate.pages, rate.seconds, rate.pages_per_second, rate.mib_per_second
+                    );
+                }
+                if !bench.confidential {
+                    println!("(the emulated platform: Veil's software crypto, not a PSP)");
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

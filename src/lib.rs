@@ -21,7 +21,9 @@ pub mod api;
 mod builder;
 mod capture;
 mod incoming;
+pub mod sev_bench;
 pub mod sev_launch;
+pub mod sev_owner;
 
 pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder, VsockConnectError};
 pub use capture::CapturedOutput;

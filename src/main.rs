@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod ctl;
+mod owner;
 mod progress;
 
 use std::process::ExitCode;
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
 fn prints_and_exits(command: &cli::Command) -> bool {
     match command {
         cli::Command::Ctl(args) => !matches!(args.command, cli::CtlCommand::Migrate { .. }),
-        cli::Command::HostInfo(_) | cli::Command::Sev(_) => true,
+        cli::Command::HostInfo(_) | cli::Command::Sev(_) | cli::Command::Kit { .. } => true,
         _ => false,
     }
 }

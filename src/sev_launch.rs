@@ -37,14 +37,15 @@ const EMULATED_SEV_CPUID: SevCpuid = SevCpuid {
     c_bit: 51,
     phys_addr_reduction: 1,
 };
-/// LAUNCH_UPDATE_DATA's alignment for address and length.
-const LAUNCH_ALIGN: u64 = 16;
+/// LAUNCH_UPDATE_DATA's alignment for address and length (AMD 55766).
+use veil_sev::guest_memory::FIRMWARE_ALIGN as LAUNCH_ALIGN;
 
 /// Which firmware runs the SEV flow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SevPlatform {
-    /// The AMD Secure Processor through /dev/sev and KVM.
-    Hardware,
+    /// The AMD Secure Processor through /dev/sev and KVM, with the chip's CEK as AMD signed
+    /// it when given (the firmware exports it unsigned).
+    Hardware { signed_cek: Option<PathBuf> },
     /// Veil's software model, with its identity kept in `state_dir`. No confidentiality.
     Emulated { state_dir: PathBuf },
 }
@@ -96,6 +97,12 @@ pub enum SevLaunchError {
     SecretOutsideRam { gpa: u64, len: usize },
     #[error("The loaded image at {gpa:#x}+{len} to be measured is not guest RAM")]
     MeasuredOutsideRam { gpa: u64, len: u64 },
+    #[error("The {second} and the {first} share the 16-byte block at {gpa:#x}: LAUNCH_UPDATE_DATA would encrypt it twice")]
+    MeasuredTwice {
+        first: String,
+        second: &'static str,
+        gpa: u64,
+    },
     #[error("No secret appeared in {} within {}", path.display(), humantime::format_duration(*waited))]
     SecretTimedOut { path: PathBuf, waited: Duration },
 }
@@ -169,7 +176,7 @@ pub fn prepare(config: &SevConfig) -> Result<SevSetup, SevLaunchError> {
             );
             Some(Box::new(EmulatedFirmware::new(identity)))
         }
-        SevPlatform::Hardware => {
+        SevPlatform::Hardware { .. } => {
             if !Path::new(SEV_DEVICE).exists() {
                 return Err(FirmwareError::Unavailable {
                     reason: format!(
@@ -188,6 +195,17 @@ pub fn prepare(config: &SevConfig) -> Result<SevSetup, SevLaunchError> {
     })
 }
 
+/// What the guest reads from SEV_STATUS when Veil must answer: on the emulated platform the
+/// CPU knows nothing of the guest, and its memory is not encrypted, so bit 0 ("encryption
+/// active") is honestly 0 and a guest that checks it, as Linux's `sme_enable` and the kit do,
+/// keeps the C-bit out of its page tables. On hardware the CPU answers (1).
+pub fn sev_status_msr(config: &SevConfig) -> Option<u64> {
+    match config.platform {
+        SevPlatform::Emulated { .. } => Some(0),
+        SevPlatform::Hardware { .. } => None,
+    }
+}
+
 /// Opens the firmware on its own, for `veil sev` commands (no VM).
 pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLaunchError> {
     match platform {
@@ -201,9 +219,9 @@ pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLau
         })?
         .firmware
         .expect("the emulated firmware opens without a VM")),
-        SevPlatform::Hardware => {
+        SevPlatform::Hardware { signed_cek } => {
             prepare(&SevConfig {
-                platform: SevPlatform::Hardware,
+                platform: platform.clone(),
                 policy: GuestPolicy(0),
                 owner_session: None,
                 secret: None,
@@ -216,7 +234,10 @@ pub fn open_platform(platform: &SevPlatform) -> Result<Box<dyn Firmware>, SevLau
             };
             let kvm = veil_hypervisor::host::open_kvm().map_err(|e| unavailable(&e))?;
             let vm = kvm.create_vm().map_err(|e| unavailable(&e))?;
-            Ok(Box::new(HardwareFirmware::open(Arc::new(vm))?))
+            Ok(Box::new(open_hardware(
+                Arc::new(vm),
+                signed_cek.as_deref(),
+            )?))
         }
     }
 }
@@ -248,7 +269,7 @@ impl VmSetup for SevSetup {
         let sev = match self.platform {
             SevPlatform::Emulated { .. } => EMULATED_SEV_CPUID,
             // A host without SEV fails before the guest runs; C-bit 0 is never used.
-            SevPlatform::Hardware => sev_cpuid().unwrap_or(SevCpuid {
+            SevPlatform::Hardware { .. } => sev_cpuid().unwrap_or(SevCpuid {
                 c_bit: 0,
                 phys_addr_reduction: 0,
             }),
@@ -261,8 +282,11 @@ impl VmSetup for SevSetup {
     }
 
     fn before_vcpus(&mut self, vm: &Arc<VmFd>, ram: &GuestRam) -> Result<(), SetupHookError> {
-        if self.platform == SevPlatform::Hardware {
-            self.firmware = Some(Box::new(HardwareFirmware::open(Arc::clone(vm))?));
+        if let SevPlatform::Hardware { signed_cek } = &self.platform {
+            self.firmware = Some(Box::new(open_hardware(
+                Arc::clone(vm),
+                signed_cek.as_deref(),
+            )?));
         }
         let firmware = self
             .firmware
@@ -271,6 +295,30 @@ impl VmSetup for SevSetup {
         register_guest_ram(firmware.as_mut(), ram)?;
         Ok(())
     }
+}
+
+/// The hardware firmware on `vm`, completing its chain with the AMD-signed CEK in
+/// `signed_cek` if given.
+fn open_hardware(
+    vm: Arc<VmFd>,
+    signed_cek: Option<&Path>,
+) -> Result<HardwareFirmware, FirmwareError> {
+    let mut firmware = HardwareFirmware::open(vm)?;
+    if let Some(path) = signed_cek {
+        use sev::parser::Decoder;
+        let unreadable = |e: &dyn std::fmt::Display| FirmwareError::Io {
+            command: veil_sev::firmware::Command::PdhCertExport,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("cannot read the AMD-signed CEK {}: {e}", path.display()),
+            ),
+        };
+        let bytes = fs::read(path).map_err(|e| unreadable(&e))?;
+        let cek = sev::certs::sev::sev::Certificate::decode(&mut bytes.as_slice(), ())
+            .map_err(|e| unreadable(&e))?;
+        firmware.use_signed_cek(cek)?;
+    }
+    Ok(firmware)
 }
 
 /// Registers every region of `ram` with `firmware` as the guest's memory: every command on
@@ -319,22 +367,16 @@ pub fn launch(
         .transpose()?;
     let status = firmware.platform_status()?;
     let mut launch = Launch::start(firmware.as_mut(), config.policy, owner.as_ref())?;
-    let mut measured = Vec::new();
-    for range in loaded {
-        let start = range.start.0 & !(LAUNCH_ALIGN - 1);
-        let end = (range.start.0 + range.len).next_multiple_of(LAUNCH_ALIGN);
-        let data = guest_bytes(memory, start, (end - start) as usize).ok_or(
-            SevLaunchError::MeasuredOutsideRam {
-                gpa: start,
-                len: end - start,
-            },
-        )?;
+    let measured = measured_ranges(loaded)?;
+    for range in &measured {
+        let data = usize::try_from(range.len)
+            .ok()
+            .and_then(|len| guest_bytes(memory, range.gpa, len))
+            .ok_or(SevLaunchError::MeasuredOutsideRam {
+                gpa: range.gpa,
+                len: range.len,
+            })?;
         launch.update_data(&data)?;
-        measured.push(MeasuredRange {
-            what: kind_name(range.kind).into(),
-            gpa: start,
-            len: end - start,
-        });
     }
     let mut launch = launch.measure()?;
     let m = launch.measurement();
@@ -374,6 +416,46 @@ pub fn block_if_nosend(policy: GuestPolicy, paravirt: &veil_hypervisor::paravirt
     if policy.has(GuestPolicy::NOSEND) {
         paravirt.with_blockers(|b| b.block(BlockReason::SevPolicyNoSend, None));
     }
+}
+
+/// What LAUNCH_UPDATE_DATA covers for what the loader wrote: each range widened to whole
+/// 16-byte blocks, in load order. Widened ranges must not share a block: the firmware encrypts
+/// in place, so a block measured twice would be encrypted twice and read back as garbage by
+/// the guest on hardware (the emulated platform, which encrypts nothing, would not show it).
+pub fn measured_ranges(
+    loaded: &[veil_hypervisor::boot::LoadedRange],
+) -> Result<Vec<MeasuredRange>, SevLaunchError> {
+    let mut measured: Vec<MeasuredRange> = Vec::with_capacity(loaded.len());
+    for range in loaded {
+        let outside = SevLaunchError::MeasuredOutsideRam {
+            gpa: range.start.0,
+            len: range.len,
+        };
+        let start = range.start.0 & !(LAUNCH_ALIGN - 1);
+        let end = range
+            .start
+            .0
+            .checked_add(range.len)
+            .and_then(|end| end.checked_next_multiple_of(LAUNCH_ALIGN))
+            .filter(|_| range.len > 0)
+            .ok_or(outside)?;
+        if let Some(other) = measured
+            .iter()
+            .find(|m| start < m.gpa + m.len && m.gpa < end)
+        {
+            return Err(SevLaunchError::MeasuredTwice {
+                first: other.what.clone(),
+                second: kind_name(range.kind),
+                gpa: start.max(other.gpa),
+            });
+        }
+        measured.push(MeasuredRange {
+            what: kind_name(range.kind).into(),
+            gpa: start,
+            len: end - start,
+        });
+    }
+    Ok(measured)
 }
 
 fn kind_name(kind: LoadedKind) -> &'static str {
@@ -422,7 +504,7 @@ fn read_owner_start(
 }
 
 /// The `sev` crate's policy struct for a policy word (its `From<u32>` misreads the version).
-fn owner_policy(policy: GuestPolicy) -> sev::launch::sev::Policy {
+pub(crate) fn owner_policy(policy: GuestPolicy) -> sev::launch::sev::Policy {
     let (major, minor) = policy.min_api();
     sev::launch::sev::Policy {
         flags: sev::launch::sev::PolicyFlags::from_bits_truncate(policy.0 as u16),
@@ -484,4 +566,96 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SevLaunchError> 
             path: path.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_hypervisor::boot::{LoadedKind, LoadedRange};
+    use veil_hypervisor::layout::{BOOT_GDT_START, MEMMAP_START, PVH_INFO_START, ZERO_PAGE_START};
+
+    fn range(kind: LoadedKind, start: u64, len: u64) -> LoadedRange {
+        LoadedRange {
+            kind,
+            start: GuestAddress(start),
+            len,
+        }
+    }
+
+    /// Everything a PVH kernel reads before its own page tables (the kit, loaded as Veil
+    /// loads it) is measured, in whole blocks, once.
+    #[test]
+    fn a_pvh_launch_measures_the_kernel_cmdline_start_info_memmap_and_gdt() {
+        let ram = GuestRam::new(&veil_hypervisor::MemoryConfig {
+            size: 32 << 20,
+            file: None,
+        })
+        .unwrap();
+        let image = veil_hypervisor::boot::load(
+            ram.memory(),
+            &veil_hypervisor::BootConfig {
+                kernel: veil_guests::kit_elf_path().into(),
+                initrd: None,
+                cmdline: "greet".into(),
+            },
+        )
+        .unwrap();
+        let measured = measured_ranges(&image.loaded).unwrap();
+        let covers = |gpa: u64, len: u64| {
+            measured
+                .iter()
+                .any(|m| m.gpa <= gpa && gpa + len <= m.gpa + m.len)
+        };
+        assert!(
+            covers(veil_hypervisor::layout::KERNEL_START, 4096),
+            "kernel"
+        );
+        assert!(
+            covers(veil_guest_abi::CMDLINE_START, 6),
+            "cmdline with its NUL"
+        );
+        // hvm_start_info is 56 bytes; the memory map 24 bytes per entry; the GDT 5 entries.
+        assert!(covers(PVH_INFO_START.0, 56), "hvm_start_info");
+        assert!(covers(MEMMAP_START.0, 24), "memory map");
+        assert!(covers(BOOT_GDT_START.0, 40), "boot GDT");
+        assert!(measured.iter().all(|m| m.gpa % 16 == 0 && m.len % 16 == 0));
+    }
+
+    /// The Linux boot protocol's structures: the whole 4 KiB zero page (boot.rst: the kernel
+    /// reads boot_params with paging off, all private), the command line and the GDT, apart.
+    #[test]
+    fn a_linux_launch_measures_the_whole_zero_page_apart_from_the_gdt() {
+        let loaded = [
+            range(LoadedKind::Kernel, 0x10_0000, 0x5_1234),
+            range(LoadedKind::Cmdline, veil_guest_abi::CMDLINE_START, 13),
+            range(LoadedKind::Initrd, 0x1f0_0000, 0x3_0001),
+            range(LoadedKind::BootParams, BOOT_GDT_START.0, 40),
+            range(LoadedKind::BootParams, ZERO_PAGE_START.0, 4096),
+        ];
+        let measured = measured_ranges(&loaded).unwrap();
+        assert_eq!(measured[0].len, 0x5_1240, "the kernel's tail block");
+        assert_eq!(measured[1].len, 16);
+        assert_eq!(measured[2].len, 0x3_0010);
+        assert_eq!((measured[3].gpa, measured[3].len), (BOOT_GDT_START.0, 48));
+        assert_eq!(
+            (measured[4].gpa, measured[4].len),
+            (ZERO_PAGE_START.0, 4096)
+        );
+    }
+
+    #[test]
+    fn ranges_that_would_be_encrypted_twice_or_are_empty_are_refused() {
+        let loaded = [
+            range(LoadedKind::Cmdline, 0x2_0000, 13),
+            range(LoadedKind::BootParams, 0x2_0008, 8),
+        ];
+        let err = measured_ranges(&loaded).unwrap_err();
+        assert!(
+            matches!(err, SevLaunchError::MeasuredTwice { gpa: 0x2_0000, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("encrypt it twice"));
+        assert!(measured_ranges(&[range(LoadedKind::Initrd, 0x1000, 0)]).is_err());
+        assert!(measured_ranges(&[range(LoadedKind::Initrd, u64::MAX - 4, 8)]).is_err());
+    }
 }

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::{describe, kit, veil, TempDir};
 use serde_json::Value;
-use sev::firmware::host::{Build, Version};
-use sev::launch::sev::{HeaderFlags, Measurement, Policy, PolicyFlags};
-use sev::parser::{Decoder, Encoder};
-use sev::session::Session;
+use sev::parser::Decoder;
+use veil::sev_launch::MeasurementFile;
+use veil::sev_owner::{ExpectedImage, Owner};
+use veil_hypervisor::BootConfig;
+use veil_sev::policy::GuestPolicy;
 
 fn export_chain(state: &Path, out: &Path) -> sev::certs::sev::Chain {
     let status = veil()
@@ -53,25 +54,9 @@ fn an_owner_verifies_the_launch_measurement_and_the_guest_reads_the_injected_sec
     let chain = export_chain(&state, &dir.path("chain.cert"));
 
     // The owner's LAUNCH_START data.
-    let policy = Policy {
-        flags: PolicyFlags::NO_DEBUG,
-        minfw: Default::default(),
-    };
-    let session = Session::try_from(policy).unwrap();
-    let start = session.start(chain).unwrap();
-    let s = &start.session;
-    let blob = [
-        &s.nonce[..],
-        &s.wrap_tk,
-        &s.wrap_iv,
-        &s.wrap_mac,
-        &s.policy_mac,
-    ]
-    .concat();
-    std::fs::write(dir.path("session.bin"), blob).unwrap();
-    let mut cert = Vec::new();
-    start.cert.encode(&mut cert, ()).unwrap();
-    std::fs::write(dir.path("owner.cert"), cert).unwrap();
+    let owner = Owner::new(GuestPolicy(0x1), chain).unwrap();
+    std::fs::write(dir.path("session.bin"), owner.session_blob()).unwrap();
+    std::fs::write(dir.path("owner.cert"), owner.certificate().unwrap()).unwrap();
 
     let ram = dir.path("ram");
     let measurement_path = dir.path("measurement.json");
@@ -110,50 +95,38 @@ fn an_owner_verifies_the_launch_measurement_and_the_guest_reads_the_injected_sec
         .spawn()
         .unwrap();
 
-    // Veil has measured and waits for the secret: the guest has not run, so RAM holds exactly
-    // what was measured. Recompute the digest from it and let the sev crate check the HMAC.
+    // Veil has measured and waits for the secret. The owner recomputes the digest from the
+    // image it meant to launch (on hardware guest RAM is ciphertext by now) and lets the sev
+    // crate check the HMAC.
     common::wait_for(&measurement_path);
-    let m: Value = serde_json::from_slice(&std::fs::read(&measurement_path).unwrap()).unwrap();
-    assert_eq!(m["confidential"], false);
-    let memory = File::open(&ram).unwrap();
-    let mut measuring = session.measure().unwrap();
-    let ranges = m["measured"].as_array().unwrap();
-    assert_eq!(ranges[0]["what"], "kernel");
-    assert!(ranges.iter().any(|r| r["what"] == "cmdline"));
-    for r in ranges {
-        let mut bytes = vec![0u8; r["len"].as_u64().unwrap() as usize];
-        memory
-            .read_exact_at(&mut bytes, r["gpa"].as_u64().unwrap())
-            .unwrap();
-        measuring.update_data(&bytes).unwrap();
-    }
-    let hex32 = |v: &Value| -> Vec<u8> { hex::decode(v.as_str().unwrap()).unwrap() };
-    let build = Build {
-        version: Version {
-            major: m["api_major"].as_u64().unwrap() as u8,
-            minor: m["api_minor"].as_u64().unwrap() as u8,
+    let m: MeasurementFile =
+        serde_json::from_slice(&std::fs::read(&measurement_path).unwrap()).unwrap();
+    assert!(!m.confidential);
+    assert_eq!(m.measured[0].what, "kernel");
+    assert!(m.measured.iter().any(|r| r.what == "cmdline"));
+    let image = ExpectedImage::load(
+        &BootConfig {
+            kernel: kit().into(),
+            initrd: None,
+            cmdline: "read-secret:gpa=0x400000,len=32 greet".into(),
         },
-        build: m["build"].as_u64().unwrap() as u8,
-    };
-    let verified = measuring
-        .verify(
-            build,
-            Measurement {
-                measure: hex32(&m["measurement"]).try_into().unwrap(),
-                mnonce: hex32(&m["mnonce"]).try_into().unwrap(),
-            },
-        )
+        64 << 20,
+    )
+    .unwrap();
+    // What the host measured is what lies in its RAM, byte for byte (the emulated platform
+    // encrypts nothing, so the file shows it).
+    let memory = File::open(&ram).unwrap();
+    for (r, expected) in image.contents() {
+        let mut bytes = vec![0u8; expected.len()];
+        memory.read_exact_at(&mut bytes, r.gpa).unwrap();
+        assert!(bytes == expected, "the host's {} differs", r.what);
+    }
+    let verified = owner
+        .verify(&m, &image)
         .expect("the owner accepts the measurement");
 
     let secret: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
-    let packaged = verified.secret(HeaderFlags::empty(), &secret).unwrap();
-    let header = [
-        &packaged.header.flags.bits().to_le_bytes()[..],
-        &packaged.header.iv,
-        &packaged.header.mac,
-    ]
-    .concat();
-    let file = serde_json::json!({ "gpa": 0x400000, "header": hex::encode(header), "data": hex::encode(&packaged.ciphertext) });
+    let file = verified.secret(0x400000, &secret).unwrap();
     let tmp = dir.path("secret.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&file).unwrap()).unwrap();
     std::fs::rename(&tmp, &secret_path).unwrap();
@@ -350,5 +323,33 @@ fn a_secret_that_never_comes_ends_the_launch_after_the_timeout_with_the_reason()
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
         "the launch gave up on time"
+    );
+}
+
+#[test]
+fn an_sev_guest_that_resets_is_stopped_with_the_reason_instead_of_reloaded_in_plaintext() {
+    let dir = TempDir::new("sev-reset");
+    let out = veil()
+        .args([
+            "run",
+            "--memory",
+            "32M",
+            "--sev",
+            "--sev-platform",
+            "emulated",
+        ])
+        .arg("--sev-state-dir")
+        .arg(dir.path("state"))
+        .args(["--cmdline", "greet reset greet", "--kernel"])
+        .arg(kit())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("An SEV guest cannot be reset"), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("resumed after reset"),
+        "{}",
+        describe(&out)
     );
 }

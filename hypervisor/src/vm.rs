@@ -65,6 +65,9 @@ pub enum VmError {
     Paravirt(#[from] crate::paravirt::RestoreError),
     #[error("The guest asked for a reset, but its kernel is not on this host (it migrated in)")]
     NoKernelToReset,
+    /// Reloading the kernel would write plaintext into memory the guest reads encrypted.
+    #[error("An SEV guest cannot be reset: its image was encrypted and measured at launch, a reloaded kernel would be plaintext it reads as garbage, and the launch cannot be measured again")]
+    EncryptedReset,
     #[error("Cannot save or restore the VM's device state")]
     Platform(#[from] PlatformError),
     #[error("Cannot save the state of vCPU {vcpu}")]
@@ -85,6 +88,10 @@ pub struct VmConfig {
     pub boot: Option<BootConfig>,
     /// Guest memory is encrypted (SEV): pages start private and migration control at 0.
     pub encrypted_memory: bool,
+    /// What the guest reads from `MSR_AMD64_SEV` (SEV_STATUS) when Veil must answer it: for a
+    /// software SEV platform, whose guest has no SEV context in the CPU. `None` leaves the MSR
+    /// to the CPU (on an SEV host the guest's RDMSR of it never reaches KVM).
+    pub sev_status: Option<u64>,
     /// How hypercalls reach Veil.
     pub hypercall_transport: TransportChoice,
 }
@@ -218,12 +225,20 @@ impl Vm {
         ),
         VmError,
     > {
-        let features = paravirt::setup::enable(kvm, fd, config.hypercall_transport);
-        let paravirt = Arc::new(Paravirt::new(
-            Arc::clone(ram),
-            config.encrypted_memory,
-            features.migration_control,
-        ));
+        let features = paravirt::setup::enable(
+            kvm,
+            fd,
+            config.hypercall_transport,
+            config.sev_status.is_some(),
+        );
+        let paravirt = Arc::new(
+            Paravirt::new(
+                Arc::clone(ram),
+                config.encrypted_memory,
+                features.migration_control,
+            )
+            .with_sev_status(config.sev_status),
+        );
         let mut cpuid = Cpuid::supported(kvm)?;
         paravirt::setup::advertise(&mut cpuid, &features);
         customize_cpuid(&mut cpuid);
@@ -482,6 +497,9 @@ impl Reset {
     }
 
     fn reset(&self) -> Result<(), VmError> {
+        if self.paravirt.encrypted_memory() {
+            return Err(VmError::EncryptedReset);
+        }
         let boot = self.boot.as_ref().ok_or(VmError::NoKernelToReset)?;
         self.power_on.restore_platform(&self.vm)?;
         for v in &self.vcpus {

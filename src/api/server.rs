@@ -272,7 +272,7 @@ fn migrate(
                 guest: guest.launch.handle,
                 policy: guest.config.policy,
                 platform: match guest.config.platform {
-                    crate::sev_launch::SevPlatform::Hardware => {
+                    crate::sev_launch::SevPlatform::Hardware { .. } => {
                         veil_migration::protocol::SevPlatform::Hardware
                     }
                     crate::sev_launch::SevPlatform::Emulated { .. } => {

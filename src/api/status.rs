@@ -64,12 +64,12 @@ impl VmStatus {
     pub fn of(vm: &crate::Vm) -> Self {
         let sev = vm.sev().map(|guest| SevStatus {
             platform: match guest.config.platform {
-                crate::sev_launch::SevPlatform::Hardware => "hardware",
+                crate::sev_launch::SevPlatform::Hardware { .. } => "hardware",
                 crate::sev_launch::SevPlatform::Emulated { .. } => "emulated",
             },
             confidential: matches!(
                 guest.config.platform,
-                crate::sev_launch::SevPlatform::Hardware
+                crate::sev_launch::SevPlatform::Hardware { .. }
             ),
             policy: guest.config.policy.0,
             measurement: guest

@@ -76,6 +76,14 @@ kit_pd_mmio:
     .fill 8, 8, 0
     .popsection
 
+    /* The C-bit as a page-table mask, 0 unless SEV is active (set by the BSP's entry). */
+    .pushsection .data.kit_sev, "aw", @progbits
+    .balign 8
+    .globl kit_c_bit_mask
+kit_c_bit_mask:
+    .quad 0
+    .popsection
+
     /* ---- More page directories and the stacks: inside the image, never zeroed (link.ld). ---- */
     .pushsection .noinit.kit, "aw", @nobits
     .balign 4096
@@ -130,6 +138,43 @@ pvh_entry32:
     xorl %eax, %eax
     rep stosl
 
+    /* SEV: with paging off every access is private (the guest's key), with paging on only
+     * those through entries carrying the C-bit, so the boot tables need it on an SEV guest's
+     * RAM or the kit would read its own image, the boot data and the secret as ciphertext.
+     * Active SEV is told as Linux tells it (get_sev_encryption_bit in
+     * arch/x86/boot/compressed/mem_encrypt.S): CPUID 0x8000001F EAX bit 1, then
+     * MSR_AMD64_SEV (0xc0010131) bit 0; the C-bit is EBX[5:0], above bit 31 on every SEV
+     * part. The LAPIC's page stays shared. Page tables themselves are always read private. */
+    movl $0x80000000, %eax
+    cpuid
+    cmpl $0x8000001f, %eax
+    jb 2f
+    movl $0x8000001f, %eax
+    cpuid
+    btl $1, %eax
+    jnc 2f
+    movl %ebx, %edi
+    movl $0xc0010131, %ecx
+    rdmsr
+    btl $0, %eax
+    jnc 2f
+    movl %edi, %ecx
+    andl $0x3f, %ecx
+    cmpl $32, %ecx
+    jb 2f
+    subl $32, %ecx
+    movl $1, %eax
+    shll %cl, %eax
+    movl %eax, kit_c_bit_mask + 4
+    orl %eax, kit_pml4 + 4
+    orl %eax, kit_pdpt + 4
+    movl $kit_pd_low + 4, %edi
+    movl $512, %ecx
+1:
+    orl %eax, (%edi)
+    addl $8, %edi
+    loop 1b
+2:
     KIT_ENTER_LONG_MODE kit_bsp_entry64
 
     /* ---- AP entry (32-bit), reached from the trampoline with CS = 0x18. ---- */

@@ -15,6 +15,15 @@ extern "C" {
     static mut kit_pd_low: [u64; 512];
     /// 3..4 GiB: the LAPIC's page, and the virtio-mmio windows mapped by [`map_mmio`].
     static mut kit_pd_mmio: [u64; 512];
+    /// The C-bit as a mask when SEV is active, else 0 (entry.rs, before paging).
+    static kit_c_bit_mask: u64;
+}
+
+/// The C-bit mask RAM mappings carry: non-zero only in an SEV guest whose memory is really
+/// encrypted (SEV_STATUS bit 0), so its own accesses stay private.
+pub fn c_bit_mask() -> u64 {
+    // SAFETY: written once by the BSP's 32-bit entry before any Rust code runs, read-only after.
+    unsafe { core::ptr::addr_of!(kit_c_bit_mask).read() }
 }
 
 const PRESENT_WRITABLE: u64 = 0x3;
@@ -30,6 +39,7 @@ const MMIO_GIB: usize = 3;
 /// Maps RAM frames below `end_gfn` above the first GiB.
 pub fn map_ram(end_gfn: u64) {
     let gib = (end_gfn.div_ceil(1 << (30 - 12)) as usize).min(MAPPED_GIB);
+    let c_bit = c_bit_mask();
     // SAFETY: the tables are the kit's own (in .noinit); only this vCPU runs now (APs are
     // started later), and the directories written here are not yet reachable from the PDPT,
     // so no live translation changes until the PDPT entry is written.
@@ -40,9 +50,9 @@ pub fn map_ram(end_gfn: u64) {
             let dir = pd.add(g);
             for i in 0..512u64 {
                 let addr = ((g as u64) << 30) | (i << 21);
-                (*dir)[i as usize] = addr | HUGE | PRESENT_WRITABLE;
+                (*dir)[i as usize] = addr | c_bit | HUGE | PRESENT_WRITABLE;
             }
-            pdpt.add(g).write(dir as u64 | PRESENT_WRITABLE);
+            pdpt.add(g).write(dir as u64 | c_bit | PRESENT_WRITABLE);
         }
     }
     arch::flush_tlb();
@@ -70,8 +80,8 @@ pub fn map_mmio(base: u64, size: u64) {
 /// `start..end`, so the guest's own accesses there are unencrypted, like the device's: the
 /// first half of Linux's `set_memory_decrypted` (the second is the hypercall).
 ///
-/// On these hosts a no-op in effect: the kit's tables never set the C-bit (under Veil's
-/// emulated SEV nothing is encrypted, and bit 51 lies beyond the emulated MAXPHYADDR). A kit
+/// On these hosts a no-op in effect: the kit's tables set the C-bit only when SEV_STATUS says
+/// memory is encrypted, which Veil's emulated platform never says. A kit
 /// that kept its private memory encrypted on real hardware would have to map the range with
 /// 4 KiB pages first (a 2 MiB page here also holds other kit memory) and flush the cache lines
 /// of those pages (`clflush`), since they were written while private.

@@ -19,9 +19,11 @@ const CPUID_MEM_ENCRYPT_SEV: u32 = 1 << 1;
 
 /// The C-bit's position when this guest runs with encrypted memory (SEV), else `None`.
 ///
-/// From CPUID alone. Linux also reads MSR_AMD64_SEV (0xc0010131) to tell an SEV-capable host
-/// from an SEV guest; the kit does not, because an MSR the VMM does not know is a #GP, which
-/// stops the VM on these hosts, and a VMM reports SEV in this leaf only to its SEV guests.
+/// From CPUID alone: it says the host keeps a page-state map, so the kit shares its DMA pages
+/// with the hypercall (on Veil's emulated platform too, where nothing is encrypted). Whether
+/// the kit's own mappings carry the C-bit is decided once at entry, as Linux decides it, by
+/// MSR_AMD64_SEV as well (`paging::c_bit_mask`): Veil answers that MSR for emulated guests
+/// with "not active"; on hardware the CPU answers.
 pub fn memory_encryption_c_bit() -> Option<u32> {
     if __cpuid(0x8000_0000).eax < CPUID_MEM_ENCRYPT {
         return None;

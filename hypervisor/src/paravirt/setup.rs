@@ -10,6 +10,7 @@ use veil_guest_abi::{
 
 use super::map_gpa_range::KVM_HC_MAP_GPA_RANGE;
 use super::migration_control::MSR_KVM_MIGRATION_CONTROL;
+use super::state::MSR_AMD64_SEV;
 use crate::cpuid::{Cpuid, Register, KVM_CPUID_FEATURES};
 use crate::probe::{
     self, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_X86_MSR_FILTER, KVM_CAP_X86_USER_SPACE_MSR,
@@ -52,7 +53,8 @@ impl ParavirtFeatures {
 }
 
 /// Enables hypercall exits, the port transport and the MSR filter as the host allows.
-pub fn enable(kvm: &Kvm, vm: &VmFd, choice: TransportChoice) -> ParavirtFeatures {
+/// With `sev_status`, reads and writes of `MSR_AMD64_SEV` come to Veil too.
+pub fn enable(kvm: &Kvm, vm: &VmFd, choice: TransportChoice, sev_status: bool) -> ParavirtFeatures {
     let exit_mask = kvm
         .check_extension_raw(u64::from(KVM_CAP_EXIT_HYPERCALL))
         .max(0) as u64;
@@ -76,11 +78,11 @@ pub fn enable(kvm: &Kvm, vm: &VmFd, choice: TransportChoice) -> ParavirtFeatures
     ParavirtFeatures {
         hypercall_exit,
         hypercall_port: use_port.then_some(HYPERCALL_PORT),
-        migration_control: enable_msr_exit(kvm, vm),
+        migration_control: enable_msr_exit(kvm, vm, sev_status),
     }
 }
 
-fn enable_msr_exit(kvm: &Kvm, vm: &VmFd) -> bool {
+fn enable_msr_exit(kvm: &Kvm, vm: &VmFd, sev_status: bool) -> bool {
     let supported = kvm.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) > 0
         && kvm.check_extension_raw(u64::from(KVM_CAP_X86_MSR_FILTER)) > 0;
     if !supported {
@@ -94,17 +96,17 @@ fn enable_msr_exit(kvm: &Kvm, vm: &VmFd) -> bool {
     });
     // A clear bit denies the access in KVM, which then exits to userspace.
     let deny = [0u8];
-    let filtered = enabled.and_then(|()| {
-        vm.set_msr_filter(
-            MsrFilterDefaultAction::ALLOW,
-            &[MsrFilterRange {
-                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-                base: MSR_KVM_MIGRATION_CONTROL,
-                msr_count: 1,
-                bitmap: &deny,
-            }],
-        )
-    });
+    let denied = |base| MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+        base,
+        msr_count: 1,
+        bitmap: &deny,
+    };
+    let mut ranges = vec![denied(MSR_KVM_MIGRATION_CONTROL)];
+    if sev_status {
+        ranges.push(denied(MSR_AMD64_SEV));
+    }
+    let filtered = enabled.and_then(|()| vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges));
     filtered
         .inspect_err(|e| tracing::warn!("cannot route the migration-control MSR to Veil: {e}"))
         .is_ok()

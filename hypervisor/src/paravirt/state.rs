@@ -13,6 +13,10 @@ use super::migration_control::{decode_write, encode, MSR_KVM_MIGRATION_CONTROL};
 use super::page_state::{InvalidSnapshot, PageStateMap, PageStateSnapshot};
 use crate::exits::{HypercallHandler, MsrHandler};
 use crate::memory::{GuestRam, PAGE_SIZE};
+
+/// `MSR_AMD64_SEV` (SEV_STATUS, arch/x86/include/asm/msr-index.h; AMD APM vol. 2, 15.34.10):
+/// bit 0 says memory encryption is active. Read-only: a write is a #GP.
+pub const MSR_AMD64_SEV: u32 = 0xc001_0131;
 use serde::{Deserialize, Serialize};
 
 struct Control {
@@ -53,6 +57,7 @@ pub struct Paravirt {
     ram_gfns: Vec<Range<u64>>,
     encrypted: bool,
     extension: bool,
+    sev_status: Option<u64>,
     map: RwLock<Option<PageStateMap>>,
     control: Mutex<Control>,
 }
@@ -68,6 +73,7 @@ impl Paravirt {
         let paravirt = Self {
             encrypted,
             extension,
+            sev_status: None,
             map: RwLock::new(None),
             control: Mutex::new(Control {
                 ready: false,
@@ -79,6 +85,18 @@ impl Paravirt {
         };
         paravirt.reset_guest();
         paravirt
+    }
+
+    /// Whether guest memory is encrypted (SEV).
+    pub fn encrypted_memory(&self) -> bool {
+        self.encrypted
+    }
+
+    /// Answers the guest's reads of [`MSR_AMD64_SEV`] with `value` (`None`: they are not
+    /// Veil's to answer).
+    pub fn with_sev_status(mut self, value: Option<u64>) -> Self {
+        self.sev_status = value;
+        self
     }
 
     /// Back to power-on: map all private, control MSR at its initial value, guest-reported
@@ -236,7 +254,11 @@ impl HypercallHandler for Paravirt {
 
 impl MsrHandler for Paravirt {
     fn read(&self, _vcpu: u32, index: u32) -> Option<u64> {
-        (index == MSR_KVM_MIGRATION_CONTROL).then(|| self.migration_control())
+        match index {
+            MSR_KVM_MIGRATION_CONTROL => Some(self.migration_control()),
+            MSR_AMD64_SEV => self.sev_status,
+            _ => None,
+        }
     }
 
     fn write(&self, vcpu: u32, index: u32, value: u64) -> bool {

@@ -11,10 +11,11 @@
 //! The area ends the kit's image (below 4 MiB, link.ld checks it), page-aligned, so the share
 //! is exact at 4 KiB granularity for the host's page-state map. What these hosts cannot show:
 //! there is no SEV here (HOST-NOTES), so under Veil's emulated SEV platform nothing is
-//! encrypted, the kit's page tables carry no C-bit anywhere (on real hardware its private data
-//! would need it, and `paging::clear_c_bit`, which works on the kit's 2 MiB pages, would have
-//! to split the large page the area shares with the kit's stacks first), and only the host's
-//! page-state map sees the share.
+//! encrypted, the kit's page tables carry no C-bit (SEV_STATUS says encryption is not active;
+//! on hardware they do carry it, and `paging::clear_c_bit`, which works on the kit's 2 MiB
+//! pages, would have to split the large page the area shares with the kit's stacks first:
+//! virtio in an SEV guest on hardware is not done yet), and only the host's page-state map
+//! sees the share.
 
 use core::mem::MaybeUninit;
 
