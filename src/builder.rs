@@ -334,6 +334,7 @@ impl VmBuilder {
             vcpus: self.vcpus,
             boot: receive.is_none().then_some(boot),
             encrypted_memory: self.encrypted_memory || self.sev.is_some(),
+            measured_image: self.sev.is_some(),
             sev_status: self.sev.as_ref().and_then(sev_launch::sev_status_msr),
             hypercall_transport: self.hypercall_transport,
         };

@@ -88,6 +88,9 @@ pub struct VmConfig {
     pub boot: Option<BootConfig>,
     /// Guest memory is encrypted (SEV): pages start private and migration control at 0.
     pub encrypted_memory: bool,
+    /// The image was encrypted and measured by the SEV firmware at launch (or arrived so):
+    /// a guest reset cannot reload it, so it stops the VM instead.
+    pub measured_image: bool,
     /// What the guest reads from `MSR_AMD64_SEV` (SEV_STATUS) when Veil must answer it: for a
     /// software SEV platform, whose guest has no SEV context in the CPU. `None` leaves the MSR
     /// to the CPU (on an SEV host the guest's RDMSR of it never reaches KVM).
@@ -113,6 +116,7 @@ pub struct VmSnapshot {
 /// A VM that is set up but not running yet.
 pub struct Vm {
     boot_config: Option<BootConfig>,
+    measured_image: bool,
     fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     vcpus: Vec<Vcpu>,
@@ -193,6 +197,7 @@ impl Vm {
 
         Ok(Self {
             boot_config: config.boot.clone(),
+            measured_image: config.measured_image,
             fd,
             ram,
             control: Arc::new(VmControl::new(vcpus.len())),
@@ -379,6 +384,7 @@ impl Vm {
             let reset = Reset {
                 power_on,
                 boot: self.boot_config,
+                measured_image: self.measured_image,
                 vm: Arc::clone(&self.fd),
                 ram: Arc::clone(&self.ram),
                 vcpus: vcpus.clone(),
@@ -475,6 +481,7 @@ struct Reset {
     power_on: PowerOnState,
     /// `None` when the kernel is not on this host (the guest migrated in).
     boot: Option<BootConfig>,
+    measured_image: bool,
     vm: Arc<VmFd>,
     ram: Arc<GuestRam>,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
@@ -497,7 +504,7 @@ impl Reset {
     }
 
     fn reset(&self) -> Result<(), VmError> {
-        if self.paravirt.encrypted_memory() {
+        if self.measured_image {
             return Err(VmError::EncryptedReset);
         }
         let boot = self.boot.as_ref().ok_or(VmError::NoKernelToReset)?;

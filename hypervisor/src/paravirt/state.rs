@@ -87,11 +87,6 @@ impl Paravirt {
         paravirt
     }
 
-    /// Whether guest memory is encrypted (SEV).
-    pub fn encrypted_memory(&self) -> bool {
-        self.encrypted
-    }
-
     /// Answers the guest's reads of [`MSR_AMD64_SEV`] with `value` (`None`: they are not
     /// Veil's to answer).
     pub fn with_sev_status(mut self, value: Option<u64>) -> Self {
