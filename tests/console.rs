@@ -143,3 +143,26 @@ fn a_bad_console_is_refused_with_the_reason() {
         common::describe(&out)
     );
 }
+
+#[test]
+fn an_sev_guests_console_runs_through_its_shared_pages() {
+    let dir = TempDir::new("console-sev");
+    let state = dir.path("sev");
+    let out = run_with_stdin(
+        "con-echo:dev=0,count=6 con-write:dev=0,text=private-ok",
+        &[
+            "--console",
+            "stdio",
+            "--sev",
+            "--sev-platform",
+            "emulated",
+            "--sev-state-dir",
+            state.to_str().unwrap(),
+        ],
+        b"secret",
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("con-echo: secret"), "{text}");
+    assert!(text.contains("private-ok"), "{text}");
+}

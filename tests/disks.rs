@@ -322,3 +322,63 @@ fn without_encrypted_memory_the_same_request_is_served() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("status OK (0), expected IOERR"));
 }
+
+/// Whether another process holds a lock on `path` (flock, as Veil takes it).
+fn locked(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = File::open(path).unwrap();
+    // SAFETY: flock on a descriptor this function owns; LOCK_NB never blocks. A writer's
+    // exclusive lock refuses even a shared one; the lock goes with `file`.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+}
+
+#[test]
+fn a_migrating_guest_takes_its_disk_to_the_path_the_target_maps_it_to() {
+    use std::process::Stdio;
+    let dir = TempDir::new("disk-map");
+    let (here, there) = (dir.path("here.img"), dir.path("there.img"));
+    stamped_disk(&here, 128, 4);
+    let (source_api, target_api, target_socket) =
+        (dir.path("a.sock"), dir.path("b.sock"), dir.path("m.sock"));
+    let spec = format!("path={},id=data", here.display());
+    let mut source = common::veil()
+        .args(["run", "--memory", "32M", "--disk", &spec, "--api-socket"])
+        .arg(&source_api)
+        .args([
+            "--cmdline",
+            "blk-check:dev=0,sector=0,count=128,seed=4 spin",
+            "--kernel",
+        ])
+        .arg(common::kit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    common::read_until(source.0.stdout.as_mut().unwrap(), "blk-check ok");
+    assert!(locked(&here), "the source holds its disk");
+    // The target's storage has its own copy of the disk, at another path.
+    std::fs::copy(&here, &there).unwrap();
+    let mapping = format!("id=data,path={}", there.display());
+    let mut target = common::receive_on(
+        &target_socket,
+        &[
+            "--api-socket".as_ref(),
+            target_api.as_ref(),
+            "--disk".as_ref(),
+            mapping.as_ref(),
+        ],
+    );
+    let to = format!("unix:{}", target_socket.display());
+    let out = common::ctl(&source_api, &["migrate", "--to", &to]);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(source.wait().success());
+    common::wait_for(&target_api);
+    let status = common::status(&target_api);
+    assert_eq!(status["devices"][0]["name"], "data");
+    assert_eq!(status["devices"][0]["path"], there.display().to_string());
+    assert!(locked(&there), "the target holds the mapped disk");
+    assert!(!locked(&here), "the source let its disk go");
+    common::ctl(&target_api, &["shutdown"]);
+    target.wait();
+}
