@@ -419,13 +419,13 @@ impl VmBuilder {
         let mut devices =
             DeviceManager::new(vm.memory().clone(), vm.paravirt(), config.encrypted_memory);
         for (name, block) in disks {
-            devices.add_block(vm.fd(), &name, block)?;
+            devices.add(vm.fd(), &name, block.into())?;
         }
         if let Some(vsock) = vsock {
-            devices.add_vsock(vm.fd(), VSOCK_NAME, vsock)?;
+            devices.add(vm.fd(), VSOCK_NAME, vsock.into())?;
         }
         if let Some(console) = console {
-            devices.add_console(vm.fd(), CONSOLE_NAME, console)?;
+            devices.add(vm.fd(), CONSOLE_NAME, console.into())?;
         }
         let console_arrives = arrived_virtio
             .iter()

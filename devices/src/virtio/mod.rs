@@ -152,6 +152,19 @@ pub(crate) const VIRTIO_F_ACCESS_PLATFORM: u64 =
 pub(crate) const VIRTIO_RING_F_EVENT_IDX: u64 =
     1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+/// Copies the configuration space `config` from `offset` into `data`; bytes beyond it read as
+/// zero (virtio 1.2 §4.2.2: the driver may read any width at any offset in the window).
+pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|start| start.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Checks a queue's three ring areas before touching any: a ring the device could read but
 /// not complete into would leave chains served and never reported.
 pub(crate) fn rings_shared(queue: &Queue, memory: &DeviceMemory) -> bool {

@@ -102,6 +102,24 @@ pub enum MachineDevice {
     Vsock(Arc<Mutex<Vsock>>),
 }
 
+impl From<Block> for MachineDevice {
+    fn from(block: Block) -> Self {
+        Self::Block(Arc::new(Mutex::new(block)))
+    }
+}
+
+impl From<Console> for MachineDevice {
+    fn from(console: Console) -> Self {
+        Self::Console(Arc::new(Mutex::new(console)))
+    }
+}
+
+impl From<Vsock> for MachineDevice {
+    fn from(vsock: Vsock) -> Self {
+        Self::Vsock(Arc::new(Mutex::new(vsock)))
+    }
+}
+
 impl MachineDevice {
     /// The virtio side, for the transport.
     fn virtio(&self) -> Arc<Mutex<dyn VirtioDevice>> {
@@ -307,50 +325,13 @@ impl DeviceManager {
         DeviceSlot::nth(self.attached.len()).ok_or(DeviceManagerError::TooMany)
     }
 
-    /// Adds a disk in the next slot.
-    pub fn add_block(
+    /// Adds a fresh device in the next slot.
+    pub fn add(
         &mut self,
         vm: &VmFd,
         name: &str,
-        block: Block,
+        device: MachineDevice,
     ) -> Result<DeviceSlot, DeviceManagerError> {
-        let device = MachineDevice::Block(Arc::new(Mutex::new(block)));
-        let memory = self.device_memory(name);
-        let transport = MmioTransport::new(device.virtio(), memory.clone()).map_err(|source| {
-            DeviceManagerError::Transport {
-                name: name.into(),
-                source,
-            }
-        })?;
-        self.attach(vm, name, device, transport, memory)
-    }
-
-    /// Adds a console in the next slot.
-    pub fn add_console(
-        &mut self,
-        vm: &VmFd,
-        name: &str,
-        console: Console,
-    ) -> Result<DeviceSlot, DeviceManagerError> {
-        let device = MachineDevice::Console(Arc::new(Mutex::new(console)));
-        let memory = self.device_memory(name);
-        let transport = MmioTransport::new(device.virtio(), memory.clone()).map_err(|source| {
-            DeviceManagerError::Transport {
-                name: name.into(),
-                source,
-            }
-        })?;
-        self.attach(vm, name, device, transport, memory)
-    }
-
-    /// Adds a vsock device in the next slot.
-    pub fn add_vsock(
-        &mut self,
-        vm: &VmFd,
-        name: &str,
-        vsock: Vsock,
-    ) -> Result<DeviceSlot, DeviceManagerError> {
-        let device = MachineDevice::Vsock(Arc::new(Mutex::new(vsock)));
         let memory = self.device_memory(name);
         let transport = MmioTransport::new(device.virtio(), memory.clone()).map_err(|source| {
             DeviceManagerError::Transport {
@@ -382,8 +363,7 @@ impl DeviceManager {
                             source,
                         }
                     })?;
-                let device = MachineDevice::Vsock(Arc::new(Mutex::new(vsock)));
-                self.restore_device(vm, saved, device)
+                self.restore_device(vm, saved, vsock.into())
             }
             DeviceSnapshot::Block { path, state } => {
                 let path = path_here.unwrap_or_else(|| path.clone());
@@ -401,8 +381,7 @@ impl DeviceManager {
                         source,
                     }
                 })?;
-                let device = MachineDevice::Console(Arc::new(Mutex::new(console)));
-                self.restore_device(vm, saved, device)
+                self.restore_device(vm, saved, console.into())
             }
         }
     }
@@ -422,8 +401,7 @@ impl DeviceManager {
                 source,
             }
         })?;
-        let device = MachineDevice::Block(Arc::new(Mutex::new(block)));
-        self.restore_device(vm, saved, device)
+        self.restore_device(vm, saved, block.into())
     }
 
     /// Restores the transport of `device`, rebuilt from `saved`, in the slot it had.

@@ -189,16 +189,7 @@ impl VirtioDevice for Console {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config_space();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .checked_add(i)
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_space(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
