@@ -229,6 +229,27 @@ fn sev_platform(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `veil receive` options for an SEV target whose emulated platform lives in `name`.
+fn receive_sev_args(hosts: &TwoHosts, name: &str) -> Vec<String> {
+    let mut args = vec!["--sev".to_string()];
+    args.extend(sev_platform(&hosts.path(name)));
+    args
+}
+
+/// `veil ctl migrate` options that make the source trust the target platform `name`, through
+/// the chain that platform exports.
+fn trust_chain_args(hosts: &TwoHosts, name: &str) -> Vec<String> {
+    let chain = hosts.path(&format!("{name}.chain"));
+    let out = common::veil()
+        .args(["sev", "export-chain", "--out"])
+        .arg(&chain)
+        .args(sev_platform(&hosts.path(name)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::describe(&out));
+    vec!["--sev-trust-chain".into(), chain.display().to_string()]
+}
+
 /// Starts the guest on host A from a patterned memory file.
 fn start_guest(hosts: &TwoHosts, sev: bool, api: &Path) -> common::Spawned {
     let memory = hosts.path("a.mem");
@@ -326,25 +347,15 @@ fn there_and_back(sev: bool) {
     let mut source = start_guest(&hosts, sev, &a_api);
     let before = common::status(&a_api);
     let sev_chain = |name: &str| -> Vec<String> {
-        if !sev {
-            return Vec::new();
+        if sev {
+            trust_chain_args(&hosts, name)
+        } else {
+            Vec::new()
         }
-        // The source trusts the target's emulated platform through its exported chain.
-        let chain = hosts.path(&format!("{name}.chain"));
-        let out = common::veil()
-            .args(["sev", "export-chain", "--out"])
-            .arg(&chain)
-            .args(sev_platform(&hosts.path(name)))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", common::describe(&out));
-        vec!["--sev-trust-chain".into(), chain.display().to_string()]
     };
     let receiver_sev = |name: &str| -> Vec<String> {
         if sev {
-            let mut v = vec!["--sev".to_string()];
-            v.extend(sev_platform(&hosts.path(name)));
-            v
+            receive_sev_args(&hosts, name)
         } else {
             Vec::new()
         }
@@ -625,17 +636,8 @@ fn a_disk_writing_guest_migrates(sev: bool) {
     let mut receiver_args = common::tls::args(&hosts.tls_b);
     let mut migrate_args = common::tls::args(&hosts.tls_a);
     if sev {
-        receiver_args.push("--sev".into());
-        receiver_args.extend(sev_platform(&hosts.path("sev-b")));
-        let chain = hosts.path("sev-b.chain");
-        let out = common::veil()
-            .args(["sev", "export-chain", "--out"])
-            .arg(&chain)
-            .args(sev_platform(&hosts.path("sev-b")))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", common::describe(&out));
-        migrate_args.extend(["--sev-trust-chain".into(), chain.display().to_string()]);
+        receiver_args.extend(receive_sev_args(&hosts, "sev-b"));
+        migrate_args.extend(trust_chain_args(&hosts, "sev-b"));
     }
     let mut b = receive(&hosts, &hosts.b, B_ADDR, "b", &receiver_args);
     let out = migrate(&a_api, B_ADDR, &migrate_args);
