@@ -138,6 +138,7 @@ pub struct VmBuilder {
     disk_paths: HashMap<String, PathBuf>,
     console: Option<ConsoleBackend>,
     vsock: Option<VsockConfig>,
+    huge_pages: bool,
 }
 
 impl Default for VmBuilder {
@@ -165,7 +166,15 @@ impl VmBuilder {
             disk_paths: HashMap::new(),
             console: None,
             vsock: None,
+            huge_pages: true,
         }
+    }
+
+    /// Whether anonymous guest RAM asks for transparent huge pages (default: yes, as QEMU
+    /// does; fewer page faults and TLB misses, and memory is then given back in 2 MiB units).
+    pub fn huge_pages(mut self, on: bool) -> Self {
+        self.huge_pages = on;
+        self
     }
 
     /// Adds a virtio-vsock device for CID `config.guest_cid` whose host side is UNIX sockets:
@@ -335,6 +344,7 @@ impl VmBuilder {
             boot: receive.is_none().then_some(boot),
             encrypted_memory: self.encrypted_memory || self.sev.is_some(),
             measured_image: self.sev.is_some(),
+            huge_pages: self.huge_pages,
             sev_status: self.sev.as_ref().and_then(sev_launch::sev_status_msr),
             hypercall_transport: self.hypercall_transport,
         };

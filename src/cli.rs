@@ -373,6 +373,12 @@ pub struct ReceiveArgs {
     #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
     pub console: Option<veil::ConsoleBackend>,
 
+    /// Back the arriving guest's anonymous RAM with transparent huge pages: on or off. With
+    /// them a 1 GiB guest arrives with 512 page faults instead of 262,144.
+    #[arg(long, default_value = "on", value_parser = parse_on_off, value_name = "on|off",
+          action = clap::ArgAction::Set)]
+    pub huge_pages: bool,
+
     /// Where an arriving guest's vsock device listens on this host (by default at the socket
     /// path it had on the source).
     #[arg(long, value_name = "PATH")]
@@ -434,6 +440,11 @@ pub struct MachineArgs {
     /// sees the output, the newest one types).
     #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
     pub console: Option<veil::ConsoleBackend>,
+
+    /// Back anonymous guest RAM with transparent huge pages (MADV_HUGEPAGE): on or off.
+    #[arg(long, default_value = "on", value_parser = parse_on_off, value_name = "on|off",
+          action = clap::ArgAction::Set)]
+    pub huge_pages: bool,
 
     /// How guest hypercalls reach Veil: `exit` (vmmcall, KVM_EXIT_HYPERCALL), `port` (Veil's
     /// I/O-port transport, for hosts that cannot deliver hypercall exits), or `auto` (probe the
@@ -594,6 +605,15 @@ pub fn parse_vsock(text: &str) -> Result<veil::VsockConfig, String> {
             Ok(veil::VsockConfig::new(cid, socket))
         }
         _ => Err("a vsock device needs cid=N,socket=PATH".into()),
+    }
+}
+
+/// `on` or `off`.
+pub fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{text}' is neither on nor off")),
     }
 }
 

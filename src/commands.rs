@@ -50,7 +50,8 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
         .memory_bytes(args.memory)
         .vcpus(args.vcpus)
         .serial(args.serial)
-        .hypercall_transport(args.hypercall_transport.into());
+        .hypercall_transport(args.hypercall_transport.into())
+        .huge_pages(args.huge_pages);
     let mut builder = match args.memory_file {
         Some(path) => builder.memory_file(path),
         None => builder,
@@ -148,7 +149,8 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
-        .serial(args.serial);
+        .serial(args.serial)
+        .huge_pages(args.huge_pages);
     for (name, path) in args.disks {
         builder = builder.disk_path(name, path);
     }

@@ -87,8 +87,16 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Checks the size and maps the memory.
+    /// Checks the size and maps the memory, anonymous memory with transparent huge pages.
     pub fn new(config: &MemoryConfig) -> Result<Self, MemoryError> {
+        Self::with_huge_pages(config, true)
+    }
+
+    /// As [`GuestRam::new`]; `huge_pages` asks the kernel to back anonymous RAM with
+    /// transparent huge pages (`MADV_HUGEPAGE`, as QEMU does): on hosts whose THP setting is
+    /// `madvise`, the default on most distributions, 1 GiB of fresh RAM otherwise takes
+    /// 262,144 page faults instead of 512. File-backed RAM follows the file's filesystem.
+    pub fn with_huge_pages(config: &MemoryConfig, huge_pages: bool) -> Result<Self, MemoryError> {
         validate_size(
             config.size,
             config.file.is_none().then(host_memory_bytes).flatten(),
@@ -114,6 +122,9 @@ impl GuestRam {
                 None => MmapRegion::new(len_usize),
             }
             .map_err(MemoryError::Map)?;
+            if file.is_none() && huge_pages {
+                advise_huge_pages(mapping.as_ptr(), mapping.size());
+            }
             file_offset += len;
             regions.push(
                 GuestRegionMmap::new(mapping, base)
@@ -270,6 +281,19 @@ fn register_region(
     // the VM fd; the guest range does not overlap another slot (regions are disjoint).
     unsafe { vm.set_user_memory_region(mem_region) }
         .map_err(|source| MemoryError::Register { slot, source })
+}
+
+/// Best effort: a kernel without THP (or with it `never`) refuses, and RAM works all the same.
+fn advise_huge_pages(addr: *mut u8, len: usize) {
+    // SAFETY: `addr..addr + len` is a mapping this process just created and owns; MADV_HUGEPAGE
+    // changes only how the kernel backs it, never its contents or its validity.
+    let advised = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    if advised != 0 {
+        tracing::debug!(
+            error = %io::Error::last_os_error(),
+            "transparent huge pages not available for guest RAM"
+        );
+    }
 }
 
 fn validate_size(size: u64, host: Option<u64>) -> Result<(), MemoryError> {
@@ -431,6 +455,47 @@ mod tests {
         );
         let twice = reported.iter().filter(|&&n| n > 1).count();
         assert_eq!(twice, 0, "pages written once were reported more than once");
+    }
+
+    /// The `VmFlags` line of the mapping that contains `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        inside = (start..end).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    #[test]
+    fn anonymous_ram_asks_for_huge_pages_unless_told_not_to() {
+        let config = MemoryConfig {
+            size: 16 << 20,
+            file: None,
+        };
+        let host_addr = |ram: &GuestRam| ram.memory().iter().next().unwrap().as_ptr() as usize;
+        let with = GuestRam::with_huge_pages(&config, true).unwrap();
+        // `hg`: the mapping was madvised MADV_HUGEPAGE (fs/proc/task_mmu.c).
+        assert!(
+            vm_flags(host_addr(&with)).contains(" hg"),
+            "{}",
+            vm_flags(host_addr(&with))
+        );
+        let without = GuestRam::with_huge_pages(&config, false).unwrap();
+        assert!(!vm_flags(host_addr(&without)).contains(" hg"));
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct VmConfig {
     pub sev_status: Option<u64>,
     /// How hypercalls reach Veil.
     pub hypercall_transport: TransportChoice,
+    /// Back anonymous guest RAM with transparent huge pages.
+    pub huge_pages: bool,
 }
 
 /// A paused VM's state besides its RAM: what a migration sends after the memory.
@@ -165,7 +167,7 @@ impl Vm {
                 max,
             });
         }
-        let ram = GuestRam::new(&config.memory)?;
+        let ram = GuestRam::with_huge_pages(&config.memory, config.huge_pages)?;
         let fd = kvm.create_vm().map_err(VmError::Create)?;
         let setup = |what| move |source| VmError::Setup { what, source };
         fd.set_tss_address(layout::KVM_TSS_ADDRESS)
