@@ -298,6 +298,7 @@ fn bench(scratch: &Scratch, options: &Options) -> Result<bool, String> {
     support::raw_disk(&disk, DISK_BYTES)?;
     let cases = Case::all();
     let mut samples: Vec<Vec<Vec<Measurement>>> = vec![Vec::new(); vmms.len()];
+    let mut loads: Vec<Vec<f64>> = vec![Vec::new(); vmms.len()];
     let mut failures = 0;
     for run in 0..options.runs {
         // Alternate who goes first too, so neither always follows the other.
@@ -309,16 +310,19 @@ fn bench(scratch: &Scratch, options: &Options) -> Result<bool, String> {
         for i in order {
             let vmm = vmms[i];
             let started = Instant::now();
+            let others = support::OthersLoad::start();
             match boot(vmm, scratch, &disk, &cases, options.count) {
                 Ok(m) => {
-                    eprintln!(
-                        "run {}/{}: {} done in {:.1} s",
+                    let load = others.cores();
+                    println!(
+                        "run {}/{}: {} done in {:.1} s; the rest of the host used {load:.2} cores",
                         run + 1,
                         options.runs,
                         vmm.name(),
                         started.elapsed().as_secs_f64()
                     );
                     samples[i].push(m);
+                    loads[i].push(load);
                 }
                 Err(why) => {
                     println!(
@@ -333,6 +337,17 @@ fn bench(scratch: &Scratch, options: &Options) -> Result<bool, String> {
         }
     }
     print_table(&cases, &vmms, &samples);
+    for (vmm, loads) in vmms.iter().zip(&loads) {
+        if !loads.is_empty() {
+            println!(
+                "the rest of the host during {}'s boots: median {:.2} cores, at most {:.2} \
+                 (figures from boots beside a busy neighbour are lower and noisier)",
+                vmm.name(),
+                support::median(loads),
+                loads.iter().copied().fold(0.0, f64::max)
+            );
+        }
+    }
     Ok(failures == 0)
 }
 

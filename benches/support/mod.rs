@@ -205,3 +205,62 @@ pub fn median<T: Copy + PartialOrd>(values: &[T]) -> T {
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     sorted[sorted.len() / 2]
 }
+
+/// CPU time the rest of the host used while a child ran: the host's busy time (`/proc/stat`)
+/// less what the bench's reaped children used (`RUSAGE_CHILDREN`). These hosts have 2 cores
+/// that other work shares; a VMM measured beside a busy neighbour is measured on less.
+pub struct OthersLoad {
+    started: Instant,
+    host_busy: Duration,
+    children: Duration,
+}
+
+impl OthersLoad {
+    pub fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            host_busy: host_busy(),
+            children: children_cpu(),
+        }
+    }
+
+    /// Cores' worth of CPU the rest of the host used since `start` (once the child is reaped).
+    pub fn cores(&self) -> f64 {
+        let wall = self.started.elapsed().as_secs_f64();
+        let busy = host_busy().saturating_sub(self.host_busy);
+        let ours = children_cpu().saturating_sub(self.children);
+        (busy.saturating_sub(ours).as_secs_f64() / wall).max(0.0)
+    }
+}
+
+/// Busy time of all cores since boot: user, nice, system, irq, softirq and steal.
+fn host_busy() -> Duration {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// User and system time of every child the bench has reaped.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage writes only into the struct it is given, which is zeroed and ours.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
