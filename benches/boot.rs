@@ -5,7 +5,8 @@
 //! guest (which then spins), time from spawn to the first byte on the guest's serial port, then
 //! read `/proc/PID/smaps` and sum the resident memory of every mapping except guest RAM.
 //! Reports medians, Veil/QEMU ratios and the goals: first byte within 20 ms and within 1/3 of
-//! QEMU's, resident memory beyond guest RAM under 8 MiB.
+//! QEMU's, resident memory beyond guest RAM under 8 MiB. Each VMM's line also says how much CPU
+//! the rest of the host used meanwhile: on two shared cores a busy neighbour moves the times.
 //!
 //! With `--disk`, both VMMs also get a virtio-blk disk (a 64 MiB raw file): Veil
 //! `--disk path=FILE`, QEMU `virtio-blk-device` on modern virtio-mmio. The guest does not use
@@ -37,6 +38,8 @@ const OVERHEAD_GOAL_KIB: u64 = 8 << 10;
 struct Sample {
     first_byte: Duration,
     overhead_kib: u64,
+    /// Cores' worth of CPU the rest of the host used meanwhile.
+    others: f64,
 }
 
 struct Options {
@@ -171,6 +174,7 @@ fn qemu_cmd(disk: Option<&Path>) -> Command {
 }
 
 fn measure(mut cmd: Command) -> Result<Sample, String> {
+    let others = support::OthersLoad::start();
     let start = Instant::now();
     let child = support::die_with_the_bench(&mut cmd)
         .stdin(Stdio::null())
@@ -204,9 +208,11 @@ fn measure(mut cmd: Command) -> Result<Sample, String> {
     std::thread::sleep(Duration::from_millis(100));
     let overhead_kib = resident_beyond_guest_ram(child.0.id(), GUEST_RAM_MIB << 10)?;
     drop(stdout);
+    drop(child);
     Ok(Sample {
         first_byte,
         overhead_kib,
+        others: others.cores(),
     })
 }
 
@@ -265,16 +271,20 @@ fn summarize(name: &str, samples: &[Sample]) -> Option<(Duration, u64)> {
     times.sort();
     rss.sort();
     let (t, r) = (times[times.len() / 2], rss[rss.len() / 2]);
+    let others: Vec<f64> = samples.iter().map(|s| s.others).collect();
     println!(
         "{name:<16} start to first serial byte: median {:.2} ms (min {:.2}, max {:.2}); \
-         resident beyond guest RAM: median {:.2} MiB (min {:.2}, max {:.2}); {} runs",
+         resident beyond guest RAM: median {:.2} MiB (min {:.2}, max {:.2}); {} runs; the rest \
+         of the host used a median {:.2} cores (at most {:.2})",
         t.as_secs_f64() * 1e3,
         times[0].as_secs_f64() * 1e3,
         times[times.len() - 1].as_secs_f64() * 1e3,
         r as f64 / 1024.0,
         rss[0] as f64 / 1024.0,
         rss[rss.len() - 1] as f64 / 1024.0,
-        samples.len()
+        samples.len(),
+        support::median(&others),
+        others.iter().copied().fold(0.0, f64::max)
     );
     Some((t, r))
 }
