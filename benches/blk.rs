@@ -260,10 +260,13 @@ fn boot(
         .filter(|l| l.starts_with("blk-bench:"))
         .collect();
     if reports.len() != cases.len() {
+        // QEMU's own failures exit with 1 too, the status isa-debug-exit gives the kit's 0.
         return Err(format!(
-            "the guest printed {} blk-bench reports, expected {}",
+            "the guest printed {} blk-bench reports, expected {} ({} exited: {status}; {})",
             reports.len(),
-            cases.len()
+            cases.len(),
+            vmm.name(),
+            proc.stderr_tail()
         ));
     }
     reports
