@@ -4,14 +4,25 @@
 //! Devices serve a request entirely inside their event handler, so once the loop is between
 //! two rounds no request is in flight: pausing waits for exactly that point. A wake eventfd
 //! makes a loop blocked in `epoll_wait` notice at once.
+//!
+//! After serving, the loop polls for a short while before it blocks again ([`POLL_AFTER_WORK`]),
+//! as QEMU's iothreads do: a guest doing I/O kicks again within tens of microseconds, and a
+//! thread that went to sleep in between pays a wake-up (on a host that halts idle cores, ~40 us
+//! per request, most of a request's cost) every time.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+
+/// How long the loop keeps polling after it last served something before it blocks: longer
+/// than a guest's gap between a completion and its next request at queue depth 1 (measured
+/// ~57 us for the kit), short enough that an idle guest costs no CPU.
+pub const POLL_AFTER_WORK: Duration = Duration::from_micros(100);
 
 /// What the device thread serves.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -174,13 +185,33 @@ fn serve(events: &mut EventManager<Subscriber>, control: &LoopControl) {
             }
         }
         // A signal makes `run` return 0 events, not an error; an error would only repeat.
-        if let Err(e) = events.run() {
+        if let Err(e) = events.run().and_then(|_| poll_briefly(events, control)) {
             tracing::error!(error = ?e, "The device loop failed; devices stop serving");
             *control.lock() = LoopState::Exited;
             control.changed.notify_all();
             return;
         }
     }
+}
+
+/// Serves whatever arrives within [`POLL_AFTER_WORK`] of the last event without sleeping;
+/// returns when that long passed quietly or the loop is asked to pause or stop.
+fn poll_briefly(
+    events: &mut EventManager<Subscriber>,
+    control: &LoopControl,
+) -> Result<(), event_manager::Error> {
+    let mut quiet_until = Instant::now() + POLL_AFTER_WORK;
+    while Instant::now() < quiet_until {
+        if *control.lock() != LoopState::Running {
+            return Ok(());
+        }
+        if events.run_with_timeout(0)? > 0 {
+            quiet_until = Instant::now() + POLL_AFTER_WORK;
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
