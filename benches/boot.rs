@@ -9,8 +9,9 @@
 //! the rest of the host used meanwhile: on two shared cores a busy neighbour moves the times.
 //!
 //! With `--disk`, both VMMs also get a virtio-blk disk (a 64 MiB raw file): Veil
-//! `--disk path=FILE`, QEMU `virtio-blk-device` on modern virtio-mmio. The guest does not use
-//! it; what counts is what the device costs at start-up and in memory.
+//! `--disk path=FILE`, QEMU `virtio-blk-device` on modern virtio-mmio; Veil also gets a vsock
+//! device (QEMU's vhost-vsock needs `/dev/vhost-vsock`, which these hosts lack). The guest uses
+//! neither; what counts is what the devices cost at start-up and in memory.
 //!
 //! `cargo bench --bench boot [-- --disk] [--runs N]` (QEMU is skipped, with a note, when not
 //! installed). A VMM that fails is reported and the bench exits non-zero.
@@ -84,7 +85,10 @@ fn main() {
         qemu.as_deref().unwrap_or("no QEMU"),
         options.runs,
         if options.disk {
-            format!(", one virtio-blk disk ({} MiB raw file)", DISK_BYTES >> 20)
+            format!(
+                ", one virtio-blk disk ({} MiB raw file), and a vsock device for Veil",
+                DISK_BYTES >> 20
+            )
         } else {
             ", no devices".into()
         }
@@ -141,6 +145,10 @@ fn veil_cmd(disk: Option<&Path>) -> Command {
     ]);
     if let Some(disk) = disk {
         c.arg("--disk").arg(format!("path={}", disk.display()));
+        // Beside the disk, in the bench's scratch folder; a stale socket file is replaced.
+        let socket = disk.with_file_name("boot.vsock");
+        c.arg("--vsock")
+            .arg(format!("cid=3,socket={}", socket.display()));
     }
     c.arg("--kernel").arg(veil_guests::kit_elf_path());
     c
