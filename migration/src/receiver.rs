@@ -45,6 +45,22 @@ pub enum ReceiveError {
     Firmware(#[from] veil_sev::firmware::FirmwareError),
 }
 
+/// Makes the page at `at` zero, writing it only if it is not zero already: fresh target RAM
+/// is, and a write would make the kernel allocate (and clear) a page the guest may never touch,
+/// where a read maps the shared zero page. Most of an idle guest's RAM arrives as zero pages.
+fn write_zero_page(
+    memory: &GuestMemory,
+    at: GuestAddress,
+    scratch: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    memory.read_slice(scratch, at)?;
+    if scratch.iter().any(|&b| b != 0) {
+        scratch.fill(0);
+        memory.write_slice(scratch, at)?;
+    }
+    Ok(())
+}
+
 /// A guest whose source has been accepted.
 pub struct Incoming<S> {
     stream: S,
@@ -127,7 +143,7 @@ impl<S: Read + Write> Incoming<S> {
         memory: &GuestMemory,
         mut firmware: Option<&mut dyn Firmware>,
     ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
-        let zero = vec![0u8; PAGE_SIZE as usize];
+        let mut scratch = vec![0u8; PAGE_SIZE as usize];
         let mut sev: Option<veil_sev::flow::Receiver<'_>> = None;
         // One buffer for every frame, and chunks applied straight from it: no copy per page.
         let mut reader = FrameReader::new();
@@ -148,7 +164,7 @@ impl<S: Read + Write> Incoming<S> {
                 for page in chunk.pages() {
                     let at = GuestAddress(page.gfn * PAGE_SIZE);
                     match page.content {
-                        PageContentRef::Zero => memory.write_slice(&zero, at)?,
+                        PageContentRef::Zero => write_zero_page(memory, at, &mut scratch)?,
                         PageContentRef::Plain(bytes) => memory.write_slice(bytes, at)?,
                         PageContentRef::Encrypted { header, data } => {
                             let receiver = sev.as_mut().ok_or(ReceiveError::Sev)?;
@@ -227,5 +243,41 @@ impl<S: Read + Write> Incoming<S> {
         if self.session.ending().is_none() {
             let _ = write_frame(&mut self.stream, &Message::error(crate::error_chain(error)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_hypervisor::memory::{GuestRam, MemoryConfig};
+
+    #[test]
+    fn a_zero_page_is_written_only_where_the_page_is_not_zero_already() {
+        let ram = GuestRam::new(&MemoryConfig {
+            size: 16 << 20,
+            file: None,
+        })
+        .unwrap();
+        let memory = ram.memory();
+        memory
+            .write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE + 100))
+            .unwrap();
+        ram.take_vmm_dirty_pages();
+        let mut scratch = vec![0u8; PAGE_SIZE as usize];
+        write_zero_page(memory, GuestAddress(4 * PAGE_SIZE), &mut scratch).unwrap();
+        write_zero_page(memory, GuestAddress(5 * PAGE_SIZE), &mut scratch).unwrap();
+        let byte: u8 = memory.read_obj(GuestAddress(5 * PAGE_SIZE + 100)).unwrap();
+        assert_eq!(byte, 0, "the page that held data is zero now");
+        // Only that page was written: the fresh one was left alone (never allocated).
+        let dirty: Vec<u64> = ram
+            .take_vmm_dirty_pages()
+            .iter()
+            .flat_map(|b| {
+                b.dirty_addresses()
+                    .map(|a| a.0 / PAGE_SIZE)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(dirty, [5]);
     }
 }
