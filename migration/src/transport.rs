@@ -345,7 +345,17 @@ impl Listener {
     /// before it is a usable stream is an error for which
     /// [`TransportError::is_one_connection`] holds: the caller may wait for the next.
     pub fn accept_within(&self, timeout: Duration) -> Result<Accepted, TransportError> {
-        let error = |e| TransportError::Listen(self.to_string(), e);
+        // A connection reset before it was taken is that connection's failure, not the
+        // listener's.
+        let error = |e: io::Error| match e.kind() {
+            io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted => TransportError::Dropped {
+                peer: "a peer that left before it was accepted".into(),
+                source: e,
+            },
+            _ => TransportError::Listen(self.to_string(), e),
+        };
         match &self.socket {
             ListeningSocket::Unix(l) => {
                 let s = l.accept().map_err(error)?.0;
