@@ -28,7 +28,8 @@ pub enum Command {
     HostInfo(HostInfoArgs),
     /// Talk to a running VMM through its API socket (see `veil run --api-socket`).
     Ctl(CtlArgs),
-    /// Wait for one migrating guest, take it over and run it (as `veil run` would).
+    /// Wait for one migrating guest, take it over and run it (as `veil run` would); with
+    /// --keep-listening, serve one guest after another, each in its own process.
     Receive(ReceiveArgs),
     /// The SEV platform: its status and certificate chain; the guest owner's side; the PSP's
     /// transport rate.
@@ -343,6 +344,28 @@ pub struct ReceiveArgs {
     /// it can send anything, and Veil keeps waiting.
     #[arg(long, value_name = "ENDPOINT")]
     pub listen: String,
+
+    /// How long a new connection has to open with a valid migration Hello (TLS handshake
+    /// included); one that does not (a port scan, a health check, random bytes) is logged and
+    /// dropped, and Veil keeps waiting. Connections are served one at a time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    pub hello_timeout: std::time::Duration,
+
+    /// Stay up and serve one incoming guest after another, also after a failed attempt: each
+    /// guest that arrives runs in a `veil receive` process of its own while this one listens
+    /// for the next. `{id}` in any other option becomes the guest's number (1, 2, ...), so
+    /// --api-socket api-{id}.sock gives each guest its own socket.
+    #[arg(long)]
+    pub keep_listening: bool,
+
+    /// (Internal, for --keep-listening) Take this inherited descriptor as the listening socket.
+    #[arg(long, hide = true, value_name = "FD", requires = "accepted_fd")]
+    pub listen_fd: Option<i32>,
+
+    /// (Internal, for --keep-listening) Write a byte here once a guest has been accepted.
+    #[arg(long, hide = true, value_name = "FD", requires = "listen_fd")]
+    pub accepted_fd: Option<i32>,
 
     /// Accept plain TCP: the guest's memory arrives unencrypted from an unauthenticated peer.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]

@@ -114,26 +114,30 @@ fn run_until_stopped((builder, api_socket): (VmBuilder, Option<PathBuf>)) -> Com
 
 fn receive(args: ReceiveArgs) -> CommandResult {
     use veil_migration::{receiver, transport};
+    if args.keep_listening {
+        return crate::keep_listening::serve(&args);
+    }
     let endpoint: transport::Endpoint = args.listen.parse()?;
     let security = transport::Security {
         tls: args.tls.files(),
         insecure: args.insecure,
         server_name: None,
     };
-    let listener = transport::listen(&endpoint, &security)?;
-    eprintln!("veil: waiting for a guest on {endpoint}");
-    let stream = loop {
-        match listener.accept() {
-            Ok(stream) => break stream,
-            // An unauthenticated peer gets nothing, and the real source may still come.
-            Err(e @ transport::TransportError::Rejected { .. }) => {
-                eprintln!("veil: {}", veil::error_chain(&e))
-            }
-            Err(e) => return Err(e.into()),
+    let listener = match args.listen_fd {
+        Some(fd) => {
+            // A child waiting for a source ends with the service that started it; once it has
+            // a guest, it runs on its own (below).
+            // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and no pointers.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+            // SAFETY: the `veil receive --keep-listening` that started this process passed
+            // this descriptor, a listening socket, for this process to own from now on.
+            let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            transport::inherit(&endpoint, &security, socket)?
         }
+        None => transport::listen(&endpoint, &security)?,
     };
-    eprintln!("veil: source connected over {}", stream.protection());
-    // An SEV host sends its chain in the handshake so the source can verify it.
+    // An SEV host sends its chain in the handshake so the source can verify it. The platform
+    // is opened before anyone is told this host is waiting: a first use creates its identity.
     let sev_chain = if args.sev {
         use sev::parser::Encoder;
         let chain =
@@ -144,7 +148,32 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     } else {
         None
     };
-    let mut incoming = receiver::accept(stream, veil::check_incoming, sev_chain)?;
+    if args.listen_fd.is_none() {
+        eprintln!("veil: waiting for a guest on {endpoint}");
+    }
+    // Strangers are logged and dropped in there; what comes out is a source, or a listener
+    // that failed.
+    let mut incoming = receiver::accept_from(
+        &listener,
+        args.hello_timeout,
+        veil::check_incoming,
+        sev_chain,
+    )?;
+    eprintln!(
+        "veil: a guest arrives from {} over {}",
+        incoming.peer().unwrap_or("the source"),
+        incoming.stream().protection()
+    );
+    if let Some(fd) = args.accepted_fd {
+        // SAFETY: the parent passed this descriptor, a pipe's write end, for this process
+        // alone to own.
+        let mut accepted = unsafe { File::from_raw_fd(fd) };
+        // The parent listens for the next guest from now on; if it is gone, so be it.
+        let _ = accepted.write_all(b"1");
+        drop(listener);
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+    }
     let shape = incoming.shape().clone();
     let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())

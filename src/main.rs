@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod ctl;
+mod keep_listening;
 mod owner;
 mod progress;
 

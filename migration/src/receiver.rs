@@ -6,7 +6,8 @@
 //! the saved state, and after the VM has restored it, [`Incoming::acknowledge`] and
 //! [`Incoming::wait_complete`] tell when the guest may run.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::vm::VmSnapshot;
@@ -15,10 +16,15 @@ use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::protocol::{
-    read_frame, write_frame, Features, FrameReader, HelloReply, MemoryChunkRef, Message,
+    read_frame, write_frame, Features, FrameReader, Hello, HelloReply, MemoryChunkRef, Message,
     MessageType, PageContentRef, ProtocolError, ReceiverAction, ReceiverSession, SessionError,
     VmShape,
 };
+use crate::transport::{Accepted, Listener, Stream, TransportError};
+
+/// How long a new connection has to open with a valid `Hello` (the TLS handshake included)
+/// before [`accept_from`] drops it and waits for the next.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why receiving failed; whatever arrived is discarded.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,14 @@ pub enum ReceiveError {
     BadPdh,
     #[error("SEV firmware error")]
     Firmware(#[from] veil_sev::firmware::FirmwareError),
+    #[error("Cannot take a source")]
+    Transport(#[from] TransportError),
+    #[error("Dropped a connection from {peer}: it did not open with a valid Hello")]
+    Stranger {
+        peer: String,
+        #[source]
+        source: Box<ReceiveError>,
+    },
 }
 
 /// Makes the page at `at` zero, writing it only if it is not zero already: fresh target RAM
@@ -66,6 +80,8 @@ pub struct Incoming<S> {
     stream: S,
     session: ReceiverSession,
     shape: VmShape,
+    /// Who the source is, when it came through a listener.
+    peer: Option<String>,
 }
 
 /// Reads the source's `Hello` and accepts the guest if `check` (this host's judgement of the
@@ -76,17 +92,145 @@ pub fn accept<S: Read + Write>(
     check: impl FnOnce(&VmShape) -> Result<(), String>,
     sev_chain: Option<Vec<u8>>,
 ) -> Result<Incoming<S>, ReceiveError> {
-    let mut session = ReceiverSession::new();
-    let frame = read_frame(&mut stream)?;
-    let action = session.on_message(&frame.message);
-    let hello = match (action, frame.message) {
-        (Ok(ReceiverAction::CheckHello), Message::Hello(hello)) => hello,
-        (Err(e), _) => {
-            let _ = write_frame(&mut stream, &Message::error(crate::error_chain(&e)));
-            return Err(e.into());
+    let (session, hello) = read_hello(&mut stream)?;
+    answer_hello(stream, session, hello, check, sev_chain)
+}
+
+/// Waits on `listener` for a source whose connection opens with a valid `Hello` within
+/// `hello_timeout`, and accepts its guest as [`accept`] does. Every other connection (closed
+/// at once, random bytes, a bad header, a refused TLS certificate, silence, a trickle too
+/// slow) is logged with its peer and what went wrong, dropped, and the wait goes on: a port
+/// scan or a health check cannot end it. Connections are taken one at a time, so a real
+/// source may wait up to `hello_timeout` behind a stranger (well within its peer timeout).
+pub fn accept_from(
+    listener: &Listener,
+    hello_timeout: Duration,
+    check: impl FnOnce(&VmShape) -> Result<(), String>,
+    sev_chain: Option<Vec<u8>>,
+) -> Result<Incoming<Stream>, ReceiveError> {
+    loop {
+        match opening(listener, hello_timeout) {
+            Ok((stream, peer, session, hello)) => {
+                let mut incoming = answer_hello(stream, session, hello, check, sev_chain)?;
+                incoming.peer = Some(peer);
+                return Ok(incoming);
+            }
+            Err(e @ ReceiveError::Stranger { .. }) => {
+                tracing::warn!("{}", crate::error_chain(&e));
+            }
+            Err(e) => return Err(e),
         }
-        (Ok(other), _) => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
+    }
+}
+
+/// One connection's opening: the stream and its valid `Hello`, a
+/// [`ReceiveError::Stranger`] for a connection to drop, or a listener that failed.
+fn opening(
+    listener: &Listener,
+    hello_timeout: Duration,
+) -> Result<(Stream, String, ReceiverSession, Hello), ReceiveError> {
+    let Accepted {
+        mut stream,
+        peer,
+        deadline,
+    } = loop {
+        match listener.accept_within(hello_timeout) {
+            Ok(accepted) => break accepted,
+            // The transport's error already names the peer.
+            Err(e) if e.is_one_connection() => tracing::warn!("{}", crate::error_chain(&e)),
+            Err(e) => return Err(e.into()),
+        }
     };
+    let stranger = |source| ReceiveError::Stranger {
+        peer: peer.clone(),
+        source: Box::new(source),
+    };
+    let hello = read_hello(&mut ByDeadline {
+        stream: &mut stream,
+        deadline,
+        timeout: hello_timeout,
+    });
+    let (session, hello) = hello.map_err(stranger)?;
+    stream
+        .set_peer_timeouts()
+        .map_err(|e| stranger(ReceiveError::Protocol(ProtocolError::Io(e))))?;
+    Ok((stream, peer, session, hello))
+}
+
+/// A new connection's stream while it owes its `Hello`: every read is bounded by what is
+/// left until the deadline, so a peer that trickles a byte at a time is cut off too.
+struct ByDeadline<'a> {
+    stream: &'a mut Stream,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl ByDeadline<'_> {
+    fn late(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no valid Hello within {}",
+                humantime::format_duration(self.timeout)
+            ),
+        )
+    }
+}
+
+impl Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.late());
+        }
+        self.stream.set_read_timeout(left)?;
+        match self.stream.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(self.late())
+            }
+            other => other,
+        }
+    }
+}
+
+impl Write for ByDeadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// The first frame, which must be a valid `Hello`; a peer that opens with anything else is
+/// told why (best effort) before the error comes back.
+fn read_hello(stream: &mut (impl Read + Write)) -> Result<(ReceiverSession, Hello), ReceiveError> {
+    let mut session = ReceiverSession::new();
+    let frame = read_frame(stream)?;
+    match (session.on_message(&frame.message), frame.message) {
+        (Ok(ReceiverAction::CheckHello), Message::Hello(hello)) => Ok((session, hello)),
+        (Err(e), _) => {
+            let _ = write_frame(stream, &Message::error(crate::error_chain(&e)));
+            Err(e.into())
+        }
+        (Ok(other), _) => Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
+    }
+}
+
+/// Judges the guest a `Hello` describes and answers it.
+fn answer_hello<S: Read + Write>(
+    mut stream: S,
+    mut session: ReceiverSession,
+    hello: Hello,
+    check: impl FnOnce(&VmShape) -> Result<(), String>,
+    sev_chain: Option<Vec<u8>>,
+) -> Result<Incoming<S>, ReceiveError> {
     let sev = hello.vm.sev().is_some();
     let es = hello
         .vm
@@ -114,10 +258,22 @@ pub fn accept<S: Read + Write>(
         stream,
         session,
         shape: hello.vm,
+        peer: None,
     })
 }
 
 impl<S: Read + Write> Incoming<S> {
+    /// The connection to the source.
+    pub fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    /// Who the source is (its address, or the UNIX socket it came through), when it came
+    /// through [`accept_from`].
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.as_deref()
+    }
+
     /// The guest's memory layout and vCPUs: build the VM to match.
     pub fn shape(&self) -> &VmShape {
         &self.shape
@@ -249,6 +405,50 @@ impl<S: Read + Write> Incoming<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::messages::tests::hello;
+    use crate::transport::{listen, Endpoint, Security};
+    use std::os::unix::net::UnixStream;
+
+    /// A peer that sends a byte of a real Hello every 150 ms never finishes within 500 ms,
+    /// though no single read waits that long: it is dropped, and the source behind it is
+    /// accepted.
+    #[test]
+    fn a_trickling_peer_is_cut_off_at_the_deadline_and_the_next_source_accepted() {
+        let dir = std::env::temp_dir().join(format!("veil-receiver-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.sock");
+        let endpoint = Endpoint::Unix(path.clone());
+        let listener = listen(&endpoint, &Security::default()).unwrap();
+        let mut frame = Vec::new();
+        write_frame(&mut frame, &Message::Hello(hello(false))).unwrap();
+        std::thread::scope(|scope| {
+            let peers = scope.spawn(|| {
+                let started = Instant::now();
+                let mut trickle = UnixStream::connect(&path).unwrap();
+                for byte in &frame {
+                    if trickle.write_all(std::slice::from_ref(byte)).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(150));
+                }
+                let cut_off = started.elapsed();
+                let mut source = UnixStream::connect(&path).unwrap();
+                source.write_all(&frame).unwrap();
+                let reply = read_frame(&mut source).unwrap();
+                (cut_off, reply.message)
+            });
+            let incoming = accept_from(&listener, Duration::from_millis(500), |_| Ok(()), None)
+                .expect("the source behind the stranger is accepted");
+            assert_eq!(incoming.shape(), &hello(false).vm);
+            assert!(incoming.peer().unwrap().contains("m.sock"));
+            let (cut_off, reply) = peers.join().unwrap();
+            assert!(cut_off < Duration::from_secs(2), "{cut_off:?}");
+            assert!(matches!(reply, Message::HelloReply(r) if r.accepted));
+        });
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use veil_hypervisor::memory::{GuestRam, MemoryConfig};
 
     #[test]

@@ -139,6 +139,8 @@ pub enum SendError {
     SevEs,
     #[error("A migration of this guest is already under way")]
     AlreadyMigrating,
+    #[error("Cannot reach the target")]
+    Connect(#[from] crate::transport::TransportError),
     #[error("Cannot hand the guest's devices over")]
     Devices(#[from] veil_hypervisor::devices::DeviceManagerError),
 }
@@ -276,13 +278,13 @@ pub fn shape_of(vm: &RunningVm, sev: Option<SevShape>) -> Result<VmShape, SendEr
     Ok(VmShape::new(memory, vm.vcpu_count() as u32, sev, cpuid)?)
 }
 
-struct Sender<'a, S> {
+struct Sender<'a, 's, S> {
     vm: &'a RunningVm,
     /// The SEV context until SEND_START, then the send in progress (cancelled if dropped).
     sev_source: Option<SevSource<'a>>,
     sev_send: Option<veil_sev::flow::Sender<'a>>,
     monitor: &'a MigrationMonitor,
-    stream: &'a mut S,
+    stream: &'s mut S,
     session: SenderSession,
     encoder: ChunkEncoder,
     sent: SentPages,
@@ -301,6 +303,21 @@ pub fn send<'f, S: Read + Write>(
     options: &'f SendOptions,
     sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError> {
+    send_when_ready(vm, || Ok::<_, SendError>(stream), options, sev)
+}
+
+/// As [`send`], but opens the stream with `connect` only once the guest may go (after
+/// [`SendOptions::wait_ready`]): a target owes nothing to a connection that stays silent, and
+/// drops it after its Hello timeout.
+pub fn send_when_ready<'f, S: Read + Write, E>(
+    vm: &'f RunningVm,
+    connect: impl FnOnce() -> Result<S, E>,
+    options: &'f SendOptions,
+    sev: Option<SevSource<'f>>,
+) -> Result<SendReport, SendError>
+where
+    SendError: From<E>,
+{
     if vm.paravirt().page_states().is_some() != sev.is_some() {
         return Err(SendError::Sev);
     }
@@ -310,7 +327,11 @@ pub fn send<'f, S: Read + Write>(
     if !options.monitor.begin() {
         return Err(SendError::AlreadyMigrating);
     }
-    let result = send_claimed(vm, stream, options, sev);
+    // Refuse before touching the target or the guest: nothing to undo.
+    let result = wait_until_migratable(vm, options.wait_ready, &options.monitor).and_then(|()| {
+        let mut stream = connect()?;
+        send_claimed(vm, &mut stream, options, sev)
+    });
     options.monitor.update(|p| match &result {
         Ok(_) => p.phase = Phase::Completed,
         Err(e) => {
@@ -323,12 +344,10 @@ pub fn send<'f, S: Read + Write>(
 
 fn send_claimed<'f, S: Read + Write>(
     vm: &'f RunningVm,
-    stream: &'f mut S,
+    stream: &mut S,
     options: &'f SendOptions,
     sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError> {
-    // Refuse before touching the target or the guest: nothing to undo.
-    wait_until_migratable(vm, options.wait_ready, &options.monitor)?;
     let started = Instant::now();
     let mut sender = Sender {
         vm,
@@ -385,7 +404,7 @@ fn send_claimed<'f, S: Read + Write>(
     }
 }
 
-impl<'a, S: Read + Write> Sender<'a, S> {
+impl<'a, S: Read + Write> Sender<'a, '_, S> {
     fn run(&mut self, options: &SendOptions, started: Instant) -> Result<(), SendError> {
         let sev_shape = self.sev_source.as_ref().map(|s| SevShape {
             policy: s.policy,

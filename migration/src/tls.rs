@@ -5,6 +5,7 @@ use std::io;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -115,14 +116,16 @@ impl TlsServer {
         Ok(Self(Arc::new(config)))
     }
 
-    /// Completes the handshake on `tcp`: on success the peer is authenticated.
+    /// Completes the handshake on `tcp` by `deadline` (a stranger that trickles bytes does not
+    /// hold the listener longer): on success the peer is authenticated.
     pub fn accept(
         &self,
         mut tcp: TcpStream,
+        deadline: Instant,
     ) -> Result<rustls::StreamOwned<ServerConnection, TcpStream>, TlsError> {
         let mut conn = ServerConnection::new(Arc::clone(&self.0))
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        handshake(&mut conn, &mut tcp)?;
+        handshake(&mut conn, &mut tcp, Some(deadline))?;
         Ok(rustls::StreamOwned::new(conn, tcp))
     }
 }
@@ -157,18 +160,48 @@ impl TlsClient {
             .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
         let mut conn = ClientConnection::new(Arc::clone(&self.0), name)
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        handshake(&mut conn, &mut tcp)?;
+        handshake(&mut conn, &mut tcp, None)?;
         Ok(rustls::StreamOwned::new(conn, tcp))
     }
 }
 
-fn handshake<C, D>(conn: &mut C, tcp: &mut TcpStream) -> Result<(), TlsError>
+fn handshake<C, D>(
+    conn: &mut C,
+    tcp: &mut TcpStream,
+    deadline: Option<Instant>,
+) -> Result<(), TlsError>
 where
     C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
     D: rustls::SideData,
 {
+    let late = || {
+        TlsError::Handshake(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the handshake did not finish in time",
+        ))
+    };
     while conn.is_handshaking() {
-        conn.complete_io(tcp).map_err(TlsError::Handshake)?;
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(late());
+            }
+            tcp.set_read_timeout(Some(left))
+                .map_err(TlsError::Handshake)?;
+        }
+        match conn.complete_io(tcp) {
+            Ok(_) => {}
+            Err(e)
+                if deadline.is_some()
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+            {
+                return Err(late())
+            }
+            Err(e) => return Err(TlsError::Handshake(e)),
+        }
     }
     // Flush what the handshake left to send (the client's Finished, the server's tickets).
     while conn.wants_write() {

@@ -4,9 +4,10 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::tls::{TlsClient, TlsError, TlsFiles, TlsServer};
 
@@ -40,6 +41,22 @@ pub enum TransportError {
     Connect(String, #[source] io::Error),
     #[error("Cannot listen on {0}")]
     Listen(String, #[source] io::Error),
+    #[error("Lost a connection from {peer} as it was accepted")]
+    Dropped {
+        peer: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl TransportError {
+    /// Whether this concerns one incoming connection only, so a listener can wait for the next.
+    pub fn is_one_connection(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Rejected { .. } | TransportError::Dropped { .. }
+        )
+    }
 }
 
 impl std::str::FromStr for Endpoint {
@@ -133,18 +150,40 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// The socket under any TLS.
+    fn socket(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::TlsClient(s) => s.sock.as_fd(),
+            Stream::TlsServer(s) => s.sock.as_fd(),
+        }
+    }
+
+    /// Bounds the next reads: a read that waits longer fails with `WouldBlock` or `TimedOut`.
+    pub fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+        socket2::SockRef::from(&self.socket()).set_read_timeout(Some(timeout))
+    }
+
+    /// Back to the peer timeout for every wait, once a bounded opening is over.
+    pub fn set_peer_timeouts(&self) -> io::Result<()> {
+        set_timeouts(&self.socket(), PEER_TIMEOUT)
+    }
+}
+
 /// Bounds every wait on a silent peer, the TLS handshake included.
-fn set_timeouts(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+fn set_timeouts(socket: &impl AsFd, timeout: Duration) -> io::Result<()> {
     let socket = socket2::SockRef::from(socket);
-    socket.set_read_timeout(Some(PEER_TIMEOUT))?;
-    socket.set_write_timeout(Some(PEER_TIMEOUT))
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))
 }
 
 /// A TCP connection's timeouts: besides the socket's, the kernel drops the connection once
 /// sent data has gone unacknowledged for the peer timeout (a link that went down), where a
 /// send timeout alone could be restarted by every partial write.
-fn set_tcp_timeouts(socket: &TcpStream) -> io::Result<()> {
-    set_timeouts(socket)?;
+fn set_tcp_timeouts(socket: &TcpStream, timeout: Duration) -> io::Result<()> {
+    set_timeouts(socket, timeout)?;
     socket.set_nodelay(true)?;
     socket2::SockRef::from(socket).set_tcp_user_timeout(Some(PEER_TIMEOUT))
 }
@@ -250,13 +289,13 @@ pub fn connect(endpoint: &Endpoint, security: &Security) -> Result<Stream, Trans
     match endpoint {
         Endpoint::Unix(path) => {
             let s = UnixStream::connect(path).map_err(error)?;
-            set_timeouts(&s).map_err(error)?;
+            set_timeouts(&s, PEER_TIMEOUT).map_err(error)?;
             Ok(Stream::Unix(s))
         }
         Endpoint::Tcp(addr) => {
             let s = TcpStream::connect(addr).map_err(error)?;
             // Chunks are large and the state message small: don't hold the last one back.
-            set_tcp_timeouts(&s).map_err(error)?;
+            set_tcp_timeouts(&s, PEER_TIMEOUT).map_err(error)?;
             match tls {
                 None => Ok(Stream::Tcp(s)),
                 Some(client) => {
@@ -268,10 +307,28 @@ pub fn connect(endpoint: &Endpoint, security: &Security) -> Result<Stream, Trans
     }
 }
 
-/// A listening endpoint that takes one source.
-pub enum Listener {
-    Unix(UnixListener, PathBuf),
-    Tcp(TcpListener, Option<TlsServer>),
+/// A connection just accepted, which owes its opening by `deadline`.
+pub struct Accepted {
+    pub stream: Stream,
+    /// Who connected, for the log: an address, or the UNIX socket it came through.
+    pub peer: String,
+    /// When the opening's time runs out.
+    pub deadline: Instant,
+}
+
+/// A listening endpoint that takes one source at a time.
+pub struct Listener {
+    socket: ListeningSocket,
+    tls: Option<TlsServer>,
+    /// The UNIX socket's file, removed with the listener that created it (not with one
+    /// inherited from another process).
+    owned_path: Option<PathBuf>,
+    endpoint: Endpoint,
+}
+
+enum ListeningSocket {
+    Unix(UnixListener),
+    Tcp(TcpListener),
 }
 
 impl Listener {
@@ -279,38 +336,83 @@ impl Listener {
     /// Over TLS the source is authenticated before this returns; one that fails is
     /// [`TransportError::Rejected`], and the caller may wait for another.
     pub fn accept(&self) -> Result<Stream, TransportError> {
-        let error = |e| TransportError::Listen(self.to_string(), e);
-        match self {
-            Listener::Unix(l, _) => {
+        Ok(self.accept_within(PEER_TIMEOUT)?.stream)
+    }
+
+    /// Waits for a connection (as long as it takes) and returns it with the peer's address;
+    /// every wait on the peer (the TLS handshake as a whole, then each read and write) is
+    /// bounded by `timeout` until [`Stream::set_peer_timeouts`]. A connection that fails
+    /// before it is a usable stream is an error for which
+    /// [`TransportError::is_one_connection`] holds: the caller may wait for the next.
+    pub fn accept_within(&self, timeout: Duration) -> Result<Accepted, TransportError> {
+        // A connection reset before it was taken is that connection's failure, not the
+        // listener's.
+        let error = |e: io::Error| match e.kind() {
+            io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted => TransportError::Dropped {
+                peer: "a peer that left before it was accepted".into(),
+                source: e,
+            },
+            _ => TransportError::Listen(self.to_string(), e),
+        };
+        match &self.socket {
+            ListeningSocket::Unix(l) => {
                 let s = l.accept().map_err(error)?.0;
-                set_timeouts(&s).map_err(error)?;
-                Ok(Stream::Unix(s))
+                // A UNIX peer has no address of its own: name the socket it came through.
+                let peer = format!("a local process on {}", self.endpoint);
+                let dropped = |source| TransportError::Dropped {
+                    peer: peer.clone(),
+                    source,
+                };
+                let deadline = Instant::now() + timeout;
+                set_timeouts(&s, timeout).map_err(dropped)?;
+                Ok(Accepted {
+                    stream: Stream::Unix(s),
+                    peer,
+                    deadline,
+                })
             }
-            Listener::Tcp(l, tls) => {
+            ListeningSocket::Tcp(l) => {
                 let (s, peer) = l.accept().map_err(error)?;
-                set_tcp_timeouts(&s).map_err(error)?;
-                match tls {
-                    None => Ok(Stream::Tcp(s)),
-                    Some(server) => match server.accept(s) {
-                        Ok(s) => Ok(Stream::TlsServer(Box::new(s))),
-                        Err(source) => Err(TransportError::Rejected {
-                            peer: peer.to_string(),
-                            source,
-                        }),
+                let peer = peer.to_string();
+                let deadline = Instant::now() + timeout;
+                set_tcp_timeouts(&s, timeout).map_err(|source| TransportError::Dropped {
+                    peer: peer.clone(),
+                    source,
+                })?;
+                let stream = match &self.tls {
+                    None => Stream::Tcp(s),
+                    Some(server) => match server.accept(s, deadline) {
+                        Ok(s) => Stream::TlsServer(Box::new(s)),
+                        Err(source) => return Err(TransportError::Rejected { peer, source }),
                     },
-                }
+                };
+                Ok(Accepted {
+                    stream,
+                    peer,
+                    deadline,
+                })
             }
+        }
+    }
+
+    /// The listening socket, for a child process to inherit ([`inherit`]).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.socket {
+            ListeningSocket::Unix(l) => l.as_fd(),
+            ListeningSocket::Tcp(l) => l.as_fd(),
         }
     }
 }
 
 impl std::fmt::Display for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Listener::Unix(_, path) => write!(f, "unix:{}", path.display()),
-            Listener::Tcp(l, _) => match l.local_addr() {
+        match &self.socket {
+            ListeningSocket::Unix(_) => write!(f, "{}", self.endpoint),
+            ListeningSocket::Tcp(l) => match l.local_addr() {
                 Ok(addr) => write!(f, "tcp:{addr}"),
-                Err(_) => write!(f, "tcp"),
+                Err(_) => write!(f, "{}", self.endpoint),
             },
         }
     }
@@ -318,10 +420,33 @@ impl std::fmt::Display for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Some(path) = &self.owned_path {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Takes over `socket`, already listening on `endpoint` (passed down by the process that
+/// called [`listen`]), with `security` as there. The socket's file stays when it is dropped.
+pub fn inherit(
+    endpoint: &Endpoint,
+    security: &Security,
+    socket: OwnedFd,
+) -> Result<Listener, TransportError> {
+    let tls = security
+        .tls_for(endpoint)?
+        .map(TlsServer::new)
+        .transpose()?;
+    let socket = match endpoint {
+        Endpoint::Unix(_) => ListeningSocket::Unix(UnixListener::from(socket)),
+        Endpoint::Tcp(_) => ListeningSocket::Tcp(TcpListener::from(socket)),
+    };
+    Ok(Listener {
+        socket,
+        tls,
+        owned_path: None,
+        endpoint: endpoint.clone(),
+    })
 }
 
 /// Listens for a source.
@@ -331,14 +456,24 @@ pub fn listen(endpoint: &Endpoint, security: &Security) -> Result<Listener, Tran
         .map(TlsServer::new)
         .transpose()?;
     let error = |e| TransportError::Listen(endpoint.to_string(), e);
-    Ok(match endpoint {
+    let (socket, owned_path) = match endpoint {
         Endpoint::Unix(path) => {
             if path.exists() && UnixStream::connect(path).is_err() {
                 std::fs::remove_file(path).map_err(error)?;
             }
-            Listener::Unix(UnixListener::bind(path).map_err(error)?, path.clone())
+            let socket = UnixListener::bind(path).map_err(error)?;
+            (ListeningSocket::Unix(socket), Some(path.clone()))
         }
-        Endpoint::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr).map_err(error)?, tls),
+        Endpoint::Tcp(addr) => (
+            ListeningSocket::Tcp(TcpListener::bind(addr).map_err(error)?),
+            None,
+        ),
+    };
+    Ok(Listener {
+        socket,
+        tls,
+        owned_path,
+        endpoint: endpoint.clone(),
     })
 }
 

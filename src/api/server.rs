@@ -243,7 +243,13 @@ fn migrate(
     sev_trust_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let endpoint: Endpoint = to.parse()?;
-    let mut stream = veil_migration::transport::connect(&endpoint, &security)?;
+    // Connected only once the guest may go: the target drops a connection silent for long.
+    let mut protection = "";
+    let connect = || {
+        let stream = veil_migration::transport::connect(&endpoint, &security)?;
+        protection = stream.protection();
+        Ok::<_, veil_migration::transport::TransportError>(stream)
+    };
     let mut options = SendOptions::default();
     if let Some(ms) = limits.downtime_ms {
         options.downtime = std::time::Duration::from_millis(ms);
@@ -252,7 +258,7 @@ fn migrate(
     options.wait_ready = limits.wait_ready_ms.map(std::time::Duration::from_millis);
     options.monitor = std::sync::Arc::clone(vm.migration());
     let r = match vm.sev() {
-        None => veil_migration::sender::send(vm.inner(), &mut stream, &options, None)?,
+        None => veil_migration::sender::send_when_ready(vm.inner(), connect, &options, None)?,
         Some(guest) => {
             let mut trusted_arks = veil_sev::emulated::identity::amd_arks()?;
             if let Some(path) = sev_trust_chain {
@@ -281,7 +287,7 @@ fn migrate(
                 },
                 trusted_arks,
             };
-            veil_migration::sender::send(vm.inner(), &mut stream, &options, Some(source))?
+            veil_migration::sender::send_when_ready(vm.inner(), connect, &options, Some(source))?
         }
     };
     Ok(serde_json::json!({
@@ -295,6 +301,6 @@ fn migrate(
         "pages_resent": r.pages_resent,
         "private_pages": r.private_pages,
         "clear_pages": r.clear_pages,
-        "transport": stream.protection(),
+        "transport": protection,
     }))
 }

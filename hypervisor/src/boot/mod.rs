@@ -61,6 +61,10 @@ pub enum BootError {
     /// The command line could not be written.
     #[error("Cannot write the kernel command line")]
     WriteCmdline(#[source] loader::Error),
+    /// The kernel's segments (their memory size, not only the bytes in the file) reach past
+    /// guest RAM.
+    #[error("Kernel {} needs guest memory from {start:#x} to {end:#x}, beyond this VM's RAM", path.display())]
+    KernelOutsideRam { path: PathBuf, start: u64, end: u64 },
     /// The initrd does not fit in guest memory.
     #[error("The initrd ({size} bytes) does not fit in guest memory below {limit:#x}")]
     InitrdTooLarge { size: u64, limit: u64 },
@@ -152,10 +156,23 @@ pub fn load(memory: &GuestMemory, config: &BootConfig) -> Result<BootImage, Boot
         Format::Elf => Elf::load(memory, None, &mut kernel, highmem).map_err(load_error)?,
         Format::BzImage => BzImage::load(memory, None, &mut kernel, highmem).map_err(load_error)?,
     };
+    // linux-loader writes the bytes the file holds but reports the end of the segments' memory
+    // size (their bss) unchecked: a range beyond RAM would reach the measurement and the
+    // initrd's placement.
+    let (start, end) = (result.kernel_load.0, result.kernel_end);
+    let inside = end >= start
+        && (end == start || memory.check_range(result.kernel_load, (end - start) as usize));
+    if !inside {
+        return Err(BootError::KernelOutsideRam {
+            path: path.clone(),
+            start,
+            end,
+        });
+    }
     let mut loaded = vec![LoadedRange {
         kind: LoadedKind::Kernel,
         start: result.kernel_load,
-        len: result.kernel_end.saturating_sub(result.kernel_load.0),
+        len: end - start,
     }];
 
     let cmdline = write_cmdline(memory, &config.cmdline)?;
@@ -303,6 +320,77 @@ mod tests {
         let path = std::env::temp_dir().join(format!("veil-boot-{}-{name}", std::process::id()));
         File::create(&path).unwrap().write_all(contents).unwrap();
         path
+    }
+
+    /// Found by the kernel_load fuzz target: a PVH ELF whose one segment holds 16 bytes but
+    /// claims 0x0d00_0000_0000_0010 of memory. It was loaded, and reported as a kernel range
+    /// of that length.
+    #[test]
+    fn a_kernel_whose_segments_reach_past_ram_is_refused() {
+        let mut elf = Vec::new();
+        elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        for v in [2u16, 0x3e] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        elf.extend_from_slice(&1u32.to_le_bytes());
+        for v in [0x10_0000u64, 64, 0] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        elf.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, 2, 0, 0, 0] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        let segment = |kind: u32, flags: u32, words: [u64; 6]| {
+            let mut header = Vec::new();
+            header.extend_from_slice(&kind.to_le_bytes());
+            header.extend_from_slice(&flags.to_le_bytes());
+            for w in words {
+                header.extend_from_slice(&w.to_le_bytes());
+            }
+            header
+        };
+        // PT_LOAD: offset 0xb0, at 1 MiB, 16 bytes in the file, an absurd memory size.
+        elf.extend(segment(
+            1,
+            5,
+            [
+                0xb0,
+                0x10_0000,
+                0x10_0000,
+                16,
+                0x0d00_0000_0000_0010,
+                0x1000,
+            ],
+        ));
+        // PT_NOTE: the Xen PVH entry note after the code.
+        elf.extend(segment(4, 4, [0xc0, 0, 0, 20, 20, 4]));
+        elf.extend_from_slice(&[0xf4; 16]);
+        for v in [4u32, 4, 18] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        elf.extend_from_slice(b"Xen\0");
+        elf.extend_from_slice(&0x10_0000u32.to_le_bytes());
+        let path = temp("huge-bss", &elf);
+        let err = load(
+            ram().memory(),
+            &BootConfig {
+                kernel: path.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::KernelOutsideRam {
+                    start: 0x10_0000,
+                    end: 0x0d00_0000_0010_0010,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]
