@@ -50,10 +50,21 @@ fn with_a_console_on_stdio_the_console_reads_stdin() {
     assert_eq!(text.matches("hello").count(), 2, "{text}");
 }
 
-/// Connects to a socket Veil is about to create.
+/// Connects to a socket Veil is about to create (its file appears at bind, a moment before
+/// it listens).
 fn connect(path: &std::path::Path) -> UnixStream {
     common::wait_for(path);
-    let stream = UnixStream::connect(path).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => break stream,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
