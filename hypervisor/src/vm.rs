@@ -192,7 +192,7 @@ impl Vm {
         });
         registered.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let (features, paravirt, vcpus, boot, cpuid) = rest?;
-        let msr_indices = vcpu::stateful_msrs(&kvm);
+        let msr_indices = vcpu::stateful_msrs(&kvm, &vcpus[0].fd);
         let power_on = PowerOnState::capture(&fd, &vcpus, &msr_indices)?;
 
         Ok(Self {

@@ -7,31 +7,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
-/// MSRs that carry guest state beyond the registers (the set Firecracker and Cloud Hypervisor
-/// save). Only those KVM reports in `KVM_GET_MSR_INDEX_LIST` are used.
-pub const STATEFUL_MSRS: &[u32] = &[
-    0x0000_0010, // IA32_TSC
-    0x0000_001b, // IA32_APIC_BASE
-    0x0000_003a, // IA32_FEATURE_CONTROL
-    0x0000_0174, // IA32_SYSENTER_CS
-    0x0000_0175, // IA32_SYSENTER_ESP
-    0x0000_0176, // IA32_SYSENTER_EIP
-    0x0000_01a0, // IA32_MISC_ENABLE
-    0x0000_0277, // IA32_PAT
-    0x0000_06e0, // IA32_TSC_DEADLINE
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-    0xc000_0103, // TSC_AUX
-    0x4b56_4d00, // MSR_KVM_WALL_CLOCK_NEW
-    0x4b56_4d01, // MSR_KVM_SYSTEM_TIME_NEW
-    0x4b56_4d02, // MSR_KVM_ASYNC_PF_EN
-    0x4b56_4d03, // MSR_KVM_STEAL_TIME
-    0x4b56_4d04, // MSR_KVM_PV_EOI_EN
-    0x4b56_4d06, // MSR_KVM_POLL_CONTROL
-];
+use super::msrs;
 
 /// Errors saving or restoring vCPU state.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +19,13 @@ pub enum VcpuStateError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// KVM saved or restored fewer MSRs than asked.
-    #[error("KVM handled {done} of {wanted} MSRs")]
-    PartialMsrs { done: usize, wanted: usize },
+    /// KVM saved or restored fewer MSRs than asked: it stopped at `refused`.
+    #[error("KVM handled {done} of {wanted} MSRs, refusing MSR {refused:#x}")]
+    PartialMsrs {
+        done: usize,
+        wanted: usize,
+        refused: u32,
+    },
     /// Too many MSRs for one KVM call.
     #[error("Too many MSRs for one KVM call")]
     TooManyMsrs,
@@ -83,7 +63,7 @@ impl std::fmt::Debug for VcpuState {
 
 impl VcpuState {
     /// Reads the state of a vCPU that is not running. `msr_indices` are the MSRs to save
-    /// (see [`STATEFUL_MSRS`]); `has_lapic` says whether the VM has an in-kernel irqchip.
+    /// (see [`stateful_msrs`]); `has_lapic` says whether the VM has an in-kernel irqchip.
     pub fn save(fd: &VcpuFd, msr_indices: &[u32], has_lapic: bool) -> Result<Self, VcpuStateError> {
         // Events first and MP state early: reading registers must not change what is pending.
         let mp_state = fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
@@ -96,21 +76,14 @@ impl VcpuState {
         let lapic = has_lapic
             .then(|| fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC")))
             .transpose()?;
-        let entries: Vec<_> = msr_indices
+        let mut msrs: Vec<kvm_msr_entry> = msr_indices
             .iter()
             .map(|&index| kvm_msr_entry {
                 index,
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooManyMsrs)?;
-        let done = fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
-        if done != entries.len() {
-            return Err(VcpuStateError::PartialMsrs {
-                done,
-                wanted: entries.len(),
-            });
-        }
+        get_msrs(fd, &mut msrs)?;
         Ok(Self {
             regs,
             sregs,
@@ -120,7 +93,7 @@ impl VcpuState {
             events,
             mp_state,
             lapic,
-            msrs: msrs.as_slice().to_vec(),
+            msrs,
         })
     }
 
@@ -135,14 +108,7 @@ impl VcpuState {
         fd.set_xcrs(&self.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
         fd.set_debug_regs(&self.debugregs)
             .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VcpuStateError::TooManyMsrs)?;
-        let done = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
-        if done != self.msrs.len() {
-            return Err(VcpuStateError::PartialMsrs {
-                done,
-                wanted: self.msrs.len(),
-            });
-        }
+        set_msrs(fd, &self.msrs)?;
         if let Some(lapic) = &self.lapic {
             fd.set_lapic(lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         }
@@ -154,15 +120,48 @@ impl VcpuState {
     }
 }
 
-/// The subset of [`STATEFUL_MSRS`] this host's KVM can save.
-pub fn stateful_msrs(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
-    let supported = kvm
-        .get_msr_index_list()
-        .map(|l| l.as_slice().to_vec())
-        .unwrap_or_default();
-    STATEFUL_MSRS
-        .iter()
-        .copied()
-        .filter(|m| supported.contains(m))
-        .collect()
+/// Reads `entries` (their indices set) from the vCPU; all or an error naming the one refused.
+fn get_msrs(fd: &VcpuFd, entries: &mut [kvm_msr_entry]) -> Result<(), VcpuStateError> {
+    let done = msrs::in_chunks(entries, |chunk| {
+        let mut msrs = Msrs::from_entries(chunk).map_err(|_| VcpuStateError::TooManyMsrs)?;
+        let n = fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+        chunk.copy_from_slice(msrs.as_slice());
+        Ok(n)
+    })?;
+    all_msrs(done, entries)
+}
+
+/// Writes `entries` into the vCPU; all or an error naming the one refused.
+fn set_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
+    let mut entries = entries.to_vec();
+    let done = msrs::in_chunks(&mut entries, |chunk| {
+        let msrs = Msrs::from_entries(chunk).map_err(|_| VcpuStateError::TooManyMsrs)?;
+        fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))
+    })?;
+    all_msrs(done, &entries)
+}
+
+fn all_msrs(done: usize, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
+    match entries.get(done) {
+        None => Ok(()),
+        Some(refused) => Err(VcpuStateError::PartialMsrs {
+            done,
+            wanted: entries.len(),
+            refused: refused.index,
+        }),
+    }
+}
+
+/// The MSRs to save for the vCPUs of one VM: every MSR this host's KVM lists (see
+/// [`msrs`](super::msrs)) that `fd`, a vCPU with the VM's CPUID, answers.
+pub fn stateful_msrs(kvm: &kvm_ioctls::Kvm, fd: &VcpuFd) -> Vec<u32> {
+    let candidates = msrs::host_candidates(kvm);
+    msrs::readable(&candidates, |chunk| {
+        let mut msrs = Msrs::from_entries(chunk).map_err(|_| VcpuStateError::TooManyMsrs)?;
+        fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))
+    })
+    .unwrap_or_else(|e| {
+        tracing::warn!("cannot list the vCPU's MSRs: {e}");
+        Vec::new()
+    })
 }
