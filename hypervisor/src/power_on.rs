@@ -48,7 +48,7 @@ impl PowerOnState {
     /// Puts one vCPU back (it must not be running).
     pub fn restore_vcpu(&self, vcpu: &Vcpu) -> Result<(), PowerOnError> {
         self.vcpus[vcpu.id as usize]
-            .restore(&vcpu.fd)
+            .restore(&vcpu.fd, None)
             .map_err(|source| PowerOnError::Vcpu {
                 vcpu: vcpu.id,
                 source,

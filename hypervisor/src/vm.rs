@@ -304,9 +304,18 @@ impl Vm {
                 expected: self.vcpus.len() as u64,
             });
         }
+        let count = self.vcpus.len() as u32;
         for (v, state) in self.vcpus.iter().zip(&snapshot.vcpus) {
+            // The CPUID this VM was built with (the guest's own, for a migrated-in guest),
+            // set again first so everything after it is checked against it.
+            let cpuid = self.cpuid.for_vcpu(v.id, count).map_err(|e| {
+                VmError::Vcpu(VcpuError::Cpuid {
+                    id: v.id,
+                    source: e,
+                })
+            })?;
             state
-                .restore(&v.fd)
+                .restore(&v.fd, Some(cpuid.as_slice()))
                 .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
         }
         snapshot.platform.restore(&self.fd)?;
@@ -669,8 +678,9 @@ impl RunningVm {
         }
         for (v, state) in self.vcpus.iter().zip(states) {
             let v = lock(v);
+            // A running VM's vCPUs have run: KVM allows no new CPUID.
             state
-                .restore(&v.fd)
+                .restore(&v.fd, None)
                 .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
         }
         Ok(())

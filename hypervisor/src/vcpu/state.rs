@@ -1,8 +1,8 @@
 //! A vCPU's complete architectural state as a serializable value, for migration.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,9 @@ pub enum VcpuStateError {
     /// Too many MSRs for one KVM call.
     #[error("Too many MSRs for one KVM call")]
     TooManyMsrs,
+    /// More CPUID entries than KVM takes.
+    #[error("Too many CPUID entries for KVM")]
+    TooManyCpuidEntries,
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
@@ -97,26 +100,166 @@ impl VcpuState {
         })
     }
 
-    /// Writes this state into a vCPU that is not running.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
-        // Special registers before MSRs (EFER, APIC base) and the LAPIC after the APIC base.
-        fd.set_sregs(&self.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
-        fd.set_regs(&self.regs).map_err(ioctl("KVM_SET_REGS"))?;
-        // SAFETY: the xsave area came from KVM_GET_XSAVE of the same size, so KVM reads only
-        // memory that belongs to `self.xsave`.
-        unsafe { fd.set_xsave(&self.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
-        fd.set_xcrs(&self.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
-        fd.set_debug_regs(&self.debugregs)
-            .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
-        set_msrs(fd, &self.msrs)?;
-        if let Some(lapic) = &self.lapic {
-            fd.set_lapic(lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+    /// Writes this state into a vCPU that is not running, in [`RESTORE_ORDER`]. `cpuid` is
+    /// the table to give the vCPU first; `None` leaves the one it has (KVM refuses to change
+    /// the CPUID of a vCPU that has run).
+    pub fn restore(
+        &self,
+        fd: &VcpuFd,
+        cpuid: Option<&[kvm_cpuid_entry2]>,
+    ) -> Result<(), VcpuStateError> {
+        self.restore_into(fd, cpuid)
+    }
+
+    pub(crate) fn restore_into(
+        &self,
+        target: &impl RestoreTarget,
+        cpuid: Option<&[kvm_cpuid_entry2]>,
+    ) -> Result<(), VcpuStateError> {
+        for part in RESTORE_ORDER {
+            self.apply(part, target, cpuid)?;
         }
-        fd.set_mp_state(self.mp_state)
-            .map_err(ioctl("KVM_SET_MP_STATE"))?;
-        fd.set_vcpu_events(&self.events)
-            .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
+    }
+
+    fn apply(
+        &self,
+        part: StatePart,
+        target: &impl RestoreTarget,
+        cpuid: Option<&[kvm_cpuid_entry2]>,
+    ) -> Result<(), VcpuStateError> {
+        let is_deadline = |e: &&kvm_msr_entry| e.index == msrs::MSR_IA32_TSC_DEADLINE;
+        match part {
+            StatePart::Cpuid => cpuid.map_or(Ok(()), |c| target.set_cpuid(c)),
+            StatePart::Sregs => target.set_sregs(&self.sregs),
+            StatePart::Regs => target.set_regs(&self.regs),
+            StatePart::Xsave => target.set_xsave(&self.xsave),
+            StatePart::Xcrs => target.set_xcrs(&self.xcrs),
+            StatePart::DebugRegs => target.set_debug_regs(&self.debugregs),
+            StatePart::Lapic => self.lapic.as_ref().map_or(Ok(()), |l| target.set_lapic(l)),
+            StatePart::Msrs => {
+                let rest: Vec<_> = self
+                    .msrs
+                    .iter()
+                    .filter(|e| !is_deadline(e))
+                    .copied()
+                    .collect();
+                target.set_msrs(&rest)
+            }
+            StatePart::TscDeadline => {
+                let deadline: Vec<_> = self.msrs.iter().filter(is_deadline).copied().collect();
+                if deadline.is_empty() {
+                    return Ok(());
+                }
+                target.set_msrs(&deadline)
+            }
+            StatePart::MpState => target.set_mp_state(self.mp_state),
+            StatePart::Events => target.set_vcpu_events(&self.events),
+        }
+    }
+}
+
+/// One part of a vCPU's state as KVM takes it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatePart {
+    Cpuid,
+    Sregs,
+    Regs,
+    Xsave,
+    Xcrs,
+    DebugRegs,
+    Lapic,
+    /// Every saved MSR but `IA32_TSC_DEADLINE`.
+    Msrs,
+    /// `IA32_TSC_DEADLINE` alone.
+    TscDeadline,
+    MpState,
+    Events,
+}
+
+/// The order in which a vCPU's state goes back into KVM; each part needs those before it
+/// (Cloud Hypervisor's and Firecracker's `set_state` keep the same constraints):
+///
+/// 1. **CPUID** first: KVM checks XCR0 against leaf 0xD, several MSRs and the LAPIC's timer
+///    modes against the guest's CPUID, and recomputes its own state from it when it is set.
+/// 2. **sregs**: CR0, CR4 and EFER fix the mode the general registers belong to, and the APIC
+///    base (in sregs) decides whether KVM_SET_LAPIC takes an xAPIC or an x2APIC page.
+/// 3. **regs**: KVM_SET_REGS also drops any pending exception, so it must precede the events.
+/// 4. **xsave, xcrs**: XCR0 and the extended state, allowed by the CPUID set above.
+/// 5. **debug registers**.
+/// 6. **LAPIC** before the MSRs: KVM ignores a write of `IA32_TSC_DEADLINE` unless the LAPIC
+///    timer is already in TSC-deadline mode, so the deadline (and the guest's next tick)
+///    would be lost.
+/// 7. **MSRs**, `IA32_TSC` and `IA32_TSC_ADJUST` among them;
+/// 8. then **TSC_DEADLINE** alone: the deadline is a TSC value, armed against the TSC as
+///    restored.
+/// 9. **mp_state** before the events: KVM checks a latched INIT and SMM in the events
+///    against the MP state.
+/// 10. **events** last: pending exceptions, interrupts and NMIs, which the calls above may
+///     clear (KVM_SET_REGS, KVM_SET_LAPIC) and which must survive.
+pub const RESTORE_ORDER: [StatePart; 11] = [
+    StatePart::Cpuid,
+    StatePart::Sregs,
+    StatePart::Regs,
+    StatePart::Xsave,
+    StatePart::Xcrs,
+    StatePart::DebugRegs,
+    StatePart::Lapic,
+    StatePart::Msrs,
+    StatePart::TscDeadline,
+    StatePart::MpState,
+    StatePart::Events,
+];
+
+/// The calls a restore makes into KVM: a vCPU, or a recorder in tests.
+pub(crate) trait RestoreTarget {
+    fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuStateError>;
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VcpuStateError>;
+    fn set_regs(&self, regs: &kvm_regs) -> Result<(), VcpuStateError>;
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), VcpuStateError>;
+    fn set_xcrs(&self, xcrs: &kvm_xcrs) -> Result<(), VcpuStateError>;
+    fn set_debug_regs(&self, debugregs: &kvm_debugregs) -> Result<(), VcpuStateError>;
+    fn set_lapic(&self, lapic: &kvm_lapic_state) -> Result<(), VcpuStateError>;
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError>;
+    fn set_mp_state(&self, mp_state: kvm_mp_state) -> Result<(), VcpuStateError>;
+    fn set_vcpu_events(&self, events: &kvm_vcpu_events) -> Result<(), VcpuStateError>;
+}
+
+impl RestoreTarget for VcpuFd {
+    fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuStateError> {
+        let cpuid =
+            CpuId::from_entries(entries).map_err(|_| VcpuStateError::TooManyCpuidEntries)?;
+        self.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
+    }
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VcpuStateError> {
+        VcpuFd::set_sregs(self, sregs).map_err(ioctl("KVM_SET_SREGS"))
+    }
+    fn set_regs(&self, regs: &kvm_regs) -> Result<(), VcpuStateError> {
+        VcpuFd::set_regs(self, regs).map_err(ioctl("KVM_SET_REGS"))
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), VcpuStateError> {
+        // SAFETY: `kvm_xsave` is the fixed 4 KiB area KVM_SET_XSAVE reads (KVM_GET_XSAVE
+        // filled it; Veil never enables KVM_CAP_XSAVE2's larger one), so KVM reads only
+        // memory that belongs to `xsave`.
+        unsafe { VcpuFd::set_xsave(self, xsave) }.map_err(ioctl("KVM_SET_XSAVE"))
+    }
+    fn set_xcrs(&self, xcrs: &kvm_xcrs) -> Result<(), VcpuStateError> {
+        VcpuFd::set_xcrs(self, xcrs).map_err(ioctl("KVM_SET_XCRS"))
+    }
+    fn set_debug_regs(&self, debugregs: &kvm_debugregs) -> Result<(), VcpuStateError> {
+        VcpuFd::set_debug_regs(self, debugregs).map_err(ioctl("KVM_SET_DEBUGREGS"))
+    }
+    fn set_lapic(&self, lapic: &kvm_lapic_state) -> Result<(), VcpuStateError> {
+        VcpuFd::set_lapic(self, lapic).map_err(ioctl("KVM_SET_LAPIC"))
+    }
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
+        set_msrs(self, entries)
+    }
+    fn set_mp_state(&self, mp_state: kvm_mp_state) -> Result<(), VcpuStateError> {
+        VcpuFd::set_mp_state(self, mp_state).map_err(ioctl("KVM_SET_MP_STATE"))
+    }
+    fn set_vcpu_events(&self, events: &kvm_vcpu_events) -> Result<(), VcpuStateError> {
+        VcpuFd::set_vcpu_events(self, events).map_err(ioctl("KVM_SET_VCPU_EVENTS"))
     }
 }
 
@@ -164,4 +307,115 @@ pub fn stateful_msrs(kvm: &kvm_ioctls::Kvm, fd: &VcpuFd) -> Vec<u32> {
         tracing::warn!("cannot list the vCPU's MSRs: {e}");
         Vec::new()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// Records the calls a restore makes, MSR writes with their indices.
+    #[derive(Default)]
+    struct Recorder(RefCell<Vec<String>>);
+
+    impl Recorder {
+        fn note(&self, call: impl Into<String>) -> Result<(), VcpuStateError> {
+            self.0.borrow_mut().push(call.into());
+            Ok(())
+        }
+    }
+
+    impl RestoreTarget for Recorder {
+        fn set_cpuid(&self, _: &[kvm_cpuid_entry2]) -> Result<(), VcpuStateError> {
+            self.note("cpuid")
+        }
+        fn set_sregs(&self, _: &kvm_sregs) -> Result<(), VcpuStateError> {
+            self.note("sregs")
+        }
+        fn set_regs(&self, _: &kvm_regs) -> Result<(), VcpuStateError> {
+            self.note("regs")
+        }
+        fn set_xsave(&self, _: &kvm_xsave) -> Result<(), VcpuStateError> {
+            self.note("xsave")
+        }
+        fn set_xcrs(&self, _: &kvm_xcrs) -> Result<(), VcpuStateError> {
+            self.note("xcrs")
+        }
+        fn set_debug_regs(&self, _: &kvm_debugregs) -> Result<(), VcpuStateError> {
+            self.note("debugregs")
+        }
+        fn set_lapic(&self, _: &kvm_lapic_state) -> Result<(), VcpuStateError> {
+            self.note("lapic")
+        }
+        fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
+            let indices: Vec<String> = entries.iter().map(|e| format!("{:#x}", e.index)).collect();
+            self.note(format!("msrs {}", indices.join(" ")))
+        }
+        fn set_mp_state(&self, _: kvm_mp_state) -> Result<(), VcpuStateError> {
+            self.note("mp_state")
+        }
+        fn set_vcpu_events(&self, _: &kvm_vcpu_events) -> Result<(), VcpuStateError> {
+            self.note("events")
+        }
+    }
+
+    fn state(msrs: &[u32]) -> VcpuState {
+        VcpuState {
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+            lapic: Some(Default::default()),
+            msrs: msrs
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn state_goes_back_in_the_order_kvm_needs_with_the_tsc_deadline_last_of_the_msrs() {
+        let saved = state(&[
+            0x174,
+            msrs::MSR_IA32_TSC_DEADLINE,
+            msrs::MSR_IA32_TSC,
+            0x277,
+        ]);
+        let kvm = Recorder::default();
+        saved.restore_into(&kvm, Some(&[])).unwrap();
+        assert_eq!(
+            kvm.0.into_inner(),
+            [
+                "cpuid",
+                "sregs",
+                "regs",
+                "xsave",
+                "xcrs",
+                "debugregs",
+                "lapic",
+                "msrs 0x174 0x10 0x277",
+                "msrs 0x6e0",
+                "mp_state",
+                "events",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_vcpu_keeps_its_cpuid_when_none_is_given_and_no_deadline_is_written_unsaved() {
+        let kvm = Recorder::default();
+        state(&[msrs::MSR_IA32_TSC])
+            .restore_into(&kvm, None)
+            .unwrap();
+        let calls = kvm.0.into_inner();
+        assert_eq!(calls.first().map(String::as_str), Some("sregs"));
+        assert_eq!(calls.iter().filter(|c| c.starts_with("msrs")).count(), 1);
+    }
 }
