@@ -1,6 +1,8 @@
 //! VM-wide device state held by KVM: the in-kernel PIC, IOAPIC and PIT, and the kvmclock.
 
-use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CAP_ADJUST_CLOCK, KVM_CLOCK_REALTIME,
+};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
@@ -75,13 +77,28 @@ impl PlatformState {
     /// Writes it into a paused VM.
     pub fn restore(&self, vm: &VmFd) -> Result<(), PlatformError> {
         self.interrupts.restore(vm)?;
-        // KVM accepts only the clock value and the realtime flag back.
-        let clock = kvm_clock_data {
-            clock: self.clock.clock,
-            flags: 0,
-            ..Default::default()
-        };
+        let clock = clock_to_set(
+            &self.clock,
+            vm.check_extension_raw(KVM_CAP_ADJUST_CLOCK.into()),
+        );
         vm.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
+    }
+}
+
+/// What to give KVM_SET_CLOCK for a saved clock, where `adjust_clock` is what this host's
+/// `KVM_CAP_ADJUST_CLOCK` reports (the flags KVM_SET_CLOCK takes). KVM takes only the clock
+/// value and the realtime flag back. With `KVM_CLOCK_REALTIME` on both hosts, KVM adds the
+/// wall-clock time elapsed since the source read the clock, so the guest's time covers the
+/// downtime (for hosts whose wall clocks agree, e.g. by NTP); without it the guest's clock
+/// resumes where it stopped.
+fn clock_to_set(saved: &kvm_clock_data, adjust_clock: i32) -> kvm_clock_data {
+    let realtime = saved.flags & KVM_CLOCK_REALTIME != 0
+        && u32::try_from(adjust_clock).is_ok_and(|f| f & KVM_CLOCK_REALTIME != 0);
+    kvm_clock_data {
+        clock: saved.clock,
+        flags: if realtime { KVM_CLOCK_REALTIME } else { 0 },
+        realtime: if realtime { saved.realtime } else { 0 },
+        ..Default::default()
     }
 }
 
@@ -90,5 +107,31 @@ impl std::fmt::Debug for PlatformState {
         f.debug_struct("PlatformState")
             .field("clock", &self.clock.clock)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_covers_the_downtime_where_both_hosts_offer_realtime() {
+        let saved = kvm_clock_data {
+            clock: 5_000,
+            flags: KVM_CLOCK_REALTIME | kvm_bindings::KVM_CLOCK_TSC_STABLE,
+            realtime: 1_700_000_000_000_000_000,
+            host_tsc: 77,
+            ..Default::default()
+        };
+        let set = clock_to_set(&saved, 0xe);
+        assert_eq!(
+            (set.clock, set.flags, set.realtime, set.host_tsc),
+            (5_000, KVM_CLOCK_REALTIME, saved.realtime, 0)
+        );
+        // A target KVM without it, or a source that could not give it: the value alone.
+        for (flags, cap) in [(saved.flags, 0), (0, 0xe)] {
+            let set = clock_to_set(&kvm_clock_data { flags, ..saved }, cap);
+            assert_eq!((set.clock, set.flags, set.realtime), (5_000, 0, 0));
+        }
     }
 }

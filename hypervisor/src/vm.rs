@@ -18,7 +18,7 @@ use crate::paravirt::{self, Paravirt, ParavirtFeatures, ParavirtSnapshot, Transp
 use crate::platform::{PlatformError, PlatformState};
 use crate::power_on::{PowerOnError, PowerOnState};
 use crate::vcpu::{
-    self, install_kick_handler, KickTarget, Vcpu, VcpuError, VcpuState, VcpuStateError,
+    self, install_kick_handler, KickTarget, RestoreWith, Vcpu, VcpuError, VcpuState, VcpuStateError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,8 @@ pub enum VmError {
     EncryptedReset,
     #[error("Cannot save or restore the VM's device state")]
     Platform(#[from] PlatformError),
+    #[error("Cannot take over the guest's TSC")]
+    TscRate(#[from] vcpu::tsc::TscRateError),
     #[error("Cannot save the state of vCPU {vcpu}")]
     SaveState {
         vcpu: u32,
@@ -131,6 +133,8 @@ pub struct Vm {
     power_on: PowerOnState,
     /// The CPUID every vCPU got (before per-vCPU APIC ids).
     cpuid: Cpuid,
+    /// This host's TSC rate and whether KVM can scale it.
+    host_tsc: vcpu::tsc::HostTsc,
 }
 
 /// `KVM_CAP_SYNC_REGS`.
@@ -194,6 +198,7 @@ impl Vm {
         let (features, paravirt, vcpus, boot, cpuid) = rest?;
         let msr_indices = vcpu::stateful_msrs(&kvm, &vcpus[0].fd);
         let power_on = PowerOnState::capture(&fd, &vcpus, &msr_indices)?;
+        let host_tsc = vcpu::tsc::HostTsc::probe(&kvm, vcpus[0].fd.get_tsc_khz().ok());
 
         Ok(Self {
             boot_config: config.boot.clone(),
@@ -209,6 +214,7 @@ impl Vm {
             sync_regs: kvm.check_extension_raw(KVM_CAP_SYNC_REGS).max(0) as u64,
             power_on,
             cpuid,
+            host_tsc,
         })
     }
 
@@ -305,7 +311,12 @@ impl Vm {
             });
         }
         let count = self.vcpus.len() as u32;
+        let invariant = vcpu::tsc::is_invariant(&self.cpuid);
         for (v, state) in self.vcpus.iter().zip(&snapshot.vcpus) {
+            let tsc_khz = match vcpu::tsc::plan(state.tsc_khz, self.host_tsc, invariant)? {
+                vcpu::tsc::TscPlan::HostRate => None,
+                vcpu::tsc::TscPlan::Scale(khz) => Some(khz),
+            };
             // The CPUID this VM was built with (the guest's own, for a migrated-in guest),
             // set again first so everything after it is checked against it.
             let cpuid = self.cpuid.for_vcpu(v.id, count).map_err(|e| {
@@ -315,7 +326,13 @@ impl Vm {
                 })
             })?;
             state
-                .restore(&v.fd, Some(cpuid.as_slice()))
+                .restore(
+                    &v.fd,
+                    RestoreWith {
+                        cpuid: Some(cpuid.as_slice()),
+                        tsc_khz,
+                    },
+                )
                 .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
         }
         snapshot.platform.restore(&self.fd)?;
@@ -680,7 +697,7 @@ impl RunningVm {
             let v = lock(v);
             // A running VM's vCPUs have run: KVM allows no new CPUID.
             state
-                .restore(&v.fd, None)
+                .restore(&v.fd, RestoreWith::default())
                 .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
         }
         Ok(())

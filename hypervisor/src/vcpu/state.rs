@@ -52,6 +52,9 @@ pub struct VcpuState {
     /// `None` without an in-kernel irqchip.
     pub lapic: Option<kvm_lapic_state>,
     pub msrs: Vec<kvm_msr_entry>,
+    /// The TSC rate (`KVM_GET_TSC_KHZ`); `None` where KVM could not tell it.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
 }
 
 impl std::fmt::Debug for VcpuState {
@@ -87,6 +90,7 @@ impl VcpuState {
             })
             .collect();
         get_msrs(fd, &mut msrs)?;
+        let tsc_khz = fd.get_tsc_khz().ok();
         Ok(Self {
             regs,
             sregs,
@@ -97,27 +101,23 @@ impl VcpuState {
             mp_state,
             lapic,
             msrs,
+            tsc_khz,
         })
     }
 
-    /// Writes this state into a vCPU that is not running, in [`RESTORE_ORDER`]. `cpuid` is
-    /// the table to give the vCPU first; `None` leaves the one it has (KVM refuses to change
-    /// the CPUID of a vCPU that has run).
-    pub fn restore(
-        &self,
-        fd: &VcpuFd,
-        cpuid: Option<&[kvm_cpuid_entry2]>,
-    ) -> Result<(), VcpuStateError> {
-        self.restore_into(fd, cpuid)
+    /// Writes this state into a vCPU that is not running, in [`RESTORE_ORDER`], with what
+    /// `with` adds.
+    pub fn restore(&self, fd: &VcpuFd, with: RestoreWith<'_>) -> Result<(), VcpuStateError> {
+        self.restore_into(fd, with)
     }
 
     pub(crate) fn restore_into(
         &self,
         target: &impl RestoreTarget,
-        cpuid: Option<&[kvm_cpuid_entry2]>,
+        with: RestoreWith<'_>,
     ) -> Result<(), VcpuStateError> {
         for part in RESTORE_ORDER {
-            self.apply(part, target, cpuid)?;
+            self.apply(part, target, with)?;
         }
         Ok(())
     }
@@ -126,11 +126,12 @@ impl VcpuState {
         &self,
         part: StatePart,
         target: &impl RestoreTarget,
-        cpuid: Option<&[kvm_cpuid_entry2]>,
+        with: RestoreWith<'_>,
     ) -> Result<(), VcpuStateError> {
         let is_deadline = |e: &&kvm_msr_entry| e.index == msrs::MSR_IA32_TSC_DEADLINE;
         match part {
-            StatePart::Cpuid => cpuid.map_or(Ok(()), |c| target.set_cpuid(c)),
+            StatePart::Cpuid => with.cpuid.map_or(Ok(()), |c| target.set_cpuid(c)),
+            StatePart::TscKhz => with.tsc_khz.map_or(Ok(()), |khz| target.set_tsc_khz(khz)),
             StatePart::Sregs => target.set_sregs(&self.sregs),
             StatePart::Regs => target.set_regs(&self.regs),
             StatePart::Xsave => target.set_xsave(&self.xsave),
@@ -159,10 +160,21 @@ impl VcpuState {
     }
 }
 
+/// What a restore sets besides the saved state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreWith<'a> {
+    /// The CPUID table to give the vCPU first; `None` leaves the one it has (KVM refuses to
+    /// change the CPUID of a vCPU that has run).
+    pub cpuid: Option<&'a [kvm_cpuid_entry2]>,
+    /// The TSC rate to scale the vCPU to (see [`super::tsc::plan`]); `None` leaves it.
+    pub tsc_khz: Option<u32>,
+}
+
 /// One part of a vCPU's state as KVM takes it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatePart {
     Cpuid,
+    TscKhz,
     Sregs,
     Regs,
     Xsave,
@@ -182,23 +194,26 @@ pub enum StatePart {
 ///
 /// 1. **CPUID** first: KVM checks XCR0 against leaf 0xD, several MSRs and the LAPIC's timer
 ///    modes against the guest's CPUID, and recomputes its own state from it when it is set.
-/// 2. **sregs**: CR0, CR4 and EFER fix the mode the general registers belong to, and the APIC
+/// 2. **TSC rate** before anything that reads the TSC: KVM takes the `IA32_TSC` written below
+///    and the LAPIC timer at the vCPU's rate.
+/// 3. **sregs**: CR0, CR4 and EFER fix the mode the general registers belong to, and the APIC
 ///    base (in sregs) decides whether KVM_SET_LAPIC takes an xAPIC or an x2APIC page.
-/// 3. **regs**: KVM_SET_REGS also drops any pending exception, so it must precede the events.
-/// 4. **xsave, xcrs**: XCR0 and the extended state, allowed by the CPUID set above.
-/// 5. **debug registers**.
-/// 6. **LAPIC** before the MSRs: KVM ignores a write of `IA32_TSC_DEADLINE` unless the LAPIC
+/// 4. **regs**: KVM_SET_REGS also drops any pending exception, so it must precede the events.
+/// 5. **xsave, xcrs**: XCR0 and the extended state, allowed by the CPUID set above.
+/// 6. **debug registers**.
+/// 7. **LAPIC** before the MSRs: KVM ignores a write of `IA32_TSC_DEADLINE` unless the LAPIC
 ///    timer is already in TSC-deadline mode, so the deadline (and the guest's next tick)
 ///    would be lost.
-/// 7. **MSRs**, `IA32_TSC` and `IA32_TSC_ADJUST` among them;
-/// 8. then **TSC_DEADLINE** alone: the deadline is a TSC value, armed against the TSC as
+/// 8. **MSRs**, `IA32_TSC` and `IA32_TSC_ADJUST` among them;
+/// 9. then **TSC_DEADLINE** alone: the deadline is a TSC value, armed against the TSC as
 ///    restored.
-/// 9. **mp_state** before the events: KVM checks a latched INIT and SMM in the events
-///    against the MP state.
-/// 10. **events** last: pending exceptions, interrupts and NMIs, which the calls above may
+/// 10. **mp_state** before the events: KVM checks a latched INIT and SMM in the events
+///     against the MP state.
+/// 11. **events** last: pending exceptions, interrupts and NMIs, which the calls above may
 ///     clear (KVM_SET_REGS, KVM_SET_LAPIC) and which must survive.
-pub const RESTORE_ORDER: [StatePart; 11] = [
+pub const RESTORE_ORDER: [StatePart; 12] = [
     StatePart::Cpuid,
+    StatePart::TscKhz,
     StatePart::Sregs,
     StatePart::Regs,
     StatePart::Xsave,
@@ -214,6 +229,7 @@ pub const RESTORE_ORDER: [StatePart; 11] = [
 /// The calls a restore makes into KVM: a vCPU, or a recorder in tests.
 pub(crate) trait RestoreTarget {
     fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuStateError>;
+    fn set_tsc_khz(&self, khz: u32) -> Result<(), VcpuStateError>;
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VcpuStateError>;
     fn set_regs(&self, regs: &kvm_regs) -> Result<(), VcpuStateError>;
     fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), VcpuStateError>;
@@ -230,6 +246,9 @@ impl RestoreTarget for VcpuFd {
         let cpuid =
             CpuId::from_entries(entries).map_err(|_| VcpuStateError::TooManyCpuidEntries)?;
         self.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
+    }
+    fn set_tsc_khz(&self, khz: u32) -> Result<(), VcpuStateError> {
+        VcpuFd::set_tsc_khz(self, khz).map_err(ioctl("KVM_SET_TSC_KHZ"))
     }
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VcpuStateError> {
         VcpuFd::set_sregs(self, sregs).map_err(ioctl("KVM_SET_SREGS"))
@@ -330,6 +349,9 @@ mod tests {
         fn set_cpuid(&self, _: &[kvm_cpuid_entry2]) -> Result<(), VcpuStateError> {
             self.note("cpuid")
         }
+        fn set_tsc_khz(&self, khz: u32) -> Result<(), VcpuStateError> {
+            self.note(format!("tsc_khz {khz}"))
+        }
         fn set_sregs(&self, _: &kvm_sregs) -> Result<(), VcpuStateError> {
             self.note("sregs")
         }
@@ -377,6 +399,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            tsc_khz: Some(2_000_000),
         }
     }
 
@@ -389,11 +412,16 @@ mod tests {
             0x277,
         ]);
         let kvm = Recorder::default();
-        saved.restore_into(&kvm, Some(&[])).unwrap();
+        let with = RestoreWith {
+            cpuid: Some(&[]),
+            tsc_khz: Some(2_900_000),
+        };
+        saved.restore_into(&kvm, with).unwrap();
         assert_eq!(
             kvm.0.into_inner(),
             [
                 "cpuid",
+                "tsc_khz 2900000",
                 "sregs",
                 "regs",
                 "xsave",
@@ -409,10 +437,10 @@ mod tests {
     }
 
     #[test]
-    fn a_vcpu_keeps_its_cpuid_when_none_is_given_and_no_deadline_is_written_unsaved() {
+    fn a_vcpu_keeps_its_cpuid_and_rate_when_none_is_given_and_no_deadline_is_written_unsaved() {
         let kvm = Recorder::default();
         state(&[msrs::MSR_IA32_TSC])
-            .restore_into(&kvm, None)
+            .restore_into(&kvm, RestoreWith::default())
             .unwrap();
         let calls = kvm.0.into_inner();
         assert_eq!(calls.first().map(String::as_str), Some("sregs"));
