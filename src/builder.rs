@@ -130,6 +130,7 @@ pub struct VmBuilder {
     kernel_set: bool,
     serial: SerialOutput,
     hypercall_transport: TransportChoice,
+    guest_cpuid: Option<veil_hypervisor::cpuid::Cpuid>,
     encrypted_memory: bool,
     sev: Option<SevConfig>,
     disks: Vec<BlockConfig>,
@@ -159,6 +160,7 @@ impl VmBuilder {
             kernel_set: false,
             serial: SerialOutput::Sink(SerialSink::Stdout),
             hypercall_transport: TransportChoice::Auto,
+            guest_cpuid: None,
             encrypted_memory: false,
             sev: None,
             disks: Vec::new(),
@@ -224,6 +226,14 @@ impl VmBuilder {
     /// How the guest's hypercalls reach Veil (default: probe the host once per boot).
     pub fn hypercall_transport(mut self, transport: TransportChoice) -> Self {
         self.hypercall_transport = transport;
+        self
+    }
+
+    /// Gives the guest exactly this CPUID instead of building one from the host's: a
+    /// migrated-in guest's own, from its source's Hello, once checked against this host
+    /// (`check_incoming`).
+    pub fn guest_cpuid(mut self, entries: Vec<kvm_bindings::kvm_cpuid_entry2>) -> Self {
+        self.guest_cpuid = Some(veil_hypervisor::cpuid::Cpuid::from_entries(entries));
         self
     }
 
@@ -337,6 +347,7 @@ impl VmBuilder {
             measured_image: self.sev.is_some(),
             sev_status: self.sev.as_ref().and_then(sev_launch::sev_status_msr),
             hypercall_transport: self.hypercall_transport,
+            guest_cpuid: self.guest_cpuid,
         };
         let setup_hooks: &mut dyn VmSetup = match &mut sev_setup {
             Some(sev) => sev,

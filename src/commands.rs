@@ -148,6 +148,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
+        .guest_cpuid(shape.cpuid().iter().map(Into::into).collect())
         .serial(args.serial);
     for (name, path) in args.disks {
         builder = builder.disk_path(name, path);

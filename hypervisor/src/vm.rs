@@ -99,6 +99,9 @@ pub struct VmConfig {
     pub sev_status: Option<u64>,
     /// How hypercalls reach Veil.
     pub hypercall_transport: TransportChoice,
+    /// The CPUID to give the guest exactly (a migrated-in guest's own, checked against this
+    /// host); `None` builds it from what this host's KVM supports and Veil adds.
+    pub guest_cpuid: Option<Cpuid>,
 }
 
 /// A paused VM's state besides its RAM: what a migration sends after the memory.
@@ -250,9 +253,17 @@ impl Vm {
             )
             .with_sev_status(config.sev_status),
         );
-        let mut cpuid = Cpuid::supported(kvm)?;
-        paravirt::setup::advertise(&mut cpuid, &features);
-        customize_cpuid(&mut cpuid);
+        let cpuid = match &config.guest_cpuid {
+            // What the guest saw on its first host, including what Veil and upper layers
+            // added there: nothing is added again.
+            Some(given) => given.clone(),
+            None => {
+                let mut cpuid = Cpuid::supported(kvm)?;
+                paravirt::setup::advertise(&mut cpuid, &features);
+                customize_cpuid(&mut cpuid);
+                cpuid
+            }
+        };
         let vcpus = (0..config.vcpus)
             .map(|id| Vcpu::new(fd, id, &cpuid, config.vcpus))
             .collect::<Result<Vec<_>, _>>()?;

@@ -238,7 +238,8 @@ pub fn shape_of(vm: &RunningVm, sev: Option<SevShape>) -> Result<VmShape, SendEr
         .map(|(_, base, len)| MemoryRegion { gpa: base.0, len })
         .collect();
     // The CPU features the guest was given: a target that lacks one must refuse it.
-    let cpuid = vm.cpuid().feature_leaves().iter().map(Into::into).collect();
+    // The whole CPUID: the target gives the guest exactly this one.
+    let cpuid = vm.cpuid().entries().iter().map(Into::into).collect();
     Ok(VmShape::new(memory, vm.vcpu_count() as u32, sev, cpuid)?)
 }
 
