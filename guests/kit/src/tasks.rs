@@ -154,6 +154,9 @@ fn validate(task: &Task, ram: &RamMap, devices: &Devices) {
         Task::Check(range) => ("check: ", range),
         Task::DirtyLoop { range, .. } => ("dirty-loop: ", range),
         Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
+        Task::WaitWord { gpa, .. } => {
+            return validate(&Task::ReadSecret { gpa: *gpa, len: 8 }, ram, devices);
+        }
         Task::ReadSecret { gpa, len } => {
             let range = PageRange {
                 seed: 0,
@@ -250,18 +253,49 @@ fn run(task: &Task, index: usize, devices: &Devices) {
             write_hex(u64::from(value));
             write_str("\n");
         }
-        Task::MsrWrite(value) => {
-            paravirt::wrmsr(paravirt::MSR_KVM_MIGRATION_CONTROL, value);
-            write_str("msr-write ok: ");
+        Task::MsrWrite { index, value } => {
+            paravirt::wrmsr(index.unwrap_or(paravirt::MSR_KVM_MIGRATION_CONTROL), value);
+            write_str("msr-write ");
+            if let Some(index) = index {
+                write_hex(u64::from(index));
+                write_str(" ");
+            }
+            write_str("ok: ");
             write_hex(value);
             write_str("\n");
         }
-        Task::MsrRead(expect) => {
+        Task::MsrRead { index, expect } => {
+            if let Some(index) = index {
+                write_str("msr ");
+                write_hex(u64::from(index));
+                write_str(": ");
+            }
             report_value(
                 "msr-read",
-                paravirt::rdmsr(paravirt::MSR_KVM_MIGRATION_CONTROL),
+                paravirt::rdmsr(index.unwrap_or(paravirt::MSR_KVM_MIGRATION_CONTROL)),
                 expect,
             );
+        }
+        Task::CpuidHash => {
+            let (hash, leaves) = cpuid_hash();
+            write_str("cpuid-hash: ");
+            write_hex(hash);
+            write_str(" (");
+            write_dec(leaves);
+            write_str(" leaves)\n");
+        }
+        Task::WaitWord { gpa, value } => {
+            write_str("wait-word: waiting for ");
+            write_hex(value);
+            write_str(" at ");
+            write_hex(gpa);
+            write_str("\n");
+            // SAFETY: `validate` checked the word is identity-mapped RAM outside the kit, and
+            // the gpa is 8-byte aligned.
+            while unsafe { (gpa as *const u64).read_volatile() } != value {
+                arch::pause();
+            }
+            write_str("wait-word ok\n");
         }
         Task::Reset => reset::reset_and_resume_at(index + 1),
         Task::HypercallBench(count) => hypercall_bench(count),
@@ -379,6 +413,40 @@ fn report_value(what: &str, value: u64, expect: u64) {
         write_str("\n");
         arch::exit(EXIT_CHECK_FAILED);
     }
+}
+
+/// Leaves with subleaves get this many hashed (indices 0..8); the others repeat leaf 0's
+/// answer, which changes nothing between two runs.
+const CPUID_SUBLEAVES: u32 = 8;
+
+/// An FNV-1a hash of every CPUID leaf and subleaf the guest can see: the basic range up to
+/// leaf 0's maximum, KVM's hypervisor leaves (0x40000000 up to its maximum) and Veil's
+/// (0x40000100 up), the extended range up to 0x80000000's maximum (each range capped at 64
+/// leaves), subleaves 0..8 of each. Returns it and the number of leaves.
+fn cpuid_hash() -> (u64, u64) {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = FNV_OFFSET;
+    let mut leaves = 0;
+    for base in [0, 0x4000_0000, 0x4000_0100, 0x8000_0000u32] {
+        let max = core::arch::x86_64::__cpuid(base).eax;
+        if max < base || max - base > 0x40 {
+            // No such range (an unrelated answer), or an implausible one.
+            continue;
+        }
+        for leaf in base..=max {
+            for sub in 0..CPUID_SUBLEAVES {
+                let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+                for word in [leaf, sub, r.eax, r.ebx, r.ecx, r.edx] {
+                    for byte in word.to_le_bytes() {
+                        hash = (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+                    }
+                }
+            }
+            leaves += 1;
+        }
+    }
+    (hash, leaves)
 }
 
 /// Average TSC cycles of a hypercall round trip (a valid MAP_GPA_RANGE of the kit's first RAM
