@@ -131,6 +131,7 @@ pub struct VmBuilder {
     serial: SerialOutput,
     hypercall_transport: TransportChoice,
     guest_cpuid: Option<veil_hypervisor::cpuid::Cpuid>,
+    cpu_model: veil_hypervisor::cpuid::CpuModel,
     encrypted_memory: bool,
     sev: Option<SevConfig>,
     disks: Vec<BlockConfig>,
@@ -161,6 +162,7 @@ impl VmBuilder {
             serial: SerialOutput::Sink(SerialSink::Stdout),
             hypercall_transport: TransportChoice::Auto,
             guest_cpuid: None,
+            cpu_model: veil_hypervisor::cpuid::CpuModel::Host,
             encrypted_memory: false,
             sev: None,
             disks: Vec::new(),
@@ -234,6 +236,13 @@ impl VmBuilder {
     /// (`check_incoming`).
     pub fn guest_cpuid(mut self, entries: Vec<kvm_bindings::kvm_cpuid_entry2>) -> Self {
         self.guest_cpuid = Some(veil_hypervisor::cpuid::Cpuid::from_entries(entries));
+        self
+    }
+
+    /// The CPU a booted guest is given: everything this host offers (the default) or a named
+    /// baseline, so that it can move to any host that has the baseline.
+    pub fn cpu_model(mut self, model: veil_hypervisor::cpuid::CpuModel) -> Self {
+        self.cpu_model = model;
         self
     }
 
@@ -348,6 +357,7 @@ impl VmBuilder {
             sev_status: self.sev.as_ref().and_then(sev_launch::sev_status_msr),
             hypercall_transport: self.hypercall_transport,
             guest_cpuid: self.guest_cpuid,
+            cpu_model: self.cpu_model,
         };
         let setup_hooks: &mut dyn VmSetup = match &mut sev_setup {
             Some(sev) => sev,

@@ -50,7 +50,8 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
         .memory_bytes(args.memory)
         .vcpus(args.vcpus)
         .serial(args.serial)
-        .hypercall_transport(args.hypercall_transport.into());
+        .hypercall_transport(args.hypercall_transport.into())
+        .cpu_model(args.cpu_model);
     let mut builder = match args.memory_file {
         Some(path) => builder.memory_file(path),
         None => builder,
@@ -143,7 +144,12 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     } else {
         None
     };
-    let mut incoming = receiver::accept(stream, veil::check_incoming, sev_chain)?;
+    let model = args.cpu_model;
+    let mut incoming = receiver::accept(
+        stream,
+        |shape| veil::check_incoming_as(shape, model),
+        sev_chain,
+    )?;
     let shape = incoming.shape().clone();
     let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())

@@ -1,12 +1,17 @@
 //! Whether this host can take over an incoming guest, judged from the shape its source sent.
 
-use veil_hypervisor::cpuid::Cpuid;
+use veil_hypervisor::cpuid::{CpuModel, Cpuid};
 use veil_migration::protocol::VmShape;
 
 /// `Ok` if a VM of `shape` can be built here and run the guest; otherwise the reason, for the
 /// source to print: more RAM than this host has, a memory layout this version does not build,
 /// or CPU features the guest was given that this host's KVM lacks.
 pub fn check_incoming(shape: &VmShape) -> Result<(), String> {
+    check_incoming_as(shape, CpuModel::Host)
+}
+
+/// [`check_incoming`] for a target that offers guests only the features of `model`.
+pub fn check_incoming_as(shape: &VmShape, model: CpuModel) -> Result<(), String> {
     let size = shape.ram_bytes();
     let host_memory = veil_hypervisor::memory::host_memory_bytes().unwrap_or(u64::MAX);
     if size > host_memory {
@@ -24,12 +29,17 @@ pub fn check_incoming(shape: &VmShape) -> Result<(), String> {
         return Err("the guest's memory layout is not one this version of Veil builds".into());
     }
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("this host cannot open KVM: {e}"))?;
-    let host = Cpuid::supported(&kvm).map_err(|e| format!("this host's CPUID: {e}"))?;
+    let mut host = Cpuid::supported(&kvm).map_err(|e| format!("this host's CPUID: {e}"))?;
+    host.restrict_to(model);
     let guest: Vec<kvm_bindings::kvm_cpuid_entry2> = shape.cpuid().iter().map(Into::into).collect();
     let missing = host.missing_features(&guest);
     if !missing.is_empty() {
         return Err(format!(
-            "this host's CPU lacks features the guest was given: {}",
+            "this host's CPU{} lacks features the guest was given: {}",
+            match model {
+                CpuModel::Host => String::new(),
+                CpuModel::Baseline(b) => format!(" (as {})", b.name),
+            },
             missing.join(", ")
         ));
     }

@@ -141,22 +141,24 @@ fn msrs_the_guest_wrote_and_the_cpuid_it_sees_are_the_same_after_a_migration() {
     eprintln!("MSRs checked: {chosen:x?}; {}", hash(&after).unwrap());
 }
 
-#[test]
-fn a_target_with_another_tsc_rate_refuses_an_invariant_tsc_guest_naming_both_rates() {
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let cpuid = veil_hypervisor::cpuid::Cpuid::supported(&kvm).unwrap();
-    if !veil_hypervisor::vcpu::tsc::is_invariant(&cpuid) {
-        eprintln!("skipped: this host offers guests no invariant TSC");
-        return;
-    }
-    let dir = common::TempDir::new("tsc-rate");
+/// Starts a kit guest with `veil run` (plus `source_args`) and `veil ctl migrate`s it to a
+/// `veil receive` with `target_args` and `target_env`; returns what `migrate` printed and
+/// whether it succeeded, and the source's state afterwards ("migrated" once it let go).
+fn migrate_between(
+    name: &str,
+    source_args: &[&str],
+    target_args: &[&str],
+    target_env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let dir = common::TempDir::new(name);
     let (source_api, target_socket) = (dir.path("a.sock"), dir.path("m.sock"));
-    // A target whose TSC runs, it says, at 1 GHz, and that cannot scale.
     let mut target = common::veil()
         .arg("receive")
         .arg("--listen")
         .arg(format!("unix:{}", target_socket.display()))
-        .env(PRETEND_TSC_KHZ_VAR, "1000000")
+        .args(target_args)
+        .args(["--serial", "null"])
+        .envs(target_env.iter().copied())
         .stderr(Stdio::null())
         .spawn()
         .map(common::Spawned)
@@ -165,6 +167,7 @@ fn a_target_with_another_tsc_rate_refuses_an_invariant_tsc_guest_naming_both_rat
     let mut source = common::veil()
         .args(["run", "--memory", "32M", "--api-socket"])
         .arg(&source_api)
+        .args(source_args)
         .args(["--cmdline", "greet spin", "--kernel"])
         .arg(common::kit())
         .stdout(Stdio::piped())
@@ -173,16 +176,39 @@ fn a_target_with_another_tsc_rate_refuses_an_invariant_tsc_guest_naming_both_rat
         .map(common::Spawned)
         .unwrap();
     common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
-
     let to = format!("unix:{}", target_socket.display());
     let out = common::ctl(&source_api, &["migrate", "--to", &to]);
-    assert!(!out.status.success(), "{}", common::describe(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let state = if out.status.success() {
+        // The source let the guest go and exits; the guest runs on the target, which is
+        // ended with the test.
+        "migrated".to_owned()
+    } else {
+        let state = common::status(&source_api)["state"].to_string();
+        common::ctl(&source_api, &["shutdown"]);
+        target.wait();
+        state
+    };
+    (out.status.success(), said, state)
+}
+
+#[test]
+fn a_target_with_another_tsc_rate_refuses_an_invariant_tsc_guest_naming_both_rates() {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let cpuid = veil_hypervisor::cpuid::Cpuid::supported(&kvm).unwrap();
+    if !veil_hypervisor::vcpu::tsc::is_invariant(&cpuid) {
+        eprintln!("skipped: this host offers guests no invariant TSC");
+        return;
+    }
     let host_khz = kvm
         .create_vm()
         .and_then(|vm| vm.create_vcpu(0))
         .and_then(|vcpu| vcpu.get_tsc_khz())
         .unwrap();
+    // A target whose TSC runs, it says, at 1 GHz, and that cannot scale.
+    let pretend = [(PRETEND_TSC_KHZ_VAR, "1000000")];
+    let (migrated, said, state) = migrate_between("tsc-rate", &[], &[], &pretend);
+    assert!(!migrated, "{said}");
     assert!(
         said.contains(&format!(
             "The guest has an invariant TSC at {host_khz} kHz, this host's runs at 1000000 kHz \
@@ -190,8 +216,26 @@ fn a_target_with_another_tsc_rate_refuses_an_invariant_tsc_guest_naming_both_rat
         )),
         "{said}"
     );
-    assert_eq!(common::status(&source_api)["state"], "running");
-    common::ctl(&source_api, &["shutdown"]);
-    source.wait();
-    target.wait();
+    assert_eq!(state, "\"running\"");
+    // A baseline guest has no invariant TSC: it keeps time by kvmclock and is taken.
+    let (migrated, said, _) =
+        migrate_between("tsc-rate-v2", &["--cpu-model", "x86-64-v2"], &[], &pretend);
+    assert!(migrated, "{said}");
+}
+
+#[test]
+fn a_baseline_target_refuses_a_guest_given_more_and_takes_a_baseline_guest() {
+    let baseline = ["--cpu-model", "x86-64-v2"];
+    let (migrated, said, state) = migrate_between("cpu-model", &[], &baseline, &[]);
+    assert!(!migrated, "{said}");
+    assert!(
+        said.contains(
+            "The target refused the guest: this host's CPU (as x86-64-v2) lacks features the \
+             guest was given: leaf 0x"
+        ) && said.contains(" bits 0x"),
+        "{said}"
+    );
+    assert_eq!(state, "\"running\"");
+    let (migrated, said, _) = migrate_between("cpu-model-v2", &baseline, &baseline, &[]);
+    assert!(migrated, "{said}");
 }

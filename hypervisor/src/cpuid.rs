@@ -58,6 +58,105 @@ const CPUID_1_ECX_VMX: u32 = 1 << 5;
 /// Leaf 0x80000001 ECX bit 2: SVM.
 const CPUID_80000001_ECX_SVM: u32 = 1 << 2;
 
+/// A named CPU baseline: for each register of [`FEATURE_LEAVES`] it lists, the feature bits a
+/// guest may have (those the host has too); registers it does not list keep none. The vendor
+/// and KVM's paravirtual leaf are the host's. A guest started with a baseline can move to any
+/// host that has the baseline's features, whatever else either host has.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CpuBaseline {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub masks: &'static [(u32, u32, Register, u32)],
+}
+
+const fn bits(list: &[u32]) -> u32 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < list.len() {
+        mask |= 1 << list[i];
+        i += 1;
+    }
+    mask
+}
+
+/// The x86-64-v2 micro-architecture level (the x86-64 psABI, "Micro-Architecture Levels"):
+/// the baseline x86-64 flags plus CMPXCHG16B, LAHF/SAHF, POPCNT, SSE3, SSE4.1, SSE4.2 and
+/// SSSE3, with the APIC features KVM emulates (x2APIC, TSC-deadline) and the hypervisor bit.
+/// No XSAVE (so only x87 and SSE state), no AVX, no invariant TSC (the guest keeps time by
+/// kvmclock, so it can move between hosts of different TSC rates).
+pub const X86_64_V2: CpuBaseline = CpuBaseline {
+    name: "x86-64-v2",
+    description: "x86-64 psABI level 2: SSE4.2, POPCNT, CMPXCHG16B; no AVX, no invariant TSC",
+    masks: &[
+        (
+            1,
+            0,
+            Register::Edx,
+            // FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT PSE36 CLFSH
+            // MMX FXSR SSE SSE2
+            bits(&[
+                0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26,
+            ]),
+        ),
+        (
+            1,
+            0,
+            Register::Ecx,
+            // SSE3 SSSE3 CX16 SSE4.1 SSE4.2 X2APIC POPCNT TSC-DEADLINE HYPERVISOR
+            bits(&[0, 9, 13, 19, 20, 21, 23, 24, 31]),
+        ),
+        // XCR0: x87 and SSE state.
+        (0xd, 0, Register::Eax, bits(&[0, 1])),
+        // LAHF/SAHF in long mode.
+        (0x8000_0001, 0, Register::Ecx, bits(&[0])),
+        // SYSCALL, NX, long mode.
+        (0x8000_0001, 0, Register::Edx, bits(&[11, 20, 29])),
+    ],
+};
+
+/// The named CPU models `--cpu-model` takes besides `host`.
+pub const CPU_BASELINES: &[&CpuBaseline] = &[&X86_64_V2];
+
+/// What CPU a new guest is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuModel {
+    /// Everything this host's KVM supports.
+    #[default]
+    Host,
+    /// A baseline masked from the host's CPUID.
+    Baseline(&'static CpuBaseline),
+}
+
+/// A `--cpu-model` name that is not `host` or a known baseline.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("Unknown CPU model {name:?}: use host or one of {known}")]
+pub struct UnknownCpuModel {
+    pub name: String,
+    pub known: String,
+}
+
+impl std::str::FromStr for CpuModel {
+    type Err = UnknownCpuModel;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        if name == "host" {
+            return Ok(Self::Host);
+        }
+        CPU_BASELINES
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| Self::Baseline(b))
+            .ok_or_else(|| UnknownCpuModel {
+                name: name.into(),
+                known: CPU_BASELINES
+                    .iter()
+                    .map(|b| b.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
 /// Errors building the CPUID.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
@@ -98,6 +197,33 @@ impl Cpuid {
         signature.eax = max_leaf;
         [signature.ebx, signature.ecx, signature.edx] = KVM_SIGNATURE;
         Ok(cpuid)
+    }
+
+    /// Keeps only the features `model` allows (see [`CpuBaseline`]); `Host` changes nothing.
+    pub fn restrict_to(&mut self, model: CpuModel) {
+        let CpuModel::Baseline(baseline) = model else {
+            return;
+        };
+        for &(function, index, registers) in FEATURE_LEAVES {
+            if function == 0 || function == KVM_CPUID_FEATURES {
+                continue;
+            }
+            let Some(pos) = self
+                .entries
+                .iter()
+                .position(|e| e.function == function && e.index == index)
+            else {
+                continue;
+            };
+            for &register in registers {
+                let allowed = baseline
+                    .masks
+                    .iter()
+                    .find(|&&(f, i, r, _)| (f, i, r) == (function, index, register))
+                    .map_or(0, |&(_, _, _, mask)| mask);
+                *register_mut(&mut self.entries[pos], register) &= allowed;
+            }
+        }
     }
 
     /// Builds from explicit entries (tests, migration targets).
@@ -313,6 +439,47 @@ mod tests {
         assert!(host
             .missing_features(&[entry(0xb, 0, 0xffff, 0, 0)])
             .is_empty());
+    }
+
+    #[test]
+    fn a_baseline_keeps_only_its_features_and_a_host_of_the_baseline_takes_its_guests() {
+        use super::*;
+        let leaf = |function, index, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let host = Cpuid::from_entries(vec![
+            leaf(1, 0, 0xffff_ffff, 0xffff_ffff),
+            leaf(7, 0, 0xffff_ffff, 0xffff_ffff),
+            leaf(0x8000_0007, 0, 0, 1 << 8),
+            leaf(KVM_CPUID_FEATURES, 0, 0, 0),
+        ]);
+        let mut guest = host.clone();
+        let v2: CpuModel = "x86-64-v2".parse().unwrap();
+        guest.restrict_to(v2);
+        let leaf1 = guest.entry(1, 0).unwrap();
+        assert_eq!(leaf1.ecx & (1 << 28), 0, "no AVX");
+        assert_ne!(leaf1.ecx & (1 << 20), 0, "SSE4.2");
+        assert_eq!(guest.entry(7, 0).unwrap().ecx, 0);
+        assert!(!crate::vcpu::tsc::is_invariant(&guest));
+        // A host restricted to the same baseline takes the guest; a full-host guest names
+        // what the baseline host lacks.
+        let mut narrow_host = host.clone();
+        narrow_host.restrict_to(v2);
+        assert!(narrow_host.missing_features(guest.entries()).is_empty());
+        let missing = narrow_host.missing_features(host.entries());
+        assert!(
+            missing.contains(&"leaf 0x7.0 Ecx bits 0xffffffff".to_string()),
+            "{missing:?}"
+        );
+        assert_eq!(
+            "pentium".parse::<CpuModel>().unwrap_err().to_string(),
+            "Unknown CPU model \"pentium\": use host or one of x86-64-v2"
+        );
+        assert_eq!("host".parse::<CpuModel>(), Ok(CpuModel::Host));
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct VmConfig {
     /// The CPUID to give the guest exactly (a migrated-in guest's own, checked against this
     /// host); `None` builds it from what this host's KVM supports and Veil adds.
     pub guest_cpuid: Option<Cpuid>,
+    /// The CPU a new guest is given (ignored with `guest_cpuid`).
+    pub cpu_model: crate::cpuid::CpuModel,
 }
 
 /// A paused VM's state besides its RAM: what a migration sends after the memory.
@@ -259,6 +261,7 @@ impl Vm {
             Some(given) => given.clone(),
             None => {
                 let mut cpuid = Cpuid::supported(kvm)?;
+                cpuid.restrict_to(config.cpu_model);
                 paravirt::setup::advertise(&mut cpuid, &features);
                 customize_cpuid(&mut cpuid);
                 cpuid
