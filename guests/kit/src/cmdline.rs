@@ -75,6 +75,10 @@ pub enum Task {
     MsrRead { index: Option<u32>, expect: u64 },
     /// Hash every CPUID leaf and subleaf the guest can see.
     CpuidHash,
+    /// Put the LAPIC timer, masked, in TSC-deadline mode and arm it `ahead` TSC ticks on.
+    DeadlineArm { ahead: u64 },
+    /// Check that the LAPIC timer is still in TSC-deadline mode with the armed deadline.
+    DeadlineCheck,
     /// Wait until the 8-byte word at guest-physical `gpa` holds `value` (the host writes it).
     WaitWord { gpa: u64, value: u64 },
     /// Reset the machine; the tasks after this one run after the reboot.
@@ -397,11 +401,23 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 value: value.ok_or(err("missing parameter", b"value"))?,
             })
         }
-        b"cpuid-hash" => {
+        b"cpuid-hash" | b"deadline-check" => {
             if params.is_some() {
                 return Err(err("takes no parameters", b""));
             }
-            Ok(Task::CpuidHash)
+            Ok(if name == b"cpuid-hash" {
+                Task::CpuidHash
+            } else {
+                Task::DeadlineCheck
+            })
+        }
+        b"deadline-arm" => {
+            let [ahead] = parse_params(word, params, ["ahead"])?;
+            let ahead = ahead.ok_or(err("missing parameter", b"ahead"))?;
+            if ahead == 0 || ahead > 1 << 48 {
+                return Err(err("ahead must be 1..=2^48 TSC ticks", b""));
+            }
+            Ok(Task::DeadlineArm { ahead })
         }
         b"wait-word" => {
             let [gpa, value] = parse_params(word, params, ["gpa", "value"])?;

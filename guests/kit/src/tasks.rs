@@ -276,6 +276,8 @@ fn run(task: &Task, index: usize, devices: &Devices) {
                 expect,
             );
         }
+        Task::DeadlineArm { ahead } => deadline_arm(ahead),
+        Task::DeadlineCheck => deadline_check(),
         Task::CpuidHash => {
             let (hash, leaves) = cpuid_hash();
             write_str("cpuid-hash: ");
@@ -413,6 +415,55 @@ fn report_value(what: &str, value: u64, expect: u64) {
         write_str("\n");
         arch::exit(EXIT_CHECK_FAILED);
     }
+}
+
+/// `MSR_IA32_TSC_DEADLINE` (Intel SDM vol. 3A, 11.5.4.1).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The LAPIC's LVT timer register.
+const LAPIC_LVT_TIMER: u64 = 0x320;
+/// LVT timer bits: masked (16), TSC-deadline mode (bits 18:17 = 0b10).
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_TIMER_MODE_MASK: u32 = 0b11 << 17;
+const LVT_TIMER_TSC_DEADLINE: u32 = 0b10 << 17;
+/// The vector it would raise (never: it is masked and interrupts stay off).
+const DEADLINE_VECTOR: u32 = 0x40;
+/// CPUID leaf 1 ECX bit 24: TSC-deadline timer.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// The deadline `deadline-arm` set, for `deadline-check` (kit data migrates with the guest).
+static ARMED_DEADLINE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+fn deadline_arm(ahead: u64) {
+    if core::arch::x86_64::__cpuid(1).ecx & CPUID_1_ECX_TSC_DEADLINE == 0 {
+        begin_error();
+        write_str("deadline-arm: CPUID offers no TSC-deadline timer");
+        end_error();
+    }
+    smp::lapic_write(
+        LAPIC_LVT_TIMER,
+        LVT_MASKED | LVT_TIMER_TSC_DEADLINE | DEADLINE_VECTOR,
+    );
+    let deadline = arch::rdtsc() + ahead;
+    paravirt::wrmsr(MSR_IA32_TSC_DEADLINE, deadline);
+    ARMED_DEADLINE.store(deadline, core::sync::atomic::Ordering::Relaxed);
+    write_str("deadline-arm ok: ");
+    write_hex(deadline);
+    write_str("\n");
+}
+
+fn deadline_check() {
+    let lvt = smp::lapic_read(LAPIC_LVT_TIMER);
+    if lvt & LVT_TIMER_MODE_MASK != LVT_TIMER_TSC_DEADLINE {
+        write_str("deadline-check FAILED: LVT timer ");
+        write_hex(u64::from(lvt));
+        write_str(" is not in TSC-deadline mode\n");
+        arch::exit(EXIT_CHECK_FAILED);
+    }
+    report_value(
+        "deadline-check",
+        paravirt::rdmsr(MSR_IA32_TSC_DEADLINE),
+        ARMED_DEADLINE.load(core::sync::atomic::Ordering::Relaxed),
+    );
 }
 
 /// Leaves with subleaves get this many hashed (indices 0..8); the others repeat leaf 0's
