@@ -79,6 +79,8 @@ pub enum Task {
     DeadlineArm { ahead: u64 },
     /// Check that the LAPIC timer is still in TSC-deadline mode with the armed deadline.
     DeadlineCheck,
+    /// Enable kvmclock with its time structure at `gpa` (`on`), or read the time from it.
+    Kvmclock { gpa: u64, on: bool },
     /// Wait until the 8-byte word at guest-physical `gpa` holds `value` (the host writes it).
     WaitWord { gpa: u64, value: u64 },
     /// Reset the machine; the tasks after this one run after the reboot.
@@ -409,6 +411,17 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 Task::CpuidHash
             } else {
                 Task::DeadlineCheck
+            })
+        }
+        b"kvmclock-on" | b"kvmclock-read" => {
+            let [gpa] = parse_params(word, params, ["gpa"])?;
+            let gpa = gpa.ok_or(err("missing parameter", b"gpa"))?;
+            if gpa % 32 != 0 {
+                return Err(err("gpa must be 32-byte aligned", b""));
+            }
+            Ok(Task::Kvmclock {
+                gpa,
+                on: name == b"kvmclock-on",
             })
         }
         b"deadline-arm" => {

@@ -154,6 +154,9 @@ fn validate(task: &Task, ram: &RamMap, devices: &Devices) {
         Task::Check(range) => ("check: ", range),
         Task::DirtyLoop { range, .. } => ("dirty-loop: ", range),
         Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
+        Task::Kvmclock { gpa, .. } => {
+            return validate(&Task::ReadSecret { gpa: *gpa, len: 32 }, ram, devices);
+        }
         Task::WaitWord { gpa, .. } => {
             return validate(&Task::ReadSecret { gpa: *gpa, len: 8 }, ram, devices);
         }
@@ -277,6 +280,22 @@ fn run(task: &Task, index: usize, devices: &Devices) {
             );
         }
         Task::DeadlineArm { ahead } => deadline_arm(ahead),
+        Task::Kvmclock { gpa, on: true } => {
+            if core::arch::x86_64::__cpuid(0x4000_0001).eax & KVM_FEATURE_CLOCKSOURCE2 == 0 {
+                begin_error();
+                write_str("kvmclock-on: CPUID offers no KVM_FEATURE_CLOCKSOURCE2");
+                end_error();
+            }
+            paravirt::wrmsr(MSR_KVM_SYSTEM_TIME_NEW, gpa | 1);
+            write_str("kvmclock-on ok: ");
+            write_hex(gpa);
+            write_str("\n");
+        }
+        Task::Kvmclock { gpa, on: false } => {
+            write_str("kvmclock: ");
+            write_dec(kvmclock_ns(gpa));
+            write_str(" ns\n");
+        }
         Task::DeadlineCheck => deadline_check(),
         Task::CpuidHash => {
             let (hash, leaves) = cpuid_hash();
@@ -414,6 +433,42 @@ fn report_value(what: &str, value: u64, expect: u64) {
         write_hex(expect);
         write_str("\n");
         arch::exit(EXIT_CHECK_FAILED);
+    }
+}
+
+/// `MSR_KVM_SYSTEM_TIME_NEW` (Documentation/virt/kvm/x86/msr.rst): the guest-physical
+/// address of this vCPU's `pvclock_vcpu_time_info`, bit 0 enabling it.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// `KVM_FEATURE_CLOCKSOURCE2` in CPUID 0x40000001 EAX (Documentation/virt/kvm/x86/cpuid.rst).
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+
+/// The guest's time in ns by kvmclock: `pvclock_vcpu_time_info` at `gpa` (version u32, pad,
+/// tsc_timestamp u64, system_time u64, tsc_to_system_mul u32, tsc_shift i8, flags u8), read
+/// until its version is even and unchanged, scaled from the TSC as Linux's `pvclock_scale_delta`.
+fn kvmclock_ns(gpa: u64) -> u64 {
+    let read = |offset: u64| {
+        // SAFETY: `validate` checked the 32 bytes are identity-mapped RAM outside the kit, and
+        // `gpa` is 32-byte aligned, so every field is aligned.
+        unsafe { ((gpa + offset) as *const u64).read_volatile() }
+    };
+    loop {
+        let version = read(0) as u32;
+        if version & 1 != 0 {
+            continue;
+        }
+        let (tsc_timestamp, system_time, scale) = (read(8), read(16), read(24));
+        let tsc = arch::rdtsc();
+        if read(0) as u32 != version {
+            continue;
+        }
+        let (mul, shift) = (scale as u32, (scale >> 32) as u8 as i8);
+        let mut delta = tsc.wrapping_sub(tsc_timestamp);
+        if shift < 0 {
+            delta >>= -shift;
+        } else {
+            delta <<= shift;
+        }
+        return system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
     }
 }
 
