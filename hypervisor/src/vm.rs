@@ -592,10 +592,23 @@ impl RunningVm {
 
     /// Resumes the devices, then the vCPUs.
     pub fn resume(&self) -> RunState {
+        if self.control.run_state() == RunState::Paused {
+            self.tell_guest_it_was_paused();
+        }
         if let Some(devices) = &self.devices {
             devices.resume();
         }
         self.control.resume()
+    }
+
+    /// `KVM_KVMCLOCK_CTRL` on every vCPU (as QEMU does when a stopped VM runs again): KVM sets
+    /// `PVCLOCK_GUEST_STOPPED` in the guest's kvmclock, so its soft-lockup watchdog does not
+    /// take the time it was paused (or in flight) for a hang. KVM refuses it for a vCPU whose
+    /// guest has not enabled kvmclock; nothing is lost then.
+    fn tell_guest_it_was_paused(&self) {
+        for v in &self.vcpus {
+            let _ = lock(v).fd.kvmclock_ctrl();
+        }
     }
 
     /// The virtio devices, if the VM has any.
