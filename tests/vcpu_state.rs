@@ -8,80 +8,16 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use veil::{CapturedOutput, RunState, VmBuilder, VmStop};
-use veil_hypervisor::cpuid::Cpuid;
 use veil_hypervisor::vcpu::tsc::PRETEND_TSC_KHZ_VAR;
 use veil_migration::receiver;
 use veil_migration::sender::{self, SendOptions};
 use vm_memory::{Bytes, GuestAddress};
 
-/// The word the guest waits on after writing its MSRs: the test sets it once the guest has
-/// landed on the target.
-const GO_GPA: u64 = 0x80_0000;
-const GO: u64 = 0x6c61_6e64_6564;
-
-/// MSRs and values the guest writes before the move and reads back after it. Canonical
-/// addresses where the MSR holds one; a PAT whose every byte is a valid memory type and whose
-/// entries 0 (WB) and 3 (UC) stay what the kit's page tables rely on.
-fn chosen_msrs(cpuid: &Cpuid, listed: &[u32]) -> Vec<(u32, u64)> {
-    let mut chosen = vec![
-        (0xc000_0081, 0x0023_0010_0000_0000), // MSR_STAR
-        (0xc000_0082, 0xffff_ffff_8160_0000), // MSR_LSTAR
-        (0xc000_0083, 0xffff_ffff_8160_1000), // MSR_CSTAR
-        (0xc000_0084, 0x0004_7700),           // MSR_SYSCALL_MASK
-        (0xc000_0102, 0xffff_8880_1234_5000), // MSR_KERNEL_GS_BASE
-        (0x0000_0277, 0x0007_0506_0007_0106), // MSR_IA32_CR_PAT
-    ];
-    let has = |function, index, register: fn(&kvm_bindings::kvm_cpuid_entry2) -> u32, bit: u32| {
-        cpuid
-            .entry(function, index)
-            .is_some_and(|e| register(e) & (1 << bit) != 0)
-    };
-    // MSR_TSC_AUX with RDTSCP (0x80000001 EDX 27) or RDPID (7.0 ECX 22).
-    if has(0x8000_0001, 0, |e| e.edx, 27) || has(7, 0, |e| e.ecx, 22) {
-        chosen.push((0xc000_0103, 0x2a));
-    }
-    // MSR_IA32_TSC_ADJUST with CPUID 7.0 EBX bit 1.
-    if has(7, 0, |e| e.ebx, 1) {
-        chosen.push((0x3b, 0x1_0000));
-    }
-    // MSR_KVM_POLL_CONTROL with KVM_FEATURE_POLL_CONTROL (0x40000001 EAX bit 12); 1 at reset.
-    if has(0x4000_0001, 0, |e| e.eax, 12) {
-        chosen.push((0x4b56_4d05, 0));
-    }
-    // Only what this host's KVM knows (a guest write of an MSR it does not know faults).
-    chosen.retain(|(index, _)| listed.contains(index));
-    chosen
-}
-
 #[test]
 fn msrs_the_guest_wrote_its_tsc_deadline_and_the_cpuid_it_sees_are_the_same_after_a_migration() {
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let cpuid = Cpuid::supported(&kvm).unwrap();
-    // KVM's own list, not Veil's choice from it: an MSR Veil failed to save must fail here.
-    let listed = kvm.get_msr_index_list().unwrap().as_slice().to_vec();
-    let chosen = chosen_msrs(&cpuid, &listed);
-    let writes: Vec<String> = chosen
-        .iter()
-        .map(|(i, v)| format!("msr-write:index={i:#x},value={v:#x}"))
-        .collect();
-    let reads: Vec<String> = chosen
-        .iter()
-        .map(|(i, v)| format!("msr-read:index={i:#x},expect={v:#x}"))
-        .collect();
-    // A masked LAPIC timer in TSC-deadline mode, due in about an hour: KVM drops the deadline
-    // unless the LAPIC is restored before it.
-    let deadline = cpuid.entry(1, 0).is_some_and(|e| e.ecx & (1 << 24) != 0);
-    let (arm, check) = if deadline {
-        ("deadline-arm:ahead=0x80000000000", "deadline-check")
-    } else {
-        ("", "")
-    };
-    let cmdline = format!(
-        "{} {arm} cpuid-hash wait-word:gpa={GO_GPA:#x},value={GO:#x} {} {check} cpuid-hash \
-         greet spin",
-        writes.join(" "),
-        reads.join(" ")
-    );
+    let program = common::vcpu::StateProgram::for_this_host();
+    let (chosen, deadline) = (program.msrs.clone(), program.deadline);
+    let cmdline = program.cmdline.clone();
     let on_source = CapturedOutput::new();
     let source = VmBuilder::new()
         .kernel(common::kit())
@@ -120,7 +56,10 @@ fn msrs_the_guest_wrote_its_tsc_deadline_and_the_cpuid_it_sees_are_the_same_afte
         assert_eq!(source.wait(), VmStop::Migrated);
         // The target gives the guest exactly the CPUID it had.
         assert_eq!(target.inner().cpuid(), source.inner().cpuid());
-        target.memory().write_obj(GO, GuestAddress(GO_GPA)).unwrap();
+        target
+            .memory()
+            .write_obj(common::vcpu::GO, GuestAddress(common::vcpu::GO_GPA))
+            .unwrap();
         assert_eq!(target.resume(), RunState::Running);
         // Done once it greets, or once a check failed (the kit then exits).
         let done = (0..300).any(|_| {
@@ -137,29 +76,8 @@ fn msrs_the_guest_wrote_its_tsc_deadline_and_the_cpuid_it_sees_are_the_same_afte
         target.wait();
     });
     let (before, after) = (on_source.text(), on_target.text());
-    for (index, value) in &chosen {
-        let read = format!("msr {index:#x}: msr-read ok: {value:#x}");
-        assert!(after.contains(&read), "{read} not in\n{after}");
-    }
-    if deadline {
-        assert!(before.contains("deadline-arm ok"), "{before}");
-        assert!(after.contains("deadline-check ok"), "{after}");
-    }
-    let hash = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("cpuid-hash: "))
-            .map(str::to_owned)
-    };
-    assert!(hash(&before).is_some(), "{before}");
-    assert_eq!(
-        hash(&before),
-        hash(&after),
-        "source:\n{before}\ntarget:\n{after}"
-    );
-    eprintln!(
-        "MSRs checked: {chosen:x?}, TSC deadline: {deadline}; {}",
-        hash(&after).unwrap()
-    );
+    program.assert_same_after(&before, &after);
+    eprintln!("MSRs checked: {chosen:x?}, TSC deadline: {deadline}");
 }
 
 /// Starts a kit guest with `veil run` (plus `source_args`) and `veil ctl migrate`s it to a
