@@ -363,7 +363,7 @@ impl VmBuilder {
             Some(sev) => sev,
             None => &mut (),
         };
-        let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
+        let mut vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
         let incoming = receive.is_some();
         let mut arrived_serial = None;
         let mut arrived_virtio = Vec::new();

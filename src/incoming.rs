@@ -1,6 +1,7 @@
 //! Whether this host can take over an incoming guest, judged from the shape its source sent.
 
 use veil_hypervisor::cpuid::{CpuModel, Cpuid};
+use veil_hypervisor::vcpu::tsc;
 use veil_migration::protocol::VmShape;
 
 /// `Ok` if a VM of `shape` can be built here and run the guest; otherwise the reason, for the
@@ -32,6 +33,7 @@ pub fn check_incoming_as(shape: &VmShape, model: CpuModel) -> Result<(), String>
     let mut host = Cpuid::supported(&kvm).map_err(|e| format!("this host's CPUID: {e}"))?;
     host.restrict_to(model);
     let guest: Vec<kvm_bindings::kvm_cpuid_entry2> = shape.cpuid().iter().map(Into::into).collect();
+    check_tsc_rate(&kvm, shape.tsc_khz(), &Cpuid::from_entries(guest.clone()))?;
     let missing = host.missing_features(&guest);
     if !missing.is_empty() {
         return Err(format!(
@@ -44,4 +46,22 @@ pub fn check_incoming_as(shape: &VmShape, model: CpuModel) -> Result<(), String>
         ));
     }
     Ok(())
+}
+
+/// Refuses, before any memory is sent, an invariant-TSC guest whose rate this host can neither
+/// match nor scale to (the same decision `Vm::restore` applies).
+fn check_tsc_rate(
+    kvm: &kvm_ioctls::Kvm,
+    guest_khz: Option<u32>,
+    guest_cpuid: &Cpuid,
+) -> Result<(), String> {
+    let host_khz = kvm
+        .create_vm()
+        .and_then(|vm| vm.create_vcpu(0))
+        .and_then(|vcpu| vcpu.get_tsc_khz())
+        .ok();
+    let host = tsc::HostTsc::probe(kvm, host_khz);
+    tsc::plan(guest_khz, host, tsc::is_invariant(guest_cpuid))
+        .map(drop)
+        .map_err(|e| e.to_string())
 }

@@ -149,8 +149,9 @@ fn a_target_with_another_tsc_rate_refuses_an_invariant_tsc_guest_naming_both_rat
     let (migrated, said, state) = migrate_between("tsc-rate", &[], &[], &pretend);
     assert!(!migrated, "{said}");
     assert!(
+        // Refused at the Hello, before any memory was sent.
         said.contains(&format!(
-            "The guest has an invariant TSC at {host_khz} kHz, this host's runs at 1000000 kHz \
+            "The target refused the guest: The guest has an invariant TSC at {host_khz} kHz, this host's runs at 1000000 kHz \
              and its KVM cannot scale TSCs"
         )),
         "{said}"

@@ -140,6 +140,8 @@ pub struct Vm {
     cpuid: Cpuid,
     /// This host's TSC rate and whether KVM can scale it.
     host_tsc: vcpu::tsc::HostTsc,
+    /// The guest's TSC rate: this host's, or the one a migrated-in guest was scaled to.
+    tsc_khz: Option<u32>,
 }
 
 /// `KVM_CAP_SYNC_REGS`.
@@ -219,6 +221,7 @@ impl Vm {
             sync_regs: kvm.check_extension_raw(KVM_CAP_SYNC_REGS).max(0) as u64,
             power_on,
             cpuid,
+            tsc_khz: host_tsc.khz,
             host_tsc,
         })
     }
@@ -316,7 +319,7 @@ impl Vm {
 
     /// Takes over a guest saved with [`RunningVm::snapshot`]; guest memory must already hold
     /// its RAM. Call before [`Vm::start`].
-    pub fn restore(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
+    pub fn restore(&mut self, snapshot: &VmSnapshot) -> Result<(), VmError> {
         if snapshot.vcpus.len() != self.vcpus.len() {
             return Err(VmError::SnapshotShape {
                 what: "vCPUs",
@@ -331,6 +334,7 @@ impl Vm {
                 vcpu::tsc::TscPlan::HostRate => None,
                 vcpu::tsc::TscPlan::Scale(khz) => Some(khz),
             };
+            self.tsc_khz = tsc_khz.or(self.tsc_khz);
             // The CPUID this VM was built with (the guest's own, for a migrated-in guest),
             // set again first so everything after it is checked against it.
             let cpuid = self.cpuid.for_vcpu(v.id, count).map_err(|e| {
@@ -451,6 +455,7 @@ impl Vm {
             features: self.features,
             devices,
             cpuid: self.cpuid,
+            tsc_khz: self.tsc_khz,
         })
     }
 }
@@ -513,6 +518,7 @@ pub struct RunningVm {
     features: ParavirtFeatures,
     devices: Option<Arc<crate::devices::MachineDevices>>,
     cpuid: Cpuid,
+    tsc_khz: Option<u32>,
 }
 
 /// Performs guest-requested resets: back to power-on state, kernel reloaded, paravirtual state
@@ -665,6 +671,12 @@ impl RunningVm {
     /// The KVM VM.
     pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
+    }
+
+    /// The guest's TSC rate in kHz, if KVM told it (known without stopping a vCPU: a running
+    /// one holds its lock inside KVM_RUN).
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.tsc_khz
     }
 
     /// Number of vCPUs.
