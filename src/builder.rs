@@ -130,6 +130,8 @@ pub struct VmBuilder {
     kernel_set: bool,
     serial: SerialOutput,
     hypercall_transport: TransportChoice,
+    guest_cpuid: Option<veil_hypervisor::cpuid::Cpuid>,
+    cpu_model: veil_hypervisor::cpuid::CpuModel,
     encrypted_memory: bool,
     sev: Option<SevConfig>,
     disks: Vec<BlockConfig>,
@@ -160,6 +162,8 @@ impl VmBuilder {
             kernel_set: false,
             serial: SerialOutput::Sink(SerialSink::Stdout),
             hypercall_transport: TransportChoice::Auto,
+            guest_cpuid: None,
+            cpu_model: veil_hypervisor::cpuid::CpuModel::Host,
             encrypted_memory: false,
             sev: None,
             disks: Vec::new(),
@@ -233,6 +237,21 @@ impl VmBuilder {
     /// How the guest's hypercalls reach Veil (default: probe the host once per boot).
     pub fn hypercall_transport(mut self, transport: TransportChoice) -> Self {
         self.hypercall_transport = transport;
+        self
+    }
+
+    /// Gives the guest exactly this CPUID instead of building one from the host's: a
+    /// migrated-in guest's own, from its source's Hello, once checked against this host
+    /// (`check_incoming`).
+    pub fn guest_cpuid(mut self, entries: Vec<kvm_bindings::kvm_cpuid_entry2>) -> Self {
+        self.guest_cpuid = Some(veil_hypervisor::cpuid::Cpuid::from_entries(entries));
+        self
+    }
+
+    /// The CPU a booted guest is given: everything this host offers (the default) or a named
+    /// baseline, so that it can move to any host that has the baseline.
+    pub fn cpu_model(mut self, model: veil_hypervisor::cpuid::CpuModel) -> Self {
+        self.cpu_model = model;
         self
     }
 
@@ -347,12 +366,14 @@ impl VmBuilder {
             huge_pages: self.huge_pages,
             sev_status: self.sev.as_ref().and_then(sev_launch::sev_status_msr),
             hypercall_transport: self.hypercall_transport,
+            guest_cpuid: self.guest_cpuid,
+            cpu_model: self.cpu_model,
         };
         let setup_hooks: &mut dyn VmSetup = match &mut sev_setup {
             Some(sev) => sev,
             None => &mut (),
         };
-        let vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
+        let mut vm = veil_hypervisor::Vm::create(&config, setup_hooks)?;
         let incoming = receive.is_some();
         let mut arrived_serial = None;
         let mut arrived_virtio = Vec::new();

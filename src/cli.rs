@@ -415,6 +415,11 @@ pub struct ReceiveArgs {
 
     #[command(flatten)]
     pub sev_platform: SevPlatformArgs,
+
+    /// Take only guests whose CPU features this model has (`host`, or a baseline such as
+    /// `x86-64-v2`): a host that is to run baseline guests only refuses others.
+    #[arg(long, default_value = "host", value_name = "MODEL")]
+    pub cpu_model: veil_hypervisor::cpuid::CpuModel,
 }
 
 /// The machine's shape, shared by every command that boots a guest.
@@ -474,6 +479,11 @@ pub struct MachineArgs {
     /// host once per boot and choose).
     #[arg(long, default_value = "auto", value_enum, value_name = "HOW")]
     pub hypercall_transport: Transport,
+    /// The CPU the guest is given: `host` (everything this host's KVM offers) or a named
+    /// baseline (`x86-64-v2`) masked from it, so that the guest can move to any host that
+    /// has the baseline.
+    #[arg(long, default_value = "host", value_name = "MODEL")]
+    pub cpu_model: veil_hypervisor::cpuid::CpuModel,
 }
 
 /// `--hypercall-transport` values.

@@ -51,7 +51,8 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
         .vcpus(args.vcpus)
         .serial(args.serial)
         .hypercall_transport(args.hypercall_transport.into())
-        .huge_pages(args.huge_pages);
+        .huge_pages(args.huge_pages)
+        .cpu_model(args.cpu_model);
     let mut builder = match args.memory_file {
         Some(path) => builder.memory_file(path),
         None => builder,
@@ -153,10 +154,11 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     }
     // Strangers are logged and dropped in there; what comes out is a source, or a listener
     // that failed.
+    let model = args.cpu_model;
     let mut incoming = receiver::accept_from(
         &listener,
         args.hello_timeout,
-        veil::check_incoming,
+        |shape| veil::check_incoming_as(shape, model),
         sev_chain,
     )?;
     eprintln!(
@@ -178,6 +180,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
+        .guest_cpuid(shape.cpuid().iter().map(Into::into).collect())
         .serial(args.serial)
         .huge_pages(args.huge_pages);
     for (name, path) in args.disks {

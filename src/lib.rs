@@ -27,7 +27,7 @@ pub mod sev_owner;
 
 pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder, VsockConnectError};
 pub use capture::CapturedOutput;
-pub use incoming::check_incoming;
+pub use incoming::{check_incoming, check_incoming_as};
 pub use veil_devices::virtio::block::BlockConfig as DiskConfig;
 pub use veil_devices::virtio::console::ConsoleBackend;
 pub use veil_devices::virtio::vsock::{GuestConnection, VsockConfig};

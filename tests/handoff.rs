@@ -35,7 +35,8 @@ fn a_running_guest_continues_in_another_vm() {
         .serial_writer(source_out.clone())
         .start()
         .unwrap();
-    assert!(source_out.wait_for("stamping", Duration::from_secs(20)));
+    // The whole line: paused mid-line, the guest would finish it on the target.
+    assert!(source_out.wait_for("forever\n", Duration::from_secs(20)));
     assert_eq!(source.pause(), RunState::Paused);
     let snapshot = source.inner().snapshot().unwrap();
 
@@ -115,4 +116,79 @@ fn a_saved_guest_does_not_fit_a_vm_of_another_shape() {
     );
     source.stop();
     source.wait();
+}
+
+/// The guest's kvmclock as the kit printed it (`kvmclock: N ns`), in order.
+fn kvmclock_reads(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("kvmclock: ")?
+                .strip_suffix(" ns")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn the_guests_kvmclock_covers_the_time_it_was_stopped_between_two_vms() {
+    const CLOCK_GPA: u64 = 0x81_0000;
+    const GO_GPA: u64 = 0x80_0000;
+    const STOPPED: Duration = Duration::from_secs(2);
+    let source_out = CapturedOutput::new();
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(format!(
+            "kvmclock-on:gpa={CLOCK_GPA:#x} kvmclock-read:gpa={CLOCK_GPA:#x} \
+             wait-word:gpa={GO_GPA:#x},value=1 kvmclock-read:gpa={CLOCK_GPA:#x} greet spin"
+        ))
+        .memory_bytes(32 << 20)
+        .serial_writer(source_out.clone())
+        .start()
+        .unwrap();
+    assert!(
+        source_out.wait_for("wait-word: waiting", Duration::from_secs(20)),
+        "{}",
+        source_out.text()
+    );
+    assert_eq!(source.pause(), RunState::Paused);
+    let snapshot = source.inner().snapshot().unwrap();
+    // The guest is stopped for this long, as during a migration's stop-and-copy.
+    std::thread::sleep(STOPPED);
+    let target_out = CapturedOutput::new();
+    let target = VmBuilder::new()
+        .memory_bytes(32 << 20)
+        .serial_writer(target_out.clone())
+        .start_incoming(Box::new(|memory, _| {
+            copy_ram(source.memory(), memory);
+            Ok((snapshot, None))
+        }))
+        .unwrap();
+    source.stop();
+    source.wait();
+    target
+        .memory()
+        .write_obj(1u64, GuestAddress(GO_GPA))
+        .unwrap();
+    assert_eq!(target.resume(), RunState::Running);
+    assert!(
+        target_out.wait_for("Hello", Duration::from_secs(20)),
+        "{}",
+        target_out.text()
+    );
+    target.stop();
+    target.wait();
+    let (before, after) = (
+        kvmclock_reads(&source_out.text()),
+        kvmclock_reads(&target_out.text()),
+    );
+    let (&[before], &[after]) = (before.as_slice(), after.as_slice()) else {
+        panic!("{}\n{}", source_out.text(), target_out.text());
+    };
+    // Monotonic, and the stopped time is in it (wall clocks of one host agree).
+    assert!(
+        after >= before + STOPPED.as_nanos() as u64,
+        "kvmclock {before} ns before, {after} ns after being stopped {STOPPED:?}"
+    );
+    eprintln!("kvmclock advanced {} ms", (after - before) / 1_000_000);
 }

@@ -803,3 +803,59 @@ fn a_vsock_host_program_reconnects_to_its_guest_on_the_target() {
     common::ctl(&b.api, &["shutdown"]);
     b.process.wait();
 }
+
+#[test]
+fn a_guests_msrs_tsc_deadline_and_cpuid_are_the_same_on_the_other_host() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let program = common::vcpu::StateProgram::for_this_host();
+    let (a_api, a_out) = (hosts.path("a.sock"), hosts.path("a.out"));
+    let mut args = strings(&["run", "--memory", "32M", "--api-socket"]);
+    args.push(a_api.display().to_string());
+    args.push("--serial".into());
+    args.push(format!("file:{}", a_out.display()));
+    args.extend(strings(&["--cmdline", &program.cmdline, "--kernel"]));
+    args.push(common::kit().display().to_string());
+    let mut source = hosts
+        .veil(&hosts.a, &args)
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    wait_for_output(&a_out, "wait-word: waiting");
+
+    let mut b = receive(
+        &hosts,
+        &hosts.b,
+        B_ADDR,
+        "b",
+        &common::tls::args(&hosts.tls_b),
+    );
+    let out = migrate(&a_api, B_ADDR, &common::tls::args(&hosts.tls_a));
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(source.wait().success(), "A's veil lets the guest go");
+    common::wait_for(&b.api);
+    // Landed: tell the guest to read its state back, through B's memory file.
+    File::options()
+        .write(true)
+        .open(&b.memory)
+        .unwrap()
+        .write_all_at(&common::vcpu::GO.to_le_bytes(), common::vcpu::GO_GPA)
+        .unwrap();
+    let b_out = hosts.path("b.out");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let text = std::fs::read_to_string(&b_out).unwrap_or_default();
+        if text.contains("Hello") || text.contains("FAILED") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "B's guest said only {text:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    program.assert_same_after(&std::fs::read_to_string(&a_out).unwrap(), &after);
+    common::ctl(&b.api, &["shutdown"]);
+    b.process.wait();
+}

@@ -19,18 +19,143 @@ pub enum Register {
     Edx,
 }
 
-/// The leaves (function, index) and registers holding what a guest may rely on staying there:
-/// the vendor, and the feature flags of leaves 1, 7, 0xD.1, 0x80000001 and 0x80000008.
-/// Topology, APIC ids, cache and hypervisor leaves are per VM, not per host, and are left out.
+/// The leaves (function, index) and registers whose bits are features a host must have to
+/// run a guest given them: the vendor (which must match exactly), leaf 1's flags, thermal and
+/// power (6), structured extended features (7.0 to 7.2), the XCR0 and XSS components
+/// (0xD.0, 0xD.1), the extended flags (0x80000001), advanced power management with the
+/// invariant TSC (0x80000007), 0x80000008's and 0x80000021's feature bits, and KVM's
+/// paravirtual features (0x40000001). A migrated guest keeps its whole CPUID (family, model,
+/// caches, topology): those are values, not features, and are not compared; the physical and
+/// linear address widths are compared as numbers (see [`Cpuid::missing_features`]).
 pub const FEATURE_LEAVES: &[(u32, u32, &[Register])] = &[
     (0, 0, &[Register::Ebx, Register::Ecx, Register::Edx]),
     (1, 0, &[Register::Ecx, Register::Edx]),
+    (6, 0, &[Register::Eax]),
     (7, 0, &[Register::Ebx, Register::Ecx, Register::Edx]),
-    (7, 1, &[Register::Eax]),
-    (0xd, 1, &[Register::Eax]),
+    (7, 1, &[Register::Eax, Register::Edx]),
+    (7, 2, &[Register::Edx]),
+    (0xd, 0, &[Register::Eax, Register::Edx]),
+    (0xd, 1, &[Register::Eax, Register::Ecx, Register::Edx]),
+    (KVM_CPUID_FEATURES, 0, &[Register::Eax]),
     (0x8000_0001, 0, &[Register::Ecx, Register::Edx]),
+    (0x8000_0007, 0, &[Register::Edx]),
     (0x8000_0008, 0, &[Register::Ebx]),
+    (0x8000_0021, 0, &[Register::Eax]),
 ];
+
+/// KVM paravirtual features Veil implements itself, in userspace, whatever KVM reports:
+/// `KVM_FEATURE_HC_MAP_GPA_RANGE` and `KVM_FEATURE_MIGRATION_CONTROL` (see
+/// [`crate::paravirt::setup::advertise`]).
+const VEIL_KVM_FEATURES: u32 = crate::paravirt::setup::KVM_FEATURE_HC_MAP_GPA_RANGE
+    | crate::paravirt::setup::KVM_FEATURE_MIGRATION_CONTROL;
+
+/// Leaf 0x80000008 (AMD APM vol. 3, E.4.7): EAX bits 7:0 are the physical address width,
+/// bits 15:8 the linear one.
+const CPUID_ADDRESS_SIZES: u32 = 0x8000_0008;
+
+/// Leaf 1 ECX bit 5: VMX.
+const CPUID_1_ECX_VMX: u32 = 1 << 5;
+/// Leaf 0x80000001 ECX bit 2: SVM.
+const CPUID_80000001_ECX_SVM: u32 = 1 << 2;
+
+/// A named CPU baseline: for each register of [`FEATURE_LEAVES`] it lists, the feature bits a
+/// guest may have (those the host has too); registers it does not list keep none. The vendor
+/// and KVM's paravirtual leaf are the host's. A guest started with a baseline can move to any
+/// host that has the baseline's features, whatever else either host has.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CpuBaseline {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub masks: &'static [(u32, u32, Register, u32)],
+}
+
+const fn bits(list: &[u32]) -> u32 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < list.len() {
+        mask |= 1 << list[i];
+        i += 1;
+    }
+    mask
+}
+
+/// The x86-64-v2 micro-architecture level (the x86-64 psABI, "Micro-Architecture Levels"):
+/// the baseline x86-64 flags plus CMPXCHG16B, LAHF/SAHF, POPCNT, SSE3, SSE4.1, SSE4.2 and
+/// SSSE3, with the APIC features KVM emulates (x2APIC, TSC-deadline) and the hypervisor bit.
+/// No XSAVE (so only x87 and SSE state), no AVX, no invariant TSC (the guest keeps time by
+/// kvmclock, so it can move between hosts of different TSC rates).
+pub const X86_64_V2: CpuBaseline = CpuBaseline {
+    name: "x86-64-v2",
+    description: "x86-64 psABI level 2: SSE4.2, POPCNT, CMPXCHG16B; no AVX, no invariant TSC",
+    masks: &[
+        (
+            1,
+            0,
+            Register::Edx,
+            // FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT PSE36 CLFSH
+            // MMX FXSR SSE SSE2
+            bits(&[
+                0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26,
+            ]),
+        ),
+        (
+            1,
+            0,
+            Register::Ecx,
+            // SSE3 SSSE3 CX16 SSE4.1 SSE4.2 X2APIC POPCNT TSC-DEADLINE HYPERVISOR
+            bits(&[0, 9, 13, 19, 20, 21, 23, 24, 31]),
+        ),
+        // XCR0: x87 and SSE state.
+        (0xd, 0, Register::Eax, bits(&[0, 1])),
+        // LAHF/SAHF in long mode.
+        (0x8000_0001, 0, Register::Ecx, bits(&[0])),
+        // SYSCALL, NX, long mode.
+        (0x8000_0001, 0, Register::Edx, bits(&[11, 20, 29])),
+    ],
+};
+
+/// The named CPU models `--cpu-model` takes besides `host`.
+pub const CPU_BASELINES: &[&CpuBaseline] = &[&X86_64_V2];
+
+/// What CPU a new guest is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuModel {
+    /// Everything this host's KVM supports.
+    #[default]
+    Host,
+    /// A baseline masked from the host's CPUID.
+    Baseline(&'static CpuBaseline),
+}
+
+/// A `--cpu-model` name that is not `host` or a known baseline.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("Unknown CPU model {name:?}: use host or one of {known}")]
+pub struct UnknownCpuModel {
+    pub name: String,
+    pub known: String,
+}
+
+impl std::str::FromStr for CpuModel {
+    type Err = UnknownCpuModel;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        if name == "host" {
+            return Ok(Self::Host);
+        }
+        CPU_BASELINES
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| Self::Baseline(b))
+            .ok_or_else(|| UnknownCpuModel {
+                name: name.into(),
+                known: CPU_BASELINES
+                    .iter()
+                    .map(|b| b.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
 
 /// Errors building the CPUID.
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +169,13 @@ pub enum CpuidError {
 }
 
 /// A CPUID table to give every vCPU (after [`Cpuid::for_vcpu`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Cpuid {
     entries: Vec<kvm_cpuid_entry2>,
 }
+
+/// Every field of an entry is an integer: equality is total.
+impl Eq for Cpuid {}
 
 impl Cpuid {
     /// What KVM supports on this host, with KVM's signature leaf present.
@@ -58,6 +186,10 @@ impl Cpuid {
         let mut cpuid = Self {
             entries: supported.as_slice().to_vec(),
         };
+        // Nested virtualisation is not offered: Veil saves no nested (VMX/SVM) state, so a
+        // guest hypervisor's guests would not survive a migration.
+        cpuid.clear_bits(1, 0, Register::Ecx, CPUID_1_ECX_VMX);
+        cpuid.clear_bits(0x8000_0001, 0, Register::Ecx, CPUID_80000001_ECX_SVM);
         let max_leaf = cpuid
             .entry(KVM_CPUID_SIGNATURE, 0)
             .map_or(KVM_CPUID_FEATURES, |e| e.eax.max(KVM_CPUID_FEATURES));
@@ -65,6 +197,33 @@ impl Cpuid {
         signature.eax = max_leaf;
         [signature.ebx, signature.ecx, signature.edx] = KVM_SIGNATURE;
         Ok(cpuid)
+    }
+
+    /// Keeps only the features `model` allows (see [`CpuBaseline`]); `Host` changes nothing.
+    pub fn restrict_to(&mut self, model: CpuModel) {
+        let CpuModel::Baseline(baseline) = model else {
+            return;
+        };
+        for &(function, index, registers) in FEATURE_LEAVES {
+            if function == 0 || function == KVM_CPUID_FEATURES {
+                continue;
+            }
+            let Some(pos) = self
+                .entries
+                .iter()
+                .position(|e| e.function == function && e.index == index)
+            else {
+                continue;
+            };
+            for &register in registers {
+                let allowed = baseline
+                    .masks
+                    .iter()
+                    .find(|&&(f, i, r, _)| (f, i, r) == (function, index, register))
+                    .map_or(0, |&(_, _, _, mask)| mask);
+                *register_mut(&mut self.entries[pos], register) &= allowed;
+            }
+        }
     }
 
     /// Builds from explicit entries (tests, migration targets).
@@ -128,20 +287,26 @@ impl Cpuid {
         *register_mut(self.entry_mut(function, index), register) = value;
     }
 
-    /// The entries of [`FEATURE_LEAVES`], for a migration target to check against its own.
-    pub fn feature_leaves(&self) -> Vec<kvm_cpuid_entry2> {
-        FEATURE_LEAVES
-            .iter()
-            .filter_map(|&(function, index, _)| self.entry(function, index).copied())
-            .collect()
-    }
-
-    /// The features in `guest` (entries of [`FEATURE_LEAVES`]) this table lacks, described
-    /// for people: a host whose CPUID lacks any cannot take over a guest given them. The
-    /// vendor string must match exactly.
+    /// The features in `guest` (a guest's whole CPUID) this host's table lacks, described for
+    /// people: a host whose CPUID lacks any cannot take over a guest given them. The bits of
+    /// [`FEATURE_LEAVES`] must all be here (KVM's paravirtual ones may also be Veil's own);
+    /// the vendor string must match exactly; the guest's address widths must not exceed this
+    /// host's.
     pub fn missing_features(&self, guest: &[kvm_cpuid_entry2]) -> Vec<String> {
         let mut missing = Vec::new();
         for given in guest {
+            if given.function == CPUID_ADDRESS_SIZES && given.index == 0 {
+                let here = self.entry(CPUID_ADDRESS_SIZES, 0).map_or(0, |e| e.eax);
+                for (what, shift) in [("physical", 0), ("linear", 8)] {
+                    let (want, have) = ((given.eax >> shift) & 0xff, (here >> shift) & 0xff);
+                    if want > have {
+                        missing.push(format!(
+                            "leaf {CPUID_ADDRESS_SIZES:#x}.0 Eax: {want}-bit {what} addresses, \
+                             this host has {have}"
+                        ));
+                    }
+                }
+            }
             let Some(&(_, _, registers)) = FEATURE_LEAVES
                 .iter()
                 .find(|&&(f, i, _)| f == given.function && i == given.index)
@@ -153,10 +318,11 @@ impl Cpuid {
                 .copied()
                 .unwrap_or_default();
             for &register in registers {
-                let (want, have) = (
-                    read_register(given, register),
-                    read_register(&here, register),
-                );
+                let mut have = read_register(&here, register);
+                if (given.function, register) == (KVM_CPUID_FEATURES, Register::Eax) {
+                    have |= VEIL_KVM_FEATURES;
+                }
+                let want = read_register(given, register);
                 let lacking = if given.function == 0 {
                     // The vendor: exactly the same, or the guest's CPU model changes under it.
                     if want == have {
@@ -273,6 +439,78 @@ mod tests {
         assert!(host
             .missing_features(&[entry(0xb, 0, 0xffff, 0, 0)])
             .is_empty());
+    }
+
+    #[test]
+    fn a_baseline_keeps_only_its_features_and_a_host_of_the_baseline_takes_its_guests() {
+        use super::*;
+        let leaf = |function, index, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let host = Cpuid::from_entries(vec![
+            leaf(1, 0, 0xffff_ffff, 0xffff_ffff),
+            leaf(7, 0, 0xffff_ffff, 0xffff_ffff),
+            leaf(0x8000_0007, 0, 0, 1 << 8),
+            leaf(KVM_CPUID_FEATURES, 0, 0, 0),
+        ]);
+        let mut guest = host.clone();
+        let v2: CpuModel = "x86-64-v2".parse().unwrap();
+        guest.restrict_to(v2);
+        let leaf1 = guest.entry(1, 0).unwrap();
+        assert_eq!(leaf1.ecx & (1 << 28), 0, "no AVX");
+        assert_ne!(leaf1.ecx & (1 << 20), 0, "SSE4.2");
+        assert_eq!(guest.entry(7, 0).unwrap().ecx, 0);
+        assert!(!crate::vcpu::tsc::is_invariant(&guest));
+        // A host restricted to the same baseline takes the guest; a full-host guest names
+        // what the baseline host lacks.
+        let mut narrow_host = host.clone();
+        narrow_host.restrict_to(v2);
+        assert!(narrow_host.missing_features(guest.entries()).is_empty());
+        let missing = narrow_host.missing_features(host.entries());
+        assert!(
+            missing.contains(&"leaf 0x7.0 Ecx bits 0xffffffff".to_string()),
+            "{missing:?}"
+        );
+        assert_eq!(
+            "pentium".parse::<CpuModel>().unwrap_err().to_string(),
+            "Unknown CPU model \"pentium\": use host or one of x86-64-v2"
+        );
+        assert_eq!("host".parse::<CpuModel>(), Ok(CpuModel::Host));
+    }
+
+    #[test]
+    fn wider_addresses_than_the_host_has_are_refused_and_veils_own_kvm_features_allowed() {
+        use super::*;
+        let leaf = |function, eax| kvm_cpuid_entry2 {
+            function,
+            eax,
+            ..Default::default()
+        };
+        let host = Cpuid::from_entries(vec![
+            leaf(CPUID_ADDRESS_SIZES, 0x3028),
+            leaf(KVM_CPUID_FEATURES, 0b1),
+        ]);
+        assert!(host
+            .missing_features(&[leaf(CPUID_ADDRESS_SIZES, 0x3028)])
+            .is_empty());
+        assert_eq!(
+            host.missing_features(&[leaf(CPUID_ADDRESS_SIZES, 0x3930)]),
+            [
+                "leaf 0x80000008.0 Eax: 48-bit physical addresses, this host has 40",
+                "leaf 0x80000008.0 Eax: 57-bit linear addresses, this host has 48",
+            ]
+        );
+        assert!(host
+            .missing_features(&[leaf(KVM_CPUID_FEATURES, 0b1 | VEIL_KVM_FEATURES)])
+            .is_empty());
+        assert_eq!(
+            host.missing_features(&[leaf(KVM_CPUID_FEATURES, 0b110)]),
+            ["leaf 0x40000001.0 Eax bits 0x00000006"]
+        );
     }
 
     use super::*;

@@ -3,7 +3,7 @@
 use kvm_ioctls::VmFd;
 
 use crate::platform::{InterruptControllers, PlatformError};
-use crate::vcpu::{Vcpu, VcpuState, VcpuStateError};
+use crate::vcpu::{RestoreWith, Vcpu, VcpuState, VcpuStateError};
 
 /// Errors capturing or restoring power-on state.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ impl PowerOnState {
     /// Puts one vCPU back (it must not be running).
     pub fn restore_vcpu(&self, vcpu: &Vcpu) -> Result<(), PowerOnError> {
         self.vcpus[vcpu.id as usize]
-            .restore(&vcpu.fd)
+            .restore(&vcpu.fd, RestoreWith::default())
             .map_err(|source| PowerOnError::Vcpu {
                 vcpu: vcpu.id,
                 source,

@@ -18,7 +18,7 @@ use crate::paravirt::{self, Paravirt, ParavirtFeatures, ParavirtSnapshot, Transp
 use crate::platform::{PlatformError, PlatformState};
 use crate::power_on::{PowerOnError, PowerOnState};
 use crate::vcpu::{
-    self, install_kick_handler, KickTarget, Vcpu, VcpuError, VcpuState, VcpuStateError,
+    self, install_kick_handler, KickTarget, RestoreWith, Vcpu, VcpuError, VcpuState, VcpuStateError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,8 @@ pub enum VmError {
     EncryptedReset,
     #[error("Cannot save or restore the VM's device state")]
     Platform(#[from] PlatformError),
+    #[error("Cannot take over the guest's TSC")]
+    TscRate(#[from] vcpu::tsc::TscRateError),
     #[error("Cannot save the state of vCPU {vcpu}")]
     SaveState {
         vcpu: u32,
@@ -99,6 +101,11 @@ pub struct VmConfig {
     pub hypercall_transport: TransportChoice,
     /// Back anonymous guest RAM with transparent huge pages.
     pub huge_pages: bool,
+    /// The CPUID to give the guest exactly (a migrated-in guest's own, checked against this
+    /// host); `None` builds it from what this host's KVM supports and Veil adds.
+    pub guest_cpuid: Option<Cpuid>,
+    /// The CPU a new guest is given (ignored with `guest_cpuid`).
+    pub cpu_model: crate::cpuid::CpuModel,
 }
 
 /// A paused VM's state besides its RAM: what a migration sends after the memory.
@@ -133,6 +140,10 @@ pub struct Vm {
     power_on: PowerOnState,
     /// The CPUID every vCPU got (before per-vCPU APIC ids).
     cpuid: Cpuid,
+    /// This host's TSC rate and whether KVM can scale it.
+    host_tsc: vcpu::tsc::HostTsc,
+    /// The guest's TSC rate: this host's, or the one a migrated-in guest was scaled to.
+    tsc_khz: Option<u32>,
 }
 
 /// `KVM_CAP_SYNC_REGS`.
@@ -194,8 +205,9 @@ impl Vm {
         });
         registered.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let (features, paravirt, vcpus, boot, cpuid) = rest?;
-        let msr_indices = vcpu::stateful_msrs(&kvm);
+        let msr_indices = vcpu::stateful_msrs(&kvm, &vcpus[0].fd);
         let power_on = PowerOnState::capture(&fd, &vcpus, &msr_indices)?;
+        let host_tsc = vcpu::tsc::HostTsc::probe(&kvm, vcpus[0].fd.get_tsc_khz().ok());
 
         Ok(Self {
             boot_config: config.boot.clone(),
@@ -211,6 +223,8 @@ impl Vm {
             sync_regs: kvm.check_extension_raw(KVM_CAP_SYNC_REGS).max(0) as u64,
             power_on,
             cpuid,
+            tsc_khz: host_tsc.khz,
+            host_tsc,
         })
     }
 
@@ -246,9 +260,18 @@ impl Vm {
             )
             .with_sev_status(config.sev_status),
         );
-        let mut cpuid = Cpuid::supported(kvm)?;
-        paravirt::setup::advertise(&mut cpuid, &features);
-        customize_cpuid(&mut cpuid);
+        let cpuid = match &config.guest_cpuid {
+            // What the guest saw on its first host, including what Veil and upper layers
+            // added there: nothing is added again.
+            Some(given) => given.clone(),
+            None => {
+                let mut cpuid = Cpuid::supported(kvm)?;
+                cpuid.restrict_to(config.cpu_model);
+                paravirt::setup::advertise(&mut cpuid, &features);
+                customize_cpuid(&mut cpuid);
+                cpuid
+            }
+        };
         let vcpus = (0..config.vcpus)
             .map(|id| Vcpu::new(fd, id, &cpuid, config.vcpus))
             .collect::<Result<Vec<_>, _>>()?;
@@ -298,7 +321,7 @@ impl Vm {
 
     /// Takes over a guest saved with [`RunningVm::snapshot`]; guest memory must already hold
     /// its RAM. Call before [`Vm::start`].
-    pub fn restore(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
+    pub fn restore(&mut self, snapshot: &VmSnapshot) -> Result<(), VmError> {
         if snapshot.vcpus.len() != self.vcpus.len() {
             return Err(VmError::SnapshotShape {
                 what: "vCPUs",
@@ -306,9 +329,30 @@ impl Vm {
                 expected: self.vcpus.len() as u64,
             });
         }
+        let count = self.vcpus.len() as u32;
+        let invariant = vcpu::tsc::is_invariant(&self.cpuid);
         for (v, state) in self.vcpus.iter().zip(&snapshot.vcpus) {
+            let tsc_khz = match vcpu::tsc::plan(state.tsc_khz, self.host_tsc, invariant)? {
+                vcpu::tsc::TscPlan::HostRate => None,
+                vcpu::tsc::TscPlan::Scale(khz) => Some(khz),
+            };
+            self.tsc_khz = tsc_khz.or(self.tsc_khz);
+            // The CPUID this VM was built with (the guest's own, for a migrated-in guest),
+            // set again first so everything after it is checked against it.
+            let cpuid = self.cpuid.for_vcpu(v.id, count).map_err(|e| {
+                VmError::Vcpu(VcpuError::Cpuid {
+                    id: v.id,
+                    source: e,
+                })
+            })?;
             state
-                .restore(&v.fd)
+                .restore(
+                    &v.fd,
+                    RestoreWith {
+                        cpuid: Some(cpuid.as_slice()),
+                        tsc_khz,
+                    },
+                )
                 .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
         }
         snapshot.platform.restore(&self.fd)?;
@@ -413,6 +457,7 @@ impl Vm {
             features: self.features,
             devices,
             cpuid: self.cpuid,
+            tsc_khz: self.tsc_khz,
         })
     }
 }
@@ -475,6 +520,7 @@ pub struct RunningVm {
     features: ParavirtFeatures,
     devices: Option<Arc<crate::devices::MachineDevices>>,
     cpuid: Cpuid,
+    tsc_khz: Option<u32>,
 }
 
 /// Performs guest-requested resets: back to power-on state, kernel reloaded, paravirtual state
@@ -554,10 +600,23 @@ impl RunningVm {
 
     /// Resumes the devices, then the vCPUs.
     pub fn resume(&self) -> RunState {
+        if self.control.run_state() == RunState::Paused {
+            self.tell_guest_it_was_paused();
+        }
         if let Some(devices) = &self.devices {
             devices.resume();
         }
         self.control.resume()
+    }
+
+    /// `KVM_KVMCLOCK_CTRL` on every vCPU (as QEMU does when a stopped VM runs again): KVM sets
+    /// `PVCLOCK_GUEST_STOPPED` in the guest's kvmclock, so its soft-lockup watchdog does not
+    /// take the time it was paused (or in flight) for a hang. KVM refuses it for a vCPU whose
+    /// guest has not enabled kvmclock; nothing is lost then.
+    fn tell_guest_it_was_paused(&self) {
+        for v in &self.vcpus {
+            let _ = lock(v).fd.kvmclock_ctrl();
+        }
     }
 
     /// The virtio devices, if the VM has any.
@@ -616,6 +675,12 @@ impl RunningVm {
         &self.fd
     }
 
+    /// The guest's TSC rate in kHz, if KVM told it (known without stopping a vCPU: a running
+    /// one holds its lock inside KVM_RUN).
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.tsc_khz
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
@@ -671,8 +736,9 @@ impl RunningVm {
         }
         for (v, state) in self.vcpus.iter().zip(states) {
             let v = lock(v);
+            // A running VM's vCPUs have run: KVM allows no new CPUID.
             state
-                .restore(&v.fd)
+                .restore(&v.fd, RestoreWith::default())
                 .map_err(|source| VmError::SaveState { vcpu: v.id, source })?;
         }
         Ok(())

@@ -273,9 +273,10 @@ pub fn shape_of(vm: &RunningVm, sev: Option<SevShape>) -> Result<VmShape, SendEr
         .slots()
         .map(|(_, base, len)| MemoryRegion { gpa: base.0, len })
         .collect();
-    // The CPU features the guest was given: a target that lacks one must refuse it.
-    let cpuid = vm.cpuid().feature_leaves().iter().map(Into::into).collect();
-    Ok(VmShape::new(memory, vm.vcpu_count() as u32, sev, cpuid)?)
+    // The whole CPUID: the target gives the guest exactly this one, once it has checked that
+    // its host has every feature in it.
+    let cpuid = vm.cpuid().entries().iter().map(Into::into).collect();
+    Ok(VmShape::new(memory, vm.vcpu_count() as u32, sev, cpuid)?.with_tsc_khz(vm.tsc_khz()))
 }
 
 struct Sender<'a, 's, S> {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod tls;
+pub mod vcpu;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -67,12 +67,22 @@ pub enum Task {
         attrs: u64,
         expect: u64,
     },
-    /// Write `MSR_KVM_MIGRATION_CONTROL`.
-    MsrWrite(u64),
+    /// Write an MSR (`MSR_KVM_MIGRATION_CONTROL` unless `index` is given).
+    MsrWrite { index: Option<u32>, value: u64 },
     /// Write the UART's scratch register: device state a migration must carry.
     UartScratch(u8),
-    /// Read `MSR_KVM_MIGRATION_CONTROL` and expect a value.
-    MsrRead(u64),
+    /// Read an MSR (`MSR_KVM_MIGRATION_CONTROL` unless `index` is given) and expect a value.
+    MsrRead { index: Option<u32>, expect: u64 },
+    /// Hash every CPUID leaf and subleaf the guest can see.
+    CpuidHash,
+    /// Put the LAPIC timer, masked, in TSC-deadline mode and arm it `ahead` TSC ticks on.
+    DeadlineArm { ahead: u64 },
+    /// Check that the LAPIC timer is still in TSC-deadline mode with the armed deadline.
+    DeadlineCheck,
+    /// Enable kvmclock with its time structure at `gpa` (`on`), or read the time from it.
+    Kvmclock { gpa: u64, on: bool },
+    /// Wait until the 8-byte word at guest-physical `gpa` holds `value` (the host writes it).
+    WaitWord { gpa: u64, value: u64 },
     /// Reset the machine; the tasks after this one run after the reboot.
     Reset,
     /// Time `count` hypercall round trips against as many bare I/O exits.
@@ -387,10 +397,51 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             })
         }
         b"msr-write" => {
-            let [value] = parse_params(word, params, ["value"])?;
-            Ok(Task::MsrWrite(
-                value.ok_or(err("missing parameter", b"value"))?,
-            ))
+            let [index, value] = parse_params(word, params, ["index", "value"])?;
+            Ok(Task::MsrWrite {
+                index: msr_index(index).ok_or(err("index must be a 32-bit MSR number", b""))?,
+                value: value.ok_or(err("missing parameter", b"value"))?,
+            })
+        }
+        b"cpuid-hash" | b"deadline-check" => {
+            if params.is_some() {
+                return Err(err("takes no parameters", b""));
+            }
+            Ok(if name == b"cpuid-hash" {
+                Task::CpuidHash
+            } else {
+                Task::DeadlineCheck
+            })
+        }
+        b"kvmclock-on" | b"kvmclock-read" => {
+            let [gpa] = parse_params(word, params, ["gpa"])?;
+            let gpa = gpa.ok_or(err("missing parameter", b"gpa"))?;
+            if gpa % 32 != 0 {
+                return Err(err("gpa must be 32-byte aligned", b""));
+            }
+            Ok(Task::Kvmclock {
+                gpa,
+                on: name == b"kvmclock-on",
+            })
+        }
+        b"deadline-arm" => {
+            let [ahead] = parse_params(word, params, ["ahead"])?;
+            let ahead = ahead.ok_or(err("missing parameter", b"ahead"))?;
+            if ahead == 0 || ahead > 1 << 48 {
+                return Err(err("ahead must be 1..=2^48 TSC ticks", b""));
+            }
+            Ok(Task::DeadlineArm { ahead })
+        }
+        b"wait-word" => {
+            let [gpa, value] = parse_params(word, params, ["gpa", "value"])?;
+            let gpa = gpa.ok_or(err("missing parameter", b"gpa"))?;
+            if gpa % 8 != 0 {
+                return Err(err("gpa must be 8-byte aligned", b""));
+            }
+            Ok(Task::WaitWord {
+                gpa,
+                value: value.ok_or(err("missing parameter", b"value"))?,
+            })
         }
         b"uart-scratch" => {
             let [value] = parse_params(word, params, ["value"])?;
@@ -399,10 +450,11 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
             Ok(Task::UartScratch(value))
         }
         b"msr-read" => {
-            let [expect] = parse_params(word, params, ["expect"])?;
-            Ok(Task::MsrRead(
-                expect.ok_or(err("missing parameter", b"expect"))?,
-            ))
+            let [index, expect] = parse_params(word, params, ["index", "expect"])?;
+            Ok(Task::MsrRead {
+                index: msr_index(index).ok_or(err("index must be a 32-bit MSR number", b""))?,
+                expect: expect.ok_or(err("missing parameter", b"expect"))?,
+            })
         }
         b"share-alternate" => {
             let [first, count] = parse_params(word, params, ["first", "count"])?;
@@ -637,6 +689,14 @@ fn split_text(params: Option<&[u8]>) -> (Option<&[u8]>, Option<&[u8]>) {
 }
 
 /// Parses `key=value,...` against `keys`; returns each key's value, `None` when absent.
+/// An optional `index=` as an MSR number: `Some(None)` when absent, `None` when too large.
+fn msr_index(index: Option<u64>) -> Option<Option<u32>> {
+    match index {
+        None => Some(None),
+        Some(i) => u32::try_from(i).ok().map(Some),
+    }
+}
+
 fn parse_params<'a, const N: usize>(
     word: &'a [u8],
     params: Option<&'a [u8]>,

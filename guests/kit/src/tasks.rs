@@ -154,6 +154,12 @@ fn validate(task: &Task, ram: &RamMap, devices: &Devices) {
         Task::Check(range) => ("check: ", range),
         Task::DirtyLoop { range, .. } => ("dirty-loop: ", range),
         Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
+        Task::Kvmclock { gpa, .. } => {
+            return validate(&Task::ReadSecret { gpa: *gpa, len: 32 }, ram, devices);
+        }
+        Task::WaitWord { gpa, .. } => {
+            return validate(&Task::ReadSecret { gpa: *gpa, len: 8 }, ram, devices);
+        }
         Task::ReadSecret { gpa, len } => {
             let range = PageRange {
                 seed: 0,
@@ -250,18 +256,67 @@ fn run(task: &Task, index: usize, devices: &Devices) {
             write_hex(u64::from(value));
             write_str("\n");
         }
-        Task::MsrWrite(value) => {
-            paravirt::wrmsr(paravirt::MSR_KVM_MIGRATION_CONTROL, value);
-            write_str("msr-write ok: ");
+        Task::MsrWrite { index, value } => {
+            paravirt::wrmsr(index.unwrap_or(paravirt::MSR_KVM_MIGRATION_CONTROL), value);
+            write_str("msr-write ");
+            if let Some(index) = index {
+                write_hex(u64::from(index));
+                write_str(" ");
+            }
+            write_str("ok: ");
             write_hex(value);
             write_str("\n");
         }
-        Task::MsrRead(expect) => {
+        Task::MsrRead { index, expect } => {
+            if let Some(index) = index {
+                write_str("msr ");
+                write_hex(u64::from(index));
+                write_str(": ");
+            }
             report_value(
                 "msr-read",
-                paravirt::rdmsr(paravirt::MSR_KVM_MIGRATION_CONTROL),
+                paravirt::rdmsr(index.unwrap_or(paravirt::MSR_KVM_MIGRATION_CONTROL)),
                 expect,
             );
+        }
+        Task::DeadlineArm { ahead } => deadline_arm(ahead),
+        Task::Kvmclock { gpa, on: true } => {
+            if core::arch::x86_64::__cpuid(0x4000_0001).eax & KVM_FEATURE_CLOCKSOURCE2 == 0 {
+                begin_error();
+                write_str("kvmclock-on: CPUID offers no KVM_FEATURE_CLOCKSOURCE2");
+                end_error();
+            }
+            paravirt::wrmsr(MSR_KVM_SYSTEM_TIME_NEW, gpa | 1);
+            write_str("kvmclock-on ok: ");
+            write_hex(gpa);
+            write_str("\n");
+        }
+        Task::Kvmclock { gpa, on: false } => {
+            write_str("kvmclock: ");
+            write_dec(kvmclock_ns(gpa));
+            write_str(" ns\n");
+        }
+        Task::DeadlineCheck => deadline_check(),
+        Task::CpuidHash => {
+            let (hash, leaves) = cpuid_hash();
+            write_str("cpuid-hash: ");
+            write_hex(hash);
+            write_str(" (");
+            write_dec(leaves);
+            write_str(" leaves)\n");
+        }
+        Task::WaitWord { gpa, value } => {
+            write_str("wait-word: waiting for ");
+            write_hex(value);
+            write_str(" at ");
+            write_hex(gpa);
+            write_str("\n");
+            // SAFETY: `validate` checked the word is identity-mapped RAM outside the kit, and
+            // the gpa is 8-byte aligned.
+            while unsafe { (gpa as *const u64).read_volatile() } != value {
+                arch::pause();
+            }
+            write_str("wait-word ok\n");
         }
         Task::Reset => reset::reset_and_resume_at(index + 1),
         Task::HypercallBench(count) => hypercall_bench(count),
@@ -379,6 +434,125 @@ fn report_value(what: &str, value: u64, expect: u64) {
         write_str("\n");
         arch::exit(EXIT_CHECK_FAILED);
     }
+}
+
+/// `MSR_KVM_SYSTEM_TIME_NEW` (Documentation/virt/kvm/x86/msr.rst): the guest-physical
+/// address of this vCPU's `pvclock_vcpu_time_info`, bit 0 enabling it.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// `KVM_FEATURE_CLOCKSOURCE2` in CPUID 0x40000001 EAX (Documentation/virt/kvm/x86/cpuid.rst).
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+
+/// The guest's time in ns by kvmclock: `pvclock_vcpu_time_info` at `gpa` (version u32, pad,
+/// tsc_timestamp u64, system_time u64, tsc_to_system_mul u32, tsc_shift i8, flags u8), read
+/// until its version is even and unchanged, scaled from the TSC as Linux's `pvclock_scale_delta`.
+fn kvmclock_ns(gpa: u64) -> u64 {
+    let read = |offset: u64| {
+        // SAFETY: `validate` checked the 32 bytes are identity-mapped RAM outside the kit, and
+        // `gpa` is 32-byte aligned, so every field is aligned.
+        unsafe { ((gpa + offset) as *const u64).read_volatile() }
+    };
+    loop {
+        let version = read(0) as u32;
+        if version & 1 != 0 {
+            continue;
+        }
+        let (tsc_timestamp, system_time, scale) = (read(8), read(16), read(24));
+        let tsc = arch::rdtsc();
+        if read(0) as u32 != version {
+            continue;
+        }
+        let (mul, shift) = (scale as u32, (scale >> 32) as u8 as i8);
+        let mut delta = tsc.wrapping_sub(tsc_timestamp);
+        if shift < 0 {
+            delta >>= -shift;
+        } else {
+            delta <<= shift;
+        }
+        return system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
+    }
+}
+
+/// `MSR_IA32_TSC_DEADLINE` (Intel SDM vol. 3A, 11.5.4.1).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The LAPIC's LVT timer register.
+const LAPIC_LVT_TIMER: u64 = 0x320;
+/// LVT timer bits: masked (16), TSC-deadline mode (bits 18:17 = 0b10).
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_TIMER_MODE_MASK: u32 = 0b11 << 17;
+const LVT_TIMER_TSC_DEADLINE: u32 = 0b10 << 17;
+/// The vector it would raise (never: it is masked and interrupts stay off).
+const DEADLINE_VECTOR: u32 = 0x40;
+/// CPUID leaf 1 ECX bit 24: TSC-deadline timer.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// The deadline `deadline-arm` set, for `deadline-check` (kit data migrates with the guest).
+static ARMED_DEADLINE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+fn deadline_arm(ahead: u64) {
+    if core::arch::x86_64::__cpuid(1).ecx & CPUID_1_ECX_TSC_DEADLINE == 0 {
+        begin_error();
+        write_str("deadline-arm: CPUID offers no TSC-deadline timer");
+        end_error();
+    }
+    smp::lapic_write(
+        LAPIC_LVT_TIMER,
+        LVT_MASKED | LVT_TIMER_TSC_DEADLINE | DEADLINE_VECTOR,
+    );
+    let deadline = arch::rdtsc() + ahead;
+    paravirt::wrmsr(MSR_IA32_TSC_DEADLINE, deadline);
+    ARMED_DEADLINE.store(deadline, core::sync::atomic::Ordering::Relaxed);
+    write_str("deadline-arm ok: ");
+    write_hex(deadline);
+    write_str("\n");
+}
+
+fn deadline_check() {
+    let lvt = smp::lapic_read(LAPIC_LVT_TIMER);
+    if lvt & LVT_TIMER_MODE_MASK != LVT_TIMER_TSC_DEADLINE {
+        write_str("deadline-check FAILED: LVT timer ");
+        write_hex(u64::from(lvt));
+        write_str(" is not in TSC-deadline mode\n");
+        arch::exit(EXIT_CHECK_FAILED);
+    }
+    report_value(
+        "deadline-check",
+        paravirt::rdmsr(MSR_IA32_TSC_DEADLINE),
+        ARMED_DEADLINE.load(core::sync::atomic::Ordering::Relaxed),
+    );
+}
+
+/// Leaves with subleaves get this many hashed (indices 0..8); the others repeat leaf 0's
+/// answer, which changes nothing between two runs.
+const CPUID_SUBLEAVES: u32 = 8;
+
+/// An FNV-1a hash of every CPUID leaf and subleaf the guest can see: the basic range up to
+/// leaf 0's maximum, KVM's hypervisor leaves (0x40000000 up to its maximum) and Veil's
+/// (0x40000100 up), the extended range up to 0x80000000's maximum (each range capped at 64
+/// leaves), subleaves 0..8 of each. Returns it and the number of leaves.
+fn cpuid_hash() -> (u64, u64) {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = FNV_OFFSET;
+    let mut leaves = 0;
+    for base in [0, 0x4000_0000, 0x4000_0100, 0x8000_0000u32] {
+        let max = core::arch::x86_64::__cpuid(base).eax;
+        if max < base || max - base > 0x40 {
+            // No such range (an unrelated answer), or an implausible one.
+            continue;
+        }
+        for leaf in base..=max {
+            for sub in 0..CPUID_SUBLEAVES {
+                let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+                for word in [leaf, sub, r.eax, r.ebx, r.ecx, r.edx] {
+                    for byte in word.to_le_bytes() {
+                        hash = (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+                    }
+                }
+            }
+            leaves += 1;
+        }
+    }
+    (hash, leaves)
 }
 
 /// Average TSC cycles of a hypercall round trip (a valid MAP_GPA_RANGE of the kit's first RAM

@@ -1,13 +1,15 @@
 //! One virtual CPU: creation, boot register state, and its saved state.
 
 mod kick;
+pub mod msrs;
 mod state;
+pub mod tsc;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 pub use kick::{install_kick_handler, kick_thread, KickTarget};
-pub use state::{stateful_msrs, VcpuState, VcpuStateError, STATEFUL_MSRS};
+pub use state::{stateful_msrs, RestoreWith, StatePart, VcpuState, VcpuStateError, RESTORE_ORDER};
 
 use crate::boot::{boot_segments, EntryPoint};
 use crate::cpuid::{Cpuid, CpuidError};

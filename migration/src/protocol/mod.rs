@@ -96,4 +96,4 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VEIL");
 
 /// The protocol version this implementation speaks. Bumped for any change a peer of the
 /// previous version would misread; additive capabilities are [`Features`] instead.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;

@@ -136,6 +136,8 @@ pub struct VmShape {
     vcpus: u32,
     sev: Option<SevShape>,
     cpuid: Vec<CpuidEntry>,
+    /// The guest's TSC rate in kHz, if the source knows it.
+    tsc_khz: Option<u32>,
 }
 
 impl VmShape {
@@ -187,7 +189,20 @@ impl VmShape {
             vcpus,
             sev,
             cpuid,
+            tsc_khz: None,
         })
+    }
+
+    /// The same shape, with the guest's TSC rate (kHz; `None` or 0: unknown).
+    pub fn with_tsc_khz(mut self, khz: Option<u32>) -> Self {
+        self.tsc_khz = khz.filter(|&k| k != 0);
+        self
+    }
+
+    /// The guest's TSC rate in kHz, if the source told it: a target that can neither match
+    /// nor scale it refuses an invariant-TSC guest before any memory is sent.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.tsc_khz
     }
 
     /// The RAM regions, sorted and disjoint.
