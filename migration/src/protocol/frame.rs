@@ -364,7 +364,7 @@ mod tests {
     #[test]
     fn the_header_is_24_little_endian_bytes() {
         let h = FrameHeader {
-            version: 1,
+            version: PROTOCOL_VERSION,
             kind: MessageType::MemoryChunk,
             length: 0x03_0201,
             checksum: 0x0807_0605,
@@ -373,16 +373,16 @@ mod tests {
         assert_eq!(&bytes[..4], b"VEIL");
         assert_eq!(
             bytes[4..],
-            [1, 0, 4, 0, 1, 2, 3, 0, 0, 0, 0, 0, 5, 6, 7, 8, 0, 0, 0, 0]
+            [2, 0, 4, 0, 1, 2, 3, 0, 0, 0, 0, 0, 5, 6, 7, 8, 0, 0, 0, 0]
         );
         assert_eq!(FrameHeader::decode(&bytes).unwrap(), h);
         // The checksum is zlib's CRC-32 of the frame with the field zeroed (these values
         // come from zlib, not from this code).
         let ack = encode_frame(&Message::Ack).unwrap();
         assert_eq!(ack.len(), HEADER_BYTES);
-        assert_eq!(ack[16..20], 0xf728_5f96u32.to_le_bytes());
+        assert_eq!(ack[16..20], 0x5881_125cu32.to_le_bytes());
         let error = encode_frame(&Message::error("bad MAC")).unwrap();
-        assert_eq!(error[16..20], 0xffba_144du32.to_le_bytes());
+        assert_eq!(error[16..20], 0x4c2e_398eu32.to_le_bytes());
         assert_eq!(&error[HEADER_BYTES..], b"bad MAC");
     }
 
@@ -513,8 +513,13 @@ mod tests {
             ProtocolError::BadMagic { .. }
         ));
         assert!(matches!(
-            bad(header(MAGIC, 2, MessageType::Hello as u16, 0)),
-            ProtocolError::UnsupportedVersion { version: 2 }
+            bad(header(
+                MAGIC,
+                PROTOCOL_VERSION + 1,
+                MessageType::Hello as u16,
+                0
+            )),
+            ProtocolError::UnsupportedVersion { version: 3 }
         ));
         assert!(matches!(
             bad(header(MAGIC, 0, 77, 0)),
@@ -541,14 +546,14 @@ mod tests {
 
     #[test]
     fn a_newer_peers_error_is_still_readable() {
-        let reason = b"Protocol version 1 is too old; this host speaks 2";
-        let mut frame = header(MAGIC, 2, MessageType::Error as u16, reason.len() as u64);
+        let reason = b"Protocol version 2 is too old; this host speaks 3";
+        let mut frame = header(MAGIC, 3, MessageType::Error as u16, reason.len() as u64);
         frame.extend_from_slice(reason);
         let frame = sealed(frame);
         // As zlib computes it: the test's sealing is the specification's.
-        assert_eq!(frame[16..20], 0xcb68_718bu32.to_le_bytes());
+        assert_eq!(frame[16..20], 0xa075_35deu32.to_le_bytes());
         let got = read_frame(&mut frame.as_slice()).unwrap();
-        assert_eq!(got.version, 2);
+        assert_eq!(got.version, 3);
         assert_eq!(
             got.message,
             Message::Error {
