@@ -50,9 +50,20 @@ impl Refusals {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn record(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    /// Counts a refusal; returns the count it makes.
+    fn record(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
     }
+}
+
+/// Refusals logged one by one before the log thins out: a guest that keeps kicking a queue
+/// with private rings must not fill the host's log.
+const LOGGED_REFUSALS: u64 = 16;
+
+/// Whether the `n`-th refusal (from 1) is logged: the first [`LOGGED_REFUSALS`], then at each
+/// power of two, so the log says a device goes on refusing without saying it every time.
+fn worth_logging(n: u64) -> bool {
+    n <= LOGGED_REFUSALS || n.is_power_of_two()
 }
 
 /// One device's access to guest memory: the memory, the guard in front of it and the device's
@@ -129,13 +140,16 @@ impl DeviceMemory {
         if len == 0 || self.pages.is_shared(gpa, len) {
             return true;
         }
-        self.refusals.record();
-        tracing::warn!(
-            device = %self.device,
-            gpa = format_args!("{gpa:#x}"),
-            len,
-            "Refused {what} in a page the guest has not shared"
-        );
+        let refused = self.refusals.record();
+        if worth_logging(refused) {
+            tracing::warn!(
+                device = %self.device,
+                gpa = format_args!("{gpa:#x}"),
+                len,
+                refused,
+                "Refused {what} in a page the guest has not shared"
+            );
+        }
         false
     }
 }
@@ -213,6 +227,15 @@ pub(crate) mod tests {
 
     pub(crate) fn memory(size: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    #[test]
+    fn the_log_thins_out_for_a_device_that_goes_on_refusing() {
+        let logged: Vec<u64> = (1..=1000).filter(|&n| worth_logging(n)).collect();
+        assert_eq!(
+            logged,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 32, 64, 128, 256, 512]
+        );
     }
 
     #[test]
