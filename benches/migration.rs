@@ -21,6 +21,10 @@
 //! migration, the run with the median total time is shown; `--only` runs the scenarios named).
 //! QEMU and iperf3 are skipped, with the reason, when absent.
 
+mod support;
+
+use support::Scratch;
+
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -70,7 +74,7 @@ const SEV_GOAL: f64 = 0.8;
 
 fn main() {
     let options = options_from_args();
-    let scratch = match Scratch::new() {
+    let scratch = match Scratch::new("veil-bench-migration-") {
         Ok(s) => s,
         Err(e) => fail(&e),
     };
@@ -1362,48 +1366,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// The bench's own folder under cargo's target/tmp, removed when dropped; folders left by
-/// earlier runs that were killed are removed at the start.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    const PREFIX: &'static str = "veil-bench-migration-";
-
-    fn new() -> Result<Scratch, String> {
-        let parent = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        remove_stale(parent, Self::PREFIX);
-        let dir = parent.join(format!("{}{}", Self::PREFIX, std::process::id()));
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        Ok(Scratch(dir))
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Removes `parent/PREFIX<pid>` folders whose process is gone.
-fn remove_stale(parent: &Path, prefix: &str) {
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
-            let _ = fs::remove_dir_all(entry.path());
-        }
     }
 }
 
