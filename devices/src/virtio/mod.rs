@@ -75,6 +75,34 @@ pub use interrupt::{EventFdInterrupt, Interrupt, InterruptCause, InterruptError}
 pub use memory::{AllShared, DeviceMemory, GuardedMemory, GuestMemoryMmap, Refusals, SharedPages};
 pub use mmio::MmioTransport;
 
+/// What an active device holds: guest memory behind its guard, and its interrupt line.
+pub(crate) struct Active {
+    pub(crate) memory: DeviceMemory,
+    pub(crate) interrupt: Arc<dyn Interrupt>,
+}
+
+impl Active {
+    /// Starts a device whose state is `current` with `queues`: refused if it is active
+    /// already or a queue is not ready.
+    pub(crate) fn start(
+        current: &Option<Active>,
+        queues: &[Queue],
+        activation: Activation,
+    ) -> Result<Active, DeviceError> {
+        if current.is_some() {
+            return Err(DeviceError::AlreadyActive);
+        }
+        use virtio_queue::QueueT;
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(DeviceError::QueueNotReady(index));
+        }
+        Ok(Active {
+            memory: activation.memory,
+            interrupt: activation.interrupt,
+        })
+    }
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
     /// Guest memory behind the device's guard.

@@ -11,7 +11,6 @@ mod request;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -25,8 +24,8 @@ pub use disk::{Disk, DiskError, SECTOR_SIZE};
 pub use persist::{BlockRestoreArgs, BlockState};
 
 use super::{
-    driver_wants_interrupt, rings_shared, Activation, DeviceError, DeviceMemory, Interrupt,
-    InterruptCause, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    driver_wants_interrupt, rings_shared, Activation, Active, DeviceError, InterruptCause,
+    VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
 };
 use request::DiskId;
 
@@ -81,11 +80,6 @@ impl BlockConfig {
             id: None,
         }
     }
-}
-
-struct Active {
-    memory: DeviceMemory,
-    interrupt: Arc<dyn Interrupt>,
 }
 
 /// A virtio-blk device.
@@ -232,16 +226,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        if self.active.is_some() {
-            return Err(DeviceError::AlreadyActive);
-        }
-        if !self.queues[0].ready() {
-            return Err(DeviceError::QueueNotReady(0));
-        }
-        self.active = Some(Active {
-            memory: activation.memory,
-            interrupt: activation.interrupt,
-        });
+        self.active = Some(Active::start(&self.active, &self.queues, activation)?);
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use super::*;
 use crate::persist::Persist;
 use crate::virtio::mmio::MmioRestoreArgs;
 use crate::virtio::testing::{readable, rig, writable, Buf, Rig};
-use crate::virtio::{MmioTransport, VIRTIO_F_ACCESS_PLATFORM};
+use crate::virtio::{DeviceMemory, MmioTransport, VIRTIO_F_ACCESS_PLATFORM};
 
 const HEADER: u64 = 0x10000;
 const DATA: u64 = 0x20000;

@@ -18,7 +18,6 @@ mod persist;
 mod port;
 
 use std::io::Write;
-use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueT};
@@ -28,8 +27,8 @@ pub use backend::{BackendError, ConsoleBackend};
 pub use persist::ConsoleState;
 
 use super::{
-    driver_wants_interrupt, rings_shared, Activation, DeviceError, DeviceMemory, Interrupt,
-    InterruptCause, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    driver_wants_interrupt, rings_shared, Activation, Active, DeviceError, InterruptCause,
+    VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::host_console::{ConsoleIo, HostInput, PendingInput, INPUT_CAPACITY};
 
@@ -57,11 +56,6 @@ pub enum ConsoleError {
     /// A saved state holding more input than a console buffers (a peer's bad state).
     #[error("Saved console input of {len} bytes exceeds the {INPUT_CAPACITY}-byte buffer")]
     PendingTooLong { len: usize },
-}
-
-struct Active {
-    memory: DeviceMemory,
-    interrupt: Arc<dyn Interrupt>,
 }
 
 /// The guest's output as the host end takes it.
@@ -201,18 +195,7 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        if self.active.is_some() {
-            return Err(DeviceError::AlreadyActive);
-        }
-        for (index, queue) in self.queues.iter().enumerate() {
-            if !queue.ready() {
-                return Err(DeviceError::QueueNotReady(index));
-            }
-        }
-        self.active = Some(Active {
-            memory: activation.memory,
-            interrupt: activation.interrupt,
-        });
+        self.active = Some(Active::start(&self.active, &self.queues, activation)?);
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use crate::persist::Persist;
 use crate::virtio::memory::{self, tests::PrivateRanges};
 use crate::virtio::mmio::MmioRestoreArgs;
 use crate::virtio::testing::{readable, writable, TestDriver, TestQueue};
+use crate::virtio::DeviceMemory;
 use crate::virtio::{GuestMemoryMmap, MmioTransport};
 
 /// Feature bits the device must not offer (virtio 1.2 §5.3.3).

@@ -42,7 +42,6 @@ mod persist;
 mod unix_backend;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -57,7 +56,7 @@ pub use persist::{VsockRestoreArgs, VsockState};
 pub use unix_backend::{BackendError, UnixBackend, CONNECT_TIMEOUT};
 
 use super::{
-    driver_wants_interrupt, rings_shared, Activation, DeviceError, DeviceMemory, GuardedMemory,
+    driver_wants_interrupt, rings_shared, Activation, Active, DeviceError, GuardedMemory,
     Interrupt, InterruptCause, VirtioDevice,
 };
 use packet::{Header, HEADER_LEN, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET};
@@ -112,11 +111,6 @@ impl VsockConfig {
             uds_path: uds_path.into(),
         }
     }
-}
-
-struct Active {
-    memory: DeviceMemory,
-    interrupt: Arc<dyn Interrupt>,
 }
 
 /// A virtio-vsock device.
@@ -451,16 +445,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        if self.active.is_some() {
-            return Err(DeviceError::AlreadyActive);
-        }
-        if let Some(index) = self.queues.iter().position(|q| !q.ready()) {
-            return Err(DeviceError::QueueNotReady(index));
-        }
-        self.active = Some(Active {
-            memory: activation.memory,
-            interrupt: activation.interrupt,
-        });
+        self.active = Some(Active::start(&self.active, &self.queues, activation)?);
         self.process_event_queue();
         Ok(())
     }
