@@ -80,55 +80,180 @@ fn msrs_the_guest_wrote_its_tsc_deadline_and_the_cpuid_it_sees_are_the_same_afte
     eprintln!("MSRs checked: {chosen:x?}, TSC deadline: {deadline}");
 }
 
-/// Starts a kit guest with `veil run` (plus `source_args`) and `veil ctl migrate`s it to a
-/// `veil receive` with `target_args` and `target_env`; returns what `migrate` printed and
-/// whether it succeeded, and the source's state afterwards ("migrated" once it let go).
+/// A kit guest in a `veil run` (with an API socket) and a `veil receive` waiting for it, over
+/// a UNIX socket, each with its serial output in a file.
+struct SourceAndTarget {
+    dir: common::TempDir,
+    source_api: std::path::PathBuf,
+    target_socket: std::path::PathBuf,
+    _source: common::Spawned,
+    target: common::Spawned,
+}
+
+impl SourceAndTarget {
+    /// Starts both; returns once the guest printed `ready`.
+    fn start(
+        name: &str,
+        (cmdline, ready): (&str, &str),
+        source_args: &[&str],
+        target_args: &[&str],
+        target_env: &[(&str, &str)],
+    ) -> Self {
+        let dir = common::TempDir::new(name);
+        let (source_api, target_socket) = (dir.path("a.sock"), dir.path("m.sock"));
+        let serial = |side: &str| format!("file:{}", dir.path(side).display());
+        let target = common::veil()
+            .arg("receive")
+            .arg("--listen")
+            .arg(format!("unix:{}", target_socket.display()))
+            .args(target_args)
+            .args(["--serial", &serial("target.txt")])
+            .envs(target_env.iter().copied())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(common::Spawned)
+            .unwrap();
+        common::wait_for(&target_socket);
+        let source = common::veil()
+            .args(["run", "--memory", "32M", "--api-socket"])
+            .arg(&source_api)
+            .args(source_args)
+            .args(["--serial", &serial("source.txt"), "--cmdline", cmdline])
+            .arg("--kernel")
+            .arg(common::kit())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(common::Spawned)
+            .unwrap();
+        let pair = Self {
+            dir,
+            source_api,
+            target_socket,
+            _source: source,
+            target,
+        };
+        assert!(
+            pair.wait_for_serial("source.txt", |text| text.contains(ready)),
+            "{}",
+            pair.serial("source.txt")
+        );
+        pair
+    }
+
+    fn serial(&self, side: &str) -> String {
+        std::fs::read_to_string(self.dir.path(side)).unwrap_or_default()
+    }
+
+    /// Waits up to 30 s for `side`'s serial output to satisfy `done`.
+    fn wait_for_serial(&self, side: &str, done: impl Fn(&str) -> bool) -> bool {
+        (0..300).any(|_| {
+            let ok = done(&self.serial(side));
+            if !ok {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ok
+        })
+    }
+
+    /// `veil ctl migrate`s the guest; returns whether it succeeded, what `migrate` printed, and
+    /// the source's state afterwards ("migrated" once it let go; otherwise the source is shut
+    /// down and the target waited for).
+    fn migrate(&mut self) -> (bool, String, String) {
+        let to = format!("unix:{}", self.target_socket.display());
+        let out = common::ctl(&self.source_api, &["migrate", "--to", &to]);
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            return (true, said, "migrated".to_owned());
+        }
+        let state = common::status(&self.source_api)["state"].to_string();
+        common::ctl(&self.source_api, &["shutdown"]);
+        self.target.wait();
+        (false, said, state)
+    }
+}
+
+/// Starts a spinning kit guest with `veil run` (plus `source_args`) and `veil ctl migrate`s it to
+/// a `veil receive` with `target_args` and `target_env`; see [`SourceAndTarget::migrate`].
 fn migrate_between(
     name: &str,
     source_args: &[&str],
     target_args: &[&str],
     target_env: &[(&str, &str)],
 ) -> (bool, String, String) {
-    let dir = common::TempDir::new(name);
-    let (source_api, target_socket) = (dir.path("a.sock"), dir.path("m.sock"));
-    let mut target = common::veil()
-        .arg("receive")
-        .arg("--listen")
-        .arg(format!("unix:{}", target_socket.display()))
-        .args(target_args)
-        .args(["--serial", "null"])
-        .envs(target_env.iter().copied())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(common::Spawned)
-        .unwrap();
-    common::wait_for(&target_socket);
-    let mut source = common::veil()
-        .args(["run", "--memory", "32M", "--api-socket"])
-        .arg(&source_api)
-        .args(source_args)
-        .args(["--cmdline", "greet spin", "--kernel"])
-        .arg(common::kit())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(common::Spawned)
-        .unwrap();
-    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
-    let to = format!("unix:{}", target_socket.display());
-    let out = common::ctl(&source_api, &["migrate", "--to", &to]);
-    let said = String::from_utf8_lossy(&out.stderr).into_owned();
-    let state = if out.status.success() {
-        // The source let the guest go and exits; the guest runs on the target, which is
-        // ended with the test.
-        "migrated".to_owned()
-    } else {
-        let state = common::status(&source_api)["state"].to_string();
-        common::ctl(&source_api, &["shutdown"]);
-        target.wait();
-        state
-    };
-    (out.status.success(), said, state)
+    let guest = ("greet spin", "Hello");
+    SourceAndTarget::start(name, guest, source_args, target_args, target_env).migrate()
+}
+
+/// One `kvmclock:` line of the kit's `kvmclock-watch`.
+#[derive(Debug, Clone, Copy)]
+struct KvmclockLine {
+    ns: u64,
+    tsc: u64,
+    mul: u64,
+    shift: i64,
+}
+
+fn kvmclock_lines(text: &str) -> Vec<KvmclockLine> {
+    text.lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.strip_prefix("kvmclock: ")?.split(' ').collect();
+            let [ns, "ns", "tsc", tsc, "mul", mul, "shift", shift] = words[..] else {
+                return None;
+            };
+            Some(KvmclockLine {
+                ns: ns.parse().ok()?,
+                tsc: tsc.parse().ok()?,
+                mul: u64::from_str_radix(mul.strip_prefix("0x")?, 16).ok()?,
+                shift: shift.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn kvmclock_and_the_tsc_run_on_across_a_migration_between_two_veils() {
+    const CLOCK_GPA: u64 = 0x81_0000;
+    let cmdline =
+        format!("kvmclock-on:gpa={CLOCK_GPA:#x} kvmclock-watch:gpa={CLOCK_GPA:#x},every_ms=20");
+    let mut pair = SourceAndTarget::start("kvmclock", (&cmdline, "kvmclock: "), &[], &[], &[]);
+    // A few readings on the source first.
+    assert!(pair.wait_for_serial("source.txt", |t| kvmclock_lines(t).len() >= 3));
+    let (migrated, said, _) = pair.migrate();
+    assert!(migrated, "{said}");
+    assert!(
+        pair.wait_for_serial("target.txt", |t| kvmclock_lines(t).len() >= 3
+            || t.contains("error")),
+        "{}",
+        pair.serial("target.txt")
+    );
+    let (source_text, target_text) = (pair.serial("source.txt"), pair.serial("target.txt"));
+    assert!(!target_text.contains("error"), "{target_text}");
+    let (before, after) = (kvmclock_lines(&source_text), kvmclock_lines(&target_text));
+    let (last, first) = (before[before.len() - 1], after[0]);
+    // The guest's watch saw nothing go back on either host; across the move too:
+    assert!(
+        first.ns > last.ns && first.tsc > last.tsc,
+        "last on the source {last:?}, first on the target {first:?}"
+    );
+    // One host, one TSC rate: the target publishes the scale the source did.
+    assert_eq!((first.mul, first.shift), (last.mul, last.shift));
+    // Time goes on at the same rate after the move.
+    let (a, b) = (after[0], after[after.len() - 1]);
+    let ns_per_tick = (b.ns - a.ns) as f64 / (b.tsc - a.tsc) as f64;
+    let (c, d) = (before[0], last);
+    let ns_per_tick_before = (d.ns - c.ns) as f64 / (d.tsc - c.tsc) as f64;
+    assert!(
+        (ns_per_tick / ns_per_tick_before - 1.0).abs() < 0.01,
+        "{ns_per_tick_before} ns a tick before, {ns_per_tick} after"
+    );
+    eprintln!(
+        "kvmclock {} -> {} ns across the move ({} ms), mul {:#x} shift {}",
+        last.ns,
+        first.ns,
+        (first.ns - last.ns) / 1_000_000,
+        first.mul,
+        first.shift
+    );
 }
 
 #[test]

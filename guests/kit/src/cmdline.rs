@@ -68,21 +68,41 @@ pub enum Task {
         expect: u64,
     },
     /// Write an MSR (`MSR_KVM_MIGRATION_CONTROL` unless `index` is given).
-    MsrWrite { index: Option<u32>, value: u64 },
+    MsrWrite {
+        index: Option<u32>,
+        value: u64,
+    },
     /// Write the UART's scratch register: device state a migration must carry.
     UartScratch(u8),
     /// Read an MSR (`MSR_KVM_MIGRATION_CONTROL` unless `index` is given) and expect a value.
-    MsrRead { index: Option<u32>, expect: u64 },
+    MsrRead {
+        index: Option<u32>,
+        expect: u64,
+    },
     /// Hash every CPUID leaf and subleaf the guest can see.
     CpuidHash,
     /// Put the LAPIC timer, masked, in TSC-deadline mode and arm it `ahead` TSC ticks on.
-    DeadlineArm { ahead: u64 },
+    DeadlineArm {
+        ahead: u64,
+    },
     /// Check that the LAPIC timer is still in TSC-deadline mode with the armed deadline.
     DeadlineCheck,
     /// Enable kvmclock with its time structure at `gpa` (`on`), or read the time from it.
-    Kvmclock { gpa: u64, on: bool },
+    Kvmclock {
+        gpa: u64,
+        on: bool,
+    },
+    /// Read kvmclock and the TSC over and over, forever, printing both and the pvclock scale
+    /// every `every_ms` of guest time, and stopping with an error if either ever goes back.
+    KvmclockWatch {
+        gpa: u64,
+        every_ms: u64,
+    },
     /// Wait until the 8-byte word at guest-physical `gpa` holds `value` (the host writes it).
-    WaitWord { gpa: u64, value: u64 },
+    WaitWord {
+        gpa: u64,
+        value: u64,
+    },
     /// Reset the machine; the tasks after this one run after the reboot.
     Reset,
     /// Time `count` hypercall round trips against as many bare I/O exits.
@@ -423,6 +443,18 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 gpa,
                 on: name == b"kvmclock-on",
             })
+        }
+        b"kvmclock-watch" => {
+            let [gpa, every_ms] = parse_params(word, params, ["gpa", "every_ms"])?;
+            let gpa = gpa.ok_or(err("missing parameter", b"gpa"))?;
+            if gpa % 32 != 0 {
+                return Err(err("gpa must be 32-byte aligned", b""));
+            }
+            let every_ms = every_ms.unwrap_or(100);
+            if every_ms == 0 || every_ms > 3_600_000 {
+                return Err(err("every_ms must be 1..=3600000", b""));
+            }
+            Ok(Task::KvmclockWatch { gpa, every_ms })
         }
         b"deadline-arm" => {
             let [ahead] = parse_params(word, params, ["ahead"])?;

@@ -154,7 +154,7 @@ fn validate(task: &Task, ram: &RamMap, devices: &Devices) {
         Task::Check(range) => ("check: ", range),
         Task::DirtyLoop { range, .. } => ("dirty-loop: ", range),
         Task::DirtyPaced { range, .. } => ("dirty-paced: ", range),
-        Task::Kvmclock { gpa, .. } => {
+        Task::Kvmclock { gpa, .. } | Task::KvmclockWatch { gpa, .. } => {
             return validate(&Task::ReadSecret { gpa: *gpa, len: 32 }, ram, devices);
         }
         Task::WaitWord { gpa, .. } => {
@@ -296,6 +296,7 @@ fn run(task: &Task, index: usize, devices: &Devices) {
             write_dec(kvmclock_ns(gpa));
             write_str(" ns\n");
         }
+        Task::KvmclockWatch { gpa, every_ms } => kvmclock_watch(gpa, every_ms),
         Task::DeadlineCheck => deadline_check(),
         Task::CpuidHash => {
             let (hash, leaves) = cpuid_hash();
@@ -442,10 +443,24 @@ const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 /// `KVM_FEATURE_CLOCKSOURCE2` in CPUID 0x40000001 EAX (Documentation/virt/kvm/x86/cpuid.rst).
 const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 
-/// The guest's time in ns by kvmclock: `pvclock_vcpu_time_info` at `gpa` (version u32, pad,
-/// tsc_timestamp u64, system_time u64, tsc_to_system_mul u32, tsc_shift i8, flags u8), read
-/// until its version is even and unchanged, scaled from the TSC as Linux's `pvclock_scale_delta`.
+/// One consistent reading of kvmclock: the guest's time, the TSC it was scaled from, and the
+/// scale the host published.
+struct KvmclockReading {
+    ns: u64,
+    tsc: u64,
+    mul: u32,
+    shift: i8,
+}
+
+/// The guest's time in ns by kvmclock.
 fn kvmclock_ns(gpa: u64) -> u64 {
+    kvmclock_read(gpa).ns
+}
+
+/// Reads `pvclock_vcpu_time_info` at `gpa` (version u32, pad, tsc_timestamp u64, system_time
+/// u64, tsc_to_system_mul u32, tsc_shift i8, flags u8) until its version is even and unchanged,
+/// scaled from the TSC as Linux's `pvclock_scale_delta`.
+fn kvmclock_read(gpa: u64) -> KvmclockReading {
     let read = |offset: u64| {
         // SAFETY: `validate` checked the 32 bytes are identity-mapped RAM outside the kit, and
         // `gpa` is 32-byte aligned, so every field is aligned.
@@ -468,7 +483,48 @@ fn kvmclock_ns(gpa: u64) -> u64 {
         } else {
             delta <<= shift;
         }
-        return system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
+        let ns = system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
+        return KvmclockReading {
+            ns,
+            tsc,
+            mul,
+            shift,
+        };
+    }
+}
+
+/// Watches kvmclock and the TSC forever: a migration in between must keep both monotonic.
+fn kvmclock_watch(gpa: u64, every_ms: u64) -> ! {
+    let every_ns = every_ms * 1_000_000;
+    let mut last = kvmclock_read(gpa);
+    let mut next_report = last.ns;
+    loop {
+        let now = kvmclock_read(gpa);
+        if now.ns < last.ns || now.tsc < last.tsc {
+            begin_error();
+            write_str("kvmclock-watch: went back: ");
+            write_dec(last.ns);
+            write_str(" ns tsc ");
+            write_dec(last.tsc);
+            write_str(" -> ");
+            write_dec(now.ns);
+            write_str(" ns tsc ");
+            write_dec(now.tsc);
+            end_error();
+        }
+        if now.ns >= next_report {
+            write_str("kvmclock: ");
+            write_dec(now.ns);
+            write_str(" ns tsc ");
+            write_dec(now.tsc);
+            write_str(" mul ");
+            write_hex(u64::from(now.mul));
+            write_str(if now.shift < 0 { " shift -" } else { " shift " });
+            write_dec(u64::from(now.shift.unsigned_abs()));
+            write_str("\n");
+            next_report = now.ns.saturating_add(every_ns);
+        }
+        last = now;
     }
 }
 
