@@ -168,6 +168,13 @@ pub enum CpuidError {
     TooManyEntries,
 }
 
+/// The XSAVE area KVM_GET_XSAVE and KVM_SET_XSAVE carry. State beyond it (AMX tile data)
+/// needs KVM_CAP_XSAVE2, which Veil does not enable, so such components are not offered.
+pub const KVM_XSAVE_LEGACY_BYTES: u32 = 4096;
+/// CPUID leaf of the XSAVE components: subleaf 0 lists the user ones (EDX:EAX) and the size
+/// of them all (ECX); subleaf `i` >= 2 gives component `i`'s size (EAX) and offset (EBX).
+const CPUID_XSAVE: u32 = 0xd;
+
 /// A CPUID table to give every vCPU (after [`Cpuid::for_vcpu`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cpuid {
@@ -190,6 +197,7 @@ impl Cpuid {
         // guest hypervisor's guests would not survive a migration.
         cpuid.clear_bits(1, 0, Register::Ecx, CPUID_1_ECX_VMX);
         cpuid.clear_bits(0x8000_0001, 0, Register::Ecx, CPUID_80000001_ECX_SVM);
+        cpuid.limit_xsave_to(KVM_XSAVE_LEGACY_BYTES);
         let max_leaf = cpuid
             .entry(KVM_CPUID_SIGNATURE, 0)
             .map_or(KVM_CPUID_FEATURES, |e| e.eax.max(KVM_CPUID_FEATURES));
@@ -197,6 +205,35 @@ impl Cpuid {
         signature.eax = max_leaf;
         [signature.ebx, signature.ecx, signature.edx] = KVM_SIGNATURE;
         Ok(cpuid)
+    }
+
+    /// Withdraws every user XSAVE component that would end beyond `limit` bytes, so all of a
+    /// guest's XSAVE state fits the area Veil saves and restores.
+    pub fn limit_xsave_to(&mut self, limit: u32) {
+        let Some(&summary) = self.entry(CPUID_XSAVE, 0) else {
+            return;
+        };
+        let mut components = u64::from(summary.edx) << 32 | u64::from(summary.eax);
+        // x87 and SSE live in the legacy region: always within the first 512 bytes.
+        let mut end = 576u32;
+        for component in 2..64 {
+            if components & (1 << component) == 0 {
+                continue;
+            }
+            let (size, offset) = self
+                .entry(CPUID_XSAVE, component)
+                .map_or((0, 0), |e| (e.eax, e.ebx));
+            if offset.saturating_add(size) > limit {
+                components &= !(1 << component);
+                self.entries
+                    .retain(|e| !(e.function == CPUID_XSAVE && e.index == component));
+            } else {
+                end = end.max(offset + size);
+            }
+        }
+        let summary = self.entry_mut(CPUID_XSAVE, 0);
+        (summary.eax, summary.edx) = (components as u32, (components >> 32) as u32);
+        summary.ecx = summary.ecx.min(end.max(576));
     }
 
     /// Keeps only the features `model` allows (see [`CpuBaseline`]); `Host` changes nothing.
@@ -384,6 +421,34 @@ fn register_mut(entry: &mut kvm_cpuid_entry2, register: Register) -> &mut u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn xsave_components_beyond_the_4_kib_area_are_not_offered() {
+        use super::*;
+        let leaf = |index, eax, ebx, ecx, edx| kvm_cpuid_entry2 {
+            function: CPUID_XSAVE,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        // x87, SSE, AVX (256 bytes at 576), XTILECFG (64 at 2752), XTILEDATA (8192 at 2816).
+        let components = 0b111 | 1 << 17 | 1 << 18;
+        let mut cpuid = Cpuid::from_entries(vec![
+            leaf(0, components, 0, 11008, 0),
+            leaf(2, 256, 576, 0, 0),
+            leaf(17, 64, 2752, 0, 0),
+            leaf(18, 8192, 2816, 0, 0),
+        ]);
+        cpuid.limit_xsave_to(KVM_XSAVE_LEGACY_BYTES);
+        let summary = cpuid.entry(CPUID_XSAVE, 0).unwrap();
+        assert_eq!(summary.eax, 0b111 | 1 << 17);
+        assert_eq!(summary.ecx, 2816);
+        assert!(cpuid.entry(CPUID_XSAVE, 18).is_none());
+        assert!(cpuid.entry(CPUID_XSAVE, 2).is_some());
+    }
+
     #[test]
     fn a_leaf_added_beyond_the_hosts_maximum_is_made_reachable_and_none_is_lowered() {
         use super::*;
