@@ -62,6 +62,17 @@ pub fn apic_id() -> u8 {
 }
 
 /// Reloads CR3 with its own value, flushing the TLB after the page tables changed.
+/// Writes back and invalidates every cache line of `start..end` (`clflush`, then a fence so
+/// the flushes are done before what follows).
+pub fn flush_cache_lines(start: u64, end: u64) {
+    for line in (start & !63..end).step_by(64) {
+        // SAFETY: `clflush` of a mapped address only writes back and evicts its cache line.
+        unsafe { core::arch::x86_64::_mm_clflush(line as *const u8) };
+    }
+    // SAFETY: a fence has no memory effect of its own.
+    unsafe { core::arch::x86_64::_mm_mfence() };
+}
+
 pub fn flush_tlb() {
     // SAFETY: rewriting CR3 with the value it holds keeps the same (identity) mapping.
     unsafe {

@@ -12,10 +12,9 @@
 //! is exact at 4 KiB granularity for the host's page-state map. What these hosts cannot show:
 //! there is no SEV here (HOST-NOTES), so under Veil's emulated SEV platform nothing is
 //! encrypted, the kit's page tables carry no C-bit (SEV_STATUS says encryption is not active;
-//! on hardware they do carry it, and `paging::clear_c_bit`, which works on the kit's 2 MiB
-//! pages, would have to split the large page the area shares with the kit's stacks first:
-//! virtio in an SEV guest on hardware is not done yet), and only the host's page-state map
-//! sees the share.
+//! on hardware they do carry it), so only the host's page-state map sees the share. The split
+//! of the 2 MiB page the area shares with the kit's stacks (`paging::clear_c_bit`) does run
+//! here, and every virtio test runs on the 4 KiB mapping it leaves.
 
 use core::mem::MaybeUninit;
 
@@ -174,7 +173,8 @@ pub fn share_with_host() -> Result<(), super::Error> {
     };
     let start = area() as u64;
     let pages = (core::mem::size_of::<DmaArea>() as u64).div_ceil(PAGE_SIZE);
-    paging::clear_c_bit(start, start + pages * PAGE_SIZE, c_bit);
+    paging::clear_c_bit(start, start + pages * PAGE_SIZE, c_bit)
+        .map_err(|_| super::Error::Split)?;
     let result = paravirt::hypercall(
         paravirt::transport(),
         KVM_HC_MAP_GPA_RANGE,

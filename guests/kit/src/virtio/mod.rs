@@ -80,6 +80,8 @@ pub enum Error {
     NeedsReset,
     /// `KVM_HC_MAP_GPA_RANGE` refused to share the DMA area (its result).
     Share(u64),
+    /// No page table was left to map the DMA area with 4 KiB pages.
+    Split,
     /// No used-ring entry before the deadline.
     Timeout,
     /// A used-ring entry naming a descriptor that is no request in flight.
@@ -144,6 +146,7 @@ impl Error {
                 write_str("sharing the DMA area with KVM_HC_MAP_GPA_RANGE failed: ");
                 write_hex(result);
             }
+            Error::Split => write_str("no page table left to map the DMA area with 4 KiB pages"),
             Error::Timeout => write_str("no answer from the device (timed out)"),
             Error::BadUsedId(id) => {
                 write_str("the device completed descriptor ");
