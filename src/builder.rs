@@ -141,6 +141,7 @@ pub struct VmBuilder {
     console: Option<ConsoleBackend>,
     vsock: Option<VsockConfig>,
     huge_pages: bool,
+    ram_mapping: veil_hypervisor::memory::FileMapping,
 }
 
 impl Default for VmBuilder {
@@ -171,6 +172,7 @@ impl VmBuilder {
             console: None,
             vsock: None,
             huge_pages: true,
+            ram_mapping: Default::default(),
         }
     }
 
@@ -368,6 +370,7 @@ impl VmBuilder {
             hypercall_transport: self.hypercall_transport,
             guest_cpuid: self.guest_cpuid,
             cpu_model: self.cpu_model,
+            ram_mapping: self.ram_mapping,
         };
         let setup_hooks: &mut dyn VmSetup = match &mut sev_setup {
             Some(sev) => sev,
