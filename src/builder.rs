@@ -56,6 +56,12 @@ pub enum Error {
     /// plain VM.
     #[error("The incoming guest's SEV-ness does not match this VM's (--sev-platform)")]
     IncomingSev,
+    /// The snapshot could not be read.
+    #[error("Cannot restore the snapshot")]
+    Snapshot(#[from] veil_migration::snapshot::SnapshotError),
+    /// This host cannot run the saved guest.
+    #[error("Cannot restore the snapshot: {0}")]
+    Refused(String),
     /// A disk could not be opened.
     #[error("Cannot use {} as a disk", path.display())]
     Disk {
@@ -225,6 +231,17 @@ impl VmBuilder {
     /// Launches the guest under SEV: measured by the firmware, memory private by default.
     pub fn sev(mut self, config: SevConfig) -> Self {
         self.sev = Some(config);
+        self
+    }
+
+    /// The SEV launch chosen, if any.
+    pub(crate) fn sev_config(&self) -> Option<&SevConfig> {
+        self.sev.as_ref()
+    }
+
+    /// How a RAM file is mapped (shared unless restoring a snapshot).
+    pub(crate) fn ram_mapping(mut self, mapping: veil_hypervisor::memory::FileMapping) -> Self {
+        self.ram_mapping = mapping;
         self
     }
 

@@ -46,6 +46,17 @@ pub enum Request {
     },
     /// Stop the migration under way; the guest keeps running here.
     MigrateCancel,
+    /// Save the guest into the directory `to` (absolute; created if missing, and holding no
+    /// snapshot yet), then resume it, or stop the VM with `stop`.
+    Snapshot {
+        to: String,
+        #[serde(default)]
+        stop: bool,
+        /// For an SEV guest: the certificate chain file (as `veil sev export-chain` writes) of
+        /// the platform that is to restore it; by default this platform's own.
+        #[serde(default)]
+        sev_target_chain: Option<String>,
+    },
 }
 
 /// The server's answer.
