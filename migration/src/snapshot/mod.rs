@@ -17,7 +17,7 @@
 //! directory either holds a whole snapshot or none. A restored VM maps `memory`
 //! copy-on-write and never writes any of them.
 
-mod file;
+pub mod file;
 mod load;
 mod save;
 
