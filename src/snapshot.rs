@@ -31,6 +31,10 @@ impl Vm {
         sev_target_chain: Option<sev::certs::sev::Chain>,
     ) -> Result<SnapshotReport, SnapshotError> {
         let dir = dir.as_ref();
+        // Both would pause and resume the guest, and an SEV guest has one send context.
+        if self.migration().progress().phase.is_active() {
+            return Err(SnapshotError::Migrating);
+        }
         let Some(guest) = self.sev() else {
             return snapshot::snapshot(self.inner(), dir, after, None);
         };

@@ -71,6 +71,8 @@ pub enum SnapshotError {
     Sev,
     #[error("SEV-ES and SEV-SNP guests cannot be saved: upstream KVM cannot send their encrypted register state (VMSA)")]
     SevEs,
+    #[error("A migration of this guest is under way: save it once the migration has ended")]
+    Migrating,
     #[error("The guest stopped before it could be saved")]
     GuestStopped,
     #[error("An SEV PDH certificate does not encode or decode")]
