@@ -70,7 +70,7 @@ impl VmBuilder {
     pub fn restore(self, dir: impl AsRef<Path>) -> Result<Vm, Error> {
         let saved = Snapshot::open(dir.as_ref())?;
         let shape = saved.shape();
-        crate::check_incoming(shape).map_err(Error::Refused)?;
+        crate::incoming::check_restorable(shape).map_err(Error::Refused)?;
         let mut builder = self
             .memory_bytes(shape.ram_bytes())
             .vcpus(shape.vcpus())
