@@ -87,7 +87,7 @@ impl VmBuilder {
             }
             (Some(_), None) => {
                 return Err(Error::Refused(
-                    "the snapshot is of an SEV guest: name the SEV platform to restore it on (--sev-platform)"
+                    "the snapshot is of an SEV guest: name the SEV platform it was made for (veil restore --sev --sev-platform; VmBuilder::sev)"
                         .into(),
                 ))
             }

@@ -109,6 +109,20 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_request_needs_only_its_directory() {
+        let r: Request = serde_json::from_str(r#"{"command":"snapshot","to":"/snaps/a"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                to: "/snaps/a".into(),
+                stop: false,
+                sev_target_chain: None
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"command":"snapshot"}"#).is_err());
+    }
+
+    #[test]
     fn malformed_requests_do_not_parse() {
         for bad in [
             "",
