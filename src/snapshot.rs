@@ -10,6 +10,10 @@ use veil_migration::snapshot::{self, AfterSnapshot, Snapshot, SnapshotError, Sna
 use crate::sev_launch::{SevConfig, SevPlatform};
 use crate::{Error, Vm, VmBuilder};
 
+/// Snapshots taken in this process, one at a time (of any of its VMs: simpler than one lock
+/// per VM, and saving is disk-bound anyway).
+static SNAPSHOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The platform kind a snapshot records for an SEV platform.
 fn kind_of(platform: &SevPlatform) -> ShapePlatform {
     match platform {
@@ -31,6 +35,8 @@ impl Vm {
         sev_target_chain: Option<sev::certs::sev::Chain>,
     ) -> Result<SnapshotReport, SnapshotError> {
         let dir = dir.as_ref();
+        // Two snapshots at once would each resume the guest while the other still copies it.
+        let _one_at_a_time = SNAPSHOTS.lock().unwrap_or_else(|e| e.into_inner());
         // Both would pause and resume the guest, and an SEV guest has one send context.
         if self.migration().progress().phase.is_active() {
             return Err(SnapshotError::Migrating);

@@ -166,9 +166,15 @@ impl Partial {
         };
         let mut names = self.written.clone();
         names.sort_by_key(|n| *n == STATE_FILE);
-        for name in names {
+        for (i, name) in names.iter().enumerate() {
             let from = self.dir.join(format!(".{name}.partial"));
-            std::fs::rename(&from, self.dir.join(name)).map_err(io(&from))?;
+            if let Err(e) = std::fs::rename(&from, self.dir.join(name)) {
+                // No part of a snapshot may stay: what was renamed already goes too.
+                for done in &names[..i] {
+                    let _ = std::fs::remove_file(self.dir.join(done));
+                }
+                return Err(io(&from)(e));
+            }
         }
         self.committed = true;
         File::open(&self.dir)
@@ -343,4 +349,58 @@ fn write_nonzero_pages(
             })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("veil-partial-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_abandoned_snapshot_leaves_nothing_and_a_committed_one_its_files() {
+        let abandoned = dir("abandoned");
+        {
+            let mut partial = Partial::new(&abandoned);
+            std::fs::write(partial.temp_path(MEMORY_FILE), b"ram").unwrap();
+            std::fs::write(partial.temp_path(STATE_FILE), b"state").unwrap();
+            assert_eq!(names(&abandoned), [".memory.partial", ".state.partial"]);
+        }
+        assert!(names(&abandoned).is_empty());
+
+        let committed = dir("committed");
+        let mut partial = Partial::new(&committed);
+        std::fs::write(partial.temp_path(STATE_FILE), b"state").unwrap();
+        std::fs::write(partial.temp_path(MEMORY_FILE), b"ram").unwrap();
+        partial.commit().unwrap();
+        drop(partial);
+        assert_eq!(names(&committed), ["memory", "state"]);
+        assert_eq!(std::fs::read(committed.join(STATE_FILE)).unwrap(), b"state");
+
+        // A rename that fails takes back the ones made before it.
+        let failed = dir("failed");
+        let mut partial = Partial::new(&failed);
+        std::fs::write(partial.temp_path(MEMORY_FILE), b"ram").unwrap();
+        let _ = partial.temp_path(STATE_FILE); // never written: its rename fails
+        assert!(partial.commit().is_err());
+        drop(partial);
+        assert!(names(&failed).is_empty(), "{:?}", names(&failed));
+        for d in [abandoned, committed, failed] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
 }
