@@ -14,6 +14,12 @@ use crate::{Error, Vm, VmBuilder};
 /// per VM, and saving is disk-bound anyway).
 static SNAPSHOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Whether a snapshot is being written in this process (a migration would resume the guest
+/// under it).
+pub(crate) fn snapshot_under_way() -> bool {
+    SNAPSHOTS.try_lock().is_err()
+}
+
 /// The platform kind a snapshot records for an SEV platform.
 fn kind_of(platform: &SevPlatform) -> ShapePlatform {
     match platform {

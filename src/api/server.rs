@@ -288,6 +288,11 @@ fn migrate(
     sev_trust_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let endpoint: Endpoint = to.parse()?;
+    if crate::snapshot::snapshot_under_way() {
+        return Err(
+            "A snapshot of this guest is being written: migrate it once that is done".into(),
+        );
+    }
     // Connected only once the guest may go: the target drops a connection silent for long.
     let mut protection = "";
     let connect = || {
