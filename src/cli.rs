@@ -467,6 +467,11 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "PATH")]
     pub vsock_socket: Option<PathBuf>,
 
+    /// Give the guest this vsock CID (3 to 4294967294) instead of the saved one: the guest
+    /// reads it again on the transport reset.
+    #[arg(long, value_name = "N")]
+    pub vsock_cid: Option<u64>,
+
     /// Where the guest's virtio console goes (as for `run`); by default its output goes to
     /// stdout and COM1 keeps standard input.
     #[arg(long, value_parser = parse_console, value_name = "BACKEND")]

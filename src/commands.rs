@@ -247,7 +247,10 @@ fn restore(args: RestoreArgs) -> CommandResult {
             measurement_out: None,
         });
     }
-    let vm = builder.restore(&args.from)?;
+    let options = veil::RestoreOptions {
+        vsock_cid: args.vsock_cid,
+    };
+    let vm = builder.restore_with(&args.from, options)?;
     tracing::info!("restored the guest from {}", args.from.display());
     serve_until_stopped(vm, args.api_socket)
 }

@@ -25,6 +25,7 @@ pub mod sev_bench;
 pub mod sev_launch;
 pub mod sev_owner;
 mod snapshot;
+pub use snapshot::RestoreOptions;
 
 pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder, VsockConnectError};
 pub use capture::CapturedOutput;

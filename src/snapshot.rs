@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
+use veil_hypervisor::devices::DeviceSnapshot;
 use veil_hypervisor::memory::FileMapping;
+use veil_hypervisor::vm::VmSnapshot;
 use veil_migration::protocol::SevPlatform as ShapePlatform;
 use veil_migration::snapshot::{self, AfterSnapshot, Snapshot, SnapshotError, SnapshotReport};
 
@@ -25,6 +27,30 @@ fn kind_of(platform: &SevPlatform) -> ShapePlatform {
     match platform {
         SevPlatform::Hardware { .. } => ShapePlatform::Hardware,
         SevPlatform::Emulated { .. } => ShapePlatform::Emulated,
+    }
+}
+
+/// What a restored clone changes besides its host-side paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// The guest's vsock CID from now on (3 to 4294967294); the guest reads it again when it
+    /// handles the transport reset every restore sends. `None` keeps the snapshot's.
+    pub vsock_cid: Option<u64>,
+}
+
+/// Gives the saved vsock device the CID `cid`.
+fn give_vsock_cid(vm: &mut VmSnapshot, cid: u64) -> Result<(), String> {
+    let mut found = false;
+    for saved in &mut vm.virtio {
+        if let DeviceSnapshot::Vsock { state, .. } = &mut saved.device {
+            state.guest_cid = cid;
+            found = true;
+        }
+    }
+    if found {
+        Ok(())
+    } else {
+        Err("the saved guest has no vsock device to give a CID".into())
     }
 }
 
@@ -80,6 +106,11 @@ impl VmBuilder {
     /// CPU features the guest was given, an SEV snapshot without a platform that can receive
     /// it.
     pub fn restore(self, dir: impl AsRef<Path>) -> Result<Vm, Error> {
+        self.restore_with(dir, RestoreOptions::default())
+    }
+
+    /// [`VmBuilder::restore`], with what a clone changes besides its host-side paths.
+    pub fn restore_with(self, dir: impl AsRef<Path>, options: RestoreOptions) -> Result<Vm, Error> {
         let saved = Snapshot::open(dir.as_ref())?;
         let shape = saved.shape();
         crate::incoming::check_restorable(shape).map_err(Error::Refused)?;
@@ -120,7 +151,11 @@ impl VmBuilder {
             }
         };
         let vm = builder.start_incoming(Box::new(|memory, firmware| {
-            Ok(saved.restore_into(memory, firmware)?)
+            let (mut state, handle) = saved.restore_into(memory, firmware)?;
+            if let Some(cid) = options.vsock_cid {
+                give_vsock_cid(&mut state, cid)?;
+            }
+            Ok((state, handle))
         }))?;
         vm.resume();
         Ok(vm)

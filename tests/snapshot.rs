@@ -242,16 +242,25 @@ fn a_guest_with_a_disk_and_vsock_restores_with_its_own_disk_and_socket() {
     std::fs::rename(&disk, &clone_disk).unwrap();
     let clone_socket = dir.path("clone.vsock");
     let clone_out = dir.path("clone.out");
+    let clone_api = dir.path("clone.sock");
     let mut clone = restore(&snap, &clone_out)
         .arg("--disk")
         .arg(format!("id=disk0,path={}", clone_disk.display()))
         .arg("--vsock-socket")
         .arg(&clone_socket)
+        .args(["--vsock-cid", "7"])
+        .arg("--api-socket")
+        .arg(&clone_api)
         .stderr(Stdio::piped())
         .spawn()
         .map(Spawned)
         .unwrap();
     wait_for_output(&clone_out, "vsock: transport reset");
+    common::wait_for(&clone_api);
+    let status = common::status(&clone_api);
+    assert_eq!(status["devices"][0]["path"], clone_disk.to_str().unwrap());
+    assert_eq!(status["devices"][1]["guest_cid"], 7, "{status}");
+    // The device refuses packets from any other CID: the echo below shows the guest took 7.
     let mut stream =
         veil_devices::virtio::vsock::connect_to_guest(&clone_socket, 52, Duration::from_secs(10))
             .expect("the clone's guest accepts on the clone's socket")
