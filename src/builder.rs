@@ -56,6 +56,12 @@ pub enum Error {
     /// plain VM.
     #[error("The incoming guest's SEV-ness does not match this VM's (--sev-platform)")]
     IncomingSev,
+    /// The snapshot could not be read.
+    #[error("Cannot restore the snapshot")]
+    Snapshot(#[from] veil_migration::snapshot::SnapshotError),
+    /// This host cannot run the saved guest.
+    #[error("Cannot restore the snapshot: {0}")]
+    Refused(String),
     /// A disk could not be opened.
     #[error("Cannot use {} as a disk", path.display())]
     Disk {
@@ -141,6 +147,7 @@ pub struct VmBuilder {
     console: Option<ConsoleBackend>,
     vsock: Option<VsockConfig>,
     huge_pages: bool,
+    ram_mapping: veil_hypervisor::memory::FileMapping,
 }
 
 impl Default for VmBuilder {
@@ -171,6 +178,7 @@ impl VmBuilder {
             console: None,
             vsock: None,
             huge_pages: true,
+            ram_mapping: Default::default(),
         }
     }
 
@@ -223,6 +231,17 @@ impl VmBuilder {
     /// Launches the guest under SEV: measured by the firmware, memory private by default.
     pub fn sev(mut self, config: SevConfig) -> Self {
         self.sev = Some(config);
+        self
+    }
+
+    /// The SEV launch chosen, if any.
+    pub(crate) fn sev_config(&self) -> Option<&SevConfig> {
+        self.sev.as_ref()
+    }
+
+    /// How a RAM file is mapped (shared unless restoring a snapshot).
+    pub(crate) fn ram_mapping(mut self, mapping: veil_hypervisor::memory::FileMapping) -> Self {
+        self.ram_mapping = mapping;
         self
     }
 
@@ -368,6 +387,7 @@ impl VmBuilder {
             hypercall_transport: self.hypercall_transport,
             guest_cpuid: self.guest_cpuid,
             cpu_model: self.cpu_model,
+            ram_mapping: self.ram_mapping,
         };
         let setup_hooks: &mut dyn VmSetup = match &mut sev_setup {
             Some(sev) => sev,

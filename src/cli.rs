@@ -28,6 +28,8 @@ pub enum Command {
     HostInfo(HostInfoArgs),
     /// Talk to a running VMM through its API socket (see `veil run --api-socket`).
     Ctl(CtlArgs),
+    /// Start a VM from a snapshot (`veil ctl snapshot`) and run its guest, as `veil run` would.
+    Restore(Box<RestoreArgs>),
     /// Wait for one migrating guest, take it over and run it (as `veil run` would); with
     /// --keep-listening, serve one guest after another, each in its own process.
     Receive(ReceiveArgs),
@@ -308,6 +310,23 @@ pub enum CtlCommand {
     /// Stop the migration under way; the guest keeps running here and the target discards
     /// what it received.
     MigrateCancel,
+    /// Save the guest into a directory (`veil restore --from DIR` starts it again, as often
+    /// as wanted): vCPUs and devices are paused, state and memory written, then the guest
+    /// resumes (or the VM stops, with --stop). On failure the guest runs on and DIR holds no
+    /// part of a snapshot. An SEV guest's private pages go through the firmware, encrypted
+    /// for the platform that is to restore it: none is written in the clear.
+    Snapshot {
+        /// The directory: created if missing; it must not hold a snapshot already.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Stop the VM once saved (the `veil run` serving it exits).
+        #[arg(long)]
+        stop: bool,
+        /// For an SEV guest: the chain (from `veil sev export-chain`) of the platform that is
+        /// to restore the snapshot; by default this platform's own.
+        #[arg(long, value_name = "FILE")]
+        sev_target_chain: Option<PathBuf>,
+    },
 }
 
 /// Mutual TLS between migration peers: all three, or none.
@@ -420,6 +439,51 @@ pub struct ReceiveArgs {
     /// `x86-64-v2`): a host that is to run baseline guests only refuses others.
     #[arg(long, default_value = "host", value_name = "MODEL")]
     pub cpu_model: veil_hypervisor::cpuid::CpuModel,
+}
+
+/// `veil restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot's directory. Its memory file is mapped copy-on-write (pages load on first
+    /// touch, clones share the page cache); nothing in it is ever written.
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+
+    /// Where the guest's COM1 output goes (as for `run`).
+    #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "SINK")]
+    pub serial: SerialSink,
+
+    /// Serve the control API on this UNIX socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Where the guest's disk NAME is for this VM: id=NAME,path=FILE. Repeatable. Without it
+    /// a disk is opened at the path it had when saved (and locked: two clones need two disks).
+    #[arg(long = "disk", value_parser = parse_disk_mapping, value_name = "id=NAME,path=FILE")]
+    pub disks: Vec<(String, PathBuf)>,
+
+    /// Where the guest's vsock device listens (by default its path when saved); its
+    /// connections are reset, as on migration.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_socket: Option<PathBuf>,
+
+    /// Give the guest this vsock CID (3 to 4294967294) instead of the saved one: the guest
+    /// reads it again on the transport reset.
+    #[arg(long, value_name = "N")]
+    pub vsock_cid: Option<u64>,
+
+    /// Where the guest's virtio console goes (as for `run`); by default its output goes to
+    /// stdout and COM1 keeps standard input.
+    #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
+    pub console: Option<veil::ConsoleBackend>,
+
+    /// The snapshot is of an SEV guest: receive its private pages through --sev-platform
+    /// (the platform it was made for).
+    #[arg(long)]
+    pub sev: bool,
+
+    #[command(flatten)]
+    pub sev_platform: SevPlatformArgs,
 }
 
 /// The machine's shape, shared by every command that boots a guest.

@@ -14,8 +14,8 @@ use veil::{VmBuilder, VmStop};
 use veil_hypervisor::probe::{probe_host, HostInfo};
 
 use crate::cli::{
-    Command, HostInfoArgs, MachineArgs, PlatformChoice, ReceiveArgs, RunArgs, SevCommand,
-    SevPlatformArgs,
+    Command, HostInfoArgs, MachineArgs, PlatformChoice, ReceiveArgs, RestoreArgs, RunArgs,
+    SevCommand, SevPlatformArgs,
 };
 
 type CommandResult = Result<ExitCode, Box<dyn Error>>;
@@ -35,6 +35,7 @@ pub fn dispatch(command: Command) -> CommandResult {
         Command::HostInfo(args) => host_info(args),
         Command::Ctl(args) => crate::ctl::run(args),
         Command::Receive(args) => receive(args),
+        Command::Restore(args) => restore(*args),
         Command::Sev(command) => sev(command),
         Command::Kit { out } => {
             std::fs::write(&out, veil_guests::KIT_ELF)
@@ -221,6 +222,36 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     discard.keep();
     vm.resume();
     eprintln!("veil: the guest arrived from {endpoint} and runs here");
+    serve_until_stopped(vm, args.api_socket)
+}
+
+fn restore(args: RestoreArgs) -> CommandResult {
+    let mut builder = VmBuilder::new().serial(args.serial);
+    for (name, path) in args.disks {
+        builder = builder.disk_path(name, path);
+    }
+    if let Some(path) = args.vsock_socket {
+        builder = builder.vsock_socket(path);
+    }
+    if let Some(console) = args.console {
+        builder = builder.console(console);
+    }
+    if args.sev {
+        // The policy is the snapshot's; only the platform is chosen here.
+        builder = builder.sev(veil::sev_launch::SevConfig {
+            platform: args.sev_platform.platform(),
+            policy: veil_sev::policy::GuestPolicy(0),
+            owner_session: None,
+            secret: None,
+            secret_timeout: veil::sev_launch::DEFAULT_SECRET_TIMEOUT,
+            measurement_out: None,
+        });
+    }
+    let options = veil::RestoreOptions {
+        vsock_cid: args.vsock_cid,
+    };
+    let vm = builder.restore_with(&args.from, options)?;
+    tracing::info!("restored the guest from {}", args.from.display());
     serve_until_stopped(vm, args.api_socket)
 }
 

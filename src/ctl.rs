@@ -47,6 +47,16 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             }),
         },
         CtlCommand::MigrateCancel => Request::MigrateCancel,
+        // Read and written by the VMM, which may run elsewhere in the filesystem.
+        CtlCommand::Snapshot {
+            to,
+            stop,
+            sev_target_chain,
+        } => Request::Snapshot {
+            to: absolute(to),
+            stop: *stop,
+            sev_target_chain: sev_target_chain.as_ref().map(absolute),
+        },
     };
     let mut client = ApiClient::connect(&args.api_socket)?;
     let progress = match &args.command {
@@ -75,12 +85,38 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         print_status(&result);
     } else if matches!(args.command, CtlCommand::Migrate { .. }) {
         print_migration_report(&result);
+    } else if matches!(args.command, CtlCommand::Snapshot { .. }) {
+        print_snapshot_report(&result);
     } else if matches!(args.command, CtlCommand::MigrateCancel) {
         println!("cancelling the migration");
     } else {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn absolute(path: &std::path::PathBuf) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.clone())
+        .display()
+        .to_string()
+}
+
+fn print_snapshot_report(r: &Value) {
+    println!(
+        "saved to {} in {:.0} ms (paused {:.1} ms): {} of RAM, {} pages written, {} private pages through the SEV firmware{}",
+        r["dir"].as_str().unwrap_or("?"),
+        r["total_ms"].as_f64().unwrap_or(0.0),
+        r["paused_ms"].as_f64().unwrap_or(0.0),
+        crate::progress::bytes(r["memory_bytes"].as_u64().unwrap_or(0) as f64),
+        r["pages_written"].as_u64().unwrap_or(0),
+        r["private_pages"].as_u64().unwrap_or(0),
+        if r["stopped"].as_bool().unwrap_or(false) {
+            "; the VM stopped"
+        } else {
+            ""
+        }
+    );
 }
 
 /// Sends `migrate-cancel` when SIGINT or SIGTERM arrives, until dropped.

@@ -13,6 +13,17 @@ pub fn check_incoming(shape: &VmShape) -> Result<(), String> {
 
 /// [`check_incoming`] for a target that offers guests only the features of `model`.
 pub fn check_incoming_as(shape: &VmShape, model: CpuModel) -> Result<(), String> {
+    check_memory(shape)?;
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("this host cannot open KVM: {e}"))?;
+    let mut host = Cpuid::supported(&kvm).map_err(|e| format!("this host's CPUID: {e}"))?;
+    host.restrict_to(model);
+    let guest: Vec<kvm_bindings::kvm_cpuid_entry2> = shape.cpuid().iter().map(Into::into).collect();
+    check_tsc_rate(&kvm, shape.tsc_khz(), &Cpuid::from_entries(guest.clone()))?;
+    check_features(&host, &guest, model)
+}
+
+/// RAM this host has, in a layout this version builds.
+fn check_memory(shape: &VmShape) -> Result<(), String> {
     let size = shape.ram_bytes();
     let host_memory = veil_hypervisor::memory::host_memory_bytes().unwrap_or(u64::MAX);
     if size > host_memory {
@@ -29,12 +40,25 @@ pub fn check_incoming_as(shape: &VmShape, model: CpuModel) -> Result<(), String>
     if regions != ours {
         return Err("the guest's memory layout is not one this version of Veil builds".into());
     }
+    Ok(())
+}
+
+/// [`check_incoming`] without the TSC check, for a VM that applies it itself before the guest
+/// runs (`Vm::restore` does): it needs a throwaway VM and vCPU, milliseconds a restore saves.
+pub(crate) fn check_restorable(shape: &VmShape) -> Result<(), String> {
+    check_memory(shape)?;
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("this host cannot open KVM: {e}"))?;
-    let mut host = Cpuid::supported(&kvm).map_err(|e| format!("this host's CPUID: {e}"))?;
-    host.restrict_to(model);
+    let host = Cpuid::supported(&kvm).map_err(|e| format!("this host's CPUID: {e}"))?;
     let guest: Vec<kvm_bindings::kvm_cpuid_entry2> = shape.cpuid().iter().map(Into::into).collect();
-    check_tsc_rate(&kvm, shape.tsc_khz(), &Cpuid::from_entries(guest.clone()))?;
-    let missing = host.missing_features(&guest);
+    check_features(&host, &guest, CpuModel::Host)
+}
+
+fn check_features(
+    host: &Cpuid,
+    guest: &[kvm_bindings::kvm_cpuid_entry2],
+    model: CpuModel,
+) -> Result<(), String> {
+    let missing = host.missing_features(guest);
     if !missing.is_empty() {
         return Err(format!(
             "this host's CPU{} lacks features the guest was given: {}",

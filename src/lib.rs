@@ -24,6 +24,8 @@ mod incoming;
 pub mod sev_bench;
 pub mod sev_launch;
 pub mod sev_owner;
+mod snapshot;
+pub use snapshot::RestoreOptions;
 
 pub use builder::{Error, ReceiveGuest, SerialOutput, SevGuest, Vm, VmBuilder, VsockConnectError};
 pub use capture::CapturedOutput;
@@ -33,5 +35,6 @@ pub use veil_devices::virtio::console::ConsoleBackend;
 pub use veil_devices::virtio::vsock::{GuestConnection, VsockConfig};
 pub use veil_devices::SerialSink;
 pub use veil_hypervisor::{RunState, VmStop};
+pub use veil_migration::snapshot::{AfterSnapshot, SnapshotError, SnapshotReport};
 
 pub use veil_migration::error_chain;

@@ -48,6 +48,13 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
+    /// A saved RAM file whose size is not the guest's RAM.
+    #[error("{} holds {found} bytes, but the guest has {expected} bytes of RAM", path.display())]
+    SavedSize {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
     /// mmap failed.
     #[error("Cannot map guest memory")]
     Map(#[source] vm_memory::mmap::MmapRegionError),
@@ -79,6 +86,18 @@ pub struct MemoryConfig {
     pub file: Option<PathBuf>,
 }
 
+/// How a RAM file is mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileMapping {
+    /// The file is the guest's RAM: writes go to it (`MAP_SHARED`).
+    #[default]
+    Shared,
+    /// The file is a saved guest's RAM, read on first touch and never written: the guest's
+    /// writes go to pages of this process (`MAP_PRIVATE`), so many VMs restored from one file
+    /// share its page cache. The file must already have the RAM's size.
+    CopyOnWrite,
+}
+
 /// The guest's RAM and its KVM slots.
 pub struct GuestRam {
     memory: GuestMemory,
@@ -97,6 +116,15 @@ impl GuestRam {
     /// `madvise`, the default on most distributions, 1 GiB of fresh RAM otherwise takes
     /// 262,144 page faults instead of 512. File-backed RAM follows the file's filesystem.
     pub fn with_huge_pages(config: &MemoryConfig, huge_pages: bool) -> Result<Self, MemoryError> {
+        Self::with_options(config, huge_pages, FileMapping::Shared)
+    }
+
+    /// As [`GuestRam::with_huge_pages`], with the file (if any) mapped as `mapping` says.
+    pub fn with_options(
+        config: &MemoryConfig,
+        huge_pages: bool,
+        mapping: FileMapping,
+    ) -> Result<Self, MemoryError> {
         validate_size(
             config.size,
             config.file.is_none().then(host_memory_bytes).flatten(),
@@ -104,7 +132,10 @@ impl GuestRam {
         let file = config
             .file
             .as_deref()
-            .map(|p| open_backing_file(p, config.size))
+            .map(|p| match mapping {
+                FileMapping::Shared => open_backing_file(p, config.size),
+                FileMapping::CopyOnWrite => open_saved_ram(p, config.size),
+            })
             .transpose()?;
         let mut regions = Vec::new();
         let mut file_offset = 0u64;
@@ -117,7 +148,18 @@ impl GuestRam {
                         path: config.file.clone().unwrap_or_default(),
                         source,
                     })?;
-                    MmapRegion::from_file(FileOffset::new(f, file_offset), len_usize)
+                    let at = FileOffset::new(f, file_offset);
+                    match mapping {
+                        FileMapping::Shared => MmapRegion::from_file(at, len_usize),
+                        // Read-only file, writable private mapping: copy-on-write pages, and
+                        // nothing this process does can reach the file.
+                        FileMapping::CopyOnWrite => MmapRegion::build(
+                            Some(at),
+                            len_usize,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_NORESERVE | libc::MAP_PRIVATE,
+                        ),
+                    }
                 }
                 None => MmapRegion::new(len_usize),
             }
@@ -331,6 +373,25 @@ fn open_backing_file(path: &Path, size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
+/// A saved guest's RAM, opened read-only; its size must be the RAM's exactly (a shorter file
+/// would fault the guest past its end, a longer one is not this guest's).
+fn open_saved_ram(path: &Path, size: u64) -> Result<File, MemoryError> {
+    let error = |source| MemoryError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(error)?;
+    let len = file.metadata().map_err(error)?.len();
+    if len != size {
+        return Err(MemoryError::SavedSize {
+            path: path.to_owned(),
+            found: len,
+            expected: size,
+        });
+    }
+    Ok(file)
+}
+
 /// Total RAM of this host, from /proc/meminfo.
 pub fn host_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -405,6 +466,47 @@ mod tests {
         let contents = std::fs::read(&path).unwrap();
         assert_eq!(contents.len(), 16 << 20);
         assert_eq!(&contents[0x1000..0x1003], b"bye");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_copy_on_write_file_is_read_but_never_written() {
+        let path = std::env::temp_dir().join(format!("veil-cow-{}", std::process::id()));
+        let mut saved = vec![0u8; 16 << 20];
+        saved[0x2000..0x2005].copy_from_slice(b"saved");
+        std::fs::write(&path, &saved).unwrap();
+        let config = MemoryConfig {
+            size: 16 << 20,
+            file: Some(path.clone()),
+        };
+        let ram = GuestRam::with_options(&config, true, FileMapping::CopyOnWrite).unwrap();
+        let mut buf = [0u8; 5];
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(0x2000))
+            .unwrap();
+        assert_eq!(&buf, b"saved");
+        ram.memory()
+            .write_slice(b"mine!", GuestAddress(0x2000))
+            .unwrap();
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(0x2000))
+            .unwrap();
+        assert_eq!(&buf, b"mine!");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            saved,
+            "the file is untouched"
+        );
+
+        let short = MemoryConfig {
+            size: 32 << 20,
+            ..config
+        };
+        let e = GuestRam::with_options(&short, true, FileMapping::CopyOnWrite)
+            .err()
+            .unwrap();
+        assert!(matches!(e, MemoryError::SavedSize { found, expected, .. }
+            if found == 16 << 20 && expected == 32 << 20));
         std::fs::remove_file(path).unwrap();
     }
 

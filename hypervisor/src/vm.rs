@@ -106,6 +106,9 @@ pub struct VmConfig {
     pub guest_cpuid: Option<Cpuid>,
     /// The CPU a new guest is given (ignored with `guest_cpuid`).
     pub cpu_model: crate::cpuid::CpuModel,
+    /// How a RAM file is mapped: shared, or copy-on-write for a guest restored from a
+    /// snapshot.
+    pub ram_mapping: crate::memory::FileMapping,
 }
 
 /// A paused VM's state besides its RAM: what a migration sends after the memory.
@@ -178,7 +181,7 @@ impl Vm {
                 max,
             });
         }
-        let ram = GuestRam::with_huge_pages(&config.memory, config.huge_pages)?;
+        let ram = GuestRam::with_options(&config.memory, config.huge_pages, config.ram_mapping)?;
         let fd = kvm.create_vm().map_err(VmError::Create)?;
         let setup = |what| move |source| VmError::Setup { what, source };
         fd.set_tss_address(layout::KVM_TSS_ADDRESS)

@@ -5,6 +5,7 @@
 //! - [`receiver`]: accepting a guest, filling a new VM's memory, and running it only once the
 //!   source has let go.
 //!
+//! - [`snapshot`]: a paused VM saved into a directory, and VMs restored from it.
 //! - [`monitor`]: progress and cancel for a migration under way.
 //! - [`transport`]: UNIX sockets, TCP with mutual TLS ([`tls`]), and plain TCP only when
 //!   explicitly insecure.
@@ -13,6 +14,7 @@ pub mod monitor;
 pub mod protocol;
 pub mod receiver;
 pub mod sender;
+pub mod snapshot;
 pub mod tls;
 pub mod transport;
 

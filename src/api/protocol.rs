@@ -46,6 +46,17 @@ pub enum Request {
     },
     /// Stop the migration under way; the guest keeps running here.
     MigrateCancel,
+    /// Save the guest into the directory `to` (absolute; created if missing, and holding no
+    /// snapshot yet), then resume it, or stop the VM with `stop`.
+    Snapshot {
+        to: String,
+        #[serde(default)]
+        stop: bool,
+        /// For an SEV guest: the certificate chain file (as `veil sev export-chain` writes) of
+        /// the platform that is to restore it; by default this platform's own.
+        #[serde(default)]
+        sev_target_chain: Option<String>,
+    },
 }
 
 /// The server's answer.
@@ -95,6 +106,20 @@ mod tests {
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"command":"status"}"#
         );
+    }
+
+    #[test]
+    fn a_snapshot_request_needs_only_its_directory() {
+        let r: Request = serde_json::from_str(r#"{"command":"snapshot","to":"/snaps/a"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                to: "/snaps/a".into(),
+                stop: false,
+                sev_target_chain: None
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"command":"snapshot"}"#).is_err());
     }
 
     #[test]

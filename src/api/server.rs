@@ -218,6 +218,14 @@ fn handle(request: Request, vm: &Vm) -> Response {
             Ok(report) => Response::success(report),
             Err(e) => Response::failure(crate::error_chain(&*e)),
         },
+        Request::Snapshot {
+            to,
+            stop,
+            sev_target_chain,
+        } => match snapshot(vm, &to, stop, sev_target_chain) {
+            Ok(report) => Response::success(report),
+            Err(e) => Response::failure(crate::error_chain(&*e)),
+        },
         Request::MigrateCancel => {
             if vm.migration().cancel() {
                 Response::success(serde_json::json!({ "cancelling": true }))
@@ -226,6 +234,43 @@ fn handle(request: Request, vm: &Vm) -> Response {
             }
         }
     }
+}
+
+fn snapshot(
+    vm: &Vm,
+    to: &str,
+    stop: bool,
+    sev_target_chain: Option<String>,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let chain = match sev_target_chain {
+        Some(path) => {
+            use sev::parser::Decoder;
+            let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            let chain = sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ())
+                .map_err(|e| format!("{path} is not an SEV certificate chain: {e}"))?;
+            // A damaged or mixed-up chain is caught here, not at restore: its own root must
+            // sign it through.
+            veil_sev::emulated::identity::verify_chain(&chain, std::slice::from_ref(&chain.ca.ark))
+                .map_err(|e| format!("{path} does not verify: {e}"))?;
+            Some(chain)
+        }
+        None => None,
+    };
+    let after = if stop {
+        crate::AfterSnapshot::Stop
+    } else {
+        crate::AfterSnapshot::Resume
+    };
+    let r = vm.snapshot(to, after, chain)?;
+    Ok(serde_json::json!({
+        "dir": r.dir,
+        "memory_bytes": r.memory_bytes,
+        "pages_written": r.pages_written,
+        "private_pages": r.private_pages,
+        "paused_ms": r.paused.as_secs_f64() * 1e3,
+        "total_ms": r.total.as_secs_f64() * 1e3,
+        "stopped": stop,
+    }))
 }
 
 /// The time limits of a migrate request.
@@ -243,6 +288,11 @@ fn migrate(
     sev_trust_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let endpoint: Endpoint = to.parse()?;
+    if crate::snapshot::snapshot_under_way() {
+        return Err(
+            "A snapshot of this guest is being written: migrate it once that is done".into(),
+        );
+    }
     // Connected only once the guest may go: the target drops a connection silent for long.
     let mut protection = "";
     let connect = || {

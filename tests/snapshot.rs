@@ -1,0 +1,592 @@
+//! Snapshots: a running guest saved into a directory with `veil ctl snapshot`, its VMM killed,
+//! and the guest started again from the directory (`veil restore`, `VmBuilder::restore`), once
+//! or as several clones at once; each refusal says why and starts nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{veil, Spawned, TempDir};
+use veil::{AfterSnapshot, CapturedOutput, VmBuilder, VmStop};
+use veil_guest_abi::page_stamp;
+use vm_memory::{Bytes, GuestAddress};
+
+const FIRST: u64 = 0x800;
+/// Stamps 64 pages forever, checking every round the stamps of the round before.
+const CHECKING_GUEST: &str = "dirty-loop:seed=3,first=0x800,count=64,check=1";
+
+fn wait_for_output(file: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}: {text}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The round numbers of `dirty-loop: round N checked` lines.
+fn rounds_checked(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("dirty-loop: round ")?
+                .strip_suffix(" checked")
+        })
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// `veil run` of the kit with `cmdline`, its COM1 in `serial`, its API on `api`.
+fn run_kit(cmdline: &str, api: &Path, serial: &Path, extra: &[&str]) -> Spawned {
+    let child = veil()
+        .args(["run", "--memory", "32M", "--cmdline", cmdline])
+        .arg("--kernel")
+        .arg(common::kit())
+        .arg("--api-socket")
+        .arg(api)
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    common::wait_for(api);
+    child
+}
+
+fn restore(from: &Path, serial: &Path) -> Command {
+    let mut cmd = veil();
+    cmd.arg("restore")
+        .arg("--from")
+        .arg(from)
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()));
+    cmd
+}
+
+/// Waits until the guest in `serial` has checked its stamps in a round after `after`.
+fn checks_after(serial: &Path, after: u64) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        assert!(!text.contains("FAILED"), "{text}");
+        let rounds = rounds_checked(&text);
+        if rounds.iter().any(|&r| r > after + 1) {
+            return rounds;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no check after round {after}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill(child: &mut Spawned) {
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+}
+
+/// Saves the checking guest (RAM as `extra` says), kills its VMM, restores it, and checks that
+/// it goes on checking the stamps it wrote before the snapshot.
+fn saved_guest_continues(name: &str, extra: &[&str]) {
+    let dir = TempDir::new(name);
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let mut source = run_kit(CHECKING_GUEST, &api, &serial, extra);
+    wait_for_output(&serial, "round 4 checked");
+    let snap = dir.path("snap");
+    let out = common::ctl(&api, &["snapshot", "--to", snap.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("saved to"), "{said}");
+    // Without --stop the guest runs on here until its VMM is killed.
+    let before = rounds_checked(&std::fs::read_to_string(&serial).unwrap());
+    checks_after(&serial, *before.last().unwrap());
+    kill(&mut source);
+    let mut names: Vec<String> = std::fs::read_dir(&snap)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["memory", "state"], "no temporary file is left");
+    assert_eq!(
+        std::fs::metadata(snap.join("memory")).unwrap().len(),
+        32 << 20
+    );
+
+    let restored_out = dir.path("restored.out");
+    let mut restored = restore(&snap, &restored_out)
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    // Its first round here checks the stamps of its last round before the snapshot.
+    let rounds = checks_after(&restored_out, 0);
+    assert!(
+        rounds[0] > 4,
+        "the restored guest carries on where it was, not from the start: {rounds:?}"
+    );
+    kill(&mut restored);
+}
+
+#[test]
+fn a_saved_guest_with_anonymous_ram_continues_after_its_vmm_is_killed() {
+    saved_guest_continues("snap-anon", &[]);
+}
+
+#[test]
+fn a_saved_guest_with_file_backed_ram_continues_after_its_vmm_is_killed() {
+    let dir = TempDir::new("snap-file-ram");
+    let ram = dir.path("ram");
+    saved_guest_continues("snap-file", &["--memory-file", ram.to_str().unwrap()]);
+}
+
+/// Saves the checking guest into `dir/snap` and stops it.
+fn saved_guest(dir: &TempDir) -> PathBuf {
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let mut source = run_kit(CHECKING_GUEST, &api, &serial, &[]);
+    wait_for_output(&serial, "round 2 checked");
+    let snap = dir.path("snap");
+    let out = common::ctl(
+        &api,
+        &["snapshot", "--to", snap.to_str().unwrap(), "--stop"],
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the VM stopped"),
+        "{}",
+        common::describe(&out)
+    );
+    // --stop ends the VM: `veil run` exits as if shut down.
+    let status = source.wait();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    snap
+}
+
+#[test]
+fn two_clones_of_one_snapshot_run_at_once_and_leave_its_files_as_they_were() {
+    let dir = TempDir::new("snap-clones");
+    let snap = saved_guest(&dir);
+    let files = ["memory", "state"].map(|f| std::fs::read(snap.join(f)).unwrap());
+    let outs = [dir.path("clone1.out"), dir.path("clone2.out")];
+    let mut clones: Vec<Spawned> = outs
+        .iter()
+        .map(|out| {
+            restore(&snap, out)
+                .stderr(Stdio::null())
+                .spawn()
+                .map(Spawned)
+                .unwrap()
+        })
+        .collect();
+    for out in &outs {
+        checks_after(out, 0);
+    }
+    for clone in &mut clones {
+        assert!(clone.0.try_wait().unwrap().is_none(), "both clones run");
+    }
+    for clone in &mut clones {
+        kill(clone);
+    }
+    for (name, before) in ["memory", "state"].iter().zip(&files) {
+        assert!(
+            std::fs::read(snap.join(name)).unwrap() == *before,
+            "the clones wrote {name}"
+        );
+    }
+}
+
+#[test]
+fn a_guest_with_a_disk_and_vsock_restores_with_its_own_disk_and_socket() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("snap-devices");
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path("source.vsock");
+    let bytes = 64 << 10;
+    let cmdline = format!(
+        "blk-write:dev=0,sector=0,count=16,seed=5 vsock-echo:dev=1,port=52,bytes={bytes} \
+         blk-check:dev=0,sector=0,count=16,seed=5"
+    );
+    let mut source = run_kit(
+        &cmdline,
+        &api,
+        &serial,
+        &[
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--vsock",
+            &format!("cid=3,socket={}", socket.display()),
+        ],
+    );
+    wait_for_output(&serial, "listening");
+    let snap = dir.path("snap");
+    let out = common::ctl(
+        &api,
+        &["snapshot", "--to", snap.to_str().unwrap(), "--stop"],
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    source.wait();
+    // The clone's disk is a copy; the original is gone, so only the copy can serve it.
+    let clone_disk = dir.path("clone.img");
+    std::fs::rename(&disk, &clone_disk).unwrap();
+    let clone_socket = dir.path("clone.vsock");
+    let clone_out = dir.path("clone.out");
+    let clone_api = dir.path("clone.sock");
+    let mut clone = restore(&snap, &clone_out)
+        .arg("--disk")
+        .arg(format!("id=disk0,path={}", clone_disk.display()))
+        .arg("--vsock-socket")
+        .arg(&clone_socket)
+        .args(["--vsock-cid", "7"])
+        .arg("--api-socket")
+        .arg(&clone_api)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    wait_for_output(&clone_out, "vsock: transport reset");
+    common::wait_for(&clone_api);
+    let status = common::status(&clone_api);
+    assert_eq!(status["devices"][0]["path"], clone_disk.to_str().unwrap());
+    assert_eq!(status["devices"][1]["guest_cid"], 7, "{status}");
+    // The device refuses packets from any other CID: the echo below shows the guest took 7.
+    let mut stream =
+        veil_devices::virtio::vsock::connect_to_guest(&clone_socket, 52, Duration::from_secs(10))
+            .expect("the clone's guest accepts on the clone's socket")
+            .stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let mut reader = stream.try_clone().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut got = vec![0u8; bytes];
+        reader.read_exact(&mut got).map(|_| got)
+    });
+    stream.write_all(&data).unwrap();
+    assert!(reading.join().unwrap().unwrap() == data, "the echo differs");
+    let status = clone.wait();
+    let text = std::fs::read_to_string(&clone_out).unwrap();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("blk-check ok: 16 sectors"), "{text}");
+}
+
+/// `veil restore` of `snap` fails, says `reason`, and starts no guest (its serial file is never
+/// even created).
+fn refused(snap: &Path, reason: &str) {
+    let dir = TempDir::new("snap-refused-out");
+    let out_file = dir.path("out");
+    let out = restore(snap, &out_file).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    assert!(said.contains(reason), "{}", common::describe(&out));
+    assert!(!out_file.exists(), "a guest started");
+}
+
+/// A copy of the snapshot `snap` in `to`, with `change` applied to its state file's bytes.
+fn damaged_copy(snap: &Path, to: &Path, change: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(snap.join("memory"), to.join("memory")).unwrap();
+    let mut state = std::fs::read(snap.join("state")).unwrap();
+    change(&mut state);
+    std::fs::write(to.join("state"), state).unwrap();
+    to.to_owned()
+}
+
+#[test]
+fn damaged_foreign_or_mismatched_snapshots_are_refused_with_the_reason() {
+    use veil_migration::protocol::frame::encode_frame;
+    use veil_migration::protocol::{FrameReader, Message, VmShape};
+    use veil_migration::snapshot::file::{self, FileKind};
+    let dir = TempDir::new("snap-refusals");
+    let snap = saved_guest(&dir);
+
+    let version = damaged_copy(&snap, &dir.path("version"), |s| s[8] = 9);
+    refused(
+        &version,
+        "is in snapshot format version 9; this version of Veil reads version 1 only",
+    );
+    let truncated = damaged_copy(&snap, &dir.path("truncated"), |s| s.truncate(s.len() - 100));
+    refused(&truncated, "is truncated");
+    let corrupted = damaged_copy(&snap, &dir.path("corrupted"), |s| {
+        let middle = s.len() / 2;
+        s[middle] ^= 0x40;
+    });
+    refused(&corrupted, "is corrupted: its checksum is");
+    let short = damaged_copy(&snap, &dir.path("short"), |_| {});
+    std::fs::File::options()
+        .write(true)
+        .open(short.join("memory"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    refused(
+        &short,
+        "holds 16777216 bytes, but the guest has 33554432 bytes of RAM",
+    );
+
+    // The same guest, as if saved on a host whose CPU has a leaf-7 feature this one lacks.
+    let foreign = damaged_copy(&snap, &dir.path("foreign"), |_| {});
+    let payload = file::read(&foreign.join("state"), FileKind::State).unwrap();
+    let mut input = payload.as_slice();
+    let mut reader = FrameReader::new();
+    let mut rewritten = Vec::new();
+    while !input.is_empty() {
+        let mut message = reader.read(&mut input).unwrap().decode().unwrap().message;
+        if let Message::Hello(hello) = &mut message {
+            let mut cpuid = hello.vm.cpuid().to_vec();
+            let leaf7 = cpuid
+                .iter_mut()
+                .find(|e| e.function == 7 && e.index == 0)
+                .unwrap();
+            let absent = !leaf7.ebx & leaf7.ebx.wrapping_add(1);
+            assert_ne!(absent, 0, "this host offers every leaf-7 EBX feature");
+            leaf7.ebx |= absent;
+            hello.vm = VmShape::new(hello.vm.memory().to_vec(), hello.vm.vcpus(), None, cpuid)
+                .unwrap()
+                .with_tsc_khz(hello.vm.tsc_khz());
+        }
+        rewritten.extend(encode_frame(&message).unwrap());
+    }
+    file::write(&foreign.join("state"), FileKind::State, &rewritten).unwrap();
+    refused(
+        &foreign,
+        "this host's CPU lacks features the guest was given: leaf 0x7.0 Ebx",
+    );
+
+    // A plain snapshot asked to restore through SEV.
+    let out = restore(&snap, &dir.path("sev.out"))
+        .args(["--sev", "--sev-platform", "emulated", "--sev-state-dir"])
+        .arg(dir.path("sev-state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a guest without SEV"),
+        "{}",
+        common::describe(&out)
+    );
+}
+
+#[test]
+fn a_snapshot_never_goes_into_a_directory_that_holds_one_and_the_guest_runs_on() {
+    let dir = TempDir::new("snap-exists");
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let mut source = run_kit(CHECKING_GUEST, &api, &serial, &[]);
+    wait_for_output(&serial, "round 2 checked");
+    let snap = dir.path("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(snap.join("state"), b"someone else's").unwrap();
+    let out = common::ctl(&api, &["snapshot", "--to", snap.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("exists: a snapshot directory holds one snapshot"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read(snap.join("state")).unwrap(),
+        b"someone else's"
+    );
+    assert_eq!(
+        std::fs::read_dir(&snap).unwrap().count(),
+        1,
+        "nothing was added"
+    );
+    let status = common::status(&api);
+    assert_eq!(status["state"], "running");
+    let before = rounds_checked(&std::fs::read_to_string(&serial).unwrap());
+    checks_after(&serial, *before.last().unwrap());
+    kill(&mut source);
+}
+
+/// Waits until the guest behind `out` has checked its stamps twice more, and none failed.
+fn keeps_checking(out: &CapturedOutput) {
+    let seen = rounds_checked(&out.text()).len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rounds_checked(&out.text()).len() < seen + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped checking: {}",
+            out.text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!out.text().contains("FAILED"), "{}", out.text());
+}
+
+fn word(memory: &veil_hypervisor::GuestMemory, gfn: u64) -> u64 {
+    memory.read_obj(GuestAddress(gfn << 12)).unwrap()
+}
+
+#[test]
+fn a_library_restores_a_saved_guest_and_the_host_writes_stay_out_of_the_snapshot() {
+    let dir = TempDir::new("snap-library");
+    let out = CapturedOutput::new();
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(CHECKING_GUEST)
+        .memory_bytes(32 << 20)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("round 2 checked", Duration::from_secs(30)));
+    let snap = dir.path("snap");
+    let report = source.snapshot(&snap, AfterSnapshot::Stop, None).unwrap();
+    assert_eq!(report.memory_bytes, 32 << 20);
+    assert!(report.pages_written >= 64, "{report:?}");
+    assert_eq!(source.wait(), VmStop::Requested);
+    let memory_before = std::fs::read(snap.join("memory")).unwrap();
+
+    let restored_out = CapturedOutput::new();
+    let restored = VmBuilder::new()
+        .serial_writer(restored_out.clone())
+        .restore(&snap)
+        .unwrap();
+    for gfn in FIRST..FIRST + 64 {
+        let stamp = word(restored.memory(), gfn);
+        assert_eq!(stamp, page_stamp(3, gfn), "gfn {gfn:#x}");
+    }
+    // Host and guest writes land in the restored VM's own pages.
+    restored
+        .memory()
+        .write_obj(0xfeed_u64, GuestAddress(0x1000 << 12))
+        .unwrap();
+    keeps_checking(&restored_out);
+    restored.stop();
+    restored.wait();
+    assert!(
+        std::fs::read(snap.join("memory")).unwrap() == memory_before,
+        "the restored VM wrote the snapshot's memory file"
+    );
+}
+
+#[test]
+fn an_sev_guest_is_saved_for_a_named_platform_without_private_plaintext_and_restored_there() {
+    use veil::sev_launch::open_platform;
+    let dir = TempDir::new("snap-sev");
+    let (source_platform, target_platform) = common::emulated_platforms(&dir);
+    let out = CapturedOutput::new();
+    // Shares four pages and stamps them (seed 9), sets READY, then keeps stamping 64 private
+    // pages (seed 3), checking them.
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(format!(
+            "hypercall:gpa=0x900000,pages=4,attrs=0,expect=0 stamp:seed=9,first=0x900,count=4 \
+             msr-write:value=1 {CHECKING_GUEST}"
+        ))
+        .memory_bytes(16 << 20)
+        .sev(common::emulated_sev(&source_platform))
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("round 2 checked", Duration::from_secs(30)));
+    let target_chain = open_platform(&target_platform)
+        .unwrap()
+        .certificate_chain()
+        .unwrap();
+
+    // For the target platform; the guest runs on here (SEND_CANCEL gave its context back).
+    let snap = dir.path("snap");
+    let report = source
+        .snapshot(&snap, AfterSnapshot::Resume, Some(target_chain))
+        .unwrap();
+    assert!(report.private_pages >= 64, "{report:?}");
+    keeps_checking(&out);
+
+    // No private page's plaintext is in the directory; the shared pages are, in the clear.
+    let mut everything = Vec::new();
+    for entry in std::fs::read_dir(&snap).unwrap() {
+        everything.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let contains = |word: u64| memchr::memmem::find(&everything, &word.to_le_bytes()).is_some();
+    for gfn in FIRST..FIRST + 64 {
+        assert!(!contains(page_stamp(3, gfn)), "private gfn {gfn:#x} leaked");
+    }
+    for gfn in 0x900..0x904 {
+        assert!(contains(page_stamp(9, gfn)), "shared gfn {gfn:#x} missing");
+    }
+
+    // The source's own platform cannot receive what was encrypted for the target's.
+    let err = VmBuilder::new()
+        .serial_writer(std::io::sink())
+        .sev(common::emulated_sev(&source_platform))
+        .restore(&snap)
+        .err()
+        .expect("the wrong platform refuses");
+    let said = veil::error_chain(&err);
+    assert!(
+        said.contains("This SEV platform cannot receive the snapshot"),
+        "{said}"
+    );
+    // Without any platform named, neither.
+    let err = VmBuilder::new()
+        .serial_writer(std::io::sink())
+        .restore(&snap)
+        .err()
+        .unwrap();
+    assert!(veil::error_chain(&err).contains("name the SEV platform"));
+
+    let restored_out = CapturedOutput::new();
+    let restored = VmBuilder::new()
+        .serial_writer(restored_out.clone())
+        .sev(common::emulated_sev(&target_platform))
+        .restore(&snap)
+        .unwrap();
+    for gfn in FIRST..FIRST + 64 {
+        assert_eq!(
+            word(restored.memory(), gfn),
+            page_stamp(3, gfn),
+            "gfn {gfn:#x}"
+        );
+    }
+    keeps_checking(&restored_out);
+    let map = restored.inner().paravirt().page_states();
+    assert_eq!(map.as_ref().unwrap().shared_ranges(), vec![0x900..0x904]);
+    drop(map);
+    restored.stop();
+    restored.wait();
+    source.stop();
+    source.wait();
+}
+
+#[test]
+fn an_sev_guest_whose_policy_forbids_sending_is_not_saved() {
+    use veil_sev::policy::GuestPolicy;
+    let dir = TempDir::new("snap-nosend");
+    let (platform, _) = common::emulated_platforms(&dir);
+    let mut config = common::emulated_sev(&platform);
+    config.policy = GuestPolicy(GuestPolicy::NODBG | GuestPolicy::NOSEND);
+    let out = CapturedOutput::new();
+    let vm = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline("msr-write:value=1 greet spin")
+        .memory_bytes(16 << 20)
+        .sev(config)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("Hello", Duration::from_secs(30)));
+    let snap = dir.path("snap");
+    let err = vm
+        .snapshot(&snap, AfterSnapshot::Stop, None)
+        .expect_err("NOSEND refuses");
+    let said = veil::error_chain(&err);
+    assert!(said.contains("permanently blocked"), "{said}");
+    assert!(said.to_lowercase().contains("nosend"), "{said}");
+    assert!(!snap.join("state").exists() && !snap.join("memory").exists());
+    assert_eq!(vm.state(), veil::RunState::Running, "the guest runs on");
+    vm.stop();
+    vm.wait();
+}
