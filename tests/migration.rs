@@ -63,14 +63,12 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
             None,
         )
         .unwrap();
-        let memory = incoming.shape().ram_bytes();
-        let target = VmBuilder::new()
-            .memory_bytes(memory)
-            .serial_writer(std::io::sink())
-            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
-            .unwrap();
-        incoming.acknowledge().unwrap();
-        incoming.wait_complete().unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            VmBuilder::new().serial_writer(std::io::sink()),
+            None,
+        )
+        .unwrap();
         // The UART the guest set up came along (its scratch register is not a default).
         let serial = target.inner().snapshot().unwrap().serial.unwrap();
         assert_eq!(serial.registers.scratch, 0x5a, "{serial:?}");
@@ -566,21 +564,12 @@ fn an_sev_guest_is_not_sent_to_an_untrusted_platform() {
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
     let err = std::thread::scope(|scope| {
         let sending = scope.spawn(|| {
-            let guest = source.sev().unwrap();
-            let mut firmware = guest.launch.firmware.lock().unwrap();
-            let source_sev = sender::SevSource {
-                firmware: firmware.as_mut(),
-                guest: guest.launch.handle,
-                policy: guest.config.policy,
-                platform: veil_migration::protocol::SevPlatform::Emulated,
-                // Only AMD's roots: an emulated platform is not among them.
-                trusted_arks: veil_sev::emulated::identity::amd_arks().unwrap(),
-            };
-            sender::send(
-                source.inner(),
+            // Only AMD's roots: an emulated platform is not among them.
+            veil::migration::send_over(
+                &source,
                 &mut to_target,
                 &SendOptions::default(),
-                Some(source_sev),
+                veil_sev::emulated::identity::amd_arks().unwrap(),
             )
         });
         let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(chain)).unwrap();

@@ -240,31 +240,20 @@ pub fn migrate_sev_here<S: std::io::Read + std::io::Write + Send>(
     use veil_migration::{receiver, sender};
     std::thread::scope(|scope| {
         let sending = scope.spawn(|| {
-            let guest = source.sev().unwrap();
-            let mut firmware = guest.launch.firmware.lock().unwrap();
-            let source_sev = sender::SevSource {
-                firmware: firmware.as_mut(),
-                guest: guest.launch.handle,
-                policy: guest.config.policy,
-                platform: veil_migration::protocol::SevPlatform::Emulated,
-                trusted_arks,
-            };
-            sender::send(
-                source.inner(),
+            veil::migration::send_over(
+                source,
                 to_target,
                 &sender::SendOptions::default(),
-                Some(source_sev),
+                trusted_arks,
             )
         });
         let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(target_chain)).unwrap();
-        let target = veil::VmBuilder::new()
-            .memory_bytes(incoming.shape().ram_bytes())
-            .sev(emulated_sev(target_platform))
-            .serial_writer(std::io::sink())
-            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
-            .unwrap();
-        incoming.acknowledge().unwrap();
-        incoming.wait_complete().unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            veil::VmBuilder::new().serial_writer(std::io::sink()),
+            Some(target_platform.clone()),
+        )
+        .unwrap();
         target.resume();
         let report = sending.join().unwrap().expect("the SEV migration succeeds");
         (target, report)
