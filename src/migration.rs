@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use veil_migration::duplex::Duplex;
 use veil_migration::receiver::Incoming;
 use veil_migration::sender::{self, SendError, SendOptions, SendReport, SevSource};
 use veil_migration::transport::{self, Endpoint, Security};
@@ -128,7 +129,7 @@ pub fn send(vm: &Vm, outgoing: &Outgoing) -> Result<Sent, MigrateError> {
 
 /// As [`send`], over a stream already connected to a target (a socket pair, an embedder's
 /// own transport). `trusted_arks` are the roots an SEV target's chain must end in.
-pub fn send_over<S: Read + Write>(
+pub fn send_over<S: Duplex>(
     vm: &Vm,
     stream: &mut S,
     options: &SendOptions,

@@ -226,6 +226,64 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
     );
 }
 
+/// A target that fails, says why and then neither reads nor hangs up (a wedged process, a
+/// target busy cleaning up) must not hold the source for its 30 s peer timeout: the source
+/// hears it within a chunk and its guest runs on.
+#[test]
+fn a_target_that_fails_but_keeps_the_connection_open_stops_the_source_at_once() {
+    use std::process::Stdio;
+    use veil_migration::protocol::{read_frame, write_frame, Message};
+    let dir = common::TempDir::new("wedged-target");
+    let (source_api, target_socket, ram) =
+        (dir.path("a.sock"), dir.path("m.sock"), dir.path("ram"));
+    // 64 MiB of non-zero RAM (low 4 MiB zero for the kernel): far more than a socket holds.
+    let mut bytes = vec![0xa5u8; 64 << 20];
+    bytes[..4 << 20].fill(0);
+    std::fs::write(&ram, bytes).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&target_socket).unwrap();
+    let mut source = common::veil()
+        .args(["run", "--memory", "64M", "--api-socket"])
+        .arg(&source_api)
+        .arg("--memory-file")
+        .arg(&ram)
+        .args(["--cmdline", "greet spin", "--kernel"])
+        .arg(common::kit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
+    common::wait_for(&source_api);
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let target = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let incoming = receiver::accept(stream, |_| Ok(()), None).unwrap();
+        let mut stream = incoming.stream();
+        for _ in 0..3 {
+            read_frame(&mut stream).unwrap();
+        }
+        write_frame(&mut stream, &Message::error("the target's disk is full")).unwrap();
+        // Connection open, nothing read, until the test is done.
+        let _ = held.recv_timeout(Duration::from_secs(60));
+    });
+    let started = Instant::now();
+    let to = format!("unix:{}", target_socket.display());
+    let out = common::ctl(&source_api, &["migrate", "--to", &to]);
+    let took = started.elapsed();
+    release.send(()).unwrap();
+    target.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    assert!(said.contains("the target's disk is full"), "{said}");
+    assert!(took < Duration::from_secs(5), "took {took:?}: {said}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&common::ctl(&source_api, &["--json", "status"]).stdout).unwrap();
+    assert_eq!(status["state"], "running", "{status}");
+    common::ctl(&source_api, &["shutdown"]);
+    source.wait();
+}
+
 #[test]
 fn a_target_that_cannot_build_the_vm_tells_the_source_why_with_every_cause() {
     use std::process::Stdio;
@@ -447,6 +505,17 @@ impl std::io::Write for Tee<'_> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl veil_migration::duplex::Duplex for Tee<'_> {
+    fn write_or_hear(&mut self, buf: &[u8]) -> std::io::Result<veil_migration::duplex::Written> {
+        use veil_migration::duplex::Written;
+        let written = self.inner.write_or_hear(buf)?;
+        if written == Written::All {
+            self.copy.extend_from_slice(buf);
+        }
+        Ok(written)
     }
 }
 

@@ -5,10 +5,12 @@
 //! - [`receiver`]: accepting a guest, filling a new VM's memory, and running it only once the
 //!   source has let go.
 //!
+//! - [`duplex`]: writes that stop when the peer speaks, so a failing target is heard at once.
 //! - [`monitor`]: progress and cancel for a migration under way.
 //! - [`transport`]: UNIX sockets, TCP with mutual TLS ([`tls`]), and plain TCP only when
 //!   explicitly insecure.
 
+pub mod duplex;
 pub mod monitor;
 pub mod protocol;
 pub mod receiver;

@@ -6,11 +6,12 @@
 //! dirty pages and the state go out, and only once the target acknowledges is the guest stopped
 //! here and `Complete` sent. Any failure before that resumes the guest here, as it was.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use crate::duplex::{Duplex, Written};
 use crate::monitor::{MigrationMonitor, Phase};
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::paravirt::{Blocker, Migratability};
@@ -143,6 +144,21 @@ pub enum SendError {
     Connect(#[from] crate::transport::TransportError),
     #[error("Cannot hand the guest's devices over")]
     Devices(#[from] veil_hypervisor::devices::DeviceManagerError),
+}
+
+/// The target spoke while this side was sending: it does so only to end the migration, so
+/// its message (read through the session, which then knows the migration is over) is the
+/// error.
+fn hear<S: Read>(stream: &mut S, session: &mut SenderSession) -> SendError {
+    let frame = match read_frame(stream) {
+        Ok(frame) => frame,
+        Err(e) => return e.into(),
+    };
+    match session.on_message(&frame.message) {
+        Ok(SenderAction::Abort { reason, .. }) => SendError::Aborted(reason),
+        Ok(other) => unexpected(other),
+        Err(e) => e.into(),
+    }
 }
 
 /// A target that fails mid-pass sends its reason and hangs up, so the source's next write
@@ -298,7 +314,7 @@ struct Sender<'a, 's, S> {
 
 /// Migrates `vm` over `stream`. On success the guest has stopped here and runs on the target;
 /// on failure it runs here as before (unless the failure came after `Complete` was sent).
-pub fn send<'f, S: Read + Write>(
+pub fn send<'f, S: Duplex>(
     vm: &'f RunningVm,
     stream: &'f mut S,
     options: &'f SendOptions,
@@ -310,7 +326,7 @@ pub fn send<'f, S: Read + Write>(
 /// As [`send`], but opens the stream with `connect` only once the guest may go (after
 /// [`SendOptions::wait_ready`]): a target owes nothing to a connection that stays silent, and
 /// drops it after its Hello timeout.
-pub fn send_when_ready<'f, S: Read + Write, E>(
+pub fn send_when_ready<'f, S: Duplex, E>(
     vm: &'f RunningVm,
     connect: impl FnOnce() -> Result<S, E>,
     options: &'f SendOptions,
@@ -343,7 +359,7 @@ where
     result
 }
 
-fn send_claimed<'f, S: Read + Write>(
+fn send_claimed<'f, S: Duplex>(
     vm: &'f RunningVm,
     stream: &mut S,
     options: &'f SendOptions,
@@ -383,7 +399,11 @@ fn send_claimed<'f, S: Read + Write>(
                     // guessing.
                     _ => Message::error(crate::error_chain(&e)),
                 };
-                let _ = write_frame(sender.stream, &message);
+                // Best effort, and never stuck behind a target that stopped reading.
+                let mut frame = Vec::new();
+                if write_frame(&mut frame, &message).is_ok() {
+                    let _ = sender.stream.write_or_hear(&frame);
+                }
             }
             if sender.session.guest_may_resume_here() && vm.run_state() == RunState::Paused {
                 if sender.devices_handed_over {
@@ -405,7 +425,7 @@ fn send_claimed<'f, S: Read + Write>(
     }
 }
 
-impl<'a, S: Read + Write> Sender<'a, '_, S> {
+impl<'a, S: Duplex> Sender<'a, '_, S> {
     fn run(&mut self, options: &SendOptions, started: Instant) -> Result<(), SendError> {
         let sev_shape = self.sev_source.as_ref().map(|s| SevShape {
             policy: s.policy,
@@ -569,8 +589,16 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
 
     fn send(&mut self, message: &Message) -> Result<(), SendError> {
         self.session.send(message)?;
-        write_frame(self.stream, message)?;
-        Ok(())
+        let mut frame = Vec::new();
+        write_frame(&mut frame, message)?;
+        match self
+            .stream
+            .write_or_hear(&frame)
+            .map_err(ProtocolError::Io)?
+        {
+            Written::All => Ok(()),
+            Written::PeerSpoke => Err(hear(self.stream, &mut self.session)),
+        }
     }
 
     fn receive(&mut self) -> Result<SenderAction, SendError> {
@@ -652,7 +680,7 @@ struct ChunkOut<'a, S> {
     deadline: Option<(Instant, Duration)>,
 }
 
-impl<S: Write> ChunkOut<'_, S> {
+impl<S: Duplex> ChunkOut<'_, S> {
     /// A page in the clear, read from guest memory straight into the chunk; `true` if it
     /// went as a zero page.
     fn push_clear(
@@ -694,7 +722,14 @@ impl<S: Write> ChunkOut<'_, S> {
             let payload = &frame[crate::protocol::frame::HEADER_BYTES..];
             let chunk = MemoryChunkRef::parse(payload)?;
             self.session.send_memory_chunk(&chunk)?;
-            self.stream.write_all(frame).map_err(ProtocolError::Io)?;
+            match self
+                .stream
+                .write_or_hear(frame)
+                .map_err(ProtocolError::Io)?
+            {
+                Written::All => {}
+                Written::PeerSpoke => return Err(hear(self.stream, self.session)),
+            }
             *self.bytes += frame.len() as u64;
             // Once per chunk, not per page: the monitor's lock stays off the page loop.
             let (bytes, pages) = (*self.bytes, self.pending);

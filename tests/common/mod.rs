@@ -229,7 +229,7 @@ pub fn receive_on(socket: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
 /// VM on `target_platform` (whose encoded chain is `target_chain`) receives from
 /// `from_source`, trusting `trusted_arks` as the target's roots. Returns the target, running,
 /// and the sender's report; panics if the migration fails.
-pub fn migrate_sev_here<S: std::io::Read + std::io::Write + Send>(
+pub fn migrate_sev_here<S: veil_migration::duplex::Duplex + Send>(
     source: &veil::Vm,
     to_target: &mut S,
     from_source: std::os::unix::net::UnixStream,
