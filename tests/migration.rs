@@ -100,6 +100,86 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
     assert!(report.downtime < Duration::from_secs(2), "{report:?}");
 }
 
+/// Pages of `path` in the page cache: what reading its holes through a mapping would fill.
+fn resident_pages(path: &std::path::Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; nothing reads
+    // through it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `map` is a mapping of `len` bytes and `pages` has a byte for each of its pages.
+    let ok = unsafe { libc::mincore(map, len, pages.as_mut_ptr()) };
+    // SAFETY: `map` was mapped above with this length and is not used after.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(ok, 0);
+    pages.iter().filter(|&&p| p & 1 != 0).count()
+}
+
+/// A guest whose RAM is a sparse file moves without its holes being read: they go as zero
+/// pages, and the source's page cache (its resident memory) does not fill with zeroes.
+#[test]
+fn a_sparse_memory_file_migrates_without_reading_its_holes() {
+    let dir = common::TempDir::new("sparse-source");
+    let ram = dir.path("ram");
+    std::fs::File::create(&ram)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let out = CapturedOutput::new();
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline("greet spin")
+        .memory_bytes(1 << 30)
+        .memory_file(&ram)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("Hello", Duration::from_secs(20)));
+    // Host data in the middle of a hole arrives as data.
+    source
+        .memory()
+        .write_obj(0x1234_5678u64, GuestAddress(0x30000 << 12))
+        .unwrap();
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let report = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            veil::migration::send_over(&source, &mut to_target, &SendOptions::default(), vec![])
+        });
+        let mut incoming = receiver::accept(from_source, |_| Ok(()), None).unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            VmBuilder::new().serial_writer(std::io::sink()),
+            None,
+        )
+        .unwrap();
+        let report = sending.join().unwrap().expect("migration succeeds");
+        assert_eq!(word(target.memory(), 0x30000), 0x1234_5678);
+        target.stop();
+        target.wait();
+        report
+    });
+    assert_eq!(source.wait(), VmStop::Migrated);
+    let resident = resident_pages(&ram);
+    eprintln!("{report:?}; {resident} pages of the file resident");
+    assert!(report.zero_pages > 250_000, "{report:?}");
+    assert!(
+        resident < 4096,
+        "{resident} pages of the 1 GiB file were read in: the holes were not skipped"
+    );
+}
+
 #[test]
 fn a_refused_guest_keeps_running_on_the_source_and_the_reason_comes_back() {
     let (source, _) = dirtying_guest(32 << 20);

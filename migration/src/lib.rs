@@ -11,6 +11,7 @@
 //!   explicitly insecure.
 
 pub mod duplex;
+mod holes;
 pub mod monitor;
 pub mod protocol;
 pub mod receiver;
