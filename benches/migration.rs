@@ -552,35 +552,15 @@ fn migrate_veil(
     .map_err(|e| format!("{e}; source log: {}", source.stderr_tail()))?;
 
     let started = Instant::now();
-    let mut ctl = Proc::spawn(
-        &format!("{tag}-ctl"),
-        veil()
-            .arg("ctl")
-            .arg("--api-socket")
-            .arg(&src_api)
-            .args([
-                "--json",
-                "migrate",
-                "--to",
-                &format!("tcp:127.0.0.1:{port}"),
-            ])
-            .args(&source_security)
-            .args(["--timeout-s", &MIGRATION_TIMEOUT.as_secs().to_string()])
-            .args(sev.map_or(Vec::new(), |p| {
-                vec!["--sev-trust-chain".into(), p.chain.clone().into_os_string()]
-            })),
-        scratch,
-    )?;
+    let mut extra: Vec<std::ffi::OsString> = source_security.iter().map(Into::into).collect();
+    if let Some(p) = sev {
+        extra.push("--sev-trust-chain".into());
+        extra.push(p.chain.clone().into_os_string());
+    }
+    let mut ctl = ctl_migrate(scratch, tag, &src_api, port, &extra)?;
     let status = ctl.wait_exit(MIGRATION_TIMEOUT + Duration::from_secs(30))?;
     let wall = started.elapsed();
-    if !status.success() {
-        return Err(format!(
-            "veil ctl migrate failed ({status}): {}",
-            ctl.stderr_tail()
-        ));
-    }
-    let report: Value = serde_json::from_str(&ctl.stdout())
-        .map_err(|e| format!("veil ctl --json migrate printed no JSON report: {e}"))?;
+    let report = migrate_report(&ctl, status)?;
     let number = |key: &str| {
         report[key]
             .as_f64()
@@ -626,6 +606,41 @@ fn migrate_veil(
         bandwidth_limit: None,
         guest,
     })
+}
+
+/// `veil ctl --api-socket SOURCE --json migrate --to tcp:127.0.0.1:PORT EXTRA... --timeout-s`,
+/// started.
+fn ctl_migrate(
+    scratch: &Scratch,
+    tag: &str,
+    source_api: &Path,
+    port: u16,
+    extra: &[std::ffi::OsString],
+) -> Result<Proc, String> {
+    Proc::spawn(
+        &format!("{tag}-ctl"),
+        veil()
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(source_api)
+            .args(["--json", "migrate", "--to"])
+            .arg(format!("tcp:127.0.0.1:{port}"))
+            .args(extra)
+            .args(["--timeout-s", &MIGRATION_TIMEOUT.as_secs().to_string()]),
+        scratch,
+    )
+}
+
+/// The JSON report of a `veil ctl --json migrate` that exited with `status`, or why not.
+fn migrate_report(ctl: &Proc, status: ExitStatus) -> Result<Value, String> {
+    if !status.success() {
+        return Err(format!(
+            "veil ctl migrate failed ({status}): {}",
+            ctl.stderr_tail()
+        ));
+    }
+    serde_json::from_str(&ctl.stdout())
+        .map_err(|e| format!("veil ctl --json migrate printed no JSON report: {e}"))
 }
 
 /// `veil ctl --json status` on `socket`, if it answers.

@@ -311,7 +311,6 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
 /// hears it within a chunk and its guest runs on.
 #[test]
 fn a_target_that_fails_but_keeps_the_connection_open_stops_the_source_at_once() {
-    use std::process::Stdio;
     use veil_migration::protocol::{read_frame, write_frame, Message};
     let dir = common::TempDir::new("wedged-target");
     let (source_api, target_socket, ram) =
@@ -321,20 +320,15 @@ fn a_target_that_fails_but_keeps_the_connection_open_stops_the_source_at_once() 
     bytes[..4 << 20].fill(0);
     std::fs::write(&ram, bytes).unwrap();
     let listener = std::os::unix::net::UnixListener::bind(&target_socket).unwrap();
-    let mut source = common::veil()
-        .args(["run", "--memory", "64M", "--api-socket"])
-        .arg(&source_api)
-        .arg("--memory-file")
-        .arg(&ram)
-        .args(["--cmdline", "greet spin", "--kernel"])
-        .arg(common::kit())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(common::Spawned)
-        .unwrap();
-    common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
-    common::wait_for(&source_api);
+    let mut source = common::greeting_source(
+        &source_api,
+        &[
+            "--memory".as_ref(),
+            "64M".as_ref(),
+            "--memory-file".as_ref(),
+            ram.as_ref(),
+        ],
+    );
     let (release, held) = std::sync::mpsc::channel::<()>();
     let target = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();

@@ -7,8 +7,6 @@ use std::fs::{self, File};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::{
     file_sink, veil, wait_for, wait_guest_ready, wait_listening, Proc, Scenario, Scratch,
     MIGRATION_TIMEOUT, POLL, START_TIMEOUT,
@@ -106,22 +104,7 @@ pub fn measure(scratch: &Scratch, guest: u64) -> Result<Growth, String> {
     })?;
     let pid = source.pid();
     let before = Resident::of(pid).ok_or("cannot read the source's /proc status")?;
-    let mut ctl = Proc::spawn(
-        &format!("{tag}-ctl"),
-        veil()
-            .arg("ctl")
-            .arg("--api-socket")
-            .arg(&src_api)
-            .args([
-                "--json",
-                "migrate",
-                "--to",
-                &format!("tcp:127.0.0.1:{port}"),
-            ])
-            .args(["--insecure", "--timeout-s"])
-            .arg(MIGRATION_TIMEOUT.as_secs().to_string()),
-        scratch,
-    )?;
+    let mut ctl = super::ctl_migrate(scratch, &tag, &src_api, port, &["--insecure".into()])?;
     let mut peak = before;
     let deadline = Instant::now() + MIGRATION_TIMEOUT + Duration::from_secs(30);
     let status = loop {
@@ -136,14 +119,7 @@ pub fn measure(scratch: &Scratch, guest: u64) -> Result<Growth, String> {
         }
         std::thread::sleep(POLL / 4);
     };
-    if !status.success() {
-        return Err(format!(
-            "veil ctl migrate failed ({status}): {}",
-            ctl.stderr_tail()
-        ));
-    }
-    let report: Value = serde_json::from_str(&ctl.stdout())
-        .map_err(|e| format!("veil ctl --json migrate printed no JSON report: {e}"))?;
+    let report = super::migrate_report(&ctl, status)?;
     source.wait_exit(Duration::from_secs(10))?;
     shut_down(&dst_api, &mut target);
     let _ = fs::remove_file(&ram);

@@ -71,9 +71,10 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn a_sparse_file_is_holes_and_the_pages_written_into_it() {
-        let path = std::env::temp_dir().join(format!("veil-holes-{}", std::process::id()));
+    /// The stretches of the `region` bytes from `start` of a sparse file of `len` bytes with a
+    /// byte written at each offset in `data`.
+    fn stretches_of(name: &str, len: u64, data: &[u64], start: u64, region: u64) -> Vec<Stretch> {
+        let path = std::env::temp_dir().join(format!("veil-{name}-{}", std::process::id()));
         let file = File::options()
             .read(true)
             .write(true)
@@ -81,12 +82,19 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        // 64 MiB with data at page 0 and at 32 MiB (one byte in the middle of a page).
-        file.set_len(64 << 20).unwrap();
-        file.write_all_at(&[1], 0).unwrap();
-        file.write_all_at(&[1], (32 << 20) + 100).unwrap();
-        let found = stretches(&file, 0, 64 << 20).unwrap();
+        file.set_len(len).unwrap();
+        for &at in data {
+            file.write_all_at(&[1], at).unwrap();
+        }
+        let found = stretches(&file, start, region).unwrap();
         std::fs::remove_file(&path).unwrap();
+        found
+    }
+
+    #[test]
+    fn a_sparse_file_is_holes_and_the_pages_written_into_it() {
+        // 64 MiB with data at page 0 and at 32 MiB (one byte in the middle of a page).
+        let found = stretches_of("holes", 64 << 20, &[0, (32 << 20) + 100], 0, 64 << 20);
         // Filesystems allocate in blocks of their own size, so holes are found to a page, or
         // coarser; every page written is in a data stretch and the stretches cover the file.
         let pages = (64 << 20) / PAGE_SIZE;
@@ -107,19 +115,8 @@ mod tests {
 
     #[test]
     fn a_region_at_an_offset_sees_only_its_part_of_the_file() {
-        let path = std::env::temp_dir().join(format!("veil-holes-off-{}", std::process::id()));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(16 << 20).unwrap();
-        file.write_all_at(&[1], 0).unwrap();
         // The region is the second 8 MiB, all hole: one zero stretch.
-        let found = stretches(&file, 8 << 20, 8 << 20).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let found = stretches_of("holes-off", 16 << 20, &[0], 8 << 20, 8 << 20);
         assert_eq!(
             found,
             [Stretch {

@@ -210,6 +210,27 @@ pub fn wait_for(path: &Path) {
     }
 }
 
+/// `veil run --api-socket API ARGS... --cmdline "greet spin" --kernel KIT`, its stderr
+/// discarded; returns once the guest has greeted and the API socket is there.
+pub fn greeting_source(api: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
+    let mut source = veil()
+        .arg("run")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .args(["--cmdline", "greet spin", "--kernel"])
+        .arg(kit())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    read_until(source.0.stdout.as_mut().unwrap(), "Hello");
+    // The guest can greet before the API server listens.
+    wait_for(api);
+    source
+}
+
 /// `veil receive --listen unix:SOCKET ARGS...`, its stderr discarded; returns once it listens.
 pub fn receive_on(socket: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
     let target = veil()
