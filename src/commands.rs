@@ -177,11 +177,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         // SAFETY: as above.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
     }
-    let shape = incoming.shape().clone();
     let mut builder = VmBuilder::new()
-        .memory_bytes(shape.ram_bytes())
-        .vcpus(shape.vcpus())
-        .guest_cpuid(shape.cpuid().iter().map(Into::into).collect())
         .serial(args.serial)
         .huge_pages(args.huge_pages);
     for (name, path) in args.disks {
@@ -197,28 +193,8 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     if let Some(path) = args.memory_file {
         builder = builder.memory_file(path);
     }
-    if let Some(sev) = shape.sev() {
-        builder = builder.sev(veil::sev_launch::SevConfig {
-            platform: args.sev_platform.platform(),
-            policy: sev.policy,
-            owner_session: None,
-            secret: None,
-            secret_timeout: veil::sev_launch::DEFAULT_SECRET_TIMEOUT,
-            measurement_out: None,
-        });
-    }
-    let vm = builder.start_incoming(Box::new(|memory, firmware| {
-        Ok(incoming.receive_into(memory, firmware)?)
-    }));
-    let vm = match vm {
-        Ok(vm) => vm,
-        Err(e) => {
-            incoming.report(&e);
-            return Err(e.into());
-        }
-    };
-    incoming.acknowledge()?;
-    incoming.wait_complete()?;
+    let sev_platform = args.sev.then(|| args.sev_platform.platform());
+    let vm = veil::migration::receive(&mut incoming, builder, sev_platform)?;
     discard.keep();
     vm.resume();
     eprintln!("veil: the guest arrived from {endpoint} and runs here");

@@ -21,6 +21,7 @@ pub mod api;
 mod builder;
 mod capture;
 mod incoming;
+pub mod migration;
 pub mod sev_bench;
 pub mod sev_launch;
 pub mod sev_owner;

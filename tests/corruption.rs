@@ -17,7 +17,7 @@ use veil_migration::protocol::{
     FrameHeader, MemoryChunkRef, MessageType, PageContentRef, ProtocolError,
 };
 use veil_migration::receiver::{self, ReceiveError};
-use veil_migration::sender::{self, SendError, SendOptions};
+use veil_migration::sender::{SendError, SendOptions};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Pages the guests keep stamping with seed 3 while they are migrated.
@@ -142,18 +142,12 @@ fn migrate_through_damage(
     std::thread::scope(|scope| {
         let relaying = scope.spawn(move || relay(relay_source_side, relay_target_side, damage));
         let sending = scope.spawn(move || {
-            let guest = vm.sev();
-            let mut firmware = guest.map(|g| g.launch.firmware.lock().unwrap());
-            let sev = guest
-                .zip(firmware.as_mut())
-                .map(|(g, f)| sender::SevSource {
-                    firmware: f.as_mut(),
-                    guest: g.launch.handle,
-                    policy: g.config.policy,
-                    platform: veil_migration::protocol::SevPlatform::Emulated,
-                    trusted_arks: trusted_arks.unwrap(),
-                });
-            let sent = sender::send(vm.inner(), &mut to_relay, &SendOptions::default(), sev);
+            let sent = veil::migration::send_over(
+                vm,
+                &mut to_relay,
+                &SendOptions::default(),
+                trusted_arks.unwrap_or_default(),
+            );
             // Hang up, so the relay stops waiting for more.
             drop(to_relay);
             sent.map(drop)

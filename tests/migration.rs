@@ -63,14 +63,12 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
             None,
         )
         .unwrap();
-        let memory = incoming.shape().ram_bytes();
-        let target = VmBuilder::new()
-            .memory_bytes(memory)
-            .serial_writer(std::io::sink())
-            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
-            .unwrap();
-        incoming.acknowledge().unwrap();
-        incoming.wait_complete().unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            VmBuilder::new().serial_writer(std::io::sink()),
+            None,
+        )
+        .unwrap();
         // The UART the guest set up came along (its scratch register is not a default).
         let serial = target.inner().snapshot().unwrap().serial.unwrap();
         assert_eq!(serial.registers.scratch, 0x5a, "{serial:?}");
@@ -100,6 +98,86 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
         "zero pages must cost almost nothing: {report:?}"
     );
     assert!(report.downtime < Duration::from_secs(2), "{report:?}");
+}
+
+/// Pages of `path` in the page cache: what reading its holes through a mapping would fill.
+fn resident_pages(path: &std::path::Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; nothing reads
+    // through it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `map` is a mapping of `len` bytes and `pages` has a byte for each of its pages.
+    let ok = unsafe { libc::mincore(map, len, pages.as_mut_ptr()) };
+    // SAFETY: `map` was mapped above with this length and is not used after.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(ok, 0);
+    pages.iter().filter(|&&p| p & 1 != 0).count()
+}
+
+/// A guest whose RAM is a sparse file moves without its holes being read: they go as zero
+/// pages, and the source's page cache (its resident memory) does not fill with zeroes.
+#[test]
+fn a_sparse_memory_file_migrates_without_reading_its_holes() {
+    let dir = common::TempDir::new("sparse-source");
+    let ram = dir.path("ram");
+    std::fs::File::create(&ram)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let out = CapturedOutput::new();
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline("greet spin")
+        .memory_bytes(1 << 30)
+        .memory_file(&ram)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("Hello", Duration::from_secs(20)));
+    // Host data in the middle of a hole arrives as data.
+    source
+        .memory()
+        .write_obj(0x1234_5678u64, GuestAddress(0x30000 << 12))
+        .unwrap();
+    let (mut to_target, from_source) = UnixStream::pair().unwrap();
+    let report = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            veil::migration::send_over(&source, &mut to_target, &SendOptions::default(), vec![])
+        });
+        let mut incoming = receiver::accept(from_source, |_| Ok(()), None).unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            VmBuilder::new().serial_writer(std::io::sink()),
+            None,
+        )
+        .unwrap();
+        let report = sending.join().unwrap().expect("migration succeeds");
+        assert_eq!(word(target.memory(), 0x30000), 0x1234_5678);
+        target.stop();
+        target.wait();
+        report
+    });
+    assert_eq!(source.wait(), VmStop::Migrated);
+    let resident = resident_pages(&ram);
+    eprintln!("{report:?}; {resident} pages of the file resident");
+    assert!(report.zero_pages > 250_000, "{report:?}");
+    assert!(
+        resident < 4096,
+        "{resident} pages of the 1 GiB file were read in: the holes were not skipped"
+    );
 }
 
 #[test]
@@ -226,6 +304,58 @@ fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
         "{}",
         common::describe(&out)
     );
+}
+
+/// A target that fails, says why and then neither reads nor hangs up (a wedged process, a
+/// target busy cleaning up) must not hold the source for its 30 s peer timeout: the source
+/// hears it within a chunk and its guest runs on.
+#[test]
+fn a_target_that_fails_but_keeps_the_connection_open_stops_the_source_at_once() {
+    use veil_migration::protocol::{read_frame, write_frame, Message};
+    let dir = common::TempDir::new("wedged-target");
+    let (source_api, target_socket, ram) =
+        (dir.path("a.sock"), dir.path("m.sock"), dir.path("ram"));
+    // 64 MiB of non-zero RAM (low 4 MiB zero for the kernel): far more than a socket holds.
+    let mut bytes = vec![0xa5u8; 64 << 20];
+    bytes[..4 << 20].fill(0);
+    std::fs::write(&ram, bytes).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&target_socket).unwrap();
+    let mut source = common::greeting_source(
+        &source_api,
+        &[
+            "--memory".as_ref(),
+            "64M".as_ref(),
+            "--memory-file".as_ref(),
+            ram.as_ref(),
+        ],
+    );
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let target = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let incoming = receiver::accept(stream, |_| Ok(()), None).unwrap();
+        let mut stream = incoming.stream();
+        for _ in 0..3 {
+            read_frame(&mut stream).unwrap();
+        }
+        write_frame(&mut stream, &Message::error("the target's disk is full")).unwrap();
+        // Connection open, nothing read, until the test is done.
+        let _ = held.recv_timeout(Duration::from_secs(60));
+    });
+    let started = Instant::now();
+    let to = format!("unix:{}", target_socket.display());
+    let out = common::ctl(&source_api, &["migrate", "--to", &to]);
+    let took = started.elapsed();
+    release.send(()).unwrap();
+    target.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    assert!(said.contains("the target's disk is full"), "{said}");
+    assert!(took < Duration::from_secs(5), "took {took:?}: {said}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&common::ctl(&source_api, &["--json", "status"]).stdout).unwrap();
+    assert_eq!(status["state"], "running", "{status}");
+    common::ctl(&source_api, &["shutdown"]);
+    source.wait();
 }
 
 #[test]
@@ -452,6 +582,17 @@ impl std::io::Write for Tee<'_> {
     }
 }
 
+impl veil_migration::duplex::Duplex for Tee<'_> {
+    fn write_or_hear(&mut self, buf: &[u8]) -> std::io::Result<veil_migration::duplex::Written> {
+        use veil_migration::duplex::Written;
+        let written = self.inner.write_or_hear(buf)?;
+        if written == Written::All {
+            self.copy.extend_from_slice(buf);
+        }
+        Ok(written)
+    }
+}
+
 /// Whether `word` (little-endian) appears anywhere in `bytes`.
 fn contains(bytes: &[u8], word: u64) -> bool {
     memchr::memmem::find(bytes, &word.to_le_bytes()).is_some()
@@ -566,21 +707,12 @@ fn an_sev_guest_is_not_sent_to_an_untrusted_platform() {
     let (mut to_target, from_source) = UnixStream::pair().unwrap();
     let err = std::thread::scope(|scope| {
         let sending = scope.spawn(|| {
-            let guest = source.sev().unwrap();
-            let mut firmware = guest.launch.firmware.lock().unwrap();
-            let source_sev = sender::SevSource {
-                firmware: firmware.as_mut(),
-                guest: guest.launch.handle,
-                policy: guest.config.policy,
-                platform: veil_migration::protocol::SevPlatform::Emulated,
-                // Only AMD's roots: an emulated platform is not among them.
-                trusted_arks: veil_sev::emulated::identity::amd_arks().unwrap(),
-            };
-            sender::send(
-                source.inner(),
+            // Only AMD's roots: an emulated platform is not among them.
+            veil::migration::send_over(
+                &source,
                 &mut to_target,
                 &SendOptions::default(),
-                Some(source_sev),
+                veil_sev::emulated::identity::amd_arks().unwrap(),
             )
         });
         let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(chain)).unwrap();

@@ -85,6 +85,8 @@ fn source(api: &Path) -> Spawned {
         .map(Spawned)
         .unwrap();
     common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
+    // The guest can greet before the API server listens.
+    common::wait_for(api);
     source
 }
 

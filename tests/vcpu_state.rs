@@ -43,15 +43,12 @@ fn msrs_the_guest_wrote_its_tsc_deadline_and_the_cpuid_it_sees_are_the_same_afte
             )
         });
         let mut incoming = receiver::accept(from_source, veil::check_incoming, None).unwrap();
-        let shape = incoming.shape().clone();
-        let target = VmBuilder::new()
-            .memory_bytes(shape.ram_bytes())
-            .guest_cpuid(shape.cpuid().iter().map(Into::into).collect())
-            .serial_writer(on_target.clone())
-            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
-            .unwrap();
-        incoming.acknowledge().unwrap();
-        incoming.wait_complete().unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            VmBuilder::new().serial_writer(on_target.clone()),
+            None,
+        )
+        .unwrap();
         sending.join().unwrap().expect("migration succeeds");
         assert_eq!(source.wait(), VmStop::Migrated);
         // The target gives the guest exactly the CPUID it had.

@@ -298,6 +298,38 @@ impl DirtyBitmap {
         }
     }
 
+    /// How many pages are dirty.
+    pub fn count(&self) -> u64 {
+        let full = self.pages / 64;
+        let whole: u64 = self.words[..full.min(self.words.len())]
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        let tail = match (self.pages % 64, self.words.get(full)) {
+            (0, _) | (_, None) => 0,
+            (bits, Some(word)) => u64::from((word & ((1u64 << bits) - 1)).count_ones()),
+        };
+        whole + tail
+    }
+
+    /// Frame numbers of the dirty pages, ascending, a word of clean pages skipped at a time.
+    pub fn dirty_gfns(&self) -> impl Iterator<Item = u64> + '_ {
+        let first = self.base.0 / PAGE_SIZE;
+        let pages = self.pages as u64;
+        self.words
+            .iter()
+            .enumerate()
+            .filter(|(_, &word)| word != 0)
+            .flat_map(move |(i, &word)| {
+                // Each step clears the lowest set bit; the bit's index is the page's.
+                std::iter::successors(Some(word), |&w| Some(w & w.wrapping_sub(1)))
+                    .take_while(|&w| w != 0)
+                    .map(move |w| i as u64 * 64 + u64::from(w.trailing_zeros()))
+            })
+            .take_while(move |&page| page < pages)
+            .map(move |page| first + page)
+    }
+
     /// Guest addresses of the dirty pages, ascending.
     pub fn dirty_addresses(&self) -> impl Iterator<Item = GuestAddress> + '_ {
         (0..self.pages)
@@ -416,6 +448,24 @@ pub fn human(bytes: u64) -> String {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn dirty_gfns_are_the_set_bits_in_order_and_stop_at_the_region_end() {
+        let bitmap = DirtyBitmap {
+            base: GuestAddress(0x10 * PAGE_SIZE),
+            words: vec![1 | 1 << 63, 0, 1 << 5 | 1 << 6, u64::MAX],
+            pages: 64 * 3,
+        };
+        let gfns: Vec<u64> = bitmap.dirty_gfns().collect();
+        assert_eq!(gfns, [0x10, 0x10 + 63, 0x10 + 133, 0x10 + 134]);
+        let slow: Vec<u64> = bitmap.dirty_addresses().map(|a| a.0 / PAGE_SIZE).collect();
+        assert_eq!(gfns, slow);
+        assert_eq!(
+            bitmap.count(),
+            4,
+            "pages past the region's end do not count"
+        );
+    }
 
     #[test]
     fn sizes_are_checked() {

@@ -6,10 +6,13 @@
 //!   source has let go.
 //!
 //! - [`snapshot`]: a paused VM saved into a directory, and VMs restored from it.
+//! - [`duplex`]: writes that stop when the peer speaks, so a failing target is heard at once.
 //! - [`monitor`]: progress and cancel for a migration under way.
 //! - [`transport`]: UNIX sockets, TCP with mutual TLS ([`tls`]), and plain TCP only when
 //!   explicitly insecure.
 
+pub mod duplex;
+mod holes;
 pub mod monitor;
 pub mod protocol;
 pub mod receiver;

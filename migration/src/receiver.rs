@@ -68,7 +68,7 @@ fn write_zero_page(
     scratch: &mut [u8],
 ) -> Result<(), vm_memory::GuestMemoryError> {
     memory.read_slice(scratch, at)?;
-    if scratch.iter().any(|&b| b != 0) {
+    if !crate::protocol::chunk::is_zero(scratch) {
         scratch.fill(0);
         memory.write_slice(scratch, at)?;
     }

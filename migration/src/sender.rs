@@ -6,16 +6,18 @@
 //! dirty pages and the state go out, and only once the target acknowledges is the guest stopped
 //! here and `Complete` sent. Any failure before that resumes the guest here, as it was.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use crate::duplex::{Duplex, Written};
+use crate::holes;
 use crate::monitor::{MigrationMonitor, Phase};
-use veil_hypervisor::memory::PAGE_SIZE;
+use veil_hypervisor::memory::{DirtyBitmap, PAGE_SIZE};
 use veil_hypervisor::paravirt::{Blocker, Migratability};
 use veil_hypervisor::{RunState, RunningVm};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::protocol::{
     read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryChunkRef, MemoryRegion, Message,
@@ -141,8 +143,25 @@ pub enum SendError {
     AlreadyMigrating,
     #[error("Cannot reach the target")]
     Connect(#[from] crate::transport::TransportError),
+    #[error("Cannot find the holes in the guest's memory file")]
+    MemoryFile(#[source] std::io::Error),
     #[error("Cannot hand the guest's devices over")]
     Devices(#[from] veil_hypervisor::devices::DeviceManagerError),
+}
+
+/// The target spoke while this side was sending: it does so only to end the migration, so
+/// its message (read through the session, which then knows the migration is over) is the
+/// error.
+fn hear<S: Read>(stream: &mut S, session: &mut SenderSession) -> SendError {
+    let frame = match read_frame(stream) {
+        Ok(frame) => frame,
+        Err(e) => return e.into(),
+    };
+    match session.on_message(&frame.message) {
+        Ok(SenderAction::Abort { reason, .. }) => SendError::Aborted(reason),
+        Ok(other) => unexpected(other),
+        Err(e) => e.into(),
+    }
 }
 
 /// A target that fails mid-pass sends its reason and hangs up, so the source's next write
@@ -179,9 +198,6 @@ impl SendError {
         )
     }
 }
-
-/// Gfns the first pass hands to `send_pages` at a time.
-const FIRST_PASS_BATCH: u64 = 1 << 16;
 
 /// Which guest pages have gone at least once: one bit per page, so a migration's own memory
 /// grows with the guest by 1/32768 of it (32 MiB for 1 TiB), not with a list of gfns.
@@ -298,7 +314,7 @@ struct Sender<'a, 's, S> {
 
 /// Migrates `vm` over `stream`. On success the guest has stopped here and runs on the target;
 /// on failure it runs here as before (unless the failure came after `Complete` was sent).
-pub fn send<'f, S: Read + Write>(
+pub fn send<'f, S: Duplex>(
     vm: &'f RunningVm,
     stream: &'f mut S,
     options: &'f SendOptions,
@@ -310,7 +326,7 @@ pub fn send<'f, S: Read + Write>(
 /// As [`send`], but opens the stream with `connect` only once the guest may go (after
 /// [`SendOptions::wait_ready`]): a target owes nothing to a connection that stays silent, and
 /// drops it after its Hello timeout.
-pub fn send_when_ready<'f, S: Read + Write, E>(
+pub fn send_when_ready<'f, S: Duplex, E>(
     vm: &'f RunningVm,
     connect: impl FnOnce() -> Result<S, E>,
     options: &'f SendOptions,
@@ -343,7 +359,7 @@ where
     result
 }
 
-fn send_claimed<'f, S: Read + Write>(
+fn send_claimed<'f, S: Duplex>(
     vm: &'f RunningVm,
     stream: &mut S,
     options: &'f SendOptions,
@@ -383,7 +399,11 @@ fn send_claimed<'f, S: Read + Write>(
                     // guessing.
                     _ => Message::error(crate::error_chain(&e)),
                 };
-                let _ = write_frame(sender.stream, &message);
+                // Best effort, and never stuck behind a target that stopped reading.
+                let mut frame = Vec::new();
+                if write_frame(&mut frame, &message).is_ok() {
+                    let _ = sender.stream.write_or_hear(&frame);
+                }
             }
             if sender.session.guest_may_resume_here() && vm.run_state() == RunState::Paused {
                 if sender.devices_handed_over {
@@ -405,7 +425,7 @@ fn send_claimed<'f, S: Read + Write>(
     }
 }
 
-impl<'a, S: Read + Write> Sender<'a, '_, S> {
+impl<'a, S: Duplex> Sender<'a, '_, S> {
     fn run(&mut self, options: &SendOptions, started: Instant) -> Result<(), SendError> {
         let sev_shape = self.sev_source.as_ref().map(|s| SevShape {
             policy: s.policy,
@@ -434,23 +454,29 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
         let (ram, fd) = (self.vm.ram(), self.vm.fd());
         ram.set_dirty_logging(fd, true)?;
         ram.take_dirty_pages(fd)?;
-        let regions: Vec<(u64, u64)> = ram
-            .slots()
-            .map(|(_, base, len)| (base.0 / PAGE_SIZE, (base.0 + len) / PAGE_SIZE))
-            .collect();
-        let pages: u64 = regions.iter().map(|(first, end)| end - first).sum();
+        let pages: u64 = ram.slots().map(|(_, _, len)| len / PAGE_SIZE).sum();
         self.phase(Phase::FirstPass, pages as usize);
         let mut pass_start = Instant::now();
-        // In batches: a list of every gfn would cost 8 bytes per guest page (2 GiB for 1 TiB).
-        let mut batch = Vec::with_capacity(FIRST_PASS_BATCH as usize);
-        for (first, end) in regions {
-            let mut start = first;
-            while start < end {
-                let stop = (start + FIRST_PASS_BATCH).min(end);
-                batch.clear();
-                batch.extend(start..stop);
-                self.send_pages(&batch)?;
-                start = stop;
+        // Region by region, as ranges: nothing here grows with the guest. A memory file's
+        // holes go as zero pages unread (an SEV guest's private pages always go encrypted).
+        let skip_holes = self.session.features().contains(Features::ZERO_PAGES)
+            && self.vm.paravirt().page_states().is_none();
+        for region in self.vm.memory().iter() {
+            let first = region.start_addr().0 / PAGE_SIZE;
+            let pages = region.len() / PAGE_SIZE;
+            let stretches = match region.file_offset() {
+                Some(file) if skip_holes => {
+                    holes::stretches(file.file(), file.start(), region.len())
+                        .map_err(SendError::MemoryFile)?
+                }
+                _ => vec![holes::Stretch {
+                    pages: 0..pages,
+                    zero: false,
+                }],
+            };
+            for stretch in stretches {
+                let gfns = first + stretch.pages.start..first + stretch.pages.end;
+                self.send_pages(gfns, stretch.zero)?;
             }
         }
         let mut rate = self.report.bytes as f64 / started.elapsed().as_secs_f64().max(1e-6);
@@ -459,24 +485,25 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
             // mid-way must not be moved: give up and let it run here.
             during_migration(self.vm)?;
             check_deadline(self.deadline)?;
-            let dirty = self.dirty_gfns()?;
+            let dirty = self.dirty_pages()?;
+            let count = dirty.iter().map(DirtyBitmap::count).sum::<u64>();
             // What the guest dirtied while the last pass was sent: if it outpaces the link,
             // more passes will not converge.
-            let dirty_rate = (dirty.len() as u64 * PAGE_SIZE) as f64
-                / pass_start.elapsed().as_secs_f64().max(1e-6);
-            self.phase(Phase::DirtyPasses, dirty.len());
+            let dirty_rate =
+                (count * PAGE_SIZE) as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+            self.phase(Phase::DirtyPasses, count as usize);
             self.monitor.update(|p| {
                 p.rate = rate;
                 p.dirty_rate = dirty_rate;
             });
-            let left = Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / rate);
+            let left = Duration::from_secs_f64(count as f64 * PAGE_SIZE as f64 / rate);
             if left <= options.downtime || self.report.passes >= options.max_passes {
-                self.send_pages(&dirty)?;
+                self.send_pages(dirty.iter().flat_map(DirtyBitmap::dirty_gfns), false)?;
                 break;
             }
             pass_start = Instant::now();
             let bytes_before = self.report.bytes;
-            self.send_pages(&dirty)?;
+            self.send_pages(dirty.iter().flat_map(DirtyBitmap::dirty_gfns), false)?;
             self.report.passes += 1;
             let passes = self.report.passes;
             self.monitor.update(|p| p.passes = passes);
@@ -509,10 +536,11 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
         // With every vCPU parked nothing can change it any more: the last word.
         during_migration(self.vm)?;
         check_deadline(self.deadline)?;
-        let dirty = self.dirty_gfns()?;
+        let dirty = self.dirty_pages()?;
         stage.done("collect dirty pages");
-        self.phase(Phase::StopAndCopy, dirty.len());
-        self.send_pages(&dirty)?;
+        let count = dirty.iter().map(DirtyBitmap::count).sum::<u64>();
+        self.phase(Phase::StopAndCopy, count as usize);
+        self.send_pages(dirty.iter().flat_map(DirtyBitmap::dirty_gfns), false)?;
         stage.done("send the last dirty pages");
         let snapshot = self.vm.snapshot()?;
         let state = serde_json::to_vec(&snapshot)?;
@@ -569,8 +597,16 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
 
     fn send(&mut self, message: &Message) -> Result<(), SendError> {
         self.session.send(message)?;
-        write_frame(self.stream, message)?;
-        Ok(())
+        let mut frame = Vec::new();
+        write_frame(&mut frame, message)?;
+        match self
+            .stream
+            .write_or_hear(&frame)
+            .map_err(ProtocolError::Io)?
+        {
+            Written::All => Ok(()),
+            Written::PeerSpoke => Err(hear(self.stream, &mut self.session)),
+        }
     }
 
     fn receive(&mut self) -> Result<SenderAction, SendError> {
@@ -581,19 +617,18 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
         }
     }
 
-    fn dirty_gfns(&self) -> Result<Vec<u64>, SendError> {
-        let bitmaps = self.vm.ram().take_dirty_pages(self.vm.fd())?;
-        Ok(bitmaps
-            .iter()
-            .flat_map(|b| {
-                b.dirty_addresses()
-                    .map(|a| a.0 / PAGE_SIZE)
-                    .collect::<Vec<_>>()
-            })
-            .collect())
+    /// What was dirtied since the last look: a bit per page, never a list of them.
+    fn dirty_pages(&self) -> Result<Vec<DirtyBitmap>, SendError> {
+        Ok(self.vm.ram().take_dirty_pages(self.vm.fd())?)
     }
 
-    fn send_pages(&mut self, gfns: &[u64]) -> Result<(), SendError> {
+    /// Sends `gfns`; `known_zero` when they are known to be zero without reading them (a
+    /// memory file's holes).
+    fn send_pages(
+        &mut self,
+        gfns: impl IntoIterator<Item = u64>,
+        known_zero: bool,
+    ) -> Result<(), SendError> {
         let zero_pages = self.session.features().contains(Features::ZERO_PAGES);
         let mut out = ChunkOut {
             encoder: &mut self.encoder,
@@ -607,9 +642,16 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
         // Page states as they are when each page goes: a page that changes state afterwards is
         // dirty again and goes again under its new state.
         let states = self.vm.paravirt().page_states();
-        for &gfn in gfns {
+        for gfn in gfns {
             let at = GuestAddress(gfn * PAGE_SIZE);
-            if states.as_ref().is_some_and(|map| map.is_private(gfn)) {
+            if known_zero {
+                out.push(PageRef {
+                    gfn,
+                    content: PageContentRef::Zero,
+                })?;
+                self.report.zero_pages += 1;
+                self.report.clear_pages += 1;
+            } else if states.as_ref().is_some_and(|map| map.is_private(gfn)) {
                 // A private page's plaintext never reaches the stream, and the firmware
                 // encrypts it where it lies: on hardware the PSP decrypts guest memory with
                 // the guest's key and its physical address, so a copy would not do.
@@ -652,7 +694,7 @@ struct ChunkOut<'a, S> {
     deadline: Option<(Instant, Duration)>,
 }
 
-impl<S: Write> ChunkOut<'_, S> {
+impl<S: Duplex> ChunkOut<'_, S> {
     /// A page in the clear, read from guest memory straight into the chunk; `true` if it
     /// went as a zero page.
     fn push_clear(
@@ -694,7 +736,14 @@ impl<S: Write> ChunkOut<'_, S> {
             let payload = &frame[crate::protocol::frame::HEADER_BYTES..];
             let chunk = MemoryChunkRef::parse(payload)?;
             self.session.send_memory_chunk(&chunk)?;
-            self.stream.write_all(frame).map_err(ProtocolError::Io)?;
+            match self
+                .stream
+                .write_or_hear(frame)
+                .map_err(ProtocolError::Io)?
+            {
+                Written::All => {}
+                Written::PeerSpoke => return Err(hear(self.stream, self.session)),
+            }
             *self.bytes += frame.len() as u64;
             // Once per chunk, not per page: the monitor's lock stays off the page loop.
             let (bytes, pages) = (*self.bytes, self.pending);

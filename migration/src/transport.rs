@@ -248,6 +248,18 @@ impl Write for Stream {
     }
 }
 
+impl crate::duplex::Duplex for Stream {
+    fn write_or_hear(&mut self, buf: &[u8]) -> io::Result<crate::duplex::Written> {
+        use crate::duplex::tls_write_or_hear;
+        match self {
+            Stream::Unix(s) => s.write_or_hear(buf),
+            Stream::Tcp(s) => s.write_or_hear(buf),
+            Stream::TlsClient(s) => tls_write_or_hear(&mut s.conn, &mut s.sock, buf),
+            Stream::TlsServer(s) => tls_write_or_hear(&mut s.conn, &mut s.sock, buf),
+        }
+    }
+}
+
 /// Writes through TLS, failing on the first socket error. (`rustls::StreamOwned::write`
 /// ignores errors after buffering, so a dead peer would cost one peer timeout per write.)
 fn tls_write<D>(

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
 use crate::Vm;
-use veil_migration::sender::SendOptions;
 use veil_migration::transport::{Endpoint, Security};
 
 /// Errors starting the server.
@@ -293,55 +293,15 @@ fn migrate(
             "A snapshot of this guest is being written: migrate it once that is done".into(),
         );
     }
-    // Connected only once the guest may go: the target drops a connection silent for long.
-    let mut protection = "";
-    let connect = || {
-        let stream = veil_migration::transport::connect(&endpoint, &security)?;
-        protection = stream.protection();
-        Ok::<_, veil_migration::transport::TransportError>(stream)
-    };
-    let mut options = SendOptions::default();
-    if let Some(ms) = limits.downtime_ms {
-        options.downtime = std::time::Duration::from_millis(ms);
-    }
-    options.timeout = limits.timeout_s.map(std::time::Duration::from_secs);
-    options.wait_ready = limits.wait_ready_ms.map(std::time::Duration::from_millis);
-    options.monitor = std::sync::Arc::clone(vm.migration());
-    let r = match vm.sev() {
-        None => veil_migration::sender::send_when_ready(vm.inner(), connect, &options, None)?,
-        Some(guest) => {
-            let mut trusted_arks = veil_sev::emulated::identity::amd_arks()?;
-            if let Some(path) = sev_trust_chain {
-                use sev::parser::Decoder;
-                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
-                let chain = sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ())
-                    .map_err(|e| format!("{path} is not an SEV certificate chain: {e}"))?;
-                trusted_arks.push(chain.ca.ark);
-            }
-            let mut firmware = guest
-                .launch
-                .firmware
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let source = veil_migration::sender::SevSource {
-                firmware: firmware.as_mut(),
-                guest: guest.launch.handle,
-                policy: guest.config.policy,
-                platform: match guest.config.platform {
-                    crate::sev_launch::SevPlatform::Hardware { .. } => {
-                        veil_migration::protocol::SevPlatform::Hardware
-                    }
-                    crate::sev_launch::SevPlatform::Emulated { .. } => {
-                        veil_migration::protocol::SevPlatform::Emulated
-                    }
-                },
-                trusted_arks,
-            };
-            veil_migration::sender::send_when_ready(vm.inner(), connect, &options, Some(source))?
-        }
-    };
+    let mut outgoing = crate::migration::Outgoing::new(endpoint, security);
+    outgoing.downtime = limits.downtime_ms.map(Duration::from_millis);
+    outgoing.timeout = limits.timeout_s.map(Duration::from_secs);
+    outgoing.wait_ready = limits.wait_ready_ms.map(Duration::from_millis);
+    outgoing.sev_trust_chain = sev_trust_chain.map(Into::into);
+    let sent = crate::migration::send(vm, &outgoing)?;
+    let r = &sent.report;
     Ok(serde_json::json!({
-        "to": endpoint.to_string(),
+        "to": outgoing.to.to_string(),
         "total_ms": r.total.as_secs_f64() * 1e3,
         "downtime_ms": r.downtime.as_secs_f64() * 1e3,
         "bytes": r.bytes,
@@ -351,6 +311,6 @@ fn migrate(
         "pages_resent": r.pages_resent,
         "private_pages": r.private_pages,
         "clear_pages": r.clear_pages,
-        "transport": protection,
+        "transport": sent.transport,
     }))
 }

@@ -210,6 +210,27 @@ pub fn wait_for(path: &Path) {
     }
 }
 
+/// `veil run --api-socket API ARGS... --cmdline "greet spin" --kernel KIT`, its stderr
+/// discarded; returns once the guest has greeted and the API socket is there.
+pub fn greeting_source(api: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
+    let mut source = veil()
+        .arg("run")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .args(["--cmdline", "greet spin", "--kernel"])
+        .arg(kit())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    read_until(source.0.stdout.as_mut().unwrap(), "Hello");
+    // The guest can greet before the API server listens.
+    wait_for(api);
+    source
+}
+
 /// `veil receive --listen unix:SOCKET ARGS...`, its stderr discarded; returns once it listens.
 pub fn receive_on(socket: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
     let target = veil()
@@ -229,7 +250,7 @@ pub fn receive_on(socket: &Path, args: &[&std::ffi::OsStr]) -> Spawned {
 /// VM on `target_platform` (whose encoded chain is `target_chain`) receives from
 /// `from_source`, trusting `trusted_arks` as the target's roots. Returns the target, running,
 /// and the sender's report; panics if the migration fails.
-pub fn migrate_sev_here<S: std::io::Read + std::io::Write + Send>(
+pub fn migrate_sev_here<S: veil_migration::duplex::Duplex + Send>(
     source: &veil::Vm,
     to_target: &mut S,
     from_source: std::os::unix::net::UnixStream,
@@ -240,31 +261,20 @@ pub fn migrate_sev_here<S: std::io::Read + std::io::Write + Send>(
     use veil_migration::{receiver, sender};
     std::thread::scope(|scope| {
         let sending = scope.spawn(|| {
-            let guest = source.sev().unwrap();
-            let mut firmware = guest.launch.firmware.lock().unwrap();
-            let source_sev = sender::SevSource {
-                firmware: firmware.as_mut(),
-                guest: guest.launch.handle,
-                policy: guest.config.policy,
-                platform: veil_migration::protocol::SevPlatform::Emulated,
-                trusted_arks,
-            };
-            sender::send(
-                source.inner(),
+            veil::migration::send_over(
+                source,
                 to_target,
                 &sender::SendOptions::default(),
-                Some(source_sev),
+                trusted_arks,
             )
         });
         let mut incoming = receiver::accept(from_source, |_| Ok(()), Some(target_chain)).unwrap();
-        let target = veil::VmBuilder::new()
-            .memory_bytes(incoming.shape().ram_bytes())
-            .sev(emulated_sev(target_platform))
-            .serial_writer(std::io::sink())
-            .start_incoming(Box::new(|mem, fw| Ok(incoming.receive_into(mem, fw)?)))
-            .unwrap();
-        incoming.acknowledge().unwrap();
-        incoming.wait_complete().unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            veil::VmBuilder::new().serial_writer(std::io::sink()),
+            Some(target_platform.clone()),
+        )
+        .unwrap();
         target.resume();
         let report = sending.join().unwrap().expect("the SEV migration succeeds");
         (target, report)

@@ -159,7 +159,7 @@ impl PageRef<'_> {
 
 /// Sixteen bytes at a time: a byte-wise loop does not vectorise, and a mostly-zero guest
 /// has every page scanned.
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(16)
         .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
 }

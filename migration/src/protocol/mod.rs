@@ -48,6 +48,8 @@
 //!  SEND_CANCEL, resume the guest,  ◀──── Error { reason } | Cancel { reason }
 //!  print the reason
 //!
+//!  the source watches the return path while it writes: a target's Error ends the
+//!  migration within the chunk being written, even if the target keeps the link open.
 //!  a message out of order, undecodable or over a limit: the reading side sends
 //!  Error { what was wrong } and ends as above.
 //!  link lost or peer silent: the target discards; the source resumes the guest unless it
