@@ -524,8 +524,12 @@ impl Vm {
         self.running.pause()
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the vCPUs run again, unless a migration of the guest is in doubt (the target may
+    /// be running it: see `veil_migration::recovery`); the state is returned either way.
     pub fn resume(&self) -> RunState {
+        if self.migration.in_doubt().is_some() {
+            return self.running.run_state();
+        }
         self.running.resume()
     }
 

@@ -166,7 +166,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         incoming.peer().unwrap_or("the source"),
         incoming.stream().protection()
     );
-    if let Some(fd) = args.accepted_fd {
+    let responder = if let Some(fd) = args.accepted_fd {
         // SAFETY: the parent passed this descriptor, a pipe's write end, for this process
         // alone to own.
         let mut accepted = unsafe { File::from_raw_fd(fd) };
@@ -175,7 +175,16 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         drop(listener);
         // SAFETY: as above.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
-    }
+        None
+    } else {
+        // The listener now answers the source's recovery queries, should Complete be lost.
+        Some(veil_migration::recovery::Responder::start(
+            listener,
+            incoming.fate(),
+            args.hello_timeout,
+            args.recovery_window,
+        )?)
+    };
     let shape = incoming.shape().clone();
     let mut builder = VmBuilder::new()
         .memory_bytes(shape.ram_bytes())
@@ -217,7 +226,20 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         }
     };
     incoming.acknowledge()?;
-    incoming.wait_complete()?;
+    if let Err(e) = incoming.wait_complete() {
+        // Discarded for good: free the guest, but tell a source that asks again the same.
+        drop(vm);
+        if let Some(responder) = &responder {
+            if matches!(
+                responder.fate().get(),
+                veil_migration::protocol::Fate::Discarded(_)
+            ) {
+                eprintln!("veil: the guest was discarded: {}", veil::error_chain(&e));
+                responder.linger();
+            }
+        }
+        return Err(e.into());
+    }
     discard.keep();
     vm.resume();
     eprintln!("veil: the guest arrived from {endpoint} and runs here");

@@ -47,6 +47,17 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             }),
         },
         CtlCommand::MigrateCancel => Request::MigrateCancel,
+        CtlCommand::MigrateRecover {
+            to,
+            insecure,
+            tls,
+            tls_server_name,
+        } => Request::MigrateRecover {
+            to: to.clone(),
+            insecure: *insecure,
+            tls: tls.files(),
+            tls_server_name: tls_server_name.clone(),
+        },
     };
     let mut client = ApiClient::connect(&args.api_socket)?;
     let progress = match &args.command {
@@ -77,6 +88,8 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         print_migration_report(&result);
     } else if matches!(args.command, CtlCommand::MigrateCancel) {
         println!("cancelling the migration");
+    } else if matches!(args.command, CtlCommand::MigrateRecover { .. }) {
+        println!("the target discarded the guest: it runs here again");
     } else {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }

@@ -5,6 +5,8 @@
 //! - [`receiver`]: accepting a guest, filling a new VM's memory, and running it only once the
 //!   source has let go.
 //!
+//! - [`recovery`]: a source left in doubt by a lost Complete asks the target, and resumes the
+//!   guest only if the target has discarded it for good.
 //! - [`monitor`]: progress and cancel for a migration under way.
 //! - [`transport`]: UNIX sockets, TCP with mutual TLS ([`tls`]), and plain TCP only when
 //!   explicitly insecure.
@@ -12,6 +14,7 @@
 pub mod monitor;
 pub mod protocol;
 pub mod receiver;
+pub mod recovery;
 pub mod sender;
 pub mod tls;
 pub mod transport;

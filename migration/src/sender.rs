@@ -17,6 +17,7 @@ use veil_hypervisor::paravirt::{Blocker, Migratability};
 use veil_hypervisor::{RunState, RunningVm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::protocol::MigrationId;
 use crate::protocol::{
     read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryChunkRef, MemoryRegion, Message,
     PageContentRef, PageRef, ProtocolError, SenderAction, SenderSession, SessionError, SevPlatform,
@@ -143,6 +144,12 @@ pub enum SendError {
     Connect(#[from] crate::transport::TransportError),
     #[error("Cannot hand the guest's devices over")]
     Devices(#[from] veil_hypervisor::devices::DeviceManagerError),
+    #[error("Complete was sent but the target never confirmed that it runs the guest (migration {id}): the guest stays stopped here; `veil ctl migrate-recover` asks the target and resumes it here only if the target has discarded it")]
+    InDoubt {
+        id: MigrationId,
+        #[source]
+        cause: Box<SendError>,
+    },
 }
 
 /// A target that fails mid-pass sends its reason and hangs up, so the source's next write
@@ -333,6 +340,10 @@ where
         let mut stream = connect()?;
         send_claimed(vm, &mut stream, options, sev)
     });
+    if let Err(e @ SendError::InDoubt { id, .. }) = &result {
+        options.monitor.set_in_doubt(*id, crate::error_chain(e));
+        return result;
+    }
     options.monitor.update(|p| match &result {
         Ok(_) => p.phase = Phase::Completed,
         Err(e) => {
@@ -373,6 +384,10 @@ fn send_claimed<'f, S: Read + Write>(
             Ok(sender.report)
         }
         Err(e) => {
+            if matches!(e, SendError::InDoubt { .. }) {
+                // Stopped, disks handed over: nothing may touch the guest until recovery.
+                return Err(e);
+            }
             let e = target_reason(sender.stream, e);
             // A broken stream would only hold the guest paused for another peer timeout.
             if sender.session.ending().is_none() && !e.is_broken_stream() {
@@ -413,7 +428,9 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
         });
         let hello = Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
-            features: Features::ZERO_PAGES.union(Features::SYNC),
+            features: Features::ZERO_PAGES
+                .union(Features::SYNC)
+                .union(Features::RECOVERY),
             vm: shape_of(self.vm, sev_shape)?,
         });
         self.send(&hello)?;
@@ -517,6 +534,7 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
         let snapshot = self.vm.snapshot()?;
         let state = serde_json::to_vec(&snapshot)?;
         stage.done("save the state");
+        let id = MigrationId::of_state(&state);
         self.send(&Message::State(State { bytes: state }))?;
         match self.receive()? {
             SenderAction::Commit => {}
@@ -527,7 +545,18 @@ impl<'a, S: Read + Write> Sender<'a, '_, S> {
         if let Some(send) = self.sev_send.take() {
             send.finish()?;
         }
-        self.send(&Message::Complete)?;
+        let sent = self.send(&Message::Complete);
+        if self.session.in_doubt() {
+            // Until the target says Running, it may run the guest or not: only a query can
+            // tell which (crate::recovery).
+            match sent.and_then(|()| self.receive()) {
+                Ok(SenderAction::Running) => {}
+                Ok(other) => return in_doubt(id, unexpected(other)),
+                Err(cause) => return in_doubt(id, cause),
+            }
+        } else {
+            sent?;
+        }
         stage.done("commit");
         self.report.downtime = paused.elapsed();
         Ok(())
@@ -740,6 +769,13 @@ fn check_deadline(deadline: Option<(Instant, Duration)>) -> Result<(), SendError
 
 fn during_migration(vm: &RunningVm) -> Result<(), SendError> {
     check_migratable(vm).map_err(|e| SendError::BlockedDuringMigration(e.to_string()))
+}
+
+fn in_doubt(id: MigrationId, cause: SendError) -> Result<(), SendError> {
+    Err(SendError::InDoubt {
+        id,
+        cause: Box::new(cause),
+    })
 }
 
 fn unexpected(action: SenderAction) -> SendError {

@@ -186,6 +186,10 @@ fn handle(request: Request, vm: &Vm) -> Response {
             Err(e) => Response::failure(format!("Cannot encode status: {e}")),
         },
         Request::Pause => Response::success(state(vm.pause())),
+        Request::Resume if vm.migration().in_doubt().is_some() => Response::failure(
+            "The guest's migration is in doubt (the target may be running it): it cannot resume \
+             here until `veil ctl migrate-recover` has asked the target",
+        ),
         Request::Resume => Response::success(state(vm.resume())),
         Request::Shutdown => {
             vm.stop();
@@ -218,6 +222,23 @@ fn handle(request: Request, vm: &Vm) -> Response {
             Ok(report) => Response::success(report),
             Err(e) => Response::failure(crate::error_chain(&*e)),
         },
+        Request::MigrateRecover {
+            to,
+            insecure,
+            tls,
+            tls_server_name,
+        } => match recover(
+            vm,
+            &to,
+            Security {
+                tls,
+                insecure,
+                server_name: tls_server_name,
+            },
+        ) {
+            Ok(()) => Response::success(serde_json::json!({ "state": state_name(vm.state()) })),
+            Err(e) => Response::failure(crate::error_chain(&*e)),
+        },
         Request::MigrateCancel => {
             if vm.migration().cancel() {
                 Response::success(serde_json::json!({ "cancelling": true }))
@@ -226,6 +247,14 @@ fn handle(request: Request, vm: &Vm) -> Response {
             }
         }
     }
+}
+
+fn recover(vm: &Vm, to: &str, security: Security) -> Result<(), Box<dyn std::error::Error>> {
+    let endpoint: Endpoint = to.parse()?;
+    veil_migration::recovery::recover(vm.inner(), vm.migration(), || {
+        veil_migration::transport::connect(&endpoint, &security)
+    })?;
+    Ok(())
 }
 
 /// The time limits of a migrate request.

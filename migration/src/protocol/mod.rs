@@ -36,6 +36,7 @@
 //!      ◀──────────────────────────────────────────────── Ack
 //!  SEND_FINISH; the guest stops here for good
 //!  Complete ──────────────────────────────────────────────▶ run the guest
+//!      ◀──────────────────────────────────────────────── Running (feature RECOVERY)
 //! ```
 //!
 //! ## Failures
@@ -67,12 +68,15 @@
 //!   borrowed bytes.
 //! - [`shape`]: the [`VmShape`] the handshake carries and chunks are checked against.
 //! - [`session`]: the order, as pure state machines for each side.
+//! - [`recovery`]: what a source left in doubt by a lost Complete may ask the target, and
+//!   why the answer can be trusted.
 //! - [`limits`]: every bound a peer's numbers are held to.
 
 pub mod chunk;
 pub mod frame;
 pub mod limits;
 pub mod messages;
+pub mod recovery;
 pub mod session;
 pub mod shape;
 mod wire;
@@ -86,6 +90,7 @@ pub use frame::{
 pub use messages::{
     Features, Hello, HelloReply, Message, MessageError, MessageType, SevStart, State,
 };
+pub use recovery::{Fate, FateError, MigrationId, RecoveryOutcome};
 pub use session::{
     Ending, ReceiverAction, ReceiverSession, SenderAction, SenderSession, SessionError, Side,
 };
