@@ -348,7 +348,11 @@ mod tests {
             reader.read(&mut &cut[..]),
             Err(ProtocolError::TruncatedPayload { got: 1000, .. })
         ));
-        assert!(reader.capacity() <= FIRST_READ_BYTES, "{}", reader.capacity());
+        assert!(
+            reader.capacity() <= FIRST_READ_BYTES,
+            "{}",
+            reader.capacity()
+        );
         // The whole frame still reads, through a buffer about its size.
         let raw = reader.read(&mut frame.as_slice()).unwrap();
         assert_eq!(raw.payload.len(), 300_000);
