@@ -140,10 +140,17 @@ impl Hosts {
         let status = common::status(&self.path("a.sock"));
         assert_eq!(status["state"], "paused", "{status}");
         assert_eq!(status["migration"]["phase"], "in-doubt", "{status}");
-        // Nobody can resume it by hand meanwhile.
+        // Nobody can resume it by hand meanwhile, nor send it elsewhere.
         let out = self.ctl(&["resume"]);
         assert!(!out.status.success(), "{}", common::describe(&out));
         assert!(String::from_utf8_lossy(&out.stderr).contains("in doubt"));
+        let out = self.ctl(&["migrate", "--no-progress", "--to", &to]);
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("is in doubt: run veil ctl migrate-recover"),
+            "{}",
+            common::describe(&out)
+        );
     }
 
     fn recover(&self) -> std::process::Output {

@@ -140,6 +140,10 @@ pub enum SendError {
     SevEs,
     #[error("A migration of this guest is already under way")]
     AlreadyMigrating,
+    #[error(
+        "The last migration of this guest ({0}) is in doubt: run veil ctl migrate-recover first"
+    )]
+    StillInDoubt(MigrationId),
     #[error("Cannot reach the target")]
     Connect(#[from] crate::transport::TransportError),
     #[error("Cannot hand the guest's devices over")]
@@ -331,6 +335,9 @@ where
     }
     if sev.as_ref().is_some_and(|s| s.policy.has(GuestPolicy::ES)) {
         return Err(SendError::SevEs);
+    }
+    if let Some(id) = options.monitor.in_doubt() {
+        return Err(SendError::StillInDoubt(id));
     }
     if !options.monitor.begin() {
         return Err(SendError::AlreadyMigrating);

@@ -53,7 +53,9 @@
 //!  Error { what was wrong } and ends as above.
 //!  link lost or peer silent: the target discards; the source resumes the guest unless it
 //!  has already sent Complete (then the target may be running it: never in two places).
-//!  after Ack the target sends nothing more; after Complete nobody does.
+//!  after Ack the target sends nothing more but Running (feature RECOVERY) in answer to
+//!  Complete; after that nobody does. A source that sent Complete and never got Running is
+//!  in doubt: it keeps the guest stopped and may ask the target ([`recovery`]).
 //! ```
 //!
 //! Error and Cancel keep the same frame layout in every version, so even a peer speaking
