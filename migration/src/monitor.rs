@@ -106,6 +106,12 @@ impl MigrationMonitor {
         true
     }
 
+    /// Whether the guest must stay stopped here: the migration has paused it for the last
+    /// pages, state and commit (from Complete on the target may run it), or is in doubt.
+    pub fn holds_the_guest(&self) -> bool {
+        self.lock().phase == Phase::StopAndCopy || self.in_doubt().is_some()
+    }
+
     /// The migration this source is in doubt about, if any: while there is one, the guest
     /// must not resume here.
     pub fn in_doubt(&self) -> Option<MigrationId> {
@@ -165,6 +171,7 @@ mod tests {
         m.set_in_doubt(id, "no Running".into());
         assert_eq!(m.in_doubt(), Some(id));
         assert!(!m.cancel());
+        assert!(m.holds_the_guest());
         assert!(!m.begin(), "no second migration of a guest in doubt");
         m.recovered();
         assert_eq!(m.in_doubt(), None);

@@ -280,6 +280,10 @@ fn handle(request: Request, vm: &Vm) -> Response {
             "The guest's migration is in doubt (the target may be running it): it cannot resume \
              here until `veil ctl migrate-recover` has asked the target",
         ),
+        Request::Resume if vm.migration().holds_the_guest() => Response::failure(
+            "The guest is paused for the end of its migration: it resumes here by itself if the \
+             migration fails",
+        ),
         Request::Resume => Response::success(state(vm.resume())),
         Request::Shutdown => {
             vm.stop();
