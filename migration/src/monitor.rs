@@ -175,6 +175,9 @@ mod tests {
         assert!(!m.begin(), "no second migration of a guest in doubt");
         m.recovered();
         assert_eq!(m.in_doubt(), None);
+        assert!(!m.holds_the_guest());
         assert!(m.begin());
+        m.update(|p| p.phase = Phase::StopAndCopy);
+        assert!(m.holds_the_guest(), "paused for the end of the migration");
     }
 }
