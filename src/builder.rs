@@ -544,8 +544,13 @@ impl Vm {
         self.running.pause()
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the vCPUs run again, unless a migration holds the guest (its stop-and-copy, or
+    /// one in doubt: the target may be running it, see `veil_migration::recovery`); the
+    /// state is returned either way.
     pub fn resume(&self) -> RunState {
+        if self.migration.holds_the_guest() {
+            return self.running.run_state();
+        }
         self.running.resume()
     }
 

@@ -327,6 +327,25 @@ pub enum CtlCommand {
         #[arg(long, value_name = "FILE")]
         sev_target_chain: Option<PathBuf>,
     },
+    /// After a migration left in doubt (Complete sent, the target never confirmed it runs the
+    /// guest; `status` shows phase in-doubt): ask the target whether it runs the guest. It
+    /// first commits to discarding its copy if it has not started it, then answers; the guest
+    /// resumes here only then. If the target runs it, or cannot be reached, the guest stays
+    /// stopped here and the reason is printed. Same transport options as `migrate`.
+    MigrateRecover {
+        /// The target the migration went to: unix:PATH, or tcp:HOST:PORT with mutual TLS
+        /// (--tls-*) or --insecure.
+        #[arg(long, value_name = "ENDPOINT")]
+        to: String,
+        /// Allow plain TCP (the target is not authenticated).
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+        insecure: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// The name the target's certificate must carry, when it is not the host in --to.
+        #[arg(long, requires = "tls_cert", value_name = "NAME")]
+        tls_server_name: Option<String>,
+    },
 }
 
 /// Mutual TLS between migration peers: all three, or none.
@@ -370,6 +389,14 @@ pub struct ReceiveArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration,
           value_name = "DURATION")]
     pub hello_timeout: std::time::Duration,
+
+    /// If the link to the source is lost after this host acknowledged the guest and before
+    /// Complete, hold the guest (paused, never run) and answer the source's
+    /// `veil ctl migrate-recover` for this long; then discard it and exit 1. Not with
+    /// --keep-listening, where a guest's process gives its listener up once it has arrived.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    pub recovery_window: std::time::Duration,
 
     /// Stay up and serve one incoming guest after another, also after a failed attempt: each
     /// guest that arrives runs in a `veil receive` process of its own while this one listens

@@ -167,7 +167,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         incoming.peer().unwrap_or("the source"),
         incoming.stream().protection()
     );
-    if let Some(fd) = args.accepted_fd {
+    let responder = if let Some(fd) = args.accepted_fd {
         // SAFETY: the parent passed this descriptor, a pipe's write end, for this process
         // alone to own.
         let mut accepted = unsafe { File::from_raw_fd(fd) };
@@ -176,7 +176,16 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         drop(listener);
         // SAFETY: as above.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
-    }
+        None
+    } else {
+        // The listener now answers the source's recovery queries, should Complete be lost.
+        Some(veil_migration::recovery::Responder::start(
+            listener,
+            incoming.fate(),
+            args.hello_timeout,
+            args.recovery_window,
+        )?)
+    };
     let mut builder = VmBuilder::new()
         .serial(args.serial)
         .huge_pages(args.huge_pages);
@@ -194,7 +203,22 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         builder = builder.memory_file(path);
     }
     let sev_platform = args.sev.then(|| args.sev_platform.platform());
-    let vm = veil::migration::receive(&mut incoming, builder, sev_platform)?;
+    let vm = match veil::migration::receive(&mut incoming, builder, sev_platform) {
+        Ok(vm) => vm,
+        Err(e) => {
+            // Discarded for good (the VM is gone): tell a source that asks again the same.
+            if let Some(responder) = &responder {
+                if matches!(
+                    responder.fate().get(),
+                    veil_migration::protocol::Fate::Discarded(_)
+                ) {
+                    eprintln!("veil: the guest was discarded: {}", veil::error_chain(&e));
+                    responder.linger();
+                }
+            }
+            return Err(e.into());
+        }
+    };
     discard.keep();
     vm.resume();
     eprintln!("veil: the guest arrived from {endpoint} and runs here");

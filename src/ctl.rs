@@ -57,6 +57,17 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             stop: *stop,
             sev_target_chain: sev_target_chain.as_ref().map(absolute),
         },
+        CtlCommand::MigrateRecover {
+            to,
+            insecure,
+            tls,
+            tls_server_name,
+        } => Request::MigrateRecover {
+            to: to.clone(),
+            insecure: *insecure,
+            tls: tls.files(),
+            tls_server_name: tls_server_name.clone(),
+        },
     };
     let mut client = ApiClient::connect(&args.api_socket)?;
     let progress = match &args.command {
@@ -89,6 +100,8 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         print_snapshot_report(&result);
     } else if matches!(args.command, CtlCommand::MigrateCancel) {
         println!("cancelling the migration");
+    } else if matches!(args.command, CtlCommand::MigrateRecover { .. }) {
+        println!("the target discarded the guest: it runs here again");
     } else {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }

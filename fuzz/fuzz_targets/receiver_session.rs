@@ -9,9 +9,9 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use veil_migration::protocol::messages::SevStart;
 use veil_migration::protocol::{
-    ChunkEncoder, Features, Hello, HelloReply, MemoryChunkRef, MemoryRegion, Message,
-    PageContentRef, PageRef, ReceiverAction, ReceiverSession, SevPlatform, SevShape, State,
-    VmShape,
+    ChunkEncoder, Features, Hello, HelloReply, MemoryChunkRef, MemoryRegion, Message, MigrationId,
+    PageContentRef, PageRef, ReceiverAction, ReceiverSession, RecoveryOutcome, SevPlatform,
+    SevShape, State, VmShape,
 };
 use veil_sev::policy::GuestPolicy;
 
@@ -42,6 +42,10 @@ enum Step {
     /// Target messages arriving from the source: always out of turn.
     Ack,
     Synced,
+    Running,
+    /// Recovery messages on a migration connection: always refused.
+    Recover([u8; 32]),
+    Recovered(u8),
     // What the target sends.
     Accept {
         features: u64,
@@ -49,6 +53,7 @@ enum Step {
     Refuse,
     SendAck,
     SendSynced,
+    SendRunning,
     SendError,
 }
 
@@ -100,6 +105,9 @@ fuzz_target!(|steps: Vec<Step>| {
             Step::Cancel => Some(Message::cancel("operator")),
             Step::Ack => Some(Message::Ack),
             Step::Synced => Some(Message::Synced),
+            Step::Running => Some(Message::Running),
+            Step::Recover(id) => Some(Message::Recover(MigrationId::from_bytes(id))),
+            Step::Recovered(code) => RecoveryOutcome::from_code(code).map(Message::Recovered),
             Step::Chunk(pages) => {
                 let mut encoder = ChunkEncoder::new();
                 for (gfn, content) in &pages {
@@ -157,6 +165,11 @@ fuzz_target!(|steps: Vec<Step>| {
                 let _ = session.send(&Message::Synced);
                 None
             }
+            Step::SendRunning => {
+                let sent = session.send(&Message::Running).is_ok();
+                assert!(!sent || ran, "Running confirmed without Complete");
+                None
+            }
             Step::SendError => {
                 let _ = session.send(&Message::error("target failed"));
                 None
@@ -171,6 +184,9 @@ fuzz_target!(|steps: Vec<Step>| {
                 }
                 Ok(ReceiverAction::WritePages) => panic!("pages from a message that is no chunk"),
                 Ok(ReceiverAction::Discard { .. }) => failed = true,
+                Ok(_) if matches!(message, Message::Recover(_) | Message::Recovered(_)) => {
+                    panic!("a recovery message accepted in a migration")
+                }
                 Ok(_) => assert!(!failed, "the session went on after it failed"),
                 Err(_) => failed = true,
             }

@@ -7,6 +7,8 @@
 //!
 //! - [`snapshot`]: a paused VM saved into a directory, and VMs restored from it.
 //! - [`duplex`]: writes that stop when the peer speaks, so a failing target is heard at once.
+//! - [`recovery`]: a source left in doubt by a lost Complete asks the target, and resumes the
+//!   guest only if the target has discarded it for good.
 //! - [`monitor`]: progress and cancel for a migration under way.
 //! - [`transport`]: UNIX sockets, TCP with mutual TLS ([`tls`]), and plain TCP only when
 //!   explicitly insecure.
@@ -16,6 +18,7 @@ mod holes;
 pub mod monitor;
 pub mod protocol;
 pub mod receiver;
+pub mod recovery;
 pub mod sender;
 pub mod snapshot;
 pub mod tls;

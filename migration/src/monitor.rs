@@ -5,6 +5,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
 
+use crate::protocol::MigrationId;
+
 /// Where a migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -26,6 +28,9 @@ pub enum Phase {
     Completed,
     /// The migration failed or was cancelled; the guest runs here.
     Failed,
+    /// Complete was sent and the target never said Running: the guest may run there or not,
+    /// so it stays stopped here until `recovery::recover` learns which.
+    InDoubt,
 }
 
 impl Phase {
@@ -58,6 +63,8 @@ pub struct Progress {
 pub struct MigrationMonitor {
     cancel: AtomicBool,
     progress: Mutex<Progress>,
+    /// The migration this source is in doubt about: the guest must not resume here.
+    in_doubt: Mutex<Option<MigrationId>>,
 }
 
 impl MigrationMonitor {
@@ -74,9 +81,11 @@ impl MigrationMonitor {
         self.lock().clone()
     }
 
-    /// Asks the migration under way to stop; `false` when none is.
+    /// Asks the migration under way to stop; `false` when none is (one in doubt cannot be
+    /// cancelled: Complete has been sent).
     pub fn cancel(&self) -> bool {
-        let active = self.lock().phase.is_active();
+        let phase = self.lock().phase;
+        let active = phase.is_active() && phase != Phase::InDoubt;
         if active {
             self.cancel.store(true, Ordering::Release);
         }
@@ -95,6 +104,37 @@ impl MigrationMonitor {
         };
         self.cancel.store(false, Ordering::Release);
         true
+    }
+
+    /// Whether the guest must stay stopped here: the migration has paused it for the last
+    /// pages, state and commit (from Complete on the target may run it), or is in doubt.
+    pub fn holds_the_guest(&self) -> bool {
+        self.lock().phase == Phase::StopAndCopy || self.in_doubt().is_some()
+    }
+
+    /// The migration this source is in doubt about, if any: while there is one, the guest
+    /// must not resume here.
+    pub fn in_doubt(&self) -> Option<MigrationId> {
+        *self.in_doubt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_in_doubt(&self, id: MigrationId, why: String) {
+        *self.in_doubt.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+        self.update(|p| {
+            p.phase = Phase::InDoubt;
+            p.error = Some(why);
+        });
+    }
+
+    /// The target discarded the guest: it may resume here.
+    pub(crate) fn recovered(&self) {
+        *self.in_doubt.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.update(|p| {
+            p.phase = Phase::Failed;
+            p.error = Some(
+                "Complete was lost; the target discarded the guest and it runs here again".into(),
+            );
+        });
     }
 
     pub(crate) fn cancelled(&self) -> bool {
@@ -121,5 +161,23 @@ mod tests {
         m.update(|p| p.phase = Phase::Failed);
         assert!(m.begin(), "a new migration after a failed one");
         assert!(!m.cancelled(), "a new migration starts uncancelled");
+    }
+
+    #[test]
+    fn a_migration_in_doubt_blocks_the_next_and_cannot_be_cancelled() {
+        let m = MigrationMonitor::new();
+        assert!(m.begin());
+        let id = MigrationId::of_state(b"state");
+        m.set_in_doubt(id, "no Running".into());
+        assert_eq!(m.in_doubt(), Some(id));
+        assert!(!m.cancel());
+        assert!(m.holds_the_guest());
+        assert!(!m.begin(), "no second migration of a guest in doubt");
+        m.recovered();
+        assert_eq!(m.in_doubt(), None);
+        assert!(!m.holds_the_guest());
+        assert!(m.begin());
+        m.update(|p| p.phase = Phase::StopAndCopy);
+        assert!(m.holds_the_guest(), "paused for the end of the migration");
     }
 }

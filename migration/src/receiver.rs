@@ -20,7 +20,10 @@ use crate::protocol::{
     MessageType, PageContentRef, ProtocolError, ReceiverAction, ReceiverSession, SessionError,
     VmShape,
 };
+use crate::protocol::{Fate, FateError, MigrationId};
+use crate::recovery::SharedFate;
 use crate::transport::{Accepted, Listener, Stream, TransportError};
+use std::sync::Arc;
 
 /// How long a new connection has to open with a valid `Hello` (the TLS handshake included)
 /// before [`accept_from`] drops it and waits for the next.
@@ -51,6 +54,8 @@ pub enum ReceiveError {
     Firmware(#[from] veil_sev::firmware::FirmwareError),
     #[error("Cannot take a source")]
     Transport(#[from] TransportError),
+    #[error("The guest will not run here")]
+    Fate(#[source] FateError),
     #[error("Dropped a connection from {peer}: it did not open with a valid Hello")]
     Stranger {
         peer: String,
@@ -75,6 +80,20 @@ fn write_zero_page(
     Ok(())
 }
 
+/// Whether `e` is the link failing (closed, cut, silent), as opposed to the source saying
+/// something.
+fn lost_link(e: &ReceiveError) -> bool {
+    matches!(
+        e,
+        ReceiveError::Protocol(
+            ProtocolError::Io(_)
+                | ProtocolError::Closed
+                | ProtocolError::TruncatedHeader { .. }
+                | ProtocolError::TruncatedPayload { .. }
+        )
+    )
+}
+
 /// A guest whose source has been accepted.
 pub struct Incoming<S> {
     stream: S,
@@ -82,6 +101,9 @@ pub struct Incoming<S> {
     shape: VmShape,
     /// Who the source is, when it came through a listener.
     peer: Option<String>,
+    /// Whether the guest runs here, never will, or is still waiting for Complete; shared
+    /// with whoever answers the source's recovery queries.
+    fate: Arc<SharedFate>,
 }
 
 /// Reads the source's `Hello` and accepts the guest if `check` (this host's judgement of the
@@ -159,13 +181,21 @@ fn opening(
 
 /// A new connection's stream while it owes its `Hello`: every read is bounded by what is
 /// left until the deadline, so a peer that trickles a byte at a time is cut off too.
-struct ByDeadline<'a> {
+pub(crate) struct ByDeadline<'a> {
     stream: &'a mut Stream,
     deadline: Instant,
     timeout: Duration,
 }
 
-impl ByDeadline<'_> {
+impl<'a> ByDeadline<'a> {
+    pub(crate) fn new(stream: &'a mut Stream, deadline: Instant, timeout: Duration) -> Self {
+        Self {
+            stream,
+            deadline,
+            timeout,
+        }
+    }
+
     fn late(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::TimedOut,
@@ -259,6 +289,7 @@ fn answer_hello<S: Read + Write>(
         session,
         shape: hello.vm,
         peer: None,
+        fate: Arc::default(),
     })
 }
 
@@ -359,6 +390,9 @@ impl<S: Read + Write> Incoming<S> {
                         unreachable!("the session said Finish")
                     };
                     let snapshot = serde_json::from_slice(&state.bytes)?;
+                    self.fate
+                        .state_arrived(MigrationId::of_state(&state.bytes))
+                        .map_err(ReceiveError::Fate)?;
                     let handle = sev.take().map(|r| r.finish()).transpose()?;
                     return Ok((snapshot, handle));
                 }
@@ -377,19 +411,70 @@ impl<S: Read + Write> Incoming<S> {
 
     /// The guest is ready here (restored, paused): tell the source, which then stops it.
     pub fn acknowledge(&mut self) -> Result<(), ReceiveError> {
+        // A query may already have discarded the guest: then the source must not let it go.
+        if !matches!(self.fate.get(), Fate::Ready(_)) {
+            return Err(ReceiveError::Fate(FateError::Discarded));
+        }
         self.session.send(&Message::Ack)?;
         write_frame(&mut self.stream, &Message::Ack)?;
         Ok(())
     }
 
-    /// Waits for the source's `Complete`: from then on the guest runs only here.
+    /// The guest's fate, for a [`Responder`](crate::recovery::Responder) to answer the
+    /// source's queries from.
+    pub fn fate(&self) -> Arc<SharedFate> {
+        Arc::clone(&self.fate)
+    }
+
+    /// Waits for the source's `Complete`: from then on the guest runs only here. An error
+    /// means it never will. When the link is lost before Complete and someone answers the
+    /// source's recovery queries, the guest is held (paused) until a query discards it or the
+    /// window ends; with no one answering, it is discarded at once.
     pub fn wait_complete(&mut self) -> Result<(), ReceiveError> {
+        let result = self.read_complete();
+        match &result {
+            Ok(()) => {}
+            Err(e) if self.session.features().contains(Features::RECOVERY) && lost_link(e) => {
+                if let Some(until) = self.fate.answered_until() {
+                    tracing::warn!(
+                        "the link to the source was lost after the Ack and before Complete: \
+                         the guest is held, paused, and will not run here; waiting for the \
+                         source's recovery query"
+                    );
+                    let fate = self.fate.settle_by(until);
+                    tracing::warn!("the guest will not run here ({fate:?})");
+                }
+                self.fate.discard();
+            }
+            Err(_) => self.fate.discard(),
+        }
+        result
+    }
+
+    fn read_complete(&mut self) -> Result<(), ReceiveError> {
         let frame = read_frame(&mut self.stream)?;
         match self.session.on_message(&frame.message)? {
-            ReceiverAction::Run => Ok(()),
-            ReceiverAction::Discard { reason, .. } => Err(ReceiveError::Aborted(reason)),
-            other => Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
+            ReceiverAction::Run => {}
+            ReceiverAction::Discard { reason, .. } => return Err(ReceiveError::Aborted(reason)),
+            other => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
         }
+        // A query that came first has discarded the guest for good.
+        self.fate.complete().map_err(ReceiveError::Fate)?;
+        if self.session.features().contains(Features::RECOVERY) {
+            // The guest runs here whether or not this arrives: a source that misses it asks.
+            let sent = self
+                .session
+                .send(&Message::Running)
+                .map_err(ReceiveError::from)
+                .and_then(|()| Ok(write_frame(&mut self.stream, &Message::Running)?));
+            if let Err(e) = sent {
+                tracing::warn!(
+                    "cannot confirm to the source that the guest runs here: {}",
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Tells the source why this side gave up (best effort: the link may be gone), causes

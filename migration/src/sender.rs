@@ -19,6 +19,7 @@ use veil_hypervisor::paravirt::{Blocker, Migratability};
 use veil_hypervisor::{RunState, RunningVm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::protocol::MigrationId;
 use crate::protocol::{
     read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryChunkRef, MemoryRegion, Message,
     PageContentRef, PageRef, ProtocolError, SenderAction, SenderSession, SessionError, SevPlatform,
@@ -141,12 +142,22 @@ pub enum SendError {
     SevEs,
     #[error("A migration of this guest is already under way")]
     AlreadyMigrating,
+    #[error(
+        "The last migration of this guest ({0}) is in doubt: run veil ctl migrate-recover first"
+    )]
+    StillInDoubt(MigrationId),
     #[error("Cannot reach the target")]
     Connect(#[from] crate::transport::TransportError),
     #[error("Cannot find the holes in the guest's memory file")]
     MemoryFile(#[source] std::io::Error),
     #[error("Cannot hand the guest's devices over")]
     Devices(#[from] veil_hypervisor::devices::DeviceManagerError),
+    #[error("Complete was sent but the target never confirmed that it runs the guest (migration {id}): the guest stays stopped here; `veil ctl migrate-recover` asks the target and resumes it here only if the target has discarded it")]
+    InDoubt {
+        id: MigrationId,
+        #[source]
+        cause: Box<SendError>,
+    },
 }
 
 /// The target spoke while this side was sending: it does so only to end the migration, so
@@ -341,6 +352,9 @@ where
     if sev.as_ref().is_some_and(|s| s.policy.has(GuestPolicy::ES)) {
         return Err(SendError::SevEs);
     }
+    if let Some(id) = options.monitor.in_doubt() {
+        return Err(SendError::StillInDoubt(id));
+    }
     if !options.monitor.begin() {
         return Err(SendError::AlreadyMigrating);
     }
@@ -349,6 +363,10 @@ where
         let mut stream = connect()?;
         send_claimed(vm, &mut stream, options, sev)
     });
+    if let Err(e @ SendError::InDoubt { id, .. }) = &result {
+        options.monitor.set_in_doubt(*id, crate::error_chain(e));
+        return result;
+    }
     options.monitor.update(|p| match &result {
         Ok(_) => p.phase = Phase::Completed,
         Err(e) => {
@@ -389,6 +407,10 @@ fn send_claimed<'f, S: Duplex>(
             Ok(sender.report)
         }
         Err(e) => {
+            if matches!(e, SendError::InDoubt { .. }) {
+                // Stopped, disks handed over: nothing may touch the guest until recovery.
+                return Err(e);
+            }
             let e = target_reason(sender.stream, e);
             // A broken stream would only hold the guest paused for another peer timeout.
             if sender.session.ending().is_none() && !e.is_broken_stream() {
@@ -433,7 +455,9 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
         });
         let hello = Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
-            features: Features::ZERO_PAGES.union(Features::SYNC),
+            features: Features::ZERO_PAGES
+                .union(Features::SYNC)
+                .union(Features::RECOVERY),
             vm: shape_of(self.vm, sev_shape)?,
         });
         self.send(&hello)?;
@@ -545,6 +569,7 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
         let snapshot = self.vm.snapshot()?;
         let state = serde_json::to_vec(&snapshot)?;
         stage.done("save the state");
+        let id = MigrationId::of_state(&state);
         self.send(&Message::State(State { bytes: state }))?;
         match self.receive()? {
             SenderAction::Commit => {}
@@ -555,7 +580,18 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
         if let Some(send) = self.sev_send.take() {
             send.finish()?;
         }
-        self.send(&Message::Complete)?;
+        let sent = self.send(&Message::Complete);
+        if self.session.in_doubt() {
+            // Until the target says Running, it may run the guest or not: only a query can
+            // tell which (crate::recovery).
+            match sent.and_then(|()| self.receive()) {
+                Ok(SenderAction::Running) => {}
+                Ok(other) => return in_doubt(id, unexpected(other)),
+                Err(cause) => return in_doubt(id, cause),
+            }
+        } else {
+            sent?;
+        }
         stage.done("commit");
         self.report.downtime = paused.elapsed();
         Ok(())
@@ -789,6 +825,13 @@ fn check_deadline(deadline: Option<(Instant, Duration)>) -> Result<(), SendError
 
 fn during_migration(vm: &RunningVm) -> Result<(), SendError> {
     check_migratable(vm).map_err(|e| SendError::BlockedDuringMigration(e.to_string()))
+}
+
+fn in_doubt(id: MigrationId, cause: SendError) -> Result<(), SendError> {
+    Err(SendError::InDoubt {
+        id,
+        cause: Box::new(cause),
+    })
 }
 
 fn unexpected(action: SenderAction) -> SendError {

@@ -57,6 +57,18 @@ pub enum Request {
         #[serde(default)]
         sev_target_chain: Option<String>,
     },
+    /// After a migration left in doubt (Complete sent, never confirmed): ask the target at
+    /// `to` whether it runs the guest, and resume it here only if the target has discarded
+    /// it for good. Same transport options as `migrate`.
+    MigrateRecover {
+        to: String,
+        #[serde(default)]
+        insecure: bool,
+        #[serde(default)]
+        tls: Option<veil_migration::tls::TlsFiles>,
+        #[serde(default)]
+        tls_server_name: Option<String>,
+    },
 }
 
 /// The server's answer.

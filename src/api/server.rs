@@ -5,10 +5,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
@@ -63,6 +63,7 @@ impl ApiServer {
         let counter = Arc::clone(&in_flight);
         let stopping = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stopping);
+        let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -77,12 +78,21 @@ impl ApiServer {
                         }
                         continue;
                     };
+                    // One thread per client, so a slow client never blocks another, and at
+                    // most MAX_CLIENTS of them: one more is told so and closed.
+                    let Some(slot) = ClientSlot::take(&clients) else {
+                        refuse_busy(stream);
+                        continue;
+                    };
                     let vm = Arc::clone(&vm);
                     let counter = Arc::clone(&counter);
-                    // One thread per client: a slow client never blocks another.
-                    let _ = std::thread::Builder::new()
-                        .name("api-client".into())
-                        .spawn(move || serve_client(stream, &vm, &counter));
+                    let _ =
+                        std::thread::Builder::new()
+                            .name("api-client".into())
+                            .spawn(move || {
+                                let _slot = slot;
+                                serve_client(stream, &vm, &counter)
+                            });
                 }
             })
             .map_err(bind_error)?;
@@ -111,8 +121,78 @@ impl Drop for ApiServer {
     }
 }
 
+/// The most clients served at once (each has a thread of its own); one more gets an error line
+/// and is closed. `veil ctl migrate` uses three (the request, its progress bar, its cancel).
+pub const MAX_CLIENTS: usize = 16;
+
+/// How long a client has to send a whole request line, from the end of its last answer (or
+/// from connecting): an idle or trickling client is disconnected then, and its slot freed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a client may leave an answer unread before it is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`REQUEST_TIMEOUT`], or `VEIL_TEST_API_REQUEST_TIMEOUT_MS` for tests only.
+fn request_timeout() -> Duration {
+    std::env::var("VEIL_TEST_API_REQUEST_TIMEOUT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(REQUEST_TIMEOUT, Duration::from_millis)
+}
+
+/// One of the [`MAX_CLIENTS`] places, given back when dropped.
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl ClientSlot {
+    fn take(clients: &Arc<AtomicUsize>) -> Option<Self> {
+        clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CLIENTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(clients)))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Tells a client beyond [`MAX_CLIENTS`] why it is turned away (without blocking the accept
+/// loop on it).
+fn refuse_busy(stream: UnixStream) {
+    let _ = stream.set_nonblocking(true);
+    let response = Response::failure(format!(
+        "The VMM is serving {MAX_CLIENTS} API clients already: try again once one is done"
+    ));
+    let mut text = serde_json::to_vec(&response).unwrap_or_default();
+    text.push(b'\n');
+    let _ = (&stream).write_all(&text);
+}
+
+/// A client's socket read against a deadline for the whole request line: each read waits
+/// only for what is left of it, so a client sending a byte now and then is cut off too.
+struct RequestDeadline {
+    stream: UnixStream,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Read for RequestDeadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
 /// How long a stopping server waits for requests being answered.
-const IN_FLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(10);
 
 /// Counts requests being answered.
 #[derive(Default)]
@@ -145,8 +225,17 @@ fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
+    if writer.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
+        return;
+    }
+    let timeout = request_timeout();
+    let mut reader = BufReader::new(RequestDeadline {
+        stream,
+        deadline: Instant::now() + timeout,
+        timeout,
+    });
     loop {
+        reader.get_mut().deadline = Instant::now() + reader.get_ref().timeout;
         let mut line = Vec::new();
         let read = (&mut reader)
             .take(MAX_REQUEST_BYTES as u64 + 1)
@@ -186,6 +275,14 @@ fn handle(request: Request, vm: &Vm) -> Response {
             Err(e) => Response::failure(format!("Cannot encode status: {e}")),
         },
         Request::Pause => Response::success(state(vm.pause())),
+        Request::Resume if vm.migration().in_doubt().is_some() => Response::failure(
+            "The guest's migration is in doubt (the target may be running it): it cannot resume \
+             here until `veil ctl migrate-recover` has asked the target",
+        ),
+        Request::Resume if vm.migration().holds_the_guest() => Response::failure(
+            "The guest is paused for the end of its migration: it resumes here by itself if the \
+             migration fails",
+        ),
         Request::Resume => Response::success(state(vm.resume())),
         Request::Shutdown => {
             vm.stop();
@@ -224,6 +321,23 @@ fn handle(request: Request, vm: &Vm) -> Response {
             sev_target_chain,
         } => match snapshot(vm, &to, stop, sev_target_chain) {
             Ok(report) => Response::success(report),
+            Err(e) => Response::failure(crate::error_chain(&*e)),
+        },
+        Request::MigrateRecover {
+            to,
+            insecure,
+            tls,
+            tls_server_name,
+        } => match recover(
+            vm,
+            &to,
+            Security {
+                tls,
+                insecure,
+                server_name: tls_server_name,
+            },
+        ) {
+            Ok(()) => Response::success(serde_json::json!({ "state": state_name(vm.state()) })),
             Err(e) => Response::failure(crate::error_chain(&*e)),
         },
         Request::MigrateCancel => {
@@ -271,6 +385,14 @@ fn snapshot(
         "total_ms": r.total.as_secs_f64() * 1e3,
         "stopped": stop,
     }))
+}
+
+fn recover(vm: &Vm, to: &str, security: Security) -> Result<(), Box<dyn std::error::Error>> {
+    let endpoint: Endpoint = to.parse()?;
+    veil_migration::recovery::recover(vm.inner(), vm.migration(), || {
+        veil_migration::transport::connect(&endpoint, &security)
+    })?;
+    Ok(())
 }
 
 /// The time limits of a migrate request.

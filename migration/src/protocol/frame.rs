@@ -216,7 +216,7 @@ impl RawFrame<'_> {
 }
 
 /// Reads frames into one reusable buffer, which never grows beyond the largest payload
-/// limit ([`MAX_PAYLOAD_BYTES`]).
+/// limit ([`MAX_PAYLOAD_BYTES`]), nor much beyond what the peer has really sent.
 #[derive(Debug, Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
@@ -243,9 +243,7 @@ impl FrameReader {
             length: header.length,
             limit: header.kind.max_payload(),
         })?;
-        self.buf.clear();
-        self.buf.resize(length, 0);
-        let got = read_full(r, &mut self.buf).map_err(ProtocolError::Io)?;
+        let got = self.read_payload(r, length)?;
         if got < length {
             return Err(ProtocolError::TruncatedPayload {
                 kind: header.kind,
@@ -261,6 +259,36 @@ impl FrameReader {
         })
     }
 }
+
+impl FrameReader {
+    /// Reads up to `length` payload bytes into the buffer, growing it only as bytes arrive
+    /// (doubling from [`FIRST_READ_BYTES`]): a header that claims 64 MiB and then a trickle
+    /// makes this side hold at most about twice what the peer really sent, not the claim.
+    fn read_payload(&mut self, r: &mut impl Read, length: usize) -> Result<usize, ProtocolError> {
+        self.buf.clear();
+        let mut got = 0;
+        while got < length {
+            let step = (length - got).min(got.max(FIRST_READ_BYTES));
+            self.buf.resize(got + step, 0);
+            let n = read_full(r, &mut self.buf[got..]).map_err(ProtocolError::Io)?;
+            got += n;
+            if n < step {
+                break;
+            }
+        }
+        self.buf.truncate(got);
+        Ok(got)
+    }
+
+    /// The bytes the reader holds for payloads (for tests of its memory bound).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+/// The first slice of a payload read before more is allocated: every payload but a memory
+/// chunk or a State fits.
+pub const FIRST_READ_BYTES: usize = 64 * 1024;
 
 /// Reads one frame and decodes it.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
@@ -302,6 +330,34 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_that_claims_more_than_it_sends_costs_only_what_it_sent() {
+        let mut frame = Vec::new();
+        write_frame(
+            &mut frame,
+            &Message::State(crate::protocol::State {
+                bytes: vec![7; 300_000],
+            }),
+        )
+        .unwrap();
+        // The header claims 300,000 bytes; 1,000 arrive, then the peer hangs up.
+        let mut reader = FrameReader::new();
+        let cut = &frame[..HEADER_BYTES + 1000];
+        assert!(matches!(
+            reader.read(&mut &cut[..]),
+            Err(ProtocolError::TruncatedPayload { got: 1000, .. })
+        ));
+        assert!(
+            reader.capacity() <= FIRST_READ_BYTES,
+            "{}",
+            reader.capacity()
+        );
+        // The whole frame still reads, through a buffer about its size.
+        let raw = reader.read(&mut frame.as_slice()).unwrap();
+        assert_eq!(raw.payload.len(), 300_000);
+        assert!(reader.capacity() <= 2 * 300_000, "{}", reader.capacity());
+    }
     use crate::protocol::chunk::tests::{encrypted, plain, zero};
     use crate::protocol::chunk::MemoryChunk;
     use crate::protocol::limits::{MAX_CHUNK_BYTES, MAX_STATE_BYTES};
@@ -530,8 +586,8 @@ mod tests {
             ProtocolError::UnknownMessage { code: 0 }
         ));
         assert!(matches!(
-            bad(header(MAGIC, PROTOCOL_VERSION, 12, 0)),
-            ProtocolError::UnknownMessage { code: 12 }
+            bad(header(MAGIC, PROTOCOL_VERSION, 15, 0)),
+            ProtocolError::UnknownMessage { code: 15 }
         ));
         let mut reserved = header(MAGIC, PROTOCOL_VERSION, MessageType::Ack as u16, 0);
         reserved[23] = 0x80;
@@ -583,7 +639,7 @@ mod tests {
                 );
             }
         }
-        // Within the limit but never sent: the buffer is the declared length, no more.
+        // Within the limit but never sent: the first read asks for a first slice only.
         let bytes = header(
             MAGIC,
             PROTOCOL_VERSION,
@@ -598,7 +654,7 @@ mod tests {
             read_frame(&mut spy),
             Err(ProtocolError::TruncatedPayload { got: 0, .. })
         ));
-        assert_eq!(spy.largest_read as u64, MAX_STATE_BYTES);
+        assert_eq!(spy.largest_read, FIRST_READ_BYTES);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::limits::{
     MAX_CHUNK_BYTES, MAX_CPUID_ENTRIES, MAX_HANDSHAKE_BYTES, MAX_REASON_BYTES, MAX_REGIONS,
     MAX_SEV_CHAIN_BYTES, MAX_STATE_BYTES, SEV_CERT_BYTES, SEV_START_BYTES,
 };
+use super::recovery::{MigrationId, RecoveryOutcome};
 use super::shape::{CpuidEntry, MemoryRegion, SevPlatform, SevShape, ShapeError, VmShape};
 use super::wire::{self, put_bytes, put_u16, put_u32, put_u64, put_u8, Cursor};
 
@@ -67,6 +68,9 @@ pub enum MessageType {
     Cancel = 9,
     Sync = 10,
     Synced = 11,
+    Running = 12,
+    Recover = 13,
+    Recovered = 14,
 }
 
 impl MessageType {
@@ -85,6 +89,9 @@ impl MessageType {
             Cancel,
             Sync,
             Synced,
+            Running,
+            Recover,
+            Recovered,
         ]
         .into_iter()
         .find(|t| *t as u16 == code)
@@ -97,7 +104,13 @@ impl MessageType {
             MessageType::SevStart => SEV_START_BYTES,
             MessageType::MemoryChunk => MAX_CHUNK_BYTES,
             MessageType::State => MAX_STATE_BYTES,
-            MessageType::Complete | MessageType::Ack | MessageType::Sync | MessageType::Synced => 0,
+            MessageType::Complete
+            | MessageType::Ack
+            | MessageType::Sync
+            | MessageType::Synced
+            | MessageType::Running => 0,
+            MessageType::Recover => MigrationId::BYTES as u64,
+            MessageType::Recovered => 1,
             MessageType::Error | MessageType::Cancel => MAX_REASON_BYTES as u64,
         }
     }
@@ -126,8 +139,11 @@ impl Features {
     /// The source may ask the target to confirm it has applied everything sent so far
     /// (Sync, Synced), so pausing the guest does not wait on a backlog.
     pub const SYNC: Features = Features(1 << 1);
+    /// The target confirms with Running that it runs the guest after Complete, and answers a
+    /// [`Recover`](Message::Recover) query about the migration on a new connection.
+    pub const RECOVERY: Features = Features(1 << 2);
     /// Every feature this implementation knows.
-    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::SYNC.0);
+    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::SYNC.0 | Self::RECOVERY.0);
 
     /// Any bits, including ones this side does not know (a newer peer's).
     pub const fn from_bits(bits: u64) -> Self {
@@ -237,6 +253,13 @@ pub enum Message {
     Sync,
     /// Target: everything before the Sync has been applied.
     Synced,
+    /// Target, after Complete (feature `RECOVERY`): the guest runs here now.
+    Running,
+    /// Source, alone on a new connection: what became of the migration `id`? Sent only by
+    /// a source left in doubt (Complete sent, Running never came); see [`super::recovery`].
+    Recover(MigrationId),
+    /// Target, in answer to Recover.
+    Recovered(RecoveryOutcome),
 }
 
 impl Message {
@@ -265,6 +288,9 @@ impl Message {
             Message::Ack => MessageType::Ack,
             Message::Sync => MessageType::Sync,
             Message::Synced => MessageType::Synced,
+            Message::Running => MessageType::Running,
+            Message::Recover(_) => MessageType::Recover,
+            Message::Recovered(_) => MessageType::Recovered,
             Message::Error { .. } => MessageType::Error,
             Message::Cancel { .. } => MessageType::Cancel,
         }
@@ -284,7 +310,13 @@ impl Message {
             }
             Message::MemoryChunk(chunk) => chunk.encode(out)?,
             Message::State(state) => out.extend_from_slice(&state.bytes),
-            Message::Complete | Message::Ack | Message::Sync | Message::Synced => {}
+            Message::Complete
+            | Message::Ack
+            | Message::Sync
+            | Message::Synced
+            | Message::Running => {}
+            Message::Recover(id) => out.extend_from_slice(id.as_bytes()),
+            Message::Recovered(outcome) => put_u8(out, outcome.code()),
             Message::Error { reason } | Message::Cancel { reason } => {
                 out.extend_from_slice(reason.as_bytes())
             }
@@ -329,6 +361,19 @@ impl Message {
             MessageType::Ack => Message::Ack,
             MessageType::Sync => Message::Sync,
             MessageType::Synced => Message::Synced,
+            MessageType::Running => Message::Running,
+            MessageType::Recover => {
+                Message::Recover(MigrationId::from_bytes(*c.array("migration id")?))
+            }
+            MessageType::Recovered => {
+                let code = c.u8("outcome")?;
+                Message::Recovered(RecoveryOutcome::from_code(code).ok_or(
+                    MessageError::InvalidValue {
+                        field: "outcome",
+                        value: code.into(),
+                    },
+                )?)
+            }
             MessageType::Error | MessageType::Cancel => {
                 if payload.len() > MAX_REASON_BYTES {
                     return Err(MessageError::TooLong {
@@ -569,6 +614,11 @@ pub(crate) mod tests {
             Message::Ack,
             Message::Sync,
             Message::Synced,
+            Message::Running,
+            Message::Recover(MigrationId::of_state(b"{}")),
+            Message::Recovered(RecoveryOutcome::Discarded),
+            Message::Recovered(RecoveryOutcome::Running),
+            Message::Recovered(RecoveryOutcome::Unknown),
             Message::error("RECEIVE_UPDATE_DATA: bad MAC on page 0x1234"),
             Message::cancel("Cancelled by the operator"),
             Message::error(""),
@@ -713,7 +763,8 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(MessageType::from_code(0), None);
-        assert_eq!(MessageType::from_code(12), None);
+        assert_eq!(MessageType::from_code(15), None);
+        assert_eq!(MessageType::from_code(14), Some(MessageType::Recovered));
         assert_eq!(MessageType::from_code(11), Some(MessageType::Synced));
         assert_eq!(MessageType::from_code(9), Some(MessageType::Cancel));
     }

@@ -36,6 +36,7 @@
 //!      ◀──────────────────────────────────────────────── Ack
 //!  SEND_FINISH; the guest stops here for good
 //!  Complete ──────────────────────────────────────────────▶ run the guest
+//!      ◀──────────────────────────────────────────────── Running (feature RECOVERY)
 //! ```
 //!
 //! ## Failures
@@ -54,7 +55,9 @@
 //!  Error { what was wrong } and ends as above.
 //!  link lost or peer silent: the target discards; the source resumes the guest unless it
 //!  has already sent Complete (then the target may be running it: never in two places).
-//!  after Ack the target sends nothing more; after Complete nobody does.
+//!  after Ack the target sends nothing more but Running (feature RECOVERY) in answer to
+//!  Complete; after that nobody does. A source that sent Complete and never got Running is
+//!  in doubt: it keeps the guest stopped and may ask the target ([`recovery`]).
 //! ```
 //!
 //! Error and Cancel keep the same frame layout in every version, so even a peer speaking
@@ -69,12 +72,15 @@
 //!   borrowed bytes.
 //! - [`shape`]: the [`VmShape`] the handshake carries and chunks are checked against.
 //! - [`session`]: the order, as pure state machines for each side.
+//! - [`recovery`]: what a source left in doubt by a lost Complete may ask the target, and
+//!   why the answer can be trusted.
 //! - [`limits`]: every bound a peer's numbers are held to.
 
 pub mod chunk;
 pub mod frame;
 pub mod limits;
 pub mod messages;
+pub mod recovery;
 pub mod session;
 pub mod shape;
 mod wire;
@@ -88,6 +94,7 @@ pub use frame::{
 pub use messages::{
     Features, Hello, HelloReply, Message, MessageError, MessageType, SevStart, State,
 };
+pub use recovery::{Fate, FateError, MigrationId, RecoveryOutcome};
 pub use session::{
     Ending, ReceiverAction, ReceiverSession, SenderAction, SenderSession, SessionError, Side,
 };

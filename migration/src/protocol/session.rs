@@ -5,6 +5,9 @@
 //! ```text
 //!            Hello          HelloReply(accepted)        State           Ack          Complete
 //!   [Hello] ───────▶ [Handshake] ──────────▶ [Transfer] ──────▶ [StateSent] ───▶ [Ready] ───────▶ [Completed]
+//!                                                                                   │  Complete        ▲
+//!                                                                                   │  (RECOVERY)      │ Running
+//!                                                                                   └──────────▶ [Confirming]
 //!                         │                  │  ▲  SevStart (SEV, once, policy as in Hello)
 //!                         │ HelloReply       │  │  MemoryChunk (pages in RAM, none twice;
 //!                         ▼ (refused)        └──┘   Encrypted only after SevStart)
@@ -12,6 +15,8 @@
 //!
 //!   Error or Cancel, from either side, ends any phase before [Ready]; in [Ready] only the
 //!   source may still end it (the target promised to run the guest when Complete arrives).
+//!   In [Confirming] only Running may come. Recover and Recovered never belong to a migration
+//!   connection (they open one of their own, see `recovery`).
 //!   A message out of place ends the session; this side then sends Error.
 //! ```
 //!
@@ -64,6 +69,8 @@ pub enum SessionError {
     RepeatedSync,
     #[error("Synced without a Sync")]
     UnaskedSynced,
+    #[error("{kind} belongs on a recovery connection of its own, not in a migration")]
+    RecoveryInMigration { kind: MessageType },
 }
 
 /// An end of the migration.
@@ -106,6 +113,8 @@ enum Phase {
     Transfer,
     StateSent,
     Ready,
+    /// Complete sent with `RECOVERY` agreed: the source waits for Running.
+    Confirming,
     Over(Ending),
 }
 
@@ -117,6 +126,7 @@ impl Phase {
             Phase::Transfer => "memory is being transferred",
             Phase::StateSent => "the target has not acknowledged the state",
             Phase::Ready => "only Complete may follow the Ack",
+            Phase::Confirming => "only Running may follow Complete",
             Phase::Over(_) => "the session is over",
         }
     }
@@ -164,7 +174,13 @@ enum View<'a> {
     Complete,
     Sync,
     Synced,
-    End { cancelled: bool, reason: &'a str },
+    Running,
+    /// Recover or Recovered.
+    Recovery(MessageType),
+    End {
+        cancelled: bool,
+        reason: &'a str,
+    },
 }
 
 impl View<'_> {
@@ -179,6 +195,8 @@ impl View<'_> {
             View::Complete => MessageType::Complete,
             View::Sync => MessageType::Sync,
             View::Synced => MessageType::Synced,
+            View::Running => MessageType::Running,
+            View::Recovery(kind) => *kind,
             View::End {
                 cancelled: false, ..
             } => MessageType::Error,
@@ -197,7 +215,9 @@ impl View<'_> {
             | View::State
             | View::Complete
             | View::Sync => Some(Side::Source),
-            View::HelloReply(_) | View::Ack | View::Synced => Some(Side::Target),
+            View::HelloReply(_) | View::Ack | View::Synced | View::Running => Some(Side::Target),
+            View::Recovery(MessageType::Recover) => Some(Side::Source),
+            View::Recovery(_) => Some(Side::Target),
             View::End { .. } => None,
         }
     }
@@ -215,6 +235,7 @@ enum Event {
     Complete,
     Sync,
     Synced,
+    Running,
     End { cancelled: bool, reason: String },
 }
 
@@ -230,6 +251,7 @@ impl Event {
             Event::Complete => MessageType::Complete,
             Event::Sync => MessageType::Sync,
             Event::Synced => MessageType::Synced,
+            Event::Running => MessageType::Running,
             Event::End {
                 cancelled: false, ..
             } => MessageType::Error,
@@ -289,7 +311,9 @@ impl Order {
             why: self.phase.why(),
         };
         let event = match (&self.phase, msg) {
+            (_, View::Recovery(kind)) => return Err(SessionError::RecoveryInMigration { kind }),
             (Phase::Ready, View::End { .. }) if from == Side::Target => return Err(out_of_order),
+            (Phase::Confirming, View::End { .. }) => return Err(out_of_order),
             (_, View::End { cancelled, reason }) => {
                 self.phase = Phase::Over(Ending::Ended {
                     by: from,
@@ -426,8 +450,20 @@ impl Order {
                 Event::Ack
             }
             (Phase::Ready, View::Complete) => {
-                self.phase = Phase::Over(Ending::Completed);
+                let confirmed = self
+                    .handshake
+                    .as_ref()
+                    .is_some_and(|h| h.agreed.contains(Features::RECOVERY));
+                self.phase = if confirmed {
+                    Phase::Confirming
+                } else {
+                    Phase::Over(Ending::Completed)
+                };
                 Event::Complete
+            }
+            (Phase::Confirming, View::Running) => {
+                self.phase = Phase::Over(Ending::Completed);
+                Event::Running
             }
             _ => return Err(out_of_order),
         };
@@ -481,6 +517,8 @@ fn with_view<T>(m: &Message, f: impl FnOnce(View<'_>) -> T) -> T {
         Message::Ack => f(View::Ack),
         Message::Sync => f(View::Sync),
         Message::Synced => f(View::Synced),
+        Message::Running => f(View::Running),
+        Message::Recover(_) | Message::Recovered(_) => f(View::Recovery(m.kind())),
         Message::Error { reason } => f(View::End {
             cancelled: false,
             reason,
@@ -568,7 +606,7 @@ impl ReceiverSession {
             Event::Sync => ReceiverAction::ReplySynced,
             Event::End { cancelled, reason } => ReceiverAction::Discard { cancelled, reason },
             // Target messages: `step` refused them from the source already.
-            Event::Accepted | Event::Refused(_) | Event::Ack | Event::Synced => {
+            Event::Accepted | Event::Refused(_) | Event::Ack | Event::Synced | Event::Running => {
                 return Err(SessionError::WrongSender {
                     kind: event_kind,
                     from: Side::Source,
@@ -599,9 +637,13 @@ impl ReceiverSession {
         )
     }
 
-    /// Whether the guest may run here: Complete arrived.
+    /// Whether the guest may run here: Complete arrived (with `RECOVERY`, this side then
+    /// owes the source Running).
     pub fn may_run(&self) -> bool {
-        self.order.phase == Phase::Over(Ending::Completed)
+        matches!(
+            self.order.phase,
+            Phase::Confirming | Phase::Over(Ending::Completed)
+        )
     }
 
     /// How the session ended, once it has.
@@ -623,6 +665,8 @@ pub enum SenderAction {
     /// The target holds the guest ready: stop it here for good (SEND_FINISH), then send
     /// Complete.
     Commit,
+    /// The target runs the guest (feature `RECOVERY`): the migration is over.
+    Running,
     /// The target ended the migration: SEND_CANCEL, resume the guest, report the reason.
     Abort { cancelled: bool, reason: String },
 }
@@ -658,6 +702,7 @@ impl SenderSession {
             Event::Refused(reason) => SenderAction::Refused { reason },
             Event::Ack => SenderAction::Commit,
             Event::Synced => SenderAction::Synced,
+            Event::Running => SenderAction::Running,
             Event::End { cancelled, reason } => SenderAction::Abort { cancelled, reason },
             // Source messages: `step` refused them from the target already.
             other => {
@@ -680,6 +725,13 @@ impl SenderSession {
     /// [`ChunkEncoder`](super::chunk::ChunkEncoder)'s frame.
     pub fn send_memory_chunk(&mut self, chunk: &MemoryChunkRef<'_>) -> Result<(), SessionError> {
         with_chunk_view(chunk, |v| self.order.outgoing(Side::Source, v)).map(drop)
+    }
+
+    /// Whether this side is in doubt: Complete was sent with `RECOVERY` agreed and Running
+    /// never came. The guest may be running on the target or not; only a Recover query can
+    /// tell (see [`recovery`](super::recovery)).
+    pub fn in_doubt(&self) -> bool {
+        self.complete_sent && self.order.phase != Phase::Over(Ending::Completed)
     }
 
     /// Whether the guest may resume here after a failure. False once Complete has been
@@ -710,6 +762,7 @@ mod tests {
     use crate::protocol::chunk::MemoryChunk;
     use crate::protocol::messages::tests::{hello, sev_start};
     use crate::protocol::messages::State;
+    use crate::protocol::recovery::{MigrationId, RecoveryOutcome};
     use proptest::prelude::*;
     use veil_sev::policy::GuestPolicy;
 
@@ -1178,6 +1231,60 @@ mod tests {
     }
 
     #[test]
+    fn with_recovery_complete_is_confirmed_by_running_and_nothing_else() {
+        let mut steps = happy_path(false);
+        steps[1].0 = Message::HelloReply(HelloReply::accept(
+            Features::RECOVERY.union(Features::ZERO_PAGES),
+            None,
+        ));
+        let mut pair = Pair::new();
+        run(&mut pair, &steps);
+        assert!(pair.target.may_run(), "Complete arrived: the guest may run");
+        assert_eq!(pair.target.ending(), None, "the target owes Running");
+        assert!(pair.source.in_doubt());
+        assert!(!pair.source.guest_may_resume_here());
+        // The target may not take it back with an Error, nor may the source.
+        let mut late = pair.clone_target();
+        assert!(late.send(&Message::error("no")).is_err());
+        assert!(pair
+            .source
+            .clone()
+            .on_message(&Message::error("no"))
+            .is_err());
+        assert_eq!(
+            pair.send_to_source(Message::Running),
+            Ok(SenderAction::Running)
+        );
+        assert!(!pair.source.in_doubt());
+        assert_eq!(pair.source.ending(), Some(&Ending::Completed));
+        assert_eq!(pair.target.ending(), Some(&Ending::Completed));
+        assert!(pair.target.send(&Message::Running).is_err(), "once");
+
+        // Without the feature Running is out of place.
+        let mut pair = Pair::new();
+        run(&mut pair, &happy_path(false));
+        assert!(!pair.source.in_doubt());
+        assert!(pair.target.send(&Message::Running).is_err());
+    }
+
+    #[test]
+    fn recovery_messages_are_refused_in_a_migration_whatever_its_phase() {
+        let steps = happy_path(false);
+        for k in 0..=steps.len() {
+            for m in [
+                Message::Recover(MigrationId::of_state(b"x")),
+                Message::Recovered(RecoveryOutcome::Discarded),
+            ] {
+                let mut pair = Pair::new();
+                run(&mut pair, &steps[..k]);
+                assert!(pair.target.on_message(&m).is_err(), "{k}");
+                assert!(!pair.target.may_run() || k == steps.len());
+                assert!(pair.source.on_message(&m).is_err(), "{k}");
+            }
+        }
+    }
+
+    #[test]
     fn messages_from_the_wrong_side_are_rejected() {
         let mut target = ReceiverSession::new();
         assert_eq!(
@@ -1282,8 +1389,15 @@ mod tests {
                 _ => encrypted(gfn, 64),
             }])),
             Just(state()),
+            Just(Message::HelloReply(HelloReply::accept(
+                Features::RECOVERY.union(Features::ZERO_PAGES),
+                None
+            ))),
             Just(Message::Ack),
             Just(Message::Complete),
+            Just(Message::Running),
+            Just(Message::Recover(MigrationId::of_state(b"s"))),
+            Just(Message::Recovered(RecoveryOutcome::Discarded)),
             Just(Message::error("e")),
             Just(Message::cancel("c")),
         ]
@@ -1296,10 +1410,13 @@ mod tests {
         ) {
             let mut target = ReceiverSession::new();
             let mut source = SenderSession::new();
+            let mut complete_received = false;
             for (m, incoming) in messages {
                 let before = target.ending().cloned();
                 if incoming {
-                    if target.on_message(&m).is_err() {
+                    let action = target.on_message(&m);
+                    complete_received |= action == Ok(ReceiverAction::Run);
+                    if action.is_err() {
                         prop_assert!(target.ending().is_some(), "a refused message ends it");
                     }
                 } else {
@@ -1309,9 +1426,20 @@ mod tests {
                 if before.is_some() {
                     prop_assert!(target.ending().is_some());
                 }
-                prop_assert!(!target.may_run() || target.ending() == Some(&Ending::Completed));
+                // The guest may run on the target only after Complete; the source knows it is
+                // no longer in doubt only once the target has said Running.
+                prop_assert!(!target.may_run() || complete_received);
+                let may_resume = source.guest_may_resume_here();
                 let _ = source.on_message(&m);
                 let _ = source.send(&m);
+                prop_assert!(may_resume || !source.guest_may_resume_here(), "Complete is never taken back");
+                if source.in_doubt() {
+                    prop_assert!(!source.guest_may_resume_here());
+                }
+                // Recovery messages never belong to a migration connection.
+                if matches!(m, Message::Recover(_) | Message::Recovered(_)) {
+                    prop_assert!(ReceiverSession::new().on_message(&m).is_err());
+                }
             }
         }
     }

@@ -1,0 +1,122 @@
+//! The control API holds out against clients that pile up, idle or trickle: a bounded number
+//! served at once (each on a thread of its own), the rest told so, and none kept forever.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+const MAX_CLIENTS: usize = 16;
+
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Reads what the server says until it closes the connection (or 10 s pass).
+fn until_closed(stream: &mut UnixStream) -> (String, Duration) {
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut text = Vec::new();
+    let _ = stream.read_to_end(&mut text);
+    (
+        String::from_utf8_lossy(&text).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones() {
+    let dir = common::TempDir::new("api-bounds");
+    let api = dir.path("a.sock");
+    let vmm = common::veil()
+        .args(["run", "--memory", "16M", "--serial", "null", "--api-socket"])
+        .arg(&api)
+        .args(["--cmdline", "spin", "--kernel"])
+        .arg(common::kit())
+        .env("VEIL_TEST_API_REQUEST_TIMEOUT_MS", "2000")
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    common::wait_for(&api);
+    assert!(common::ctl(&api, &["status"]).status.success());
+    let idle_threads = threads_of(vmm.0.id());
+
+    // Clients that connect and say nothing fill every place.
+    let mut idle: Vec<UnixStream> = (0..MAX_CLIENTS)
+        .map(|_| UnixStream::connect(&api).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // More are each told why and closed, and cost no thread.
+    for _ in 0..3 * MAX_CLIENTS {
+        let mut extra = UnixStream::connect(&api).unwrap();
+        let (said, _) = until_closed(&mut extra);
+        assert!(
+            said.contains("\"ok\":false") && said.contains("16 API clients already"),
+            "{said}"
+        );
+    }
+    let busy = common::ctl(&api, &["status"]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("API clients already"),
+        "{}",
+        common::describe(&busy)
+    );
+    let threads = threads_of(vmm.0.id());
+    assert!(
+        threads <= idle_threads + MAX_CLIENTS,
+        "{threads} threads, {idle_threads} before"
+    );
+
+    // The idle ones are dropped once their time for a request is up, and the API serves again.
+    for stream in &mut idle {
+        let (said, after) = until_closed(stream);
+        assert!(said.is_empty(), "{said}");
+        assert!(after < Duration::from_secs(5), "{after:?}");
+    }
+    let mut reader = BufReader::new(UnixStream::connect(&api).unwrap());
+    reader
+        .get_mut()
+        .write_all(b"{\"command\":\"status\"}\n")
+        .unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    // A client that answers within its time keeps its connection for the next request.
+    reader
+        .get_mut()
+        .write_all(b"{\"command\":\"status\"}\n")
+        .unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+
+    // A client trickling a byte every 300 ms (each read well within the time) is cut off
+    // when the whole line's time is up.
+    let mut trickle = UnixStream::connect(&api).unwrap();
+    let started = Instant::now();
+    for byte in b"{\"command\":\"status\"".iter().cycle() {
+        if trickle.write_all(std::slice::from_ref(byte)).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a trickling client is never cut off"
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(common::ctl(&api, &["shutdown"]).status.success());
+    let mut vmm = vmm;
+    vmm.wait();
+}
