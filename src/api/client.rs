@@ -46,9 +46,15 @@ impl ApiClient {
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
         let mut line = serde_json::to_vec(request).map_err(ClientError::BadResponse)?;
         line.push(b'\n');
-        self.writer.write_all(&line)?;
+        // A server that turns the client away says why and closes at once, possibly before
+        // the request is written: its answer is still there to read.
+        let written = self.writer.write_all(&line);
         let mut answer = String::new();
-        if self.reader.read_line(&mut answer)? == 0 {
+        let read = self.reader.read_line(&mut answer);
+        if let (Err(e), Ok(0) | Err(_)) = (written, &read) {
+            return Err(e.into());
+        }
+        if read? == 0 {
             return Err(ClientError::NoResponse);
         }
         serde_json::from_str(&answer).map_err(ClientError::BadResponse)
