@@ -200,7 +200,8 @@ impl Read for Stream {
 }
 
 /// In TLS 1.3 the client's handshake ends before the server has judged its certificate, so a
-/// refusal arrives as an alert on the first read: say what it means.
+/// refusal arrives as an alert on the first read (or on a write that hears it): say what it
+/// means.
 fn peer_refusal(error: io::Error) -> io::Error {
     use rustls::AlertDescription as A;
     let alert = error
@@ -254,8 +255,12 @@ impl crate::duplex::Duplex for Stream {
         match self {
             Stream::Unix(s) => s.write_or_hear(buf),
             Stream::Tcp(s) => s.write_or_hear(buf),
-            Stream::TlsClient(s) => tls_write_or_hear(&mut s.conn, &mut s.sock, buf),
-            Stream::TlsServer(s) => tls_write_or_hear(&mut s.conn, &mut s.sock, buf),
+            Stream::TlsClient(s) => {
+                tls_write_or_hear(&mut s.conn, &mut s.sock, buf).map_err(peer_refusal)
+            }
+            Stream::TlsServer(s) => {
+                tls_write_or_hear(&mut s.conn, &mut s.sock, buf).map_err(peer_refusal)
+            }
         }
     }
 }
