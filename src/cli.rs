@@ -273,9 +273,8 @@ pub enum CtlCommand {
     /// this VMM exits; on failure, timeout or cancel (Ctrl-C here, or `migrate-cancel`) it keeps
     /// running here and the reason is printed.
     Migrate {
-        /// The target: unix:PATH, or tcp:HOST:PORT with mutual TLS (--tls-*) or --insecure.
-        #[arg(long, value_name = "ENDPOINT")]
-        to: String,
+        #[command(flatten)]
+        target: TargetArgs,
         /// The longest the guest may be paused at the end.
         #[arg(long, default_value_t = 300, value_name = "N")]
         downtime_ms: u64,
@@ -284,16 +283,6 @@ pub enum CtlCommand {
         /// limit.
         #[arg(long, value_name = "N")]
         timeout_s: Option<u64>,
-        /// Allow plain TCP: the guest's memory crosses the network unencrypted and the target
-        /// is not authenticated.
-        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
-        insecure: bool,
-        #[command(flatten)]
-        tls: TlsArgs,
-        /// The name the target's certificate must carry (DNS name or IP address), when it is
-        /// not the host in --to.
-        #[arg(long, requires = "tls_cert", value_name = "NAME")]
-        tls_server_name: Option<String>,
         /// If the guest is temporarily unmigratable (it has not set KVM_MIGRATION_READY, e.g.
         /// while rebooting), wait up to this long (e.g. 30s) instead of refusing at once. A
         /// permanently blocked guest is refused at once either way.
@@ -333,19 +322,39 @@ pub enum CtlCommand {
     /// resumes here only then. If the target runs it, or cannot be reached, the guest stays
     /// stopped here and the reason is printed. Same transport options as `migrate`.
     MigrateRecover {
-        /// The target the migration went to: unix:PATH, or tcp:HOST:PORT with mutual TLS
-        /// (--tls-*) or --insecure.
-        #[arg(long, value_name = "ENDPOINT")]
-        to: String,
-        /// Allow plain TCP (the target is not authenticated).
-        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
-        insecure: bool,
         #[command(flatten)]
-        tls: TlsArgs,
-        /// The name the target's certificate must carry, when it is not the host in --to.
-        #[arg(long, requires = "tls_cert", value_name = "NAME")]
-        tls_server_name: Option<String>,
+        target: TargetArgs,
     },
+}
+
+/// The target of `migrate` and `migrate-recover`, and how it is authenticated.
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// The target: unix:PATH, or tcp:HOST:PORT with mutual TLS (--tls-*) or --insecure.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub to: String,
+    /// Allow plain TCP: the guest's memory crosses the network unencrypted and the target is
+    /// not authenticated.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// The name the target's certificate must carry (DNS name or IP address), when it is not
+    /// the host in --to.
+    #[arg(long, requires = "tls_cert", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TargetArgs {
+    /// As the API carries it (TLS files made absolute).
+    pub fn request(&self) -> veil::api::MigrationTarget {
+        veil::api::MigrationTarget {
+            to: self.to.clone(),
+            insecure: self.insecure,
+            tls: self.tls.files(),
+            tls_server_name: self.tls_server_name.clone(),
+        }
+    }
 }
 
 /// Mutual TLS between migration peers: all three, or none.

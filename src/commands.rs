@@ -186,18 +186,10 @@ fn receive(args: ReceiveArgs) -> CommandResult {
             args.recovery_window,
         )?)
     };
-    let mut builder = VmBuilder::new()
+    let builder = VmBuilder::new()
         .serial(args.serial)
         .huge_pages(args.huge_pages);
-    for (name, path) in args.disks {
-        builder = builder.disk_path(name, path);
-    }
-    if let Some(path) = args.vsock_socket {
-        builder = builder.vsock_socket(path);
-    }
-    if let Some(console) = args.console {
-        builder = builder.console(console);
-    }
+    let mut builder = with_devices(builder, args.disks, args.vsock_socket, args.console);
     let mut discard = DiscardMemoryFile::new(args.memory_file.clone());
     if let Some(path) = args.memory_file {
         builder = builder.memory_file(path);
@@ -225,17 +217,29 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     serve_until_stopped(vm, args.api_socket)
 }
 
-fn restore(args: RestoreArgs) -> CommandResult {
-    let mut builder = VmBuilder::new().serial(args.serial);
-    for (name, path) in args.disks {
+/// The devices a guest arriving (or restored) here is given in place of its source's: the
+/// disks by name, the vsock socket and the console.
+fn with_devices(
+    mut builder: VmBuilder,
+    disks: Vec<(String, PathBuf)>,
+    vsock_socket: Option<PathBuf>,
+    console: Option<veil::ConsoleBackend>,
+) -> VmBuilder {
+    for (name, path) in disks {
         builder = builder.disk_path(name, path);
     }
-    if let Some(path) = args.vsock_socket {
+    if let Some(path) = vsock_socket {
         builder = builder.vsock_socket(path);
     }
-    if let Some(console) = args.console {
+    if let Some(console) = console {
         builder = builder.console(console);
     }
+    builder
+}
+
+fn restore(args: RestoreArgs) -> CommandResult {
+    let builder = VmBuilder::new().serial(args.serial);
+    let mut builder = with_devices(builder, args.disks, args.vsock_socket, args.console);
     if args.sev {
         // The policy is the snapshot's; only the platform is chosen here.
         builder = builder.sev(veil::sev_launch::SevConfig {

@@ -21,22 +21,16 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Shutdown => Request::Shutdown,
         CtlCommand::Migrate {
-            to,
+            target,
             downtime_ms,
             timeout_s,
-            insecure,
-            tls,
-            tls_server_name,
             wait_ready,
             sev_trust_chain,
             no_progress: _,
         } => Request::Migrate {
-            to: to.clone(),
+            target: target.request(),
             downtime_ms: Some(*downtime_ms),
             timeout_s: *timeout_s,
-            insecure: *insecure,
-            tls: tls.files(),
-            tls_server_name: tls_server_name.clone(),
             wait_ready_ms: wait_ready.map(|d| d.as_millis() as u64),
             // Read by the VMM, which may run elsewhere in the filesystem: make it absolute.
             sev_trust_chain: sev_trust_chain.as_ref().map(|p| {
@@ -57,16 +51,8 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             stop: *stop,
             sev_target_chain: sev_target_chain.as_ref().map(absolute),
         },
-        CtlCommand::MigrateRecover {
-            to,
-            insecure,
-            tls,
-            tls_server_name,
-        } => Request::MigrateRecover {
-            to: to.clone(),
-            insecure: *insecure,
-            tls: tls.files(),
-            tls_server_name: tls_server_name.clone(),
+        CtlCommand::MigrateRecover { target } => Request::MigrateRecover {
+            target: target.request(),
         },
     };
     let mut client = ApiClient::connect(&args.api_socket)?;

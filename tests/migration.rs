@@ -355,7 +355,9 @@ fn a_target_that_fails_but_keeps_the_connection_open_stops_the_source_at_once() 
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{}", common::describe(&out));
     assert!(said.contains("the target's disk is full"), "{said}");
-    assert!(took < Duration::from_secs(5), "took {took:?}: {said}");
+    // Without reading while sending, the source waits out its 30 s peer timeout (63 s in
+    // all); here it takes under a second on a quiet host, a few on a loaded one.
+    assert!(took < Duration::from_secs(15), "took {took:?}: {said}");
     let status: serde_json::Value =
         serde_json::from_slice(&common::ctl(&source_api, &["--json", "status"]).stdout).unwrap();
     assert_eq!(status["state"], "running", "{status}");

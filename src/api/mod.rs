@@ -17,6 +17,6 @@ mod server;
 mod status;
 
 pub use client::{ApiClient, ClientError};
-pub use protocol::{Request, Response};
+pub use protocol::{MigrationTarget, Request, Response};
 pub use server::{ApiServer, ServerError};
 pub use status::{PageStateSummary, SevStatus, VmStatus};

@@ -1,6 +1,7 @@
 //! The API's messages.
 
 use serde::{Deserialize, Serialize};
+use veil_migration::transport::{Endpoint, Security, TransportError};
 
 /// Longest request line the server reads; longer ones are refused without being buffered.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -20,22 +21,13 @@ pub enum Request {
     /// Live-migrate the guest to a `veil receive` at `to` (`unix:PATH` or `tcp:HOST:PORT`);
     /// answers when it is done, with a report, or with the reason it failed.
     Migrate {
-        to: String,
+        #[serde(flatten)]
+        target: MigrationTarget,
         #[serde(default)]
         downtime_ms: Option<u64>,
         /// Give up after this many seconds; the guest stays here.
         #[serde(default)]
         timeout_s: Option<u64>,
-        /// Allow plain TCP.
-        #[serde(default)]
-        insecure: bool,
-        /// Mutual TLS: this host's certificate and key and the CA for the target (absolute
-        /// paths, read by the VMM).
-        #[serde(default)]
-        tls: Option<veil_migration::tls::TlsFiles>,
-        /// The name the target's certificate must carry, if not the host in `to`.
-        #[serde(default)]
-        tls_server_name: Option<String>,
         /// Wait this long for a temporarily blocked guest instead of refusing at once.
         #[serde(default)]
         wait_ready_ms: Option<u64>,
@@ -61,14 +53,40 @@ pub enum Request {
     /// `to` whether it runs the guest, and resume it here only if the target has discarded
     /// it for good. Same transport options as `migrate`.
     MigrateRecover {
-        to: String,
-        #[serde(default)]
-        insecure: bool,
-        #[serde(default)]
-        tls: Option<veil_migration::tls::TlsFiles>,
-        #[serde(default)]
-        tls_server_name: Option<String>,
+        #[serde(flatten)]
+        target: MigrationTarget,
     },
+}
+
+/// Where a migration goes and how the target is authenticated (the fields of `migrate` and
+/// `migrate-recover`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationTarget {
+    /// `unix:PATH` or `tcp:HOST:PORT`.
+    pub to: String,
+    /// Allow plain TCP.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Mutual TLS: this host's certificate and key and the CA for the target (absolute
+    /// paths, read by the VMM).
+    #[serde(default)]
+    pub tls: Option<veil_migration::tls::TlsFiles>,
+    /// The name the target's certificate must carry, if not the host in `to`.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+}
+
+impl MigrationTarget {
+    /// The endpoint and the security the transport needs.
+    pub fn endpoint(self) -> Result<(Endpoint, Security), TransportError> {
+        let endpoint = self.to.parse()?;
+        let security = Security {
+            tls: self.tls,
+            insecure: self.insecure,
+            server_name: self.tls_server_name,
+        };
+        Ok((endpoint, security))
+    }
 }
 
 /// The server's answer.

@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
+use super::protocol::{MigrationTarget, Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
 use crate::Vm;
-use veil_migration::transport::{Endpoint, Security};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -289,22 +288,14 @@ fn handle(request: Request, vm: &Vm) -> Response {
             Response::success(serde_json::json!({ "state": "stopping" }))
         }
         Request::Migrate {
-            to,
+            target,
             downtime_ms,
             timeout_s,
-            insecure,
-            tls,
-            tls_server_name,
             wait_ready_ms,
             sev_trust_chain,
         } => match migrate(
             vm,
-            &to,
-            Security {
-                tls,
-                insecure,
-                server_name: tls_server_name,
-            },
+            target,
             MigrateLimits {
                 downtime_ms,
                 timeout_s,
@@ -323,20 +314,7 @@ fn handle(request: Request, vm: &Vm) -> Response {
             Ok(report) => Response::success(report),
             Err(e) => Response::failure(crate::error_chain(&*e)),
         },
-        Request::MigrateRecover {
-            to,
-            insecure,
-            tls,
-            tls_server_name,
-        } => match recover(
-            vm,
-            &to,
-            Security {
-                tls,
-                insecure,
-                server_name: tls_server_name,
-            },
-        ) {
+        Request::MigrateRecover { target } => match recover(vm, target) {
             Ok(()) => Response::success(serde_json::json!({ "state": state_name(vm.state()) })),
             Err(e) => Response::failure(crate::error_chain(&*e)),
         },
@@ -387,8 +365,8 @@ fn snapshot(
     }))
 }
 
-fn recover(vm: &Vm, to: &str, security: Security) -> Result<(), Box<dyn std::error::Error>> {
-    let endpoint: Endpoint = to.parse()?;
+fn recover(vm: &Vm, target: MigrationTarget) -> Result<(), Box<dyn std::error::Error>> {
+    let (endpoint, security) = target.endpoint()?;
     veil_migration::recovery::recover(vm.inner(), vm.migration(), || {
         veil_migration::transport::connect(&endpoint, &security)
     })?;
@@ -404,12 +382,11 @@ struct MigrateLimits {
 
 fn migrate(
     vm: &Vm,
-    to: &str,
-    security: Security,
+    target: MigrationTarget,
     limits: MigrateLimits,
     sev_trust_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let endpoint: Endpoint = to.parse()?;
+    let (endpoint, security) = target.endpoint()?;
     if crate::snapshot::snapshot_under_way() {
         return Err(
             "A snapshot of this guest is being written: migrate it once that is done".into(),
