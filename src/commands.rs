@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use veil::{VmBuilder, VmStop};
+use veil::{Confinement, ThreadKind, VmBuilder, VmStop};
 use veil_hypervisor::probe::{probe_host, HostInfo};
 
 use crate::cli::{
@@ -52,7 +52,8 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
         .serial(args.serial)
         .hypercall_transport(args.hypercall_transport.into())
         .huge_pages(args.huge_pages)
-        .cpu_model(args.cpu_model);
+        .cpu_model(args.cpu_model)
+        .seccomp(args.seccomp);
     let mut builder = match args.memory_file {
         Some(path) => builder.memory_file(path),
         None => builder,
@@ -177,7 +178,11 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
     }
     let shape = incoming.shape().clone();
+    // The guest arrives on a thread of its own under the migration-receive filter (the VM's
+    // other threads have theirs; this one still has VM building to do).
+    let confinement = Confinement::new(args.seccomp)?;
     let mut builder = VmBuilder::new()
+        .seccomp(args.seccomp)
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
         .guest_cpuid(shape.cpuid().iter().map(Into::into).collect())
@@ -207,7 +212,9 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         });
     }
     let vm = builder.start_incoming(Box::new(|memory, firmware| {
-        Ok(incoming.receive_into(memory, firmware)?)
+        confined(&confinement, ThreadKind::MigrationReceive, || {
+            Ok(incoming.receive_into(memory, firmware)?)
+        })
     }));
     let vm = match vm {
         Ok(vm) => vm,
@@ -216,12 +223,35 @@ fn receive(args: ReceiveArgs) -> CommandResult {
             return Err(e.into());
         }
     };
-    incoming.acknowledge()?;
-    incoming.wait_complete()?;
+    confined(&confinement, ThreadKind::MigrationReceive, || {
+        incoming.acknowledge()?;
+        Ok(incoming.wait_complete()?)
+    })
+    .map_err(|e| e as Box<dyn Error>)?;
     discard.keep();
     vm.resume();
     eprintln!("veil: the guest arrived from {endpoint} and runs here");
     serve_until_stopped(vm, args.api_socket)
+}
+
+/// Runs `work` on a thread of its own (named `migrate-recv`) under `kind`'s filter, and
+/// waits for it.
+fn confined<T: Send>(
+    confinement: &Confinement,
+    kind: ThreadKind,
+    work: impl FnOnce() -> Result<T, Box<dyn Error + Send + Sync>> + Send,
+) -> Result<T, Box<dyn Error + Send + Sync>> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("migrate-recv".into())
+            .spawn_scoped(scope, || {
+                confinement.apply(kind)?;
+                work()
+            })?;
+        thread
+            .join()
+            .unwrap_or_else(|_| Err("the migration thread panicked".into()))
+    })
 }
 
 /// A `--memory-file` an incoming guest is being written into: removed if the migration fails
@@ -264,11 +294,21 @@ fn serve_until_stopped(vm: veil::Vm, api_socket: Option<PathBuf>) -> CommandResu
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let signal_handle = signals.handle();
     let on_signal = Arc::clone(&vm);
-    let watcher = std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            on_signal.stop();
-        }
-    });
+    let confinement = vm.confinement().clone();
+    let watcher = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Err(e) = confinement.apply(ThreadKind::Signals) {
+                // Without its watcher Ctrl-C would go unheard: stop now rather than run deaf.
+                eprintln!("veil: error: {}", veil_seccomp::chain(&e));
+                return on_signal.stop();
+            }
+            if signals.forever().next().is_some() {
+                on_signal.stop();
+            }
+        })?;
+    // Every thread this one starts is running: from here on it only waits and tears down.
+    vm.confinement().apply(ThreadKind::Main)?;
     let stop = vm.wait();
     signal_handle.close();
     let _ = watcher.join();

@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -14,6 +15,7 @@ use super::status::{state_name, VmStatus};
 use crate::Vm;
 use veil_migration::sender::SendOptions;
 use veil_migration::transport::{Endpoint, Security};
+use veil_seccomp::ThreadKind;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +65,16 @@ impl ApiServer {
         let counter = Arc::clone(&in_flight);
         let stopping = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stopping);
+        let confinement = vm.confinement().clone();
+        let migrations = start_migration_thread(&vm).map_err(bind_error)?;
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // Client threads start from this one and inherit its filter.
+                if let Err(e) = confinement.apply(ThreadKind::Api) {
+                    tracing::error!(error = %veil_seccomp::chain(&e), "The control API does not start");
+                    return;
+                }
                 for stream in listener.incoming() {
                     if stop_flag.load(Ordering::Acquire) {
                         break;
@@ -79,10 +88,11 @@ impl ApiServer {
                     };
                     let vm = Arc::clone(&vm);
                     let counter = Arc::clone(&counter);
+                    let migrations = migrations.clone();
                     // One thread per client: a slow client never blocks another.
                     let _ = std::thread::Builder::new()
                         .name("api-client".into())
-                        .spawn(move || serve_client(stream, &vm, &counter));
+                        .spawn(move || serve_client(stream, &vm, &migrations, &counter));
                 }
             })
             .map_err(bind_error)?;
@@ -141,7 +151,49 @@ impl InFlight {
     }
 }
 
-fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
+/// Starts the thread that sends the guest away when asked: a thread of its own, started
+/// before any filter is installed, so that it gets the `migration-send` filter and the API
+/// threads need not be allowed what a migration does.
+fn start_migration_thread(vm: &Arc<Vm>) -> io::Result<SyncSender<MigrateJob>> {
+    // No queue: a request finds the thread waiting, or a migration under way.
+    let (jobs, incoming) = mpsc::sync_channel::<MigrateJob>(0);
+    let confinement = vm.confinement().clone();
+    // Not an owner: the VM is torn down by whoever holds it, never by this idle thread.
+    let vm = Arc::downgrade(vm);
+    std::thread::Builder::new()
+        .name("migrate-send".into())
+        .spawn(move || {
+            let confined = confinement.apply(ThreadKind::MigrationSend);
+            for job in incoming {
+                let result = match (&confined, vm.upgrade()) {
+                    (Err(e), _) => Err(crate::error_chain(e)),
+                    (Ok(()), None) => Err("The VM is gone".into()),
+                    (Ok(()), Some(vm)) => {
+                        migrate(&vm, &job.to, job.security, job.limits, job.sev_trust_chain)
+                            .map_err(|e| crate::error_chain(&*e))
+                    }
+                };
+                let _ = job.reply.send(result);
+            }
+        })?;
+    Ok(jobs)
+}
+
+/// A migrate request handed to the migration thread, and where its answer goes.
+struct MigrateJob {
+    to: String,
+    security: Security,
+    limits: MigrateLimits,
+    sev_trust_chain: Option<String>,
+    reply: mpsc::Sender<Result<serde_json::Value, String>>,
+}
+
+fn serve_client(
+    stream: UnixStream,
+    vm: &Vm,
+    migrations: &SyncSender<MigrateJob>,
+    in_flight: &InFlight,
+) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -160,7 +212,7 @@ fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
             Response::failure(format!("Request longer than {MAX_REQUEST_BYTES} bytes"))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => handle(request, vm),
+                Ok(request) => handle(request, vm, migrations),
                 Err(e) => Response::failure(format!("Malformed request: {e}")),
             }
         };
@@ -178,7 +230,7 @@ fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
     }
 }
 
-fn handle(request: Request, vm: &Vm) -> Response {
+fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Response {
     let state = |s| serde_json::json!({ "state": state_name(s) });
     match request {
         Request::Status => match serde_json::to_value(VmStatus::of(vm)) {
@@ -200,24 +252,37 @@ fn handle(request: Request, vm: &Vm) -> Response {
             tls_server_name,
             wait_ready_ms,
             sev_trust_chain,
-        } => match migrate(
-            vm,
-            &to,
-            Security {
-                tls,
-                insecure,
-                server_name: tls_server_name,
-            },
-            MigrateLimits {
-                downtime_ms,
-                timeout_s,
-                wait_ready_ms,
-            },
-            sev_trust_chain,
-        ) {
-            Ok(report) => Response::success(report),
-            Err(e) => Response::failure(crate::error_chain(&*e)),
-        },
+        } => {
+            let (reply, answer) = mpsc::channel();
+            let job = MigrateJob {
+                to,
+                security: Security {
+                    tls,
+                    insecure,
+                    server_name: tls_server_name,
+                },
+                limits: MigrateLimits {
+                    downtime_ms,
+                    timeout_s,
+                    wait_ready_ms,
+                },
+                sev_trust_chain,
+                reply,
+            };
+            match migrations.try_send(job) {
+                Ok(()) => match answer.recv() {
+                    Ok(Ok(report)) => Response::success(report),
+                    Ok(Err(e)) => Response::failure(e),
+                    Err(_) => Response::failure("The migration thread ended without an answer"),
+                },
+                Err(TrySendError::Full(_)) => {
+                    Response::failure("A migration of this guest is already under way")
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    Response::failure("The migration thread is gone")
+                }
+            }
+        }
         Request::MigrateCancel => {
             if vm.migration().cancel() {
                 Response::success(serde_json::json!({ "cancelling": true }))
