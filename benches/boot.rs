@@ -13,8 +13,11 @@
 //! device (QEMU's vhost-vsock needs `/dev/vhost-vsock`, which these hosts lack). The guest uses
 //! neither; what counts is what the devices cost at start-up and in memory.
 //!
-//! `cargo bench --bench boot [-- --disk] [--runs N]` (QEMU is skipped, with a note, when not
-//! installed). A VMM that fails is reported and the bench exits non-zero.
+//! With `--seccomp-cost`, Veil also runs with `--seccomp off` in the same alternation, and the
+//! bench reports the ratio of its figures with filters (the default) to those without.
+//!
+//! `cargo bench --bench boot [-- --disk] [--seccomp-cost] [--runs N]` (QEMU is skipped, with a
+//! note, when not installed). A VMM that fails is reported and the bench exits non-zero.
 
 mod support;
 
@@ -46,9 +49,10 @@ struct Sample {
 struct Options {
     runs: usize,
     disk: bool,
+    seccomp_cost: bool,
 }
 
-/// `--runs N` and `--disk` (cargo passes `--bench` too, which is ignored).
+/// `--runs N`, `--disk` and `--seccomp-cost` (cargo passes `--bench` too, which is ignored).
 fn options_from_args() -> Options {
     let args: Vec<String> = std::env::args().collect();
     let runs = match args.iter().position(|a| a == "--runs") {
@@ -61,6 +65,7 @@ fn options_from_args() -> Options {
     Options {
         runs,
         disk: args.iter().any(|a| a == "--disk"),
+        seccomp_cost: args.iter().any(|a| a == "--seccomp-cost"),
     }
 }
 
@@ -99,6 +104,7 @@ fn main() {
 
     // Interleave the two so drift in machine load hits both alike.
     let mut veil_samples = Vec::new();
+    let mut unfiltered_samples = Vec::new();
     let mut qemu_samples = Vec::new();
     let mut failures = 0;
     for run in 0..options.runs {
@@ -109,12 +115,31 @@ fn main() {
                 failures += 1;
             }
         };
-        one("veil", veil_cmd(disk), &mut veil_samples);
+        one("veil", veil_cmd(disk, "on"), &mut veil_samples);
+        if options.seccomp_cost {
+            one(
+                "veil --seccomp off",
+                veil_cmd(disk, "off"),
+                &mut unfiltered_samples,
+            );
+        }
         if qemu.is_ok() {
             one("qemu", qemu_cmd(disk), &mut qemu_samples);
         }
     }
     let veil = summarize("veil run", &veil_samples);
+    if options.seccomp_cost {
+        if let (Some(on), Some(off)) = (
+            &veil,
+            &summarize("veil run --seccomp off", &unfiltered_samples),
+        ) {
+            println!(
+                "ratio seccomp on/off: first byte {:.3}, overhead {:.3}",
+                on.0.as_secs_f64() / off.0.as_secs_f64(),
+                on.1 as f64 / off.1 as f64
+            );
+        }
+    }
     let qemu = match qemu {
         Ok(_) => summarize("qemu -M microvm", &qemu_samples),
         Err(_) => None,
@@ -134,7 +159,7 @@ fn main() {
     }
 }
 
-fn veil_cmd(disk: Option<&Path>) -> Command {
+fn veil_cmd(disk: Option<&Path>, seccomp: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_veil"));
     c.env_remove("VEIL_LOG").args([
         "run",
@@ -142,6 +167,8 @@ fn veil_cmd(disk: Option<&Path>) -> Command {
         &format!("{GUEST_RAM_MIB}M"),
         "--cmdline",
         CMDLINE,
+        "--seccomp",
+        seccomp,
     ]);
     if let Some(disk) = disk {
         c.arg("--disk").arg(format!("path={}", disk.display()));

@@ -18,6 +18,7 @@ use veil_hypervisor::paravirt::TransportChoice;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::VmSetup;
 use veil_migration::monitor::MigrationMonitor;
+use veil_seccomp::{Confinement, SeccompMode};
 use veil_sev::firmware::{Firmware, Handle};
 
 use crate::sev_launch::{self, SevConfig, SevLaunch, SevLaunchError};
@@ -84,6 +85,9 @@ pub enum Error {
     /// The vsock device could not be created.
     #[error("Cannot create the vsock device")]
     Vsock(#[from] VsockError),
+    /// The seccomp filters could not be built.
+    #[error("Cannot build the seccomp filters")]
+    Seccomp(#[from] veil_seccomp::SeccompError),
 }
 
 /// The name of the console device.
@@ -148,6 +152,7 @@ pub struct VmBuilder {
     vsock: Option<VsockConfig>,
     huge_pages: bool,
     ram_mapping: veil_hypervisor::memory::FileMapping,
+    seccomp: SeccompMode,
 }
 
 impl Default for VmBuilder {
@@ -179,7 +184,23 @@ impl VmBuilder {
             vsock: None,
             huge_pages: true,
             ram_mapping: Default::default(),
+            seccomp: SeccompMode::Off,
         }
+    }
+
+    /// Seccomp filters for the VM's own threads (vCPUs, reset, device loop, console socket,
+    /// and the API server and migration threads of [`crate::api::ApiServer`]): `Off` by
+    /// default for a library, whose calling threads are its own; the `veil` command turns
+    /// them `On` and confines its main thread too ([`Vm::confinement`]). docs/seccomp.md has
+    /// what each thread may call.
+    pub fn seccomp(mut self, mode: SeccompMode) -> Self {
+        self.seccomp = mode;
+        self
+    }
+
+    /// The seccomp mode chosen with [`VmBuilder::seccomp`].
+    pub fn seccomp_mode(&self) -> SeccompMode {
+        self.seccomp
     }
 
     /// Whether anonymous guest RAM asks for transparent huge pages (default: yes, as QEMU
@@ -340,14 +361,15 @@ impl VmBuilder {
     }
 
     fn build(self, receive: Option<ReceiveGuest<'_>>) -> Result<Vm, Error> {
+        let confinement = Confinement::new(self.seccomp)?;
         // Standard input goes to one device: the console when it is on stdio, else COM1.
         let console_reads_stdin = self.console == Some(ConsoleBackend::Stdio);
         let (out, serial_input) = match self.serial {
             SerialOutput::Sink(SerialSink::Stdout) if console_reads_stdin => {
-                (SerialSink::Stdout.open()?, None)
+                (SerialSink::Stdout.open(&confinement)?, None)
             }
             SerialOutput::Sink(sink) => {
-                let io = sink.open_io()?;
+                let io = sink.open_io(&confinement)?;
                 (io.output, io.input)
             }
             SerialOutput::Writer(w) => (w, None),
@@ -361,7 +383,7 @@ impl VmBuilder {
             _ => None,
         };
         let console = match (&receive, &self.console) {
-            (None, Some(backend)) => Some(Console::new(backend.open()?)?),
+            (None, Some(backend)) => Some(Console::new(backend.open(&confinement)?)?),
             _ => None,
         };
         let mut boot = self.boot;
@@ -388,6 +410,7 @@ impl VmBuilder {
             guest_cpuid: self.guest_cpuid,
             cpu_model: self.cpu_model,
             ram_mapping: self.ram_mapping,
+            confinement: confinement.clone(),
         };
         let setup_hooks: &mut dyn VmSetup = match &mut sev_setup {
             Some(sev) => sev,
@@ -483,7 +506,7 @@ impl VmBuilder {
             .any(|saved| matches!(saved.device, DeviceSnapshot::Console { .. }));
         let mut arriving_console = match (&self.console, console_arrives) {
             (_, false) => None,
-            (Some(backend), true) => Some(backend.open()?),
+            (Some(backend), true) => Some(backend.open(&confinement)?),
             // Output where COM1's would go by default; the input stays COM1's.
             (None, true) => Some(ConsoleIo {
                 output: Box::new(std::io::stdout()),
@@ -495,7 +518,7 @@ impl VmBuilder {
             devices.restore(vm.fd(), saved, disk_path, &mut arriving_console)?;
         }
         devices.set_serial(serial.clone(), has_input);
-        let (mmio, devices) = devices.start()?;
+        let (mmio, devices) = devices.start(&confinement)?;
 
         let handlers = ExitHandlers {
             pio,
@@ -512,6 +535,7 @@ impl VmBuilder {
             running,
             sev,
             migration: Arc::new(MigrationMonitor::new()),
+            confinement,
         })
     }
 }
@@ -536,6 +560,7 @@ pub struct Vm {
     running: RunningVm,
     sev: Option<SevGuest>,
     migration: Arc<MigrationMonitor>,
+    confinement: Confinement,
 }
 
 impl Vm {
@@ -597,6 +622,13 @@ impl Vm {
             .and_then(|d| d.vsock_socket())
             .ok_or(VsockConnectError::NoVsock)?;
         vsock::connect_to_guest(&path, port, timeout).map_err(VsockConnectError::Connect)
+    }
+
+    /// The seccomp filters this VM's threads installed ([`VmBuilder::seccomp`]), for the
+    /// program's own threads to install theirs: [`Confinement::apply`] with
+    /// [`crate::ThreadKind::Main`] once the main thread has started the threads it will start.
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
     }
 
     /// The hypervisor-level handle, for what this facade does not cover.

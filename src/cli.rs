@@ -475,6 +475,17 @@ pub struct ReceiveArgs {
     /// `x86-64-v2`): a host that is to run baseline guests only refuses others.
     #[arg(long, default_value = "host", value_name = "MODEL")]
     pub cpu_model: veil_hypervisor::cpuid::CpuModel,
+
+    /// Seccomp filters on every VMM thread (docs/seccomp.md): `on` kills Veil at a system
+    /// call that thread is not allowed, `log` lets the call through and has the kernel log it
+    /// (dmesg, audit), `off` installs none (to debug, or to find what a new code path calls).
+    #[arg(
+        long,
+        default_value = "on",
+        value_name = "on|log|off",
+        env = "VEIL_SECCOMP"
+    )]
+    pub seccomp: veil::SeccompMode,
 }
 
 /// `veil restore`.
@@ -584,6 +595,17 @@ pub struct MachineArgs {
     /// has the baseline.
     #[arg(long, default_value = "host", value_name = "MODEL")]
     pub cpu_model: veil_hypervisor::cpuid::CpuModel,
+
+    /// Seccomp filters on every VMM thread (docs/seccomp.md): `on` kills Veil at a system
+    /// call that thread is not allowed, `log` lets the call through and has the kernel log it
+    /// (dmesg, audit), `off` installs none (to debug, or to find what a new code path calls).
+    #[arg(
+        long,
+        default_value = "on",
+        value_name = "on|log|off",
+        env = "VEIL_SECCOMP"
+    )]
+    pub seccomp: veil::SeccompMode,
 }
 
 /// `--hypercall-transport` values.

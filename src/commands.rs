@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use veil::{VmBuilder, VmStop};
+use veil::{Confinement, ThreadKind, VmBuilder, VmStop};
 use veil_hypervisor::probe::{probe_host, HostInfo};
 
 use crate::cli::{
@@ -53,7 +53,8 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
         .serial(args.serial)
         .hypercall_transport(args.hypercall_transport.into())
         .huge_pages(args.huge_pages)
-        .cpu_model(args.cpu_model);
+        .cpu_model(args.cpu_model)
+        .seccomp(args.seccomp);
     let mut builder = match args.memory_file {
         Some(path) => builder.memory_file(path),
         None => builder,
@@ -178,15 +179,23 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
         None
     } else {
-        // The listener now answers the source's recovery queries, should Complete be lost.
+        // The listener now answers the source's recovery queries, should Complete be lost,
+        // under the filter of a migration thread.
+        let confinement = Confinement::new(args.seccomp)?;
         Some(veil_migration::recovery::Responder::start(
             listener,
             incoming.fate(),
             args.hello_timeout,
             args.recovery_window,
+            Box::new(move || {
+                confinement
+                    .apply(ThreadKind::MigrationSend)
+                    .map_err(|e| veil_seccomp::chain(&e))
+            }),
         )?)
     };
     let builder = VmBuilder::new()
+        .seccomp(args.seccomp)
         .serial(args.serial)
         .huge_pages(args.huge_pages);
     let mut builder = with_devices(builder, args.disks, args.vsock_socket, args.console);
@@ -299,11 +308,21 @@ fn serve_until_stopped(vm: veil::Vm, api_socket: Option<PathBuf>) -> CommandResu
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let signal_handle = signals.handle();
     let on_signal = Arc::clone(&vm);
-    let watcher = std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            on_signal.stop();
-        }
-    });
+    let confinement = vm.confinement().clone();
+    let watcher = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Err(e) = confinement.apply(ThreadKind::Signals) {
+                // Without its watcher Ctrl-C would go unheard: stop now rather than run deaf.
+                eprintln!("veil: error: {}", veil_seccomp::chain(&e));
+                return on_signal.stop();
+            }
+            if signals.forever().next().is_some() {
+                on_signal.stop();
+            }
+        })?;
+    // Every thread this one starts is running: from here on it only waits and tears down.
+    vm.confinement().apply(ThreadKind::Main)?;
     let stop = vm.wait();
     signal_handle.close();
     let _ = watcher.join();

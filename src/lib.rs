@@ -39,3 +39,5 @@ pub use veil_hypervisor::{RunState, VmStop};
 pub use veil_migration::snapshot::{AfterSnapshot, SnapshotError, SnapshotReport};
 
 pub use veil_migration::error_chain;
+/// Per-thread seccomp filters (docs/seccomp.md).
+pub use veil_seccomp::{Confinement, SeccompMode, ThreadKind};

@@ -28,6 +28,7 @@ use veil_migration::duplex::Duplex;
 use veil_migration::receiver::Incoming;
 use veil_migration::sender::{self, SendError, SendOptions, SendReport, SevSource};
 use veil_migration::transport::{self, Endpoint, Security};
+use veil_seccomp::{Confinement, ThreadKind};
 
 use crate::sev_launch::{SevConfig, SevPlatform, DEFAULT_SECRET_TIMEOUT};
 use crate::{Error, Vm, VmBuilder};
@@ -191,7 +192,7 @@ fn read_trust_chain(path: &PathBuf) -> Result<sev::certs::sev::ca::Certificate, 
 /// file), fills it, acknowledges and waits for the source's `Complete`. The VM comes back
 /// paused and the guest is this host's: [`Vm::resume`] runs it. On failure the source is told
 /// why and keeps the guest.
-pub fn receive<S: Read + Write>(
+pub fn receive<S: Read + Write + Send>(
     incoming: &mut Incoming<S>,
     builder: VmBuilder,
     sev_platform: Option<SevPlatform>,
@@ -211,8 +212,13 @@ pub fn receive<S: Read + Write>(
             measurement_out: None,
         });
     }
+    // The guest arrives on a thread of its own under the migration-receive filter (the VM's
+    // other threads have theirs; this one still has the VM to build).
+    let confinement = Confinement::new(builder.seccomp_mode())?;
     let vm = builder.start_incoming(Box::new(|memory, firmware| {
-        Ok(incoming.receive_into(memory, firmware)?)
+        confined(&confinement, ThreadKind::MigrationReceive, || {
+            Ok(incoming.receive_into(memory, firmware)?)
+        })
     }));
     let vm = match vm {
         Ok(vm) => vm,
@@ -221,9 +227,30 @@ pub fn receive<S: Read + Write>(
             return Err(e);
         }
     };
-    let handover = incoming
-        .acknowledge()
-        .and_then(|()| incoming.wait_complete());
-    handover.map_err(|e| Error::Receive(Box::new(e)))?;
+    confined(&confinement, ThreadKind::MigrationReceive, || {
+        incoming.acknowledge()?;
+        Ok(incoming.wait_complete()?)
+    })
+    .map_err(Error::Receive)?;
     Ok(vm)
+}
+
+/// Runs `work` on a thread of its own (named `migrate-recv`) under `kind`'s filter, and
+/// waits for it.
+fn confined<T: Send>(
+    confinement: &Confinement,
+    kind: ThreadKind,
+    work: impl FnOnce() -> Result<T, Box<dyn std::error::Error + Send + Sync>> + Send,
+) -> Result<T, Box<dyn std::error::Error + Send + Sync>> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("migrate-recv".into())
+            .spawn_scoped(scope, || {
+                confinement.apply(kind)?;
+                work()
+            })?;
+        thread
+            .join()
+            .unwrap_or_else(|_| Err("the migration thread panicked".into()))
+    })
 }

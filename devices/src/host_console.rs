@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventOps, EventSet, Events};
+use veil_seccomp::{Confinement, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Host input a console holds for a guest that is not taking it, per device.
@@ -306,8 +307,9 @@ fn lock(shared: &Mutex<SocketClients>) -> MutexGuard<'_, SocketClients> {
 pub struct UnixSocketConsole;
 
 impl UnixSocketConsole {
-    /// Listens on `path` (replacing a stale socket file) and starts accepting clients.
-    pub fn bind(path: &Path) -> Result<ConsoleIo, HostConsoleError> {
+    /// Listens on `path` (replacing a stale socket file) and starts accepting clients on a
+    /// thread under `confinement`'s `console-socket` filter.
+    pub fn bind(path: &Path, confinement: &Confinement) -> Result<ConsoleIo, HostConsoleError> {
         let bind_error = |source| HostConsoleError::BindSocket {
             path: path.to_owned(),
             source,
@@ -322,9 +324,14 @@ impl UnixSocketConsole {
         let connected = EventFd::new(libc::EFD_NONBLOCK).map_err(HostConsoleError::Eventfd)?;
         let announce = connected.try_clone().map_err(HostConsoleError::Eventfd)?;
         let acceptor = Arc::clone(&shared);
+        let confinement = confinement.clone();
         std::thread::Builder::new()
             .name("console-socket".into())
-            .spawn(move || accept_clients(&listener, &acceptor, &announce))
+            .spawn(move || match confinement.apply(ThreadKind::ConsoleSocket) {
+                Ok(()) => accept_clients(&listener, &acceptor, &announce),
+                // Without its thread the socket takes no clients; the guest runs on.
+                Err(e) => tracing::error!(error = %veil_seccomp::chain(&e), "The console socket takes no clients"),
+            })
             .map_err(bind_error)?;
         Ok(ConsoleIo {
             output: Box::new(UnixSocketOutput {
@@ -450,7 +457,7 @@ pub(crate) mod tests {
     fn socket_clients_get_backlog_and_live_output_and_a_gone_client_costs_nothing() {
         let dir = SocketDir::new("console");
         let path = dir.0.join("c.sock");
-        let mut io = UnixSocketConsole::bind(&path).unwrap();
+        let mut io = UnixSocketConsole::bind(&path, &Confinement::off()).unwrap();
         io.output.write_all(b"early ").unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         let mut got = vec![0u8; 6];

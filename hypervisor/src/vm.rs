@@ -5,6 +5,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
+use veil_seccomp::ThreadKind;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootConfig, BootError, BootImage};
@@ -109,6 +110,8 @@ pub struct VmConfig {
     /// How a RAM file is mapped: shared, or copy-on-write for a guest restored from a
     /// snapshot.
     pub ram_mapping: crate::memory::FileMapping,
+    /// The seccomp filters the vCPU and reset threads install when they start.
+    pub confinement: veil_seccomp::Confinement,
 }
 
 /// A paused VM's state besides its RAM: what a migration sends after the memory.
@@ -147,6 +150,7 @@ pub struct Vm {
     host_tsc: vcpu::tsc::HostTsc,
     /// The guest's TSC rate: this host's, or the one a migrated-in guest was scaled to.
     tsc_khz: Option<u32>,
+    confinement: veil_seccomp::Confinement,
 }
 
 /// `KVM_CAP_SYNC_REGS`.
@@ -228,6 +232,7 @@ impl Vm {
             cpuid,
             tsc_khz: host_tsc.khz,
             host_tsc,
+            confinement: config.confinement.clone(),
         })
     }
 
@@ -407,16 +412,25 @@ impl Vm {
             .collect();
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in &vcpus {
-            let (vcpu, control, handlers, ram) = (
+            let (vcpu, control, handlers, ram, confinement) = (
                 Arc::clone(vcpu),
                 Arc::clone(&self.control),
                 Arc::clone(&handlers),
                 Arc::clone(&self.ram),
+                self.confinement.clone(),
             );
             let id = lock(&vcpu).id;
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(&vcpu, &control, &handlers, ram.memory(), sync_regs));
+                .spawn(move || {
+                    if let Err(e) = confinement.apply(ThreadKind::Vcpu) {
+                        return control.request_stop(VmStop::HostError {
+                            vcpu: id,
+                            message: veil_seccomp::chain(&e),
+                        });
+                    }
+                    run_vcpu(&vcpu, &control, &handlers, ram.memory(), sync_regs)
+                });
             match spawned {
                 Ok(handle) => {
                     self.control
@@ -440,9 +454,16 @@ impl Vm {
                 paravirt: Arc::clone(&self.paravirt),
                 control: Arc::clone(&self.control),
             };
+            let confinement = self.confinement.clone();
             std::thread::Builder::new()
                 .name("vm-reset".into())
-                .spawn(move || reset.serve())
+                .spawn(move || match confinement.apply(ThreadKind::Reset) {
+                    Ok(()) => reset.serve(),
+                    Err(e) => reset.control.request_stop(VmStop::HostError {
+                        vcpu: 0,
+                        message: veil_seccomp::chain(&e),
+                    }),
+                })
                 .map_err(|e| {
                     self.control.request_stop(VmStop::Requested);
                     VmError::Thread(e)

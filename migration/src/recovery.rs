@@ -136,6 +136,9 @@ impl Responder {
         fate: Arc<SharedFate>,
         opening: Duration,
         window: Duration,
+        // Run first on the answering thread (a seccomp filter, say); if it fails the thread
+        // answers nothing and the source stays in doubt.
+        confine: Box<dyn FnOnce() -> Result<(), String> + Send>,
     ) -> std::io::Result<Self> {
         let listener = Arc::new(listener);
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -146,7 +149,10 @@ impl Responder {
         );
         let thread = std::thread::Builder::new()
             .name("recovery".into())
-            .spawn(move || serve(&l, &f, opening, &s))?;
+            .spawn(move || match confine() {
+                Ok(()) => serve(&l, &f, opening, &s),
+                Err(e) => tracing::error!("Recovery queries go unanswered: {e}"),
+            })?;
         let until = Instant::now() + window;
         *fate
             .answered_until

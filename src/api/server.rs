@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::protocol::{MigrationTarget, Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
 use crate::Vm;
+use veil_seccomp::ThreadKind;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +65,16 @@ impl ApiServer {
         let stopping = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stopping);
         let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let confinement = vm.confinement().clone();
+        let migrations = start_migration_thread(&vm).map_err(bind_error)?;
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // Client threads start from this one and inherit its filter.
+                if let Err(e) = confinement.apply(ThreadKind::Api) {
+                    tracing::error!(error = %veil_seccomp::chain(&e), "The control API does not start");
+                    return;
+                }
                 for stream in listener.incoming() {
                     if stop_flag.load(Ordering::Acquire) {
                         break;
@@ -85,13 +94,14 @@ impl ApiServer {
                     };
                     let vm = Arc::clone(&vm);
                     let counter = Arc::clone(&counter);
-                    let _ =
-                        std::thread::Builder::new()
-                            .name("api-client".into())
-                            .spawn(move || {
-                                let _slot = slot;
-                                serve_client(stream, &vm, &counter)
-                            });
+                    let migrations = migrations.clone();
+                    // One thread per client: a slow client never blocks another.
+                    let _ = std::thread::Builder::new()
+                        .name("api-client".into())
+                        .spawn(move || {
+                            let _slot = slot;
+                            serve_client(stream, &vm, &migrations, &counter)
+                        });
                 }
             })
             .map_err(bind_error)?;
@@ -220,7 +230,68 @@ impl InFlight {
     }
 }
 
-fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
+/// Starts the thread that sends the guest away when asked: a thread of its own, started
+/// before any filter is installed, so that it gets the `migration-send` filter and the API
+/// threads need not be allowed what a migration does.
+fn start_migration_thread(vm: &Arc<Vm>) -> io::Result<SyncSender<MigrateJob>> {
+    // No queue: a request finds the thread waiting, or a migration under way.
+    let (jobs, incoming) = mpsc::sync_channel::<MigrateJob>(0);
+    let confinement = vm.confinement().clone();
+    // Not an owner: the VM is torn down by whoever holds it, never by this idle thread.
+    let vm = Arc::downgrade(vm);
+    std::thread::Builder::new()
+        .name("migrate-send".into())
+        .spawn(move || {
+            let confined = confinement.apply(ThreadKind::MigrationSend);
+            for job in incoming {
+                let result = match (&confined, vm.upgrade()) {
+                    (Err(e), _) => Err(crate::error_chain(e)),
+                    (Ok(()), None) => Err("The VM is gone".into()),
+                    (Ok(()), Some(vm)) => (job.work)(&vm).map_err(|e| crate::error_chain(&*e)),
+                };
+                let _ = job.reply.send(result);
+            }
+        })?;
+    Ok(jobs)
+}
+
+/// A migrate request handed to the migration thread, and where its answer goes.
+/// Work that moves or saves the guest: it runs on the migration thread, under that thread's
+/// filter, one job at a time.
+struct MigrateJob {
+    work: Box<dyn FnOnce(&Vm) -> Result<serde_json::Value, Box<dyn std::error::Error>> + Send>,
+    reply: mpsc::Sender<Result<serde_json::Value, String>>,
+}
+
+/// Hands `work` to the migration thread and waits for its answer.
+fn on_worker(
+    migrations: &SyncSender<MigrateJob>,
+    work: impl FnOnce(&Vm) -> Result<serde_json::Value, Box<dyn std::error::Error>> + Send + 'static,
+) -> Response {
+    let (reply, answer) = mpsc::channel();
+    let job = MigrateJob {
+        work: Box::new(work),
+        reply,
+    };
+    match migrations.try_send(job) {
+        Ok(()) => match answer.recv() {
+            Ok(Ok(report)) => Response::success(report),
+            Ok(Err(e)) => Response::failure(e),
+            Err(_) => Response::failure("The migration thread ended without an answer"),
+        },
+        Err(TrySendError::Full(_)) => Response::failure(
+            "A migration, recovery or snapshot of this guest is already under way",
+        ),
+        Err(TrySendError::Disconnected(_)) => Response::failure("The migration thread is gone"),
+    }
+}
+
+fn serve_client(
+    stream: UnixStream,
+    vm: &Vm,
+    migrations: &SyncSender<MigrateJob>,
+    in_flight: &InFlight,
+) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -248,7 +319,7 @@ fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
             Response::failure(format!("Request longer than {MAX_REQUEST_BYTES} bytes"))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => handle(request, vm),
+                Ok(request) => handle(request, vm, migrations),
                 Err(e) => Response::failure(format!("Malformed request: {e}")),
             }
         };
@@ -266,7 +337,7 @@ fn serve_client(stream: UnixStream, vm: &Vm, in_flight: &InFlight) {
     }
 }
 
-fn handle(request: Request, vm: &Vm) -> Response {
+fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Response {
     let state = |s| serde_json::json!({ "state": state_name(s) });
     match request {
         Request::Status => match serde_json::to_value(VmStatus::of(vm)) {
@@ -293,31 +364,27 @@ fn handle(request: Request, vm: &Vm) -> Response {
             timeout_s,
             wait_ready_ms,
             sev_trust_chain,
-        } => match migrate(
-            vm,
-            target,
-            MigrateLimits {
+        } => {
+            let limits = MigrateLimits {
                 downtime_ms,
                 timeout_s,
                 wait_ready_ms,
-            },
-            sev_trust_chain,
-        ) {
-            Ok(report) => Response::success(report),
-            Err(e) => Response::failure(crate::error_chain(&*e)),
-        },
+            };
+            on_worker(migrations, move |vm| {
+                migrate(vm, target, limits, sev_trust_chain)
+            })
+        }
         Request::Snapshot {
             to,
             stop,
             sev_target_chain,
-        } => match snapshot(vm, &to, stop, sev_target_chain) {
-            Ok(report) => Response::success(report),
-            Err(e) => Response::failure(crate::error_chain(&*e)),
-        },
-        Request::MigrateRecover { target } => match recover(vm, target) {
-            Ok(()) => Response::success(serde_json::json!({ "state": state_name(vm.state()) })),
-            Err(e) => Response::failure(crate::error_chain(&*e)),
-        },
+        } => on_worker(migrations, move |vm| {
+            snapshot(vm, &to, stop, sev_target_chain)
+        }),
+        Request::MigrateRecover { target } => on_worker(migrations, move |vm| {
+            recover(vm, target)?;
+            Ok(serde_json::json!({ "state": state_name(vm.state()) }))
+        }),
         Request::MigrateCancel => {
             if vm.migration().cancel() {
                 Response::success(serde_json::json!({ "cancelling": true }))

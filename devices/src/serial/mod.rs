@@ -13,6 +13,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use veil_seccomp::Confinement;
 use vm_superio::serial::SerialEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -93,19 +94,19 @@ pub enum SerialError {
 
 impl SerialSink {
     /// Opens the sink as a writer.
-    pub fn open(&self) -> Result<Box<dyn Write + Send>, SerialError> {
+    pub fn open(&self, confinement: &Confinement) -> Result<Box<dyn Write + Send>, SerialError> {
         match self {
             // Not through `open_io`, which would take stdin from whoever else reads it.
             SerialSink::Stdout => Ok(Box::new(io::stdout())),
-            _ => Ok(self.open_io()?.output),
+            _ => Ok(self.open_io(confinement)?.output),
         }
     }
 
     /// Opens the sink with the input that belongs to it: stdin for [`SerialSink::Stdout`],
     /// the connected client for [`SerialSink::UnixSocket`], none otherwise. Only one device
     /// may read stdin: a UART that shares the terminal with another console uses
-    /// [`open`](Self::open).
-    pub fn open_io(&self) -> Result<ConsoleIo, SerialError> {
+    /// [`open`](Self::open). A socket's accepting thread runs under `confinement`.
+    pub fn open_io(&self, confinement: &Confinement) -> Result<ConsoleIo, SerialError> {
         Ok(match self {
             SerialSink::Stdout => ConsoleIo {
                 output: Box::new(io::stdout()),
@@ -119,12 +120,14 @@ impl SerialSink {
                 output: Box::new(create_file(path)?),
                 input: None,
             },
-            SerialSink::UnixSocket(path) => UnixSocketConsole::bind(path).map_err(|e| match e {
-                HostConsoleError::BindSocket { path, source } => {
-                    SerialError::BindSocket { path, source }
-                }
-                other => SerialError::Input(other),
-            })?,
+            SerialSink::UnixSocket(path) => {
+                UnixSocketConsole::bind(path, confinement).map_err(|e| match e {
+                    HostConsoleError::BindSocket { path, source } => {
+                        SerialError::BindSocket { path, source }
+                    }
+                    other => SerialError::Input(other),
+                })?
+            }
         })
     }
 }

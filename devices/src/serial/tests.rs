@@ -75,7 +75,9 @@ fn registers_carry_over_to_a_new_uart() {
 fn unix_socket_client_gets_backlog_and_live_output() {
     let dir = SocketDir::new("serial");
     let path = dir.0.join("s.sock");
-    let mut out = SerialSink::UnixSocket(path.clone()).open().unwrap();
+    let mut out = SerialSink::UnixSocket(path.clone())
+        .open(&veil_seccomp::Confinement::off())
+        .unwrap();
     out.write_all(b"early ").unwrap();
     let mut client = UnixStream::connect(&path).unwrap();
     // The acceptor thread delivers the backlog; wait for it before writing more.
@@ -207,7 +209,9 @@ fn assert_same(got: &[u8], want: &[u8]) {
 fn input_comes_from_the_socket_client_that_connected_last() {
     let dir = SocketDir::new("serial-in");
     let path = dir.0.join("s.sock");
-    let io = SerialSink::UnixSocket(path.clone()).open_io().unwrap();
+    let io = SerialSink::UnixSocket(path.clone())
+        .open_io(&veil_seccomp::Confinement::off())
+        .unwrap();
     let (serial, bus) = com1();
     serial.lock().unwrap().set_input(io.input.unwrap()).unwrap();
     let mut events = EventManager::<Arc<Mutex<Serial>>>::new().unwrap();

@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use veil_seccomp::{Confinement, ThreadKind};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -86,8 +87,12 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the thread serving `subscribers`.
-    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+    /// Starts the thread serving `subscribers`, under the `devices` seccomp filter of
+    /// `confinement`.
+    pub fn start(
+        subscribers: Vec<Subscriber>,
+        confinement: &Confinement,
+    ) -> Result<Self, EventLoopError> {
         let mut events: EventManager<Subscriber> =
             EventManager::new().map_err(|e| EventLoopError::Create(std::io::Error::other(e)))?;
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Create)?;
@@ -102,9 +107,16 @@ impl EventLoop {
             wake,
         });
         let looping = Arc::clone(&control);
+        let confinement = confinement.clone();
         let thread = std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || serve(&mut events, &looping))
+            .spawn(move || match confinement.apply(ThreadKind::Devices) {
+                Ok(()) => serve(&mut events, &looping),
+                Err(e) => {
+                    tracing::error!(error = %veil_seccomp::chain(&e), "The device loop does not start");
+                    looping.set(LoopState::Exited);
+                }
+            })
             .map_err(EventLoopError::Thread)?;
         Ok(Self {
             control,
@@ -257,7 +269,8 @@ mod tests {
             kick: kick.try_clone().unwrap(),
             served: Arc::clone(&served),
         };
-        let events = EventLoop::start(vec![Arc::new(Mutex::new(counter))]).unwrap();
+        let events =
+            EventLoop::start(vec![Arc::new(Mutex::new(counter))], &Confinement::off()).unwrap();
         kick.write(1).unwrap();
         assert!(wait_until(|| served.load(Ordering::SeqCst) == 1));
 

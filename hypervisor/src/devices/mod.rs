@@ -476,8 +476,12 @@ impl DeviceManager {
         Ok(slot)
     }
 
-    /// Starts the device thread; returns the MMIO bus for the vCPUs and the devices.
-    pub fn start(self) -> Result<(Bus, Arc<MachineDevices>), DeviceManagerError> {
+    /// Starts the device thread (under `confinement`'s `devices` filter); returns the MMIO bus
+    /// for the vCPUs and the devices.
+    pub fn start(
+        self,
+        confinement: &veil_seccomp::Confinement,
+    ) -> Result<(Bus, Arc<MachineDevices>), DeviceManagerError> {
         let subscribers = self
             .attached
             .iter()
@@ -492,7 +496,7 @@ impl DeviceManager {
                     }),
             )
             .collect();
-        let events = EventLoop::start(subscribers)?;
+        let events = EventLoop::start(subscribers, confinement)?;
         Ok((
             self.mmio,
             Arc::new(MachineDevices {

@@ -5,6 +5,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use veil_seccomp::Confinement;
+
 use crate::host_console::{ConsoleIo, HostConsoleError, HostInput, UnixSocketConsole};
 
 /// Errors naming or opening a console backend.
@@ -58,8 +60,9 @@ impl FromStr for ConsoleBackend {
 }
 
 impl ConsoleBackend {
-    /// Opens the output and, where there is one, the input.
-    pub fn open(&self) -> Result<ConsoleIo, BackendError> {
+    /// Opens the output and, where there is one, the input; a socket's accepting thread runs
+    /// under `confinement`.
+    pub fn open(&self, confinement: &Confinement) -> Result<ConsoleIo, BackendError> {
         match self {
             Self::Stdio => Ok(ConsoleIo {
                 output: Box::new(io::stdout()),
@@ -69,7 +72,9 @@ impl ConsoleBackend {
                 output: Box::new(create_file(path)?),
                 input: None,
             }),
-            Self::UnixSocket(path) => UnixSocketConsole::bind(path).map_err(BackendError::Host),
+            Self::UnixSocket(path) => {
+                UnixSocketConsole::bind(path, confinement).map_err(BackendError::Host)
+            }
         }
     }
 }

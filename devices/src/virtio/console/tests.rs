@@ -379,7 +379,9 @@ fn a_unix_socket_console_talks_to_its_client() {
     let dir = SocketDir::new("virtio-console");
     let path = dir.0.join("c.sock");
     let mut r = rig(false);
-    let io = ConsoleBackend::UnixSocket(path.clone()).open().unwrap();
+    let io = ConsoleBackend::UnixSocket(path.clone())
+        .open(&veil_seccomp::Confinement::off())
+        .unwrap();
     *r.console.lock().unwrap() = Console::new(io).unwrap();
     r.driver = TestDriver {
         transport: MmioTransport::new(
