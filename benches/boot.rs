@@ -264,35 +264,23 @@ impl Drop for Killed {
 /// Resident KiB of every mapping except the one holding guest RAM (the mapping of exactly the
 /// guest's size, or failing that the largest mapping at least that big).
 fn resident_beyond_guest_ram(pid: u32, guest_kib: u64) -> Result<u64, String> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .map_err(|e| format!("cannot read /proc/{pid}/smaps: {e}"))?;
-    let mut mappings: Vec<(u64, u64)> = Vec::new(); // (size KiB, rss KiB)
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let kib = |f: Option<&str>| f.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0);
-        match fields.next() {
-            Some("Size:") => mappings.push((kib(fields.next()), 0)),
-            Some("Rss:") => {
-                if let Some(m) = mappings.last_mut() {
-                    m.1 = kib(fields.next());
-                }
-            }
-            _ => {}
-        }
-    }
-    let guest = mappings.iter().position(|m| m.0 == guest_kib).or_else(|| {
-        mappings
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.0 >= guest_kib)
-            .max_by_key(|(_, m)| m.0)
-            .map(|(i, _)| i)
-    });
+    let mappings = support::smaps::mappings(pid)?;
+    let guest = mappings
+        .iter()
+        .position(|m| m.size_kib == guest_kib)
+        .or_else(|| {
+            mappings
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.size_kib >= guest_kib)
+                .max_by_key(|(_, m)| m.size_kib)
+                .map(|(i, _)| i)
+        });
     Ok(mappings
         .iter()
         .enumerate()
         .filter(|(i, _)| Some(*i) != guest)
-        .map(|(_, m)| m.1)
+        .map(|(_, m)| m.rss_kib)
         .sum())
 }
 

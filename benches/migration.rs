@@ -32,15 +32,14 @@ mod memory;
 mod pki;
 mod support;
 
-use support::Scratch;
+use support::qmp::Qmp;
+use support::{qemu_version, Proc, Scratch};
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
@@ -67,6 +66,7 @@ const RAISED_BANDWIDTH: u64 = 100 << 30;
 /// A migration that has not completed by then is cancelled and reported as such.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The dirtying guest's first full pass over its range: every page mapped before migrating.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(90);
 const IPERF_SECONDS: u64 = 3;
@@ -473,6 +473,24 @@ fn veil() -> Command {
     cmd
 }
 
+/// `veil receive` listening on 127.0.0.1:`port`; the caller adds security, serial and sockets.
+fn veil_receive(port: u16) -> Command {
+    let mut cmd = veil();
+    cmd.args(["receive", "--listen", &format!("tcp:127.0.0.1:{port}")]);
+    cmd
+}
+
+/// `veil run` of the kit with `cmdline`, its `memory` of RAM backed by the file `ram`.
+fn veil_run_kit(memory: &str, ram: &Path, cmdline: &str) -> Command {
+    let mut cmd = veil();
+    cmd.args(["run", "--memory", memory, "--memory-file"])
+        .arg(ram)
+        .arg("--kernel")
+        .arg(veil_guests::kit_elf_path())
+        .args(["--cmdline", cmdline]);
+    cmd
+}
+
 fn migrate_veil(
     scratch: &Scratch,
     tag: &str,
@@ -510,8 +528,7 @@ fn migrate_veil(
     );
     let mut target = Proc::spawn(
         &format!("{tag}-target"),
-        veil()
-            .args(["receive", "--listen", &format!("tcp:127.0.0.1:{port}")])
+        veil_receive(port)
             .args(&target_security)
             .arg("--serial")
             .arg(file_sink(&dst_serial))
@@ -522,12 +539,7 @@ fn migrate_veil(
     )?;
     let mut source = Proc::spawn(
         &format!("{tag}-source"),
-        veil()
-            .args(["run", "--memory", GUEST_RAM_ARG, "--memory-file"])
-            .arg(ram)
-            .arg("--kernel")
-            .arg(veil_guests::kit_elf_path())
-            .args(["--cmdline", &scenario.cmdline()])
+        veil_run_kit(GUEST_RAM_ARG, ram, &scenario.cmdline())
             .arg("--api-socket")
             .arg(&src_api)
             .arg("--serial")
@@ -798,27 +810,6 @@ fn pages_per_second(
 // ---------------------------------------------------------------------------------------------
 // QEMU
 
-/// `QEMU emulator version ...`, or why QEMU cannot be used.
-fn qemu_version() -> Result<String, String> {
-    let output = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| format!("qemu-system-x86_64 not found ({e})"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "`qemu-system-x86_64 --version` failed ({})",
-            output.status
-        ));
-    }
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text
-        .lines()
-        .next()
-        .unwrap_or("QEMU")
-        .replace("QEMU emulator version", "QEMU"))
-}
-
 /// The same machine on both sides; only RAM's backing, the serial file, the QMP socket and
 /// `-incoming` differ.
 fn qemu(scenario: Scenario, memory_backend: &str, serial: &Path, qmp: &Path) -> Command {
@@ -875,8 +866,8 @@ fn migrate_qemu(
         scratch,
     )?;
     wait_listening(port, &mut target)?;
-    let mut qmp = Qmp::connect(&src_qmp, &mut source)?;
-    let mut target_qmp = Qmp::connect(&dst_qmp, &mut target)?;
+    let mut qmp = Qmp::connect(&src_qmp, &mut source, QMP_REPLY_TIMEOUT)?;
+    let mut target_qmp = Qmp::connect(&dst_qmp, &mut target, QMP_REPLY_TIMEOUT)?;
     let mark = wait_guest_ready(scenario, &src_serial, &mut source)?;
 
     if migrator == Migrator::QemuRaised {
@@ -939,61 +930,6 @@ fn poll_qemu_migration(qmp: &mut Qmp, started: Instant) -> Result<Value, String>
                 ));
             }
             _ => std::thread::sleep(POLL),
-        }
-    }
-}
-
-/// A QMP connection (JSON lines on a UNIX socket).
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    /// Connects once QEMU serves the socket, reads the greeting and leaves negotiation mode.
-    fn connect(path: &Path, vmm: &mut Proc) -> Result<Qmp, String> {
-        let stream = wait_for(&format!("QMP on {}", path.display()), START_TIMEOUT, || {
-            vmm.check_alive().ok()?;
-            UnixStream::connect(path).ok()
-        })
-        .map_err(|e| format!("{e}; QEMU log: {}", vmm.stderr_tail()))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| format!("QMP socket: {e}"))?;
-        let writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        qmp.read()?;
-        qmp.execute("qmp_capabilities", json!({}))?;
-        Ok(qmp)
-    }
-
-    /// Runs `command` and returns its `return` value (events in between are skipped).
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        let mut line = json!({ "execute": command, "arguments": arguments }).to_string();
-        line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| format!("QMP {command}: {e}"))?;
-        loop {
-            let mut answer = self.read()?;
-            if let Some(error) = answer.get("error") {
-                return Err(format!("QMP {command} failed: {error}"));
-            }
-            if let Some(value) = answer.get_mut("return") {
-                return Ok(value.take());
-            }
-        }
-    }
-
-    fn read(&mut self) -> Result<Value, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("QEMU closed its QMP socket".into()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP sent `{line}`: {e}")),
-            Err(e) => Err(format!("reading QMP: {e}")),
         }
     }
 }
@@ -1339,104 +1275,7 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes, files, ports and waiting
-
-/// A child process, killed and reaped when dropped (every exit path, panics included). It
-/// also gets SIGKILL should the bench itself die. Its stdout and stderr go to files in the
-/// scratch folder, for reports and error messages.
-struct Proc {
-    name: String,
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, scratch: &Scratch) -> Result<Proc, String> {
-        let (stdout, stderr) = (
-            scratch.path(&format!("{name}.out")),
-            scratch.path(&format!("{name}.err")),
-        );
-        let file =
-            |p: &Path| File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()));
-        cmd.stdin(Stdio::null())
-            .stdout(file(&stdout)?)
-            .stderr(file(&stderr)?);
-        // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
-        // which is async-signal-safe and touches no memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {name} ({:?}): {e}", cmd.get_program()))?;
-        Ok(Proc {
-            name: name.into(),
-            child,
-            stdout,
-            stderr,
-        })
-    }
-
-    /// An error naming the exit status, if the process has exited.
-    fn check_alive(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!(
-                "{} exited ({status}): {}",
-                self.name,
-                self.stderr_tail()
-            )),
-            Err(e) => Err(format!("{}: {e}", self.name)),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its exit status if it has exited, without waiting.
-    fn try_exit(&mut self) -> Result<Option<ExitStatus>, String> {
-        self.child
-            .try_wait()
-            .map_err(|e| format!("{}: {e}", self.name))
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
-        let child = &mut self.child;
-        wait_for(&format!("{} to exit", self.name), timeout, || {
-            child.try_wait().ok().flatten()
-        })
-    }
-
-    fn stdout(&self) -> String {
-        fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    /// The last lines of stderr, for error messages.
-    fn stderr_tail(&self) -> String {
-        let text = fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
-        if tail.is_empty() {
-            format!("({} printed nothing on stderr)", self.name)
-        } else {
-            tail
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// Files, ports and waiting
 
 /// Writes `GUEST_RAM` bytes: `LOW_ZERO` zeros, then random bytes (SplitMix64, seeded from the
 /// clock), and flushes them to disk so writeback does not run during the migrations.

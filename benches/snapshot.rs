@@ -16,13 +16,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use support::qmp::Qmp;
 use support::Scratch;
 
 const SIZES_MIB: [u64; 2] = [256, 1024];
@@ -30,6 +30,8 @@ const CLONES: usize = 10;
 const CLONE_MIB: u64 = 256;
 /// Stamping 1 GiB one word per page takes a while on the emulating hosts.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Each QMP answer gets a minute on these slow, emulating hosts.
+const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BYTE_GOAL: Duration = Duration::from_millis(10);
 const FASTER_THAN_QEMU_GOAL: f64 = 10.0;
@@ -157,10 +159,10 @@ fn save_with_qemu(scratch: &Scratch, mib: u64) -> Result<PathBuf, String> {
         .arg(format!("file:{}", serial.display()))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
-    let _source = support::Proc::spawn(&format!("qemu-source-{mib}"), &mut cmd, scratch)?;
+    let mut source = support::Proc::spawn(&format!("qemu-source-{mib}"), &mut cmd, scratch)?;
     wait_for_line(&serial, "round 2 checked", READY_TIMEOUT)?;
     let file = scratch.path(&format!("qemu-{mib}.migration"));
-    let mut qmp = Qmp::connect(&qmp_path)?;
+    let mut qmp = Qmp::connect(&qmp_path, &mut source, QMP_REPLY_TIMEOUT)?;
     // Live, as QEMU saves a running guest: a guest stopped first would arrive stopped.
     let started = Instant::now();
     qmp.execute(
@@ -395,28 +397,13 @@ struct Memory {
 impl Memory {
     /// From `/proc/PID/smaps`: guest RAM is the mapping of exactly `guest_kib`.
     fn of(pid: u32, guest_kib: u64) -> Result<Self, String> {
-        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-            .map_err(|e| format!("cannot read /proc/{pid}/smaps: {e}"))?;
-        let mut mappings: Vec<(u64, u64)> = Vec::new();
-        for line in smaps.lines() {
-            let mut fields = line.split_whitespace();
-            let kib = |f: Option<&str>| f.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0);
-            match fields.next() {
-                Some("Size:") => mappings.push((kib(fields.next()), 0)),
-                Some("Rss:") => {
-                    if let Some(m) = mappings.last_mut() {
-                        m.1 = kib(fields.next());
-                    }
-                }
-                _ => {}
-            }
-        }
+        let mappings = support::smaps::mappings(pid)?;
         let guest: u64 = mappings
             .iter()
-            .filter(|m| m.0 == guest_kib)
-            .map(|m| m.1)
+            .filter(|m| m.size_kib == guest_kib)
+            .map(|m| m.rss_kib)
             .sum();
-        let all: u64 = mappings.iter().map(|m| m.1).sum();
+        let all: u64 = mappings.iter().map(|m| m.rss_kib).sum();
         Ok(Self {
             guest_rss_kib: guest,
             other_rss_kib: all - guest,
@@ -451,68 +438,5 @@ fn wait_for_line(file: &Path, needle: &str, timeout: Duration) -> Result<(), Str
             return Err(format!("{} never said {needle:?}", file.display()));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A QMP connection (JSON lines on a UNIX socket).
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => return Err(format!("QMP {}: {e}", path.display())),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        qmp.read()?;
-        qmp.execute("qmp_capabilities", serde_json::json!({}))?;
-        Ok(qmp)
-    }
-
-    fn execute(
-        &mut self,
-        command: &str,
-        arguments: serde_json::Value,
-    ) -> Result<serde_json::Value, String> {
-        let mut line =
-            serde_json::json!({ "execute": command, "arguments": arguments }).to_string();
-        line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| format!("QMP {command}: {e}"))?;
-        loop {
-            let mut answer = self.read()?;
-            if let Some(error) = answer.get("error") {
-                return Err(format!("QMP {command} failed: {error}"));
-            }
-            if let Some(value) = answer.get_mut("return") {
-                return Ok(value.take());
-            }
-        }
-    }
-
-    fn read(&mut self) -> Result<serde_json::Value, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("QEMU closed its QMP socket".into()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP sent `{line}`: {e}")),
-            Err(e) => Err(format!("reading QMP: {e}")),
-        }
     }
 }

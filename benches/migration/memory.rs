@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{
-    file_sink, veil, wait_for, wait_guest_ready, wait_listening, Proc, Scenario, Scratch,
-    MIGRATION_TIMEOUT, POLL, START_TIMEOUT,
+    file_sink, veil, veil_receive, veil_run_kit, wait_for, wait_guest_ready, wait_listening, Proc,
+    Scenario, Scratch, MIGRATION_TIMEOUT, POLL, START_TIMEOUT,
 };
 
 /// The guest sizes measured.
@@ -73,25 +73,15 @@ pub fn measure(scratch: &Scratch, guest: u64) -> Result<Growth, String> {
     );
     let mut target = Proc::spawn(
         &format!("{tag}-target"),
-        veil()
-            .args(["receive", "--listen", &format!("tcp:127.0.0.1:{port}")])
+        veil_receive(port)
             .args(["--insecure", "--serial", "null", "--api-socket"])
             .arg(&dst_api),
         scratch,
     )?;
     let mut source = Proc::spawn(
         &format!("{tag}-source"),
-        veil()
-            .args([
-                "run",
-                "--memory",
-                &format!("{}G", guest >> 30),
-                "--memory-file",
-            ])
-            .arg(&ram)
-            .arg("--kernel")
-            .arg(veil_guests::kit_elf_path())
-            .args(["--cmdline", "greet spin", "--api-socket"])
+        veil_run_kit(&format!("{}G", guest >> 30), &ram, "greet spin")
+            .arg("--api-socket")
             .arg(&src_api)
             .arg("--serial")
             .arg(file_sink(&src_serial)),

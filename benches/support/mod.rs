@@ -1,8 +1,11 @@
-//! Shared by the device benches (`blk`, `boot`): the scratch folder, child processes that die
-//! with the bench, QEMU's version, the disk file both VMMs get, and medians.
+//! Shared by the benches: the scratch folder, child processes that die with the bench, QEMU's
+//! version and its QMP client, mappings from smaps, the disk file both VMMs get, and medians.
 //!
 //! Not every bench uses every item.
 #![allow(dead_code)]
+
+pub mod qmp;
+pub mod smaps;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -120,6 +123,29 @@ impl Proc {
                 Err(e) => return Err(format!("{}: {e}", self.name)),
             }
         }
+    }
+
+    /// An error naming the exit status, if the process has exited.
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        match self.try_exit()? {
+            None => Ok(()),
+            Some(status) => Err(format!(
+                "{} exited ({status}): {}",
+                self.name,
+                self.stderr_tail()
+            )),
+        }
+    }
+
+    /// Its exit status if it has exited, without waiting.
+    pub fn try_exit(&mut self) -> Result<Option<ExitStatus>, String> {
+        self.child
+            .try_wait()
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn stdout(&self) -> String {
