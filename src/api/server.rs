@@ -259,14 +259,17 @@ fn start_migration_thread(vm: &Arc<Vm>) -> io::Result<SyncSender<MigrateJob>> {
 /// Work that moves or saves the guest: it runs on the migration thread, under that thread's
 /// filter, one job at a time.
 struct MigrateJob {
-    work: Box<dyn FnOnce(&Vm) -> Result<serde_json::Value, Box<dyn std::error::Error>> + Send>,
+    work: Box<dyn FnOnce(&Vm) -> JobResult + Send>,
     reply: mpsc::Sender<Result<serde_json::Value, String>>,
 }
+
+/// What a job answers: its report, or why it failed.
+type JobResult = Result<serde_json::Value, Box<dyn std::error::Error>>;
 
 /// Hands `work` to the migration thread and waits for its answer.
 fn on_worker(
     migrations: &SyncSender<MigrateJob>,
-    work: impl FnOnce(&Vm) -> Result<serde_json::Value, Box<dyn std::error::Error>> + Send + 'static,
+    work: impl FnOnce(&Vm) -> JobResult + Send + 'static,
 ) -> Response {
     let (reply, answer) = mpsc::channel();
     let job = MigrateJob {
