@@ -496,6 +496,15 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "DIR")]
     pub from: PathBuf,
 
+    /// Seccomp filters on every VMM thread (docs/seccomp.md), as for `run`.
+    #[arg(
+        long,
+        default_value = "on",
+        value_name = "on|log|off",
+        env = "VEIL_SECCOMP"
+    )]
+    pub seccomp: veil::SeccompMode,
+
     /// Where the guest's COM1 output goes (as for `run`).
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "SINK")]
     pub serial: SerialSink,

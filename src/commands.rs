@@ -247,7 +247,7 @@ fn with_devices(
 }
 
 fn restore(args: RestoreArgs) -> CommandResult {
-    let builder = VmBuilder::new().serial(args.serial);
+    let builder = VmBuilder::new().serial(args.serial).seccomp(args.seccomp);
     let mut builder = with_devices(builder, args.disks, args.vsock_socket, args.console);
     if args.sev {
         // The policy is the snapshot's; only the platform is chosen here.
