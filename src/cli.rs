@@ -327,6 +327,21 @@ pub enum CtlCommand {
     },
 }
 
+/// `--seccomp`, for every command that runs a guest.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SeccompArg {
+    /// Seccomp filters on every VMM thread (docs/seccomp.md): `on` kills Veil at a system
+    /// call that thread is not allowed, `log` lets the call through and has the kernel log it
+    /// (dmesg, audit), `off` installs none (to debug, or to find what a new code path calls).
+    #[arg(
+        long = "seccomp",
+        default_value = "on",
+        value_name = "on|log|off",
+        env = "VEIL_SECCOMP"
+    )]
+    pub mode: veil::SeccompMode,
+}
+
 /// The target of `migrate` and `migrate-recover`, and how it is authenticated.
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
@@ -476,16 +491,8 @@ pub struct ReceiveArgs {
     #[arg(long, default_value = "host", value_name = "MODEL")]
     pub cpu_model: veil_hypervisor::cpuid::CpuModel,
 
-    /// Seccomp filters on every VMM thread (docs/seccomp.md): `on` kills Veil at a system
-    /// call that thread is not allowed, `log` lets the call through and has the kernel log it
-    /// (dmesg, audit), `off` installs none (to debug, or to find what a new code path calls).
-    #[arg(
-        long,
-        default_value = "on",
-        value_name = "on|log|off",
-        env = "VEIL_SECCOMP"
-    )]
-    pub seccomp: veil::SeccompMode,
+    #[command(flatten)]
+    pub seccomp: SeccompArg,
 }
 
 /// `veil restore`.
@@ -496,14 +503,8 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "DIR")]
     pub from: PathBuf,
 
-    /// Seccomp filters on every VMM thread (docs/seccomp.md), as for `run`.
-    #[arg(
-        long,
-        default_value = "on",
-        value_name = "on|log|off",
-        env = "VEIL_SECCOMP"
-    )]
-    pub seccomp: veil::SeccompMode,
+    #[command(flatten)]
+    pub seccomp: SeccompArg,
 
     /// Where the guest's COM1 output goes (as for `run`).
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "SINK")]
@@ -605,16 +606,8 @@ pub struct MachineArgs {
     #[arg(long, default_value = "host", value_name = "MODEL")]
     pub cpu_model: veil_hypervisor::cpuid::CpuModel,
 
-    /// Seccomp filters on every VMM thread (docs/seccomp.md): `on` kills Veil at a system
-    /// call that thread is not allowed, `log` lets the call through and has the kernel log it
-    /// (dmesg, audit), `off` installs none (to debug, or to find what a new code path calls).
-    #[arg(
-        long,
-        default_value = "on",
-        value_name = "on|log|off",
-        env = "VEIL_SECCOMP"
-    )]
-    pub seccomp: veil::SeccompMode,
+    #[command(flatten)]
+    pub seccomp: SeccompArg,
 }
 
 /// `--hypercall-transport` values.

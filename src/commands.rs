@@ -54,7 +54,7 @@ fn machine(builder: VmBuilder, args: MachineArgs) -> (VmBuilder, Option<PathBuf>
         .hypercall_transport(args.hypercall_transport.into())
         .huge_pages(args.huge_pages)
         .cpu_model(args.cpu_model)
-        .seccomp(args.seccomp);
+        .seccomp(args.seccomp.mode);
     let mut builder = match args.memory_file {
         Some(path) => builder.memory_file(path),
         None => builder,
@@ -181,7 +181,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     } else {
         // The listener now answers the source's recovery queries, should Complete be lost,
         // under the filter of a migration thread.
-        let confinement = Confinement::new(args.seccomp)?;
+        let confinement = Confinement::new(args.seccomp.mode)?;
         Some(veil_migration::recovery::Responder::start(
             listener,
             incoming.fate(),
@@ -195,7 +195,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         )?)
     };
     let builder = VmBuilder::new()
-        .seccomp(args.seccomp)
+        .seccomp(args.seccomp.mode)
         .serial(args.serial)
         .huge_pages(args.huge_pages);
     let mut builder = with_devices(builder, args.disks, args.vsock_socket, args.console);
@@ -247,7 +247,9 @@ fn with_devices(
 }
 
 fn restore(args: RestoreArgs) -> CommandResult {
-    let builder = VmBuilder::new().serial(args.serial).seccomp(args.seccomp);
+    let builder = VmBuilder::new()
+        .serial(args.serial)
+        .seccomp(args.seccomp.mode);
     let mut builder = with_devices(builder, args.disks, args.vsock_socket, args.console);
     if args.sev {
         // The policy is the snapshot's; only the platform is chosen here.
