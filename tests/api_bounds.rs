@@ -43,7 +43,9 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         .arg(&api)
         .args(["--cmdline", "spin", "--kernel"])
         .arg(common::kit())
-        .env("VEIL_TEST_API_REQUEST_TIMEOUT_MS", "2000")
+        // Long enough that the idle clients below still hold every place while the extra ones
+        // are turned away, even on a loaded host.
+        .env("VEIL_TEST_API_REQUEST_TIMEOUT_MS", "4000")
         .spawn()
         .map(common::Spawned)
         .unwrap();
@@ -57,12 +59,14 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     // More are each told why and closed, and cost no thread.
+    let idle_since = Instant::now();
     for _ in 0..3 * MAX_CLIENTS {
         let mut extra = UnixStream::connect(&api).unwrap();
-        let (said, _) = until_closed(&mut extra);
+        let (said, took) = until_closed(&mut extra);
         assert!(
             said.contains("\"ok\":false") && said.contains("16 API clients already"),
-            "{said}"
+            "{said:?} after {took:?}, {:?} after the idle clients came",
+            idle_since.elapsed()
         );
     }
     let busy = common::ctl(&api, &["status"]);
@@ -82,7 +86,7 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
     for stream in &mut idle {
         let (said, after) = until_closed(stream);
         assert!(said.is_empty(), "{said}");
-        assert!(after < Duration::from_secs(5), "{after:?}");
+        assert!(after < Duration::from_secs(8), "{after:?}");
     }
     let mut reader = BufReader::new(UnixStream::connect(&api).unwrap());
     reader
@@ -111,11 +115,11 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         }
         std::thread::sleep(Duration::from_millis(300));
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(12),
             "a trickling client is never cut off"
         );
     }
-    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(started.elapsed() >= Duration::from_secs(4));
     assert!(common::ctl(&api, &["shutdown"]).status.success());
     let mut vmm = vmm;
     vmm.wait();
