@@ -153,6 +153,8 @@ pub struct VmBuilder {
     huge_pages: bool,
     ram_mapping: veil_hypervisor::memory::FileMapping,
     seccomp: SeccompMode,
+    /// The filters for [`VmBuilder::seccomp`]'s mode, once compiled (or given).
+    confinement: Option<Confinement>,
 }
 
 impl Default for VmBuilder {
@@ -185,6 +187,7 @@ impl VmBuilder {
             huge_pages: true,
             ram_mapping: Default::default(),
             seccomp: SeccompMode::Off,
+            confinement: None,
         }
     }
 
@@ -195,12 +198,27 @@ impl VmBuilder {
     /// what each thread may call.
     pub fn seccomp(mut self, mode: SeccompMode) -> Self {
         self.seccomp = mode;
+        self.confinement = None;
         self
     }
 
-    /// The seccomp mode chosen with [`VmBuilder::seccomp`].
-    pub fn seccomp_mode(&self) -> SeccompMode {
-        self.seccomp
+    /// As [`VmBuilder::seccomp`], with filters the caller compiled already (and may use on
+    /// threads of its own).
+    pub fn confinement(mut self, confinement: Confinement) -> Self {
+        self.seccomp = confinement.mode();
+        self.confinement = Some(confinement);
+        self
+    }
+
+    /// The filters the VM will install, compiled now if they were not given, and kept for
+    /// the build.
+    pub fn compiled_confinement(&mut self) -> Result<Confinement, Error> {
+        if let Some(confinement) = &self.confinement {
+            return Ok(confinement.clone());
+        }
+        let confinement = Confinement::new(self.seccomp)?;
+        self.confinement = Some(confinement.clone());
+        Ok(confinement)
     }
 
     /// Whether anonymous guest RAM asks for transparent huge pages (default: yes, as QEMU
@@ -360,8 +378,8 @@ impl VmBuilder {
         self.build(Some(receive))
     }
 
-    fn build(self, receive: Option<ReceiveGuest<'_>>) -> Result<Vm, Error> {
-        let confinement = Confinement::new(self.seccomp)?;
+    fn build(mut self, receive: Option<ReceiveGuest<'_>>) -> Result<Vm, Error> {
+        let confinement = self.compiled_confinement()?;
         // Standard input goes to one device: the console when it is on stdio, else COM1.
         let console_reads_stdin = self.console == Some(ConsoleBackend::Stdio);
         let (out, serial_input) = match self.serial {

@@ -168,6 +168,8 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         incoming.peer().unwrap_or("the source"),
         incoming.stream().protection()
     );
+    // Compiled once: for the recovery responder here, and for the VM's threads.
+    let confinement = Confinement::new(args.seccomp.mode)?;
     let responder = if let Some(fd) = args.accepted_fd {
         // SAFETY: the parent passed this descriptor, a pipe's write end, for this process
         // alone to own.
@@ -181,7 +183,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     } else {
         // The listener now answers the source's recovery queries, should Complete be lost,
         // under the filter of a migration thread.
-        let confinement = Confinement::new(args.seccomp.mode)?;
+        let confinement = confinement.clone();
         Some(veil_migration::recovery::Responder::start(
             listener,
             incoming.fate(),
@@ -195,7 +197,7 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         )?)
     };
     let builder = VmBuilder::new()
-        .seccomp(args.seccomp.mode)
+        .confinement(confinement)
         .serial(args.serial)
         .huge_pages(args.huge_pages);
     let mut builder = with_devices(builder, args.disks, args.vsock_socket, args.console);

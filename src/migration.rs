@@ -214,7 +214,7 @@ pub fn receive<S: Read + Write + Send>(
     }
     // The guest arrives on a thread of its own under the migration-receive filter (the VM's
     // other threads have theirs; this one still has the VM to build).
-    let confinement = Confinement::new(builder.seccomp_mode())?;
+    let confinement = builder.compiled_confinement()?;
     let vm = builder.start_incoming(Box::new(|memory, firmware| {
         confined(&confinement, ThreadKind::MigrationReceive, || {
             Ok(incoming.receive_into(memory, firmware)?)
