@@ -251,15 +251,23 @@ fn trust_chain_args(hosts: &TwoHosts, name: &str) -> Vec<String> {
 }
 
 /// Starts the guest on host A from a patterned memory file.
+/// `veil run` on A with 32 MiB, its API at `api` and its serial output in `serial`; the
+/// caller adds the devices, the command line and the kernel.
+fn run_args(api: &Path, serial: &Path) -> Vec<String> {
+    let mut args = strings(&["run", "--memory", "32M", "--api-socket"]);
+    args.push(api.display().to_string());
+    args.push("--serial".into());
+    args.push(format!("file:{}", serial.display()));
+    args
+}
+
 fn start_guest(hosts: &TwoHosts, sev: bool, api: &Path) -> common::Spawned {
     let memory = hosts.path("a.mem");
     patterned_memory_file(&memory);
     let serial = hosts.path("a.out");
-    let mut args = strings(&["run", "--memory", "32M", "--memory-file"]);
+    let mut args = run_args(api, &serial);
+    args.push("--memory-file".into());
     args.push(memory.display().to_string());
-    args.extend(strings(&["--api-socket", api.to_str().unwrap()]));
-    args.push("--serial".into());
-    args.push(format!("file:{}", serial.display()));
     if sev {
         args.push("--sev".into());
         args.extend(sev_platform(&hosts.path("sev-a")));
@@ -608,15 +616,7 @@ fn a_disk_writing_guest_migrates(sev: bool) {
     } else {
         format!("greet {log}")
     };
-    let mut args = strings(&[
-        "run",
-        "--memory",
-        "32M",
-        "--api-socket",
-        a_api.to_str().unwrap(),
-    ]);
-    args.push("--serial".into());
-    args.push(format!("file:{}", a_out.display()));
+    let mut args = run_args(&a_api, &a_out);
     args.push("--disk".into());
     args.push(format!("path={},id=log", disk.display()));
     if sev {
@@ -722,15 +722,7 @@ fn a_vsock_host_program_reconnects_to_its_guest_on_the_target() {
     let a_api = hosts.path("a.sock");
     let a_out = hosts.path("a.out");
     let bytes = 64 << 10;
-    let mut args = strings(&[
-        "run",
-        "--memory",
-        "32M",
-        "--api-socket",
-        a_api.to_str().unwrap(),
-    ]);
-    args.push("--serial".into());
-    args.push(format!("file:{}", a_out.display()));
+    let mut args = run_args(&a_api, &a_out);
     args.push("--vsock".into());
     args.push(format!("cid=3,socket={}", socket.display()));
     args.extend(strings(&[
@@ -813,10 +805,7 @@ fn a_guests_msrs_tsc_deadline_and_cpuid_are_the_same_on_the_other_host() {
     let hosts = TwoHosts::new();
     let program = common::vcpu::StateProgram::for_this_host();
     let (a_api, a_out) = (hosts.path("a.sock"), hosts.path("a.out"));
-    let mut args = strings(&["run", "--memory", "32M", "--api-socket"]);
-    args.push(a_api.display().to_string());
-    args.push("--serial".into());
-    args.push(format!("file:{}", a_out.display()));
+    let mut args = run_args(&a_api, &a_out);
     args.extend(strings(&["--cmdline", &program.cmdline, "--kernel"]));
     args.push(common::kit().display().to_string());
     let mut source = hosts
