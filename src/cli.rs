@@ -317,13 +317,19 @@ pub enum CtlCommand {
         sev_target_chain: Option<PathBuf>,
     },
     /// After a migration left in doubt (Complete sent, the target never confirmed it runs the
-    /// guest; `status` shows phase in-doubt): ask the target whether it runs the guest. It
-    /// first commits to discarding its copy if it has not started it, then answers; the guest
-    /// resumes here only then. If the target runs it, or cannot be reached, the guest stays
+    /// guest; `status` shows phase in-doubt): settle with the target where the guest runs,
+    /// never in both places. The target commits its answer before it gives it. If the target
+    /// cannot be reached, or the answer does not prove the guest safe to run here, it stays
     /// stopped here and the reason is printed. Same transport options as `migrate`.
     MigrateRecover {
         #[command(flatten)]
         target: TargetArgs,
+        /// `source`: the target discards its copy if it has not started it, and the guest
+        /// resumes here only then. `target`: the target runs its copy unless it was already
+        /// discarded, and this VMM stops as after a migration. By default `source`, or
+        /// `target` for an SEV guest, which cannot resume here after SEND_FINISH.
+        #[arg(long, value_name = "source|target")]
+        run_on: Option<veil_migration::recovery::RunOn>,
     },
 }
 
@@ -416,8 +422,9 @@ pub struct ReceiveArgs {
 
     /// If the link to the source is lost after this host acknowledged the guest and before
     /// Complete, hold the guest (paused, never run) and answer the source's
-    /// `veil ctl migrate-recover` for this long; then discard it and exit 1. Not with
-    /// --keep-listening, where a guest's process gives its listener up once it has arrived.
+    /// `veil ctl migrate-recover` for this long; then discard it and exit 1. With
+    /// --keep-listening the queries come in on the same listener and reach the guest's
+    /// process.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration,
           value_name = "DURATION")]
     pub recovery_window: std::time::Duration,
@@ -436,6 +443,11 @@ pub struct ReceiveArgs {
     /// (Internal, for --keep-listening) Write a byte here once a guest has been accepted.
     #[arg(long, hide = true, value_name = "FD", requires = "listen_fd")]
     pub accepted_fd: Option<i32>,
+
+    /// (Internal, for --keep-listening) The service's directory where each guest's process
+    /// answers recovery queries for its guest.
+    #[arg(long, hide = true, value_name = "DIR", requires = "listen_fd")]
+    pub siblings_dir: Option<PathBuf>,
 
     /// Accept plain TCP: the guest's memory arrives unencrypted from an unauthenticated peer.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]

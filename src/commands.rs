@@ -12,6 +12,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use veil::{Confinement, ThreadKind, VmBuilder, VmStop};
 use veil_hypervisor::probe::{probe_host, HostInfo};
+use veil_migration::recovery::siblings::Siblings;
 
 use crate::cli::{
     Command, HostInfoArgs, MachineArgs, PlatformChoice, ReceiveArgs, RestoreArgs, RunArgs,
@@ -157,9 +158,16 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     // Strangers are logged and dropped in there; what comes out is a source, or a listener
     // that failed.
     let model = args.cpu_model;
-    let mut incoming = receiver::accept_from(
+    // Under --keep-listening a query about a guest that arrived earlier goes to its process.
+    let siblings = args.siblings_dir.clone().map(Siblings::at);
+    let answer = |query: &veil_migration::protocol::Message| match &siblings {
+        Some(siblings) => siblings.ask(query),
+        None => veil_migration::protocol::RecoveryOutcome::Unknown,
+    };
+    let mut incoming = receiver::accept_answering(
         &listener,
         args.hello_timeout,
+        &answer,
         |shape| veil::check_incoming_as(shape, model),
         sev_chain,
     )?;
@@ -170,32 +178,39 @@ fn receive(args: ReceiveArgs) -> CommandResult {
     );
     // Compiled once: for the recovery responder here, and for the VM's threads.
     let confinement = Confinement::new(args.seccomp.mode)?;
-    let responder = if let Some(fd) = args.accepted_fd {
+    // Should Complete be lost, the source's recovery queries are answered here: on the
+    // listener, or under --keep-listening on this process's socket among its siblings' (the
+    // service takes the listener back).
+    let answering_on = if let Some(fd) = args.accepted_fd {
         // SAFETY: the parent passed this descriptor, a pipe's write end, for this process
         // alone to own.
         let mut accepted = unsafe { File::from_raw_fd(fd) };
         // The parent listens for the next guest from now on; if it is gone, so be it.
         let _ = accepted.write_all(b"1");
         drop(listener);
-        // SAFETY: as above.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and no pointers.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
-        None
+        siblings.as_ref().map(Siblings::listen).transpose()?
     } else {
-        // The listener now answers the source's recovery queries, should Complete be lost,
-        // under the filter of a migration thread.
-        let confinement = confinement.clone();
-        Some(veil_migration::recovery::Responder::start(
-            listener,
-            incoming.fate(),
-            args.hello_timeout,
-            args.recovery_window,
-            Box::new(move || {
-                confinement
-                    .apply(ThreadKind::MigrationSend)
-                    .map_err(|e| veil_seccomp::chain(&e))
-            }),
-        )?)
+        Some(listener)
     };
+    let responder = answering_on
+        .map(|listener| {
+            // Under the filter of a migration thread.
+            let confinement = confinement.clone();
+            veil_migration::recovery::Responder::start(
+                listener,
+                incoming.fate(),
+                args.hello_timeout,
+                args.recovery_window,
+                Box::new(move || {
+                    confinement
+                        .apply(ThreadKind::MigrationSend)
+                        .map_err(|e| veil_seccomp::chain(&e))
+                }),
+            )
+        })
+        .transpose()?;
     let builder = VmBuilder::new()
         .confinement(confinement)
         .serial(args.serial)

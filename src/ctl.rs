@@ -51,8 +51,9 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             stop: *stop,
             sev_target_chain: sev_target_chain.as_ref().map(absolute),
         },
-        CtlCommand::MigrateRecover { target } => Request::MigrateRecover {
+        CtlCommand::MigrateRecover { target, run_on } => Request::MigrateRecover {
             target: target.request(),
+            run_on: *run_on,
         },
     };
     let mut client = ApiClient::connect(&args.api_socket)?;
@@ -87,7 +88,11 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
     } else if matches!(args.command, CtlCommand::MigrateCancel) {
         println!("cancelling the migration");
     } else if matches!(args.command, CtlCommand::MigrateRecover { .. }) {
-        println!("the target discarded the guest: it runs here again");
+        if result["runs_on"] == "target" {
+            println!("the target runs the guest: this VMM stops");
+        } else {
+            println!("the target discarded the guest: it runs here again");
+        }
     } else {
         println!("{}", result["state"].as_str().unwrap_or("done"));
     }

@@ -3,7 +3,9 @@
 //! it, and runs in that child. While one child waits for a source (dropping strangers), no
 //! other does; once it has accepted a guest it says so on a pipe and lets go of the socket,
 //! and the next child takes over. A child that ends without a guest (a refused or failed
-//! migration) is replaced as well, so a failed attempt never ends the service.
+//! migration) is replaced as well, so a failed attempt never ends the service. Recovery
+//! queries about a guest whose Complete was lost come in on the listener like a source, and
+//! the waiting child passes them to the guest's process ([`Siblings`]).
 
 use std::error::Error;
 use std::ffi::OsString;
@@ -13,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use veil_migration::recovery::siblings::Siblings;
 use veil_migration::transport;
 
 use crate::cli::ReceiveArgs;
@@ -32,6 +35,9 @@ pub fn serve(args: &ReceiveArgs) -> Result<ExitCode, Box<dyn Error>> {
     let listener = transport::listen(&endpoint, &security)?;
     // dup() leaves close-on-exec clear: the copy is what every child inherits.
     let shared = inheritable(listener.as_fd().as_raw_fd())?;
+    // Where each guest's process answers the recovery queries about its guest.
+    let siblings = Siblings::create(&std::env::temp_dir())?;
+    remove_on_signal(siblings.dir().to_path_buf())?;
     eprintln!("veil: serving guests on {endpoint}, each in a process of its own");
     let exe = std::env::current_exe()?;
     let template: Vec<OsString> = std::env::args_os()
@@ -52,6 +58,8 @@ pub fn serve(args: &ReceiveArgs) -> Result<ExitCode, Box<dyn Error>> {
             .arg(shared.as_raw_fd().to_string())
             .arg("--accepted-fd")
             .arg(child_end.as_raw_fd().to_string())
+            .arg("--siblings-dir")
+            .arg(siblings.dir())
             .spawn()?;
         // Only the child may hold the write end: its exit must close the pipe.
         drop(child_end);
@@ -71,6 +79,21 @@ pub fn serve(args: &ReceiveArgs) -> Result<ExitCode, Box<dyn Error>> {
         }
     }
     unreachable!("guests are numbered by an unbounded counter")
+}
+
+/// On SIGINT or SIGTERM, removes the service's directory and exits: without the service
+/// nobody passes queries to its guests' processes (they run on, and the waiting child ends
+/// with this process).
+fn remove_on_signal(dir: std::path::PathBuf) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::process::exit(128 + signal);
+        }
+    });
+    Ok(())
 }
 
 /// A copy of `fd` that a child process inherits.

@@ -69,10 +69,28 @@ fn wait_for_rounds(path: &Path, after: usize) {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    Plain,
+    /// On the emulated SEV platform, its private pages through the firmware.
+    Sev,
+}
+
+/// What listens on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Receiver {
+    /// `veil receive`: one guest, and it answers on its listener.
+    Single,
+    /// `veil receive --keep-listening`: each guest in a process of its own (its API socket
+    /// `b-N.sock`), while another waits on the listener.
+    Service,
+}
+
 struct Hosts {
     dir: common::TempDir,
     source: common::Spawned,
     target: common::Spawned,
+    guest: Guest,
 }
 
 impl Hosts {
@@ -81,7 +99,32 @@ impl Hosts {
     }
 
     fn start(name: &str) -> Self {
+        Self::start_with(name, Guest::Plain, Receiver::Single)
+    }
+
+    fn start_with(name: &str, guest: Guest, receiver: Receiver) -> Self {
         let dir = common::TempDir::new(name);
+        let sev_args = |state: &str| match guest {
+            Guest::Plain => vec![],
+            Guest::Sev => vec![
+                "--sev".to_string(),
+                "--sev-platform".into(),
+                "emulated".into(),
+                "--sev-state-dir".into(),
+                dir.path(state).display().to_string(),
+            ],
+        };
+        if guest == Guest::Sev {
+            let exported = common::veil()
+                .args(["sev", "export-chain", "--sev-platform", "emulated"])
+                .arg("--sev-state-dir")
+                .arg(dir.path("target-sev"))
+                .arg("--out")
+                .arg(dir.path("target.chain"))
+                .output()
+                .unwrap();
+            assert!(exported.status.success(), "{}", common::describe(&exported));
+        }
         let target = common::veil()
             .arg("receive")
             .arg("--listen")
@@ -89,23 +132,34 @@ impl Hosts {
             .arg("--serial")
             .arg(format!("file:{}", dir.path("target.log").display()))
             .args(["--recovery-window", "60s", "--api-socket"])
-            .arg(dir.path("b.sock"))
+            .arg(dir.path(match receiver {
+                Receiver::Single => "b.sock",
+                Receiver::Service => "b-{id}.sock",
+            }))
+            .args(match receiver {
+                Receiver::Single => &[][..],
+                Receiver::Service => &["--keep-listening"][..],
+            })
+            .args(sev_args("target-sev"))
             .stderr(std::fs::File::create(dir.path("target.err")).unwrap())
             .spawn()
             .map(common::Spawned)
             .unwrap();
         common::wait_for(&dir.path("m.sock"));
+        // An SEV guest may only go once it has said it is ready (the migration-control MSR).
+        let cmdline = match guest {
+            Guest::Plain => "dirty-loop:seed=7,first=0x800,count=64,check=20",
+            Guest::Sev => "msr-write:value=1 dirty-loop:seed=7,first=0x800,count=64,check=20",
+        };
         let source = common::veil()
             .args(["run", "--memory", "32M", "--api-socket"])
             .arg(dir.path("a.sock"))
             .arg("--serial")
             .arg(format!("file:{}", dir.path("source.log").display()))
-            .args([
-                "--cmdline",
-                "dirty-loop:seed=7,first=0x800,count=64,check=20",
-            ])
+            .args(["--cmdline", cmdline])
             .arg("--kernel")
             .arg(common::kit())
+            .args(sev_args("source-sev"))
             .stderr(Stdio::null())
             .spawn()
             .map(common::Spawned)
@@ -115,6 +169,7 @@ impl Hosts {
             dir,
             source,
             target,
+            guest,
         };
         wait_for_rounds(&hosts.path("source.log"), 0);
         hosts
@@ -128,7 +183,12 @@ impl Hosts {
     fn migrate_losing(&self, drop: MessageType) {
         let relay = relay(&self.path("relay.sock"), self.path("m.sock"), drop);
         let to = format!("unix:{}", self.path("relay.sock").display());
-        let out = self.ctl(&["migrate", "--no-progress", "--to", &to]);
+        let chain = self.path("target.chain").display().to_string();
+        let mut migrate = vec!["migrate", "--no-progress", "--to", &to];
+        if self.guest == Guest::Sev {
+            migrate.extend(["--sev-trust-chain", &chain]);
+        }
+        let out = self.ctl(&migrate);
         relay.join().unwrap();
         let text = common::describe(&out);
         assert!(!out.status.success(), "{text}");
@@ -153,9 +213,27 @@ impl Hosts {
         );
     }
 
-    fn recover(&self) -> std::process::Output {
+    fn recover(&self, extra: &[&str]) -> std::process::Output {
         let to = format!("unix:{}", self.path("m.sock").display());
-        self.ctl(&["migrate-recover", "--to", &to])
+        self.ctl(&[&["migrate-recover", "--to", &to], extra].concat())
+    }
+
+    /// Neither guest writes anything for 2 s.
+    fn assert_stopped_on_both(&self) -> (usize, usize) {
+        let before = (
+            rounds(&self.path("source.log")),
+            rounds(&self.path("target.log")),
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let after = (
+            rounds(&self.path("source.log")),
+            rounds(&self.path("target.log")),
+        );
+        assert_eq!(
+            before, after,
+            "a guest runs while the migration is in doubt"
+        );
+        after
     }
 }
 
@@ -181,17 +259,10 @@ fn a_lost_complete_is_recovered_and_the_guest_runs_again_only_on_the_source() {
     let mut hosts = Hosts::start("recover-lost-complete");
     hosts.migrate_losing(MessageType::Complete);
 
-    // Stopped on both hosts: neither guest writes anything.
-    let (source_rounds, target_rounds) = (
-        rounds(&hosts.path("source.log")),
-        rounds(&hosts.path("target.log")),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(rounds(&hosts.path("source.log")), source_rounds);
-    assert_eq!(rounds(&hosts.path("target.log")), 0);
+    let (source_rounds, target_rounds) = hosts.assert_stopped_on_both();
     assert_eq!(target_rounds, 0);
 
-    let out = hosts.recover();
+    let out = hosts.recover(&[]);
     assert!(out.status.success(), "{}", common::describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("runs here again"));
     // The guest runs on the source, checking its stamps every round: memory intact.
@@ -204,7 +275,7 @@ fn a_lost_complete_is_recovered_and_the_guest_runs_again_only_on_the_source() {
         std::fs::read_to_string(hosts.path("target.err")).unwrap_or_default()
     );
     // Asked again, the target gives the same answer; the guest still runs only here.
-    let again = hosts.recover();
+    let again = hosts.recover(&[]);
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("No migration of this guest is in doubt"),
         "{}",
@@ -233,7 +304,7 @@ fn a_lost_running_leaves_the_guest_on_the_target_and_recovery_refuses() {
     // The target got Complete and runs the guest.
     wait_for_rounds(&hosts.path("target.log"), 0);
     let source_rounds = rounds(&hosts.path("source.log"));
-    let out = hosts.recover();
+    let out = hosts.recover(&[]);
     let text = common::describe(&out);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("The target runs the guest"), "{text}");
@@ -245,8 +316,102 @@ fn a_lost_running_leaves_the_guest_on_the_target_and_recovery_refuses() {
     let target_rounds = rounds(&hosts.path("target.log"));
     wait_for_rounds(&hosts.path("target.log"), target_rounds);
 
-    hosts.ctl(&["shutdown"]);
-    hosts.source.wait();
+    // Told the guest runs there, the source can finish the migration it began.
+    let out = hosts.recover(&["--run-on", "target"]);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the target runs the guest"));
+    assert!(hosts.source.wait().success(), "the source ends as migrated");
+    assert_eq!(rounds(&hosts.path("source.log")), source_rounds);
+
     common::ctl(&hosts.path("b.sock"), &["shutdown"]);
     hosts.target.wait();
+}
+
+/// After `migrate-recover` settled that the target runs the guest: it checks its stamps
+/// there, the source VMM has ended as after a migration, and the source guest ran no more.
+fn assert_runs_on_the_target_only(hosts: &mut Hosts, source_rounds: usize) {
+    wait_for_rounds(&hosts.path("target.log"), 0);
+    assert!(hosts.source.wait().success(), "the source ends as migrated");
+    assert_eq!(rounds(&hosts.path("source.log")), source_rounds);
+    common::wait_for(&hosts.path("b.sock"));
+    let status = common::status(&hosts.path("b.sock"));
+    assert_eq!(status["state"], "running", "{status}");
+    let target_rounds = rounds(&hosts.path("target.log"));
+    wait_for_rounds(&hosts.path("target.log"), target_rounds);
+    common::ctl(&hosts.path("b.sock"), &["shutdown"]);
+    hosts.target.wait();
+}
+
+#[test]
+fn a_lost_complete_can_be_settled_by_running_the_guest_on_the_target() {
+    let mut hosts = Hosts::start("recover-on-target");
+    hosts.migrate_losing(MessageType::Complete);
+    let (source_rounds, _) = hosts.assert_stopped_on_both();
+
+    let out = hosts.recover(&["--run-on", "target"]);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the target runs the guest"));
+    assert_runs_on_the_target_only(&mut hosts, source_rounds);
+}
+
+#[test]
+fn an_sev_guest_whose_complete_is_lost_runs_on_the_target_after_recovery() {
+    let mut hosts = Hosts::start_with("recover-sev", Guest::Sev, Receiver::Single);
+    hosts.migrate_losing(MessageType::Complete);
+    let (source_rounds, target_rounds) = hosts.assert_stopped_on_both();
+    assert_eq!(target_rounds, 0);
+
+    // After SEND_FINISH the source cannot run it: asking to resume here is refused before
+    // the target is asked (which would have discarded the only runnable copy).
+    let out = hosts.recover(&["--run-on", "source"]);
+    let text = common::describe(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("cannot resume after SEND_FINISH"), "{text}");
+    assert_eq!(
+        common::status(&hosts.path("a.sock"))["migration"]["phase"],
+        "in-doubt"
+    );
+
+    // By default an SEV guest is settled on the target.
+    let out = hosts.recover(&[]);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the target runs the guest"));
+    assert_runs_on_the_target_only(&mut hosts, source_rounds);
+}
+
+#[test]
+fn under_keep_listening_a_lost_complete_is_settled_through_the_service() {
+    let mut hosts = Hosts::start_with("recover-service", Guest::Plain, Receiver::Service);
+    hosts.migrate_losing(MessageType::Complete);
+    let (source_rounds, _) = hosts.assert_stopped_on_both();
+    // Guest 1 arrived in a process of its own, which holds it paused (its API not up yet);
+    // the process now on the listener knows no migration and passes the query on.
+    assert!(!hosts.path("b-1.sock").exists());
+
+    let out = hosts.recover(&["--run-on", "target"]);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the target runs the guest"));
+    wait_for_rounds(&hosts.path("target.log"), 0);
+    assert!(hosts.source.wait().success(), "the source ends as migrated");
+    assert_eq!(rounds(&hosts.path("source.log")), source_rounds);
+    common::wait_for(&hosts.path("b-1.sock"));
+    let status = common::status(&hosts.path("b-1.sock"));
+    assert_eq!(status["state"], "running", "{status}");
+    assert!(
+        eventually_contains(&hosts.path("target.err"), "asked about migration"),
+        "{}",
+        std::fs::read_to_string(hosts.path("target.err")).unwrap_or_default()
+    );
+    // The service still takes guests: the query did not end it.
+    assert!(hosts.target.0.try_wait().unwrap().is_none());
+    common::ctl(&hosts.path("b-1.sock"), &["shutdown"]);
+    // The service ends on SIGTERM, its waiting child with it (PR_SET_PDEATHSIG), and leaves
+    // no directory behind.
+    let service = hosts.target.0.id() as i32;
+    let dir = std::env::temp_dir().join(format!("veil-receive-{service}-0"));
+    assert!(dir.exists());
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(service, libc::SIGTERM) };
+    hosts.target.wait();
+    assert!(!dir.exists(), "{} left behind", dir.display());
 }

@@ -46,6 +46,7 @@ enum Step {
     /// Recovery messages on a migration connection: always refused.
     Recover([u8; 32]),
     Recovered(u8),
+    Adopt([u8; 32]),
     // What the target sends.
     Accept {
         features: u64,
@@ -107,6 +108,7 @@ fuzz_target!(|steps: Vec<Step>| {
             Step::Synced => Some(Message::Synced),
             Step::Running => Some(Message::Running),
             Step::Recover(id) => Some(Message::Recover(MigrationId::from_bytes(id))),
+            Step::Adopt(id) => Some(Message::Adopt(MigrationId::from_bytes(id))),
             Step::Recovered(code) => RecoveryOutcome::from_code(code).map(Message::Recovered),
             Step::Chunk(pages) => {
                 let mut encoder = ChunkEncoder::new();
@@ -184,7 +186,12 @@ fuzz_target!(|steps: Vec<Step>| {
                 }
                 Ok(ReceiverAction::WritePages) => panic!("pages from a message that is no chunk"),
                 Ok(ReceiverAction::Discard { .. }) => failed = true,
-                Ok(_) if matches!(message, Message::Recover(_) | Message::Recovered(_)) => {
+                Ok(_)
+                    if matches!(
+                        message,
+                        Message::Recover(_) | Message::Recovered(_) | Message::Adopt(_)
+                    ) =>
+                {
                     panic!("a recovery message accepted in a migration")
                 }
                 Ok(_) => assert!(!failed, "the session went on after it failed"),

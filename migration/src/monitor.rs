@@ -137,6 +137,15 @@ impl MigrationMonitor {
         });
     }
 
+    /// The target took the guest after all (Adopt): the migration completed, late.
+    pub(crate) fn adopted(&self) {
+        *self.in_doubt.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.update(|p| {
+            p.phase = Phase::Completed;
+            p.error = None;
+        });
+    }
+
     pub(crate) fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
     }

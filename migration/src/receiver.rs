@@ -20,7 +20,7 @@ use crate::protocol::{
     MessageType, PageContentRef, ProtocolError, ReceiverAction, ReceiverSession, SessionError,
     VmShape,
 };
-use crate::protocol::{Fate, FateError, MigrationId};
+use crate::protocol::{Fate, FateError, MigrationId, RecoveryOutcome};
 use crate::recovery::SharedFate;
 use crate::transport::{Accepted, Listener, Stream, TransportError};
 use std::sync::Arc;
@@ -124,19 +124,40 @@ pub fn accept<S: Read + Write>(
 /// slow) is logged with its peer and what went wrong, dropped, and the wait goes on: a port
 /// scan or a health check cannot end it. Connections are taken one at a time, so a real
 /// source may wait up to `hello_timeout` behind a stranger (well within its peer timeout).
+/// A recovery query is answered Unknown: no migration is under way here yet.
 pub fn accept_from(
     listener: &Listener,
     hello_timeout: Duration,
     check: impl FnOnce(&VmShape) -> Result<(), String>,
     sev_chain: Option<Vec<u8>>,
 ) -> Result<Incoming<Stream>, ReceiveError> {
+    accept_answering(
+        listener,
+        hello_timeout,
+        &|_| RecoveryOutcome::Unknown,
+        check,
+        sev_chain,
+    )
+}
+
+/// As [`accept_from`], answering each recovery query (Recover or Adopt, about a migration this
+/// process does not hold) with `answer`'s outcome: under `--keep-listening` the sibling
+/// process that holds the guest decides ([`crate::recovery::siblings`]).
+pub fn accept_answering(
+    listener: &Listener,
+    hello_timeout: Duration,
+    answer: &dyn Fn(&Message) -> RecoveryOutcome,
+    check: impl FnOnce(&VmShape) -> Result<(), String>,
+    sev_chain: Option<Vec<u8>>,
+) -> Result<Incoming<Stream>, ReceiveError> {
     loop {
-        match opening(listener, hello_timeout) {
-            Ok((stream, peer, session, hello)) => {
+        match opening(listener, hello_timeout, answer) {
+            Ok(Some((stream, peer, session, hello))) => {
                 let mut incoming = answer_hello(stream, session, hello, check, sev_chain)?;
                 incoming.peer = Some(peer);
                 return Ok(incoming);
             }
+            Ok(None) => {}
             Err(e @ ReceiveError::Stranger { .. }) => {
                 tracing::warn!("{}", crate::error_chain(&e));
             }
@@ -145,12 +166,16 @@ pub fn accept_from(
     }
 }
 
-/// One connection's opening: the stream and its valid `Hello`, a
-/// [`ReceiveError::Stranger`] for a connection to drop, or a listener that failed.
+/// A source's connection, by the time its `Hello` has been read.
+type Opened = (Stream, String, ReceiverSession, Hello);
+
+/// One connection's opening: the stream and its valid `Hello`; `None` for a recovery query,
+/// answered; a [`ReceiveError::Stranger`] for a connection to drop; or a listener that failed.
 fn opening(
     listener: &Listener,
     hello_timeout: Duration,
-) -> Result<(Stream, String, ReceiverSession, Hello), ReceiveError> {
+    answer: &dyn Fn(&Message) -> RecoveryOutcome,
+) -> Result<Option<Opened>, ReceiveError> {
     let Accepted {
         mut stream,
         peer,
@@ -167,16 +192,26 @@ fn opening(
         peer: peer.clone(),
         source: Box::new(source),
     };
-    let hello = read_hello(&mut ByDeadline {
+    let mut bounded = ByDeadline {
         stream: &mut stream,
         deadline,
         timeout: hello_timeout,
-    });
-    let (session, hello) = hello.map_err(stranger)?;
+    };
+    let frame = read_frame(&mut bounded).map_err(|e| stranger(ReceiveError::Protocol(e)))?;
+    if let Message::Recover(id) | Message::Adopt(id) = frame.message {
+        let outcome = answer(&frame.message);
+        tracing::warn!(
+            "{peer} asked about migration {id} ({}): {outcome:?}",
+            frame.message.kind()
+        );
+        let _ = write_frame(&mut bounded, &Message::Recovered(outcome));
+        return Ok(None);
+    }
+    let (session, hello) = hello_from(&mut bounded, frame.message).map_err(stranger)?;
     stream
         .set_peer_timeouts()
         .map_err(|e| stranger(ReceiveError::Protocol(ProtocolError::Io(e))))?;
-    Ok((stream, peer, session, hello))
+    Ok(Some((stream, peer, session, hello)))
 }
 
 /// A new connection's stream while it owes its `Hello`: every read is bounded by what is
@@ -241,9 +276,18 @@ impl Write for ByDeadline<'_> {
 /// The first frame, which must be a valid `Hello`; a peer that opens with anything else is
 /// told why (best effort) before the error comes back.
 fn read_hello(stream: &mut (impl Read + Write)) -> Result<(ReceiverSession, Hello), ReceiveError> {
-    let mut session = ReceiverSession::new();
     let frame = read_frame(stream)?;
-    match (session.on_message(&frame.message), frame.message) {
+    hello_from(stream, frame.message)
+}
+
+/// A new session, if `first` (the connection's first message) is a Hello it can start with;
+/// otherwise the reason is sent back.
+fn hello_from(
+    stream: &mut (impl Read + Write),
+    first: Message,
+) -> Result<(ReceiverSession, Hello), ReceiveError> {
+    let mut session = ReceiverSession::new();
+    match (session.on_message(&first), first) {
         (Ok(ReceiverAction::CheckHello), Message::Hello(hello)) => Ok((session, hello)),
         (Err(e), _) => {
             let _ = write_frame(stream, &Message::error(crate::error_chain(&e)));
@@ -428,8 +472,9 @@ impl<S: Read + Write> Incoming<S> {
 
     /// Waits for the source's `Complete`: from then on the guest runs only here. An error
     /// means it never will. When the link is lost before Complete and someone answers the
-    /// source's recovery queries, the guest is held (paused) until a query discards it or the
-    /// window ends; with no one answering, it is discarded at once.
+    /// source's recovery queries, the guest is held (paused) until a query discards it, an
+    /// Adopt request has it run here after all (then this returns `Ok`), or the window ends;
+    /// with no one answering, it is discarded at once.
     pub fn wait_complete(&mut self) -> Result<(), ReceiveError> {
         let result = self.read_complete();
         match &result {
@@ -442,6 +487,10 @@ impl<S: Read + Write> Incoming<S> {
                          source's recovery query"
                     );
                     let fate = self.fate.settle_by(until);
+                    if fate.is_running() {
+                        tracing::warn!("the source asked this host to run the guest: it runs here");
+                        return Ok(());
+                    }
                     tracing::warn!("the guest will not run here ({fate:?})");
                 }
                 self.fate.discard();

@@ -49,12 +49,16 @@ pub enum Request {
         #[serde(default)]
         sev_target_chain: Option<String>,
     },
-    /// After a migration left in doubt (Complete sent, never confirmed): ask the target at
-    /// `to` whether it runs the guest, and resume it here only if the target has discarded
-    /// it for good. Same transport options as `migrate`.
+    /// After a migration left in doubt (Complete sent, never confirmed): settle with the
+    /// target at `to` where the guest runs. `run_on: "source"` resumes it here only if the
+    /// target has discarded it for good; `"target"` has the target run it unless it was
+    /// discarded, and this VMM then stops. By default "source", or "target" for an SEV guest
+    /// (which cannot resume here after SEND_FINISH). Same transport options as `migrate`.
     MigrateRecover {
         #[serde(flatten)]
         target: MigrationTarget,
+        #[serde(default)]
+        run_on: Option<veil_migration::recovery::RunOn>,
     },
 }
 

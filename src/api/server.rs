@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::protocol::{MigrationTarget, Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
 use crate::Vm;
+use veil_migration::recovery::RunOn;
 use veil_seccomp::ThreadKind;
 
 /// Errors starting the server.
@@ -384,9 +385,9 @@ fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Res
         } => on_worker(migrations, move |vm| {
             snapshot(vm, &to, stop, sev_target_chain)
         }),
-        Request::MigrateRecover { target } => on_worker(migrations, move |vm| {
-            recover(vm, target)?;
-            Ok(serde_json::json!({ "state": state_name(vm.state()) }))
+        Request::MigrateRecover { target, run_on } => on_worker(migrations, move |vm| {
+            let runs_on = recover(vm, target, run_on)?;
+            Ok(serde_json::json!({ "runs_on": runs_on, "state": state_name(vm.state()) }))
         }),
         Request::MigrateCancel => {
             if vm.migration().cancel() {
@@ -435,12 +436,19 @@ fn snapshot(
     }))
 }
 
-fn recover(vm: &Vm, target: MigrationTarget) -> Result<(), Box<dyn std::error::Error>> {
+fn recover(
+    vm: &Vm,
+    target: MigrationTarget,
+    run_on: Option<RunOn>,
+) -> Result<RunOn, Box<dyn std::error::Error>> {
     let (endpoint, security) = target.endpoint()?;
-    veil_migration::recovery::recover(vm.inner(), vm.migration(), || {
-        veil_migration::transport::connect(&endpoint, &security)
-    })?;
-    Ok(())
+    let run_on = run_on.unwrap_or_else(|| RunOn::default_for(vm.inner()));
+    Ok(veil_migration::recovery::recover(
+        vm.inner(),
+        vm.migration(),
+        run_on,
+        || veil_migration::transport::connect(&endpoint, &security),
+    )?)
 }
 
 /// The time limits of a migrate request.

@@ -586,8 +586,8 @@ mod tests {
             ProtocolError::UnknownMessage { code: 0 }
         ));
         assert!(matches!(
-            bad(header(MAGIC, PROTOCOL_VERSION, 15, 0)),
-            ProtocolError::UnknownMessage { code: 15 }
+            bad(header(MAGIC, PROTOCOL_VERSION, 16, 0)),
+            ProtocolError::UnknownMessage { code: 16 }
         ));
         let mut reserved = header(MAGIC, PROTOCOL_VERSION, MessageType::Ack as u16, 0);
         reserved[23] = 0x80;

@@ -71,6 +71,7 @@ pub enum MessageType {
     Running = 12,
     Recover = 13,
     Recovered = 14,
+    Adopt = 15,
 }
 
 impl MessageType {
@@ -92,6 +93,7 @@ impl MessageType {
             Running,
             Recover,
             Recovered,
+            Adopt,
         ]
         .into_iter()
         .find(|t| *t as u16 == code)
@@ -109,7 +111,7 @@ impl MessageType {
             | MessageType::Sync
             | MessageType::Synced
             | MessageType::Running => 0,
-            MessageType::Recover => MigrationId::BYTES as u64,
+            MessageType::Recover | MessageType::Adopt => MigrationId::BYTES as u64,
             MessageType::Recovered => 1,
             MessageType::Error | MessageType::Cancel => MAX_REASON_BYTES as u64,
         }
@@ -258,8 +260,12 @@ pub enum Message {
     /// Source, alone on a new connection: what became of the migration `id`? Sent only by
     /// a source left in doubt (Complete sent, Running never came); see [`super::recovery`].
     Recover(MigrationId),
-    /// Target, in answer to Recover.
+    /// Target, in answer to Recover or Adopt.
     Recovered(RecoveryOutcome),
+    /// Source, alone on a new connection, in doubt about migration `id` and unable or unwilling
+    /// to resume the guest itself (an SEV guest after SEND_FINISH): run it there, as a late
+    /// Complete would, unless it was discarded. See [`super::recovery`].
+    Adopt(MigrationId),
 }
 
 impl Message {
@@ -291,6 +297,7 @@ impl Message {
             Message::Running => MessageType::Running,
             Message::Recover(_) => MessageType::Recover,
             Message::Recovered(_) => MessageType::Recovered,
+            Message::Adopt(_) => MessageType::Adopt,
             Message::Error { .. } => MessageType::Error,
             Message::Cancel { .. } => MessageType::Cancel,
         }
@@ -315,7 +322,7 @@ impl Message {
             | Message::Sync
             | Message::Synced
             | Message::Running => {}
-            Message::Recover(id) => out.extend_from_slice(id.as_bytes()),
+            Message::Recover(id) | Message::Adopt(id) => out.extend_from_slice(id.as_bytes()),
             Message::Recovered(outcome) => put_u8(out, outcome.code()),
             Message::Error { reason } | Message::Cancel { reason } => {
                 out.extend_from_slice(reason.as_bytes())
@@ -364,6 +371,9 @@ impl Message {
             MessageType::Running => Message::Running,
             MessageType::Recover => {
                 Message::Recover(MigrationId::from_bytes(*c.array("migration id")?))
+            }
+            MessageType::Adopt => {
+                Message::Adopt(MigrationId::from_bytes(*c.array("migration id")?))
             }
             MessageType::Recovered => {
                 let code = c.u8("outcome")?;
@@ -616,6 +626,7 @@ pub(crate) mod tests {
             Message::Synced,
             Message::Running,
             Message::Recover(MigrationId::of_state(b"{}")),
+            Message::Adopt(MigrationId::of_state(b"{}")),
             Message::Recovered(RecoveryOutcome::Discarded),
             Message::Recovered(RecoveryOutcome::Running),
             Message::Recovered(RecoveryOutcome::Unknown),
@@ -763,7 +774,8 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(MessageType::from_code(0), None);
-        assert_eq!(MessageType::from_code(15), None);
+        assert_eq!(MessageType::from_code(16), None);
+        assert_eq!(MessageType::from_code(15), Some(MessageType::Adopt));
         assert_eq!(MessageType::from_code(14), Some(MessageType::Recovered));
         assert_eq!(MessageType::from_code(11), Some(MessageType::Synced));
         assert_eq!(MessageType::from_code(9), Some(MessageType::Cancel));

@@ -11,10 +11,18 @@
 //!      ◀──────────────────────────────────────────────── Recovered { Discarded | Running | Unknown }
 //!  Discarded: resume the guest here
 //!  Running / Unknown: keep it stopped, say why
+//!
+//!  Adopt { id } ──────────────────────────────────────────▶ commit the guest's fate, then answer
+//!      ◀──────────────────────────────────────────────── Recovered { Running | Discarded | Unknown }
+//!  Running: the guest runs there; stop it here for good
+//!  Discarded / Unknown: it does not run there; say why
 //! ```
 //!
+//! An SEV source cannot resume its guest after SEND_FINISH, so it asks with Adopt instead: a
+//! waiting guest then runs on the target, as if Complete had arrived.
+//!
 //! The target's guest has one [`Fate`], changed only by its two transitions, each atomic:
-//! Complete makes a `Ready` guest `Running`; a query makes it `Discarded`. Whichever comes
+//! Complete (or Adopt) makes a `Ready` guest `Running`; a Recover query makes it `Discarded`. Whichever comes
 //! first wins, and neither undoes the other: a guest that is `Discarded` never runs (a late
 //! Complete is refused), and a query about a `Running` guest is answered Running. The source
 //! resumes only on Discarded, which the target sends only after the fate is `Discarded`
@@ -165,6 +173,20 @@ impl Fate {
         }
     }
 
+    /// A request to run the guest of migration `id` here after all (the source cannot resume
+    /// it, or its operator prefers it here): a waiting guest runs, as on a late Complete;
+    /// one already discarded stays discarded. Then says what to answer.
+    pub fn adopt(&mut self, id: MigrationId) -> RecoveryOutcome {
+        match *self {
+            Fate::Ready(mine) | Fate::Running(mine) if mine == id => {
+                *self = Fate::Running(mine);
+                RecoveryOutcome::Running
+            }
+            Fate::Discarded(mine) if mine == id => RecoveryOutcome::Discarded,
+            _ => RecoveryOutcome::Unknown,
+        }
+    }
+
     /// Whether the guest runs here.
     pub fn is_running(&self) -> bool {
         matches!(self, Fate::Running(_))
@@ -223,12 +245,31 @@ mod tests {
         assert!(fate.is_running(), "a running guest is never discarded");
     }
 
+    #[test]
+    fn adopt_runs_a_waiting_guest_but_never_a_discarded_one() {
+        let mut fate = Fate::Arriving;
+        assert_eq!(fate.adopt(id(1)), RecoveryOutcome::Unknown, "no State yet");
+        fate.state_arrived(id(1)).unwrap();
+        assert_eq!(fate.adopt(id(2)), RecoveryOutcome::Unknown);
+        assert_eq!(fate, Fate::Ready(id(1)), "an unknown id changes nothing");
+        assert_eq!(fate.adopt(id(1)), RecoveryOutcome::Running);
+        assert!(fate.is_running());
+        assert_eq!(fate.adopt(id(1)), RecoveryOutcome::Running, "asked again");
+        assert_eq!(fate.query(id(1)), RecoveryOutcome::Running);
+
+        let mut fate = Fate::Ready(id(1));
+        assert_eq!(fate.query(id(1)), RecoveryOutcome::Discarded);
+        assert_eq!(fate.adopt(id(1)), RecoveryOutcome::Discarded);
+        assert!(!fate.is_running());
+    }
+
     #[derive(Debug, Clone)]
     enum Event {
         State(u8),
         Complete,
         Discard,
         Query(u8),
+        Adopt(u8),
     }
 
     fn event() -> impl Strategy<Value = Event> {
@@ -237,6 +278,7 @@ mod tests {
             Just(Event::Complete),
             Just(Event::Discard),
             (0u8..2).prop_map(Event::Query),
+            (0u8..2).prop_map(Event::Adopt),
         ]
     }
 
@@ -265,6 +307,17 @@ mod tests {
                         }
                         RecoveryOutcome::Running => prop_assert!(ran),
                         RecoveryOutcome::Unknown => {}
+                    },
+                    Event::Adopt(n) => match fate.adopt(id(n)) {
+                        RecoveryOutcome::Running => {
+                            prop_assert!(!told_discarded, "adopted after the source was told to resume");
+                            prop_assert!(fate.is_running());
+                        }
+                        RecoveryOutcome::Discarded => {
+                            prop_assert!(!fate.is_running());
+                            told_discarded = true;
+                        }
+                        RecoveryOutcome::Unknown => prop_assert_eq!(fate.is_running(), ran),
                     },
                 }
                 if ran {

@@ -175,7 +175,7 @@ enum View<'a> {
     Sync,
     Synced,
     Running,
-    /// Recover or Recovered.
+    /// Recover, Adopt or Recovered.
     Recovery(MessageType),
     End {
         cancelled: bool,
@@ -216,7 +216,7 @@ impl View<'_> {
             | View::Complete
             | View::Sync => Some(Side::Source),
             View::HelloReply(_) | View::Ack | View::Synced | View::Running => Some(Side::Target),
-            View::Recovery(MessageType::Recover) => Some(Side::Source),
+            View::Recovery(MessageType::Recover | MessageType::Adopt) => Some(Side::Source),
             View::Recovery(_) => Some(Side::Target),
             View::End { .. } => None,
         }
@@ -518,7 +518,9 @@ fn with_view<T>(m: &Message, f: impl FnOnce(View<'_>) -> T) -> T {
         Message::Sync => f(View::Sync),
         Message::Synced => f(View::Synced),
         Message::Running => f(View::Running),
-        Message::Recover(_) | Message::Recovered(_) => f(View::Recovery(m.kind())),
+        Message::Recover(_) | Message::Recovered(_) | Message::Adopt(_) => {
+            f(View::Recovery(m.kind()))
+        }
         Message::Error { reason } => f(View::End {
             cancelled: false,
             reason,
@@ -1273,6 +1275,7 @@ mod tests {
         for k in 0..=steps.len() {
             for m in [
                 Message::Recover(MigrationId::of_state(b"x")),
+                Message::Adopt(MigrationId::of_state(b"x")),
                 Message::Recovered(RecoveryOutcome::Discarded),
             ] {
                 let mut pair = Pair::new();
@@ -1397,6 +1400,7 @@ mod tests {
             Just(Message::Complete),
             Just(Message::Running),
             Just(Message::Recover(MigrationId::of_state(b"s"))),
+            Just(Message::Adopt(MigrationId::of_state(b"s"))),
             Just(Message::Recovered(RecoveryOutcome::Discarded)),
             Just(Message::error("e")),
             Just(Message::cancel("c")),
@@ -1437,7 +1441,10 @@ mod tests {
                     prop_assert!(!source.guest_may_resume_here());
                 }
                 // Recovery messages never belong to a migration connection.
-                if matches!(m, Message::Recover(_) | Message::Recovered(_)) {
+                if matches!(
+                    m,
+                    Message::Recover(_) | Message::Recovered(_) | Message::Adopt(_)
+                ) {
                     prop_assert!(ReceiverSession::new().on_message(&m).is_err());
                 }
             }

@@ -11,7 +11,10 @@
 //! the migration by its id. The target commits the guest's fate under one lock before it
 //! answers: a guest waiting for Complete is discarded for good (a Complete arriving later is
 //! refused), a guest already running is reported running. Only Discarded resumes the guest on
-//! the source. Every interleaving of the query, Complete and the link's failure:
+//! the source. A source that cannot resume its guest (SEV, after SEND_FINISH), or whose
+//! operator wants it on the target ([`RunOn::Target`]), asks the target to adopt it instead:
+//! a waiting guest runs there as on a late Complete, and the source stops for good. Every
+//! interleaving of the query, Complete and the link's failure:
 //!
 //! - Complete reaches the target before the query: it runs there; the query is told Running
 //!   and the source stays stopped.
@@ -22,6 +25,8 @@
 //!
 //! In none of them does the guest run in two places; the price is that an unreachable target
 //! leaves the guest stopped on both hosts, as before.
+
+pub mod siblings;
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -221,6 +226,13 @@ fn serve(
                 tracing::warn!("{peer} asked about migration {id}: {outcome:?}");
                 let _ = write_frame(&mut stream, &Message::Recovered(outcome));
             }
+            Ok(Message::Adopt(id)) => {
+                let outcome = fate.update(|f| f.adopt(id));
+                tracing::warn!(
+                    "{peer} asked this host to run the guest of migration {id}: {outcome:?}"
+                );
+                let _ = write_frame(&mut stream, &Message::Recovered(outcome));
+            }
             Ok(Message::Hello(_)) => {
                 let _ = write_frame(
                     &mut stream,
@@ -241,17 +253,65 @@ fn serve(
     }
 }
 
-/// Why the source's guest was not resumed; it stays stopped here.
+/// Where a recovered guest is to run: the host that asks decides, the target's fate settles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOn {
+    /// Here, if the target discards the guest (a Recover query).
+    Source,
+    /// On the target, if it still holds the guest (an Adopt request). The only way out for an
+    /// SEV guest, which cannot resume here after SEND_FINISH.
+    Target,
+}
+
+impl RunOn {
+    /// Where `vm`'s guest runs when the operator does not say: here if it can.
+    pub fn default_for(vm: &RunningVm) -> Self {
+        if is_sev(vm) {
+            RunOn::Target
+        } else {
+            RunOn::Source
+        }
+    }
+}
+
+impl std::str::FromStr for RunOn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "source" => Ok(RunOn::Source),
+            "target" => Ok(RunOn::Target),
+            other => Err(format!("{other:?} is neither source nor target")),
+        }
+    }
+}
+
+impl std::fmt::Display for RunOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunOn::Source => "source",
+            RunOn::Target => "target",
+        })
+    }
+}
+
+fn is_sev(vm: &RunningVm) -> bool {
+    vm.paravirt().page_states().is_some()
+}
+
+/// Why the recovery did not end with the guest running; it stays stopped here.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
     #[error("No migration of this guest is in doubt: nothing to recover")]
     NotInDoubt,
-    #[error("An SEV guest cannot resume after SEND_FINISH: the target was not asked, the guest stays stopped")]
+    #[error("An SEV guest cannot resume after SEND_FINISH: only the target can run it (--run-on target); the target was not asked")]
     Sev,
     #[error(
         "The target runs the guest: it must not resume here (stop this VMM with veil ctl shutdown)"
     )]
     TargetRuns,
+    #[error("The target discarded the guest (its recovery window had ended, or another query came first) and this SEV guest cannot resume after SEND_FINISH: it is lost, stop this VMM with veil ctl shutdown")]
+    Lost,
     #[error(
         "The target knows no migration {0}: it proves nothing, so the guest stays stopped here"
     )]
@@ -266,20 +326,29 @@ pub enum RecoverError {
     Protocol(#[from] ProtocolError),
 }
 
-/// Asks the target that `connect` reaches what became of the migration this source is in
-/// doubt about, and resumes the guest here only if the target has discarded it for good.
+/// Asks the target that `connect` reaches about the migration this source is in doubt about,
+/// and settles where the guest runs: with [`RunOn::Source`] it resumes here only if the target
+/// has discarded it for good; with [`RunOn::Target`] the target runs it unless it was
+/// discarded, and this VM then stops for good as after a completed migration (or, for a guest
+/// that can resume here, resumes it here if the target had discarded it). Returns where the
+/// guest runs.
 pub fn recover<S: Read + Write>(
     vm: &RunningVm,
     monitor: &MigrationMonitor,
+    run_on: RunOn,
     connect: impl FnOnce() -> Result<S, TransportError>,
-) -> Result<(), RecoverError> {
+) -> Result<RunOn, RecoverError> {
     let id = monitor.in_doubt().ok_or(RecoverError::NotInDoubt)?;
-    // Asking commits the target to discard: only ask if this side can then resume.
-    if vm.paravirt().page_states().is_some() {
+    // Recover commits the target to discard: only ask if this side can then resume.
+    if run_on == RunOn::Source && is_sev(vm) {
         return Err(RecoverError::Sev);
     }
     let mut stream = connect()?;
-    write_frame(&mut stream, &Message::Recover(id))?;
+    let query = match run_on {
+        RunOn::Source => Message::Recover(id),
+        RunOn::Target => Message::Adopt(id),
+    };
+    write_frame(&mut stream, &query)?;
     let outcome = match read_frame(&mut stream)?.message {
         Message::Recovered(outcome) => outcome,
         Message::Error { reason } | Message::Cancel { reason } => {
@@ -288,13 +357,30 @@ pub fn recover<S: Read + Write>(
         other => return Err(RecoverError::OutOfTurn(other.kind().to_string())),
     };
     match outcome {
-        RecoveryOutcome::Discarded => {}
+        RecoveryOutcome::Discarded if is_sev(vm) => {
+            monitor.update(|p| p.error = Some(RecoverError::Lost.to_string()));
+            Err(RecoverError::Lost)
+        }
+        RecoveryOutcome::Discarded => {
+            resume_here(vm, monitor, id);
+            Ok(RunOn::Source)
+        }
+        RecoveryOutcome::Running if run_on == RunOn::Target => {
+            monitor.adopted();
+            vm.hand_over();
+            tracing::warn!("migration {id}: the target runs the guest; this VMM stops");
+            Ok(RunOn::Target)
+        }
         RecoveryOutcome::Running => {
             monitor.update(|p| p.error = Some(RecoverError::TargetRuns.to_string()));
-            return Err(RecoverError::TargetRuns);
+            Err(RecoverError::TargetRuns)
         }
-        RecoveryOutcome::Unknown => return Err(RecoverError::Unknown(id)),
+        RecoveryOutcome::Unknown => Err(RecoverError::Unknown(id)),
     }
+}
+
+/// The target has discarded the guest for good: it runs here again, with its disks.
+fn resume_here(vm: &RunningVm, monitor: &MigrationMonitor, id: MigrationId) {
     if let Some(devices) = vm.devices() {
         // As after any failed migration: if another VMM opened a disk meanwhile, the guest
         // runs on and its disk requests fail, rather than two writers sharing it.
@@ -310,5 +396,4 @@ pub fn recover<S: Read + Write>(
         vm.resume();
     }
     tracing::warn!("migration {id}: the target discarded the guest; it runs here again");
-    Ok(())
 }
