@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use veil_migration::duplex::Duplex;
 use veil_migration::protocol::MessageType;
 
 /// Relays one connection from `listen` to `target`, frame by frame, until a frame of type
@@ -414,4 +415,170 @@ fn under_keep_listening_a_lost_complete_is_settled_through_the_service() {
     unsafe { libc::kill(service, libc::SIGTERM) };
     hosts.target.wait();
     assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+/// A TLS link that drops the first Complete the sender writes through it and then cuts
+/// itself, as a relay would, but above the TLS layer (a relay cannot read frames in it).
+struct LosingComplete {
+    inner: Option<veil_migration::transport::Stream>,
+    /// Bytes written that do not make a whole frame yet.
+    pending: Vec<u8>,
+}
+
+impl LosingComplete {
+    fn link(&mut self) -> std::io::Result<&mut veil_migration::transport::Stream> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| std::io::ErrorKind::BrokenPipe.into())
+    }
+
+    /// The whole frames in `pending`, taken out; cuts the link at a Complete.
+    fn frames(&mut self) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        while self.inner.is_some() && self.pending.len() >= 24 {
+            let kind = u16::from_le_bytes([self.pending[6], self.pending[7]]);
+            let len = u64::from_le_bytes(self.pending[8..16].try_into().unwrap()) as usize;
+            if self.pending.len() < 24 + len {
+                break;
+            }
+            let frame: Vec<u8> = self.pending.drain(..24 + len).collect();
+            if kind == MessageType::Complete as u16 {
+                self.inner = None;
+                self.pending.clear();
+            } else {
+                frames.push(frame);
+            }
+        }
+        frames
+    }
+}
+
+impl Read for LosingComplete {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.link()?.read(buf)
+    }
+}
+
+impl Write for LosingComplete {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_or_hear(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.link()?.flush()
+    }
+}
+
+impl Duplex for LosingComplete {
+    fn write_or_hear(&mut self, buf: &[u8]) -> std::io::Result<veil_migration::duplex::Written> {
+        use veil_migration::duplex::Written;
+        self.link()?;
+        self.pending.extend_from_slice(buf);
+        for frame in self.frames() {
+            if self.link()?.write_or_hear(&frame)? == Written::PeerSpoke {
+                return Ok(Written::PeerSpoke);
+            }
+        }
+        Ok(Written::All)
+    }
+}
+
+#[test]
+fn over_mutual_tls_a_lost_complete_is_recovered_and_a_stranger_cannot_settle_it() {
+    use common::tls::Ca;
+    use veil_migration::recovery::{recover, RunOn};
+    use veil_migration::transport::{self, Security};
+    let dir = common::TempDir::new("recover-tls");
+    let (site, rogue) = (Ca::new(&dir.0, "site"), Ca::new(&dir.0, "rogue"));
+    let target_files = site.host(&dir.0, "target", &["127.0.0.1"]);
+    let source_files = site.host(&dir.0, "source", &["source.example"]);
+    let rogue_files = rogue.host_trusting(&dir.0, "rogue", &["rogue.example"], &site.pem);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint: transport::Endpoint = format!("tcp:127.0.0.1:{port}").parse().unwrap();
+    let mut target = common::veil()
+        .args(["receive", "--listen", &endpoint.to_string()])
+        .arg("--tls-cert")
+        .arg(&target_files.cert)
+        .arg("--tls-key")
+        .arg(&target_files.key)
+        .arg("--tls-ca")
+        .arg(&target_files.ca)
+        .arg("--serial")
+        .arg(format!("file:{}", dir.path("target.log").display()))
+        .args(["--recovery-window", "60s"])
+        .stderr(std::fs::File::create(dir.path("target.err")).unwrap())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    let capture = veil::CapturedOutput::new();
+    let vm = veil::VmBuilder::new()
+        .kernel(veil_guests::kit_elf_path())
+        .cmdline("dirty-loop:seed=7,first=0x800,count=64,check=20")
+        .memory_bytes(32 << 20)
+        .serial_writer(capture.clone())
+        .start()
+        .unwrap();
+    assert!(capture.wait_for("round", Duration::from_secs(60)));
+    let connect = |files: &veil_migration::tls::TlsFiles| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match transport::connect(&endpoint, &Security::tls(files.clone())) {
+                Ok(stream) => return Ok(stream),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
+    let mut link = LosingComplete {
+        inner: Some(connect(&source_files).unwrap()),
+        pending: Vec::new(),
+    };
+    let options = veil_migration::sender::SendOptions {
+        monitor: std::sync::Arc::clone(vm.migration()),
+        ..Default::default()
+    };
+    let sent = veil::migration::send_over(&vm, &mut link, &options, vec![]);
+    assert!(
+        matches!(sent, Err(veil_migration::sender::SendError::InDoubt { .. })),
+        "{sent:?}"
+    );
+    let text = capture.text();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(capture.text(), text, "stopped here");
+    assert_eq!(rounds(&dir.path("target.log")), 0, "and there");
+
+    // A peer with a certificate from another CA is turned away before it can ask.
+    let stranger = recover(vm.inner(), vm.migration(), RunOn::Source, || {
+        connect(&rogue_files)
+    });
+    // (Under TLS 1.3 the client hears of it at its first read.)
+    let refused = veil::error_chain(&stranger.unwrap_err());
+    assert!(
+        refused.contains("refused this host's TLS certificate"),
+        "{refused}"
+    );
+    assert!(vm.migration().in_doubt().is_some(), "still in doubt");
+
+    let settled = recover(vm.inner(), vm.migration(), RunOn::Source, || {
+        connect(&source_files)
+    });
+    assert_eq!(settled.unwrap(), RunOn::Source);
+    // The guest runs here again, checking its stamps; the target discarded its copy.
+    let rounds_before = capture.text().matches("round").count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while capture.text().matches("round").count() <= rounds_before {
+        assert!(Instant::now() < deadline, "the guest does not run again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(eventually_contains(&dir.path("target.err"), "discarded"));
+    assert_eq!(rounds(&dir.path("target.log")), 0);
+    vm.stop();
+    vm.wait();
+    let _ = target.0.kill();
+    target.wait();
 }
