@@ -19,6 +19,24 @@ use crate::layout;
 /// Guest memory as the VMM sees it, tracking the pages the VMM writes.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
+/// Copies `bytes` into guest memory at `at` without marking the VMM's dirty bitmap: for filling
+/// a VM whose guest has not run (a migration or restore arriving), where nothing reads those
+/// marks. The locked bit-set per page stalled each copy until its stores drained.
+pub fn fill_unlogged(
+    memory: &GuestMemory,
+    bytes: &[u8],
+    at: GuestAddress,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let slice = memory.get_slice(at, bytes.len())?;
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: `guard` points at `slice.len()` bytes of one mapped region, which stays mapped
+    // while `memory` is borrowed, longer than the new slice (used for this copy only); every
+    // access to guest memory is volatile, as this one is.
+    let unlogged = unsafe { vm_memory::VolatileSlice::new(guard.as_ptr(), slice.len()) };
+    unlogged.copy_from(bytes);
+    Ok(())
+}
+
 /// Smallest guest Veil runs: room for the boot area, a kernel and its page tables.
 pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
 /// Largest guest Veil accepts.
@@ -448,6 +466,30 @@ pub fn human(bytes: u64) -> String {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn a_fill_lands_in_guest_memory_without_a_dirty_mark() {
+        let ram = GuestRam::new(&MemoryConfig {
+            size: MIN_MEMORY_BYTES,
+            file: None,
+        })
+        .unwrap();
+        let page = [0x5au8; PAGE_SIZE as usize];
+        fill_unlogged(ram.memory(), &page, GuestAddress(7 * PAGE_SIZE)).unwrap();
+        let mut back = [0u8; PAGE_SIZE as usize];
+        ram.memory()
+            .read_slice(&mut back, GuestAddress(7 * PAGE_SIZE))
+            .unwrap();
+        assert_eq!(back, page);
+        let marked: u64 = ram
+            .take_vmm_dirty_pages()
+            .iter()
+            .map(DirtyBitmap::count)
+            .sum();
+        assert_eq!(marked, 0);
+        // Past the end of RAM is an error, as for any write.
+        assert!(fill_unlogged(ram.memory(), &page, GuestAddress(MIN_MEMORY_BYTES)).is_err());
+    }
 
     #[test]
     fn dirty_gfns_are_the_set_bits_in_order_and_stop_at_the_region_end() {

@@ -75,7 +75,7 @@ fn write_zero_page(
     memory.read_slice(scratch, at)?;
     if !crate::protocol::chunk::is_zero(scratch) {
         scratch.fill(0);
-        memory.write_slice(scratch, at)?;
+        veil_hypervisor::memory::fill_unlogged(memory, scratch, at)?;
     }
     Ok(())
 }
@@ -396,7 +396,9 @@ impl<S: Read + Write> Incoming<S> {
                     let at = GuestAddress(page.gfn * PAGE_SIZE);
                     match page.content {
                         PageContentRef::Zero => write_zero_page(memory, at, &mut scratch)?,
-                        PageContentRef::Plain(bytes) => memory.write_slice(bytes, at)?,
+                        PageContentRef::Plain(bytes) => {
+                            veil_hypervisor::memory::fill_unlogged(memory, bytes, at)?
+                        }
                         PageContentRef::Encrypted { header, data } => {
                             let receiver = sev.as_mut().ok_or(ReceiveError::Sev)?;
                             let packet = Packet {
@@ -587,31 +589,32 @@ mod tests {
 
     #[test]
     fn a_zero_page_is_written_only_where_the_page_is_not_zero_already() {
+        // File-backed, so the file's holes show which pages were ever written.
+        let path = std::env::temp_dir().join(format!("veil-zero-page-{}", std::process::id()));
         let ram = GuestRam::new(&MemoryConfig {
             size: 16 << 20,
-            file: None,
+            file: Some(path.clone()),
         })
         .unwrap();
         let memory = ram.memory();
         memory
             .write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE + 100))
             .unwrap();
-        ram.take_vmm_dirty_pages();
         let mut scratch = vec![0u8; PAGE_SIZE as usize];
         write_zero_page(memory, GuestAddress(4 * PAGE_SIZE), &mut scratch).unwrap();
         write_zero_page(memory, GuestAddress(5 * PAGE_SIZE), &mut scratch).unwrap();
         let byte: u8 = memory.read_obj(GuestAddress(5 * PAGE_SIZE + 100)).unwrap();
         assert_eq!(byte, 0, "the page that held data is zero now");
-        // Only that page was written: the fresh one was left alone (never allocated).
-        let dirty: Vec<u64> = ram
-            .take_vmm_dirty_pages()
-            .iter()
-            .flat_map(|b| {
-                b.dirty_addresses()
-                    .map(|a| a.0 / PAGE_SIZE)
-                    .collect::<Vec<_>>()
-            })
+        // The fresh page was left alone: never written, so still a hole in the file.
+        let file = std::fs::File::open(&path).unwrap();
+        let data: Vec<_> = crate::holes::stretches(&file, 0, 16 << 20)
+            .unwrap()
+            .into_iter()
+            .filter(|s| !s.zero)
+            .map(|s| s.pages)
             .collect();
-        assert_eq!(dirty, [5]);
+        assert_eq!(data, [5..6], "only the page that held data was written");
+        drop(ram);
+        let _ = std::fs::remove_file(&path);
     }
 }
