@@ -59,6 +59,8 @@ pub enum Task {
     Exit(u8),
     /// Loop forever (until the VMM stops the VM).
     Spin,
+    /// `cli; hlt` for good: the vCPU gives its core back to the host (until the VMM stops it).
+    Halt,
     /// `KVM_HC_MAP_GPA_RANGE` (or hypercall `nr`) with a result to expect.
     Hypercall {
         nr: u64,
@@ -394,7 +396,7 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
         })
     };
     match name {
-        b"greet" | b"fault" | b"spin" | b"reset" => {
+        b"greet" | b"fault" | b"spin" | b"halt" | b"reset" => {
             if params.is_some() {
                 return Err(err("takes no parameters", b""));
             }
@@ -402,6 +404,7 @@ fn parse_task(word: &[u8]) -> Result<Task, ParseError<'_>> {
                 b"greet" => Task::Greet,
                 b"fault" => Task::Fault,
                 b"spin" => Task::Spin,
+                b"halt" => Task::Halt,
                 _ => Task::Reset,
             })
         }

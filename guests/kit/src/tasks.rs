@@ -240,6 +240,7 @@ fn run(task: &Task, index: usize, devices: &Devices) {
         Task::Spin => loop {
             arch::pause();
         },
+        Task::Halt => arch::halt_forever(),
         Task::Hypercall {
             nr,
             gpa,

@@ -344,8 +344,11 @@ impl<'a> Iterator for ChunkPages<'a> {
 /// ```
 #[derive(Debug, Default)]
 pub struct ChunkEncoder {
-    /// Frame header, page count, pages.
+    /// Frame header, page count, pages, up to `end`. Bytes past it, from earlier chunks, stay
+    /// as they are, so a page copied in from guest memory is not zeroed first.
     buf: Vec<u8>,
+    /// The end of the chunk being built.
+    end: usize,
     pages: usize,
 }
 
@@ -354,21 +357,37 @@ impl ChunkEncoder {
         Self::default()
     }
 
+    /// The payload bytes so far (the page count included, even before the first page).
+    fn payload_len(&self) -> usize {
+        self.end.saturating_sub(HEADER_BYTES).max(COUNT_BYTES)
+    }
+
+    /// Before the first page: room for the header and the page count.
+    fn start_if_empty(&mut self) {
+        if self.pages == 0 {
+            self.end = HEADER_BYTES + COUNT_BYTES;
+            if self.buf.len() < self.end {
+                self.buf.resize(self.end, 0);
+            }
+        }
+    }
+
     /// Adds a page; `Ok(false)` when it would not fit (send the frame, clear, push again).
     pub fn push(&mut self, page: PageRef<'_>) -> Result<bool, MessageError> {
-        let payload = self.buf.len().saturating_sub(HEADER_BYTES).max(COUNT_BYTES);
-        if self.pages == MAX_CHUNK_PAGES || (payload + page.wire_len()) as u64 > MAX_CHUNK_BYTES {
+        if self.pages == MAX_CHUNK_PAGES
+            || (self.payload_len() + page.wire_len()) as u64 > MAX_CHUNK_BYTES
+        {
             return Ok(false);
         }
-        let rollback = self.buf.len();
-        if self.pages == 0 {
-            self.buf.clear();
-            self.buf.resize(HEADER_BYTES + COUNT_BYTES, 0);
-        }
-        if let Err(e) = page.encode(&mut self.buf) {
-            self.buf.truncate(rollback);
+        let rollback = self.end;
+        self.start_if_empty();
+        self.buf.truncate(self.end);
+        let encoded = page.encode(&mut self.buf);
+        if let Err(e) = encoded {
+            self.end = rollback;
             return Err(e);
         }
+        self.end = self.buf.len();
         self.pages += 1;
         Ok(true)
     }
@@ -383,29 +402,27 @@ impl ChunkEncoder {
         zero_pages: bool,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<Option<bool>, E> {
-        let payload = self.buf.len().saturating_sub(HEADER_BYTES).max(COUNT_BYTES);
         if self.pages == MAX_CHUNK_PAGES
-            || (payload + PLAIN_PAGE_WIRE_BYTES) as u64 > MAX_CHUNK_BYTES
+            || (self.payload_len() + PLAIN_PAGE_WIRE_BYTES) as u64 > MAX_CHUNK_BYTES
         {
             return Ok(None);
         }
-        if self.pages == 0 {
-            self.buf.clear();
-            self.buf.resize(HEADER_BYTES + COUNT_BYTES, 0);
+        self.start_if_empty();
+        let start = self.end;
+        let end = start + PLAIN_PAGE_WIRE_BYTES;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
         }
-        let start = self.buf.len();
-        put_u64(&mut self.buf, gfn);
-        put_u8(&mut self.buf, KIND_PLAIN);
-        let data = self.buf.len();
-        self.buf.resize(data + PAGE_SIZE, 0);
-        if let Err(e) = fill(&mut self.buf[data..]) {
-            self.buf.truncate(start);
-            return Err(e);
-        }
-        let zero = zero_pages && is_zero(&self.buf[data..]);
+        self.buf[start..start + 8].copy_from_slice(&gfn.to_le_bytes());
+        self.buf[start + 8] = KIND_PLAIN;
+        let data = &mut self.buf[start + 9..end];
+        fill(data)?;
+        let zero = zero_pages && is_zero(data);
         if zero {
-            self.buf.truncate(start + ZERO_PAGE_WIRE_BYTES);
             self.buf[start + 8] = KIND_ZERO;
+            self.end = start + ZERO_PAGE_WIRE_BYTES;
+        } else {
+            self.end = end;
         }
         self.pages += 1;
         Ok(Some(zero))
@@ -425,16 +442,17 @@ impl ChunkEncoder {
         if self.pages == 0 {
             return None;
         }
-        self.buf[HEADER_BYTES..HEADER_BYTES + COUNT_BYTES]
+        let frame = &mut self.buf[..self.end];
+        frame[HEADER_BYTES..HEADER_BYTES + COUNT_BYTES]
             .copy_from_slice(&(self.pages as u32).to_le_bytes());
         // Last: the checksum covers the count and the header.
-        seal(&mut self.buf, MessageType::MemoryChunk);
-        Some(&self.buf)
+        seal(frame, MessageType::MemoryChunk);
+        Some(frame)
     }
 
     /// Starts the next chunk, keeping the buffer.
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.end = 0;
         self.pages = 0;
     }
 }
