@@ -228,6 +228,11 @@ impl VmBuilder {
         self
     }
 
+    /// What [`huge_pages`](Self::huge_pages) was set to.
+    pub(crate) fn wants_huge_pages(&self) -> bool {
+        self.huge_pages
+    }
+
     /// Adds a virtio-vsock device for CID `config.guest_cid` whose host side is UNIX sockets:
     /// host programs connect to `config.uds_path` and write `CONNECT <port>`; the guest
     /// reaches listeners at `<uds_path>_<port>` (see docs/devices.md). It comes after the

@@ -478,8 +478,10 @@ pub struct ReceiveArgs {
     #[arg(long, value_parser = parse_console, value_name = "BACKEND")]
     pub console: Option<veil::ConsoleBackend>,
 
-    /// Back the arriving guest's anonymous RAM with transparent huge pages: on or off. With
-    /// them a 1 GiB guest arrives with 512 page faults instead of 262,144.
+    /// Back the arriving guest's anonymous RAM with transparent huge pages: on or off. The
+    /// RAM is filled with small pages (a huge-page fault on a fragmented host stalls in
+    /// compaction) and asks for huge ones once the guest has arrived, for its later faults and
+    /// for khugepaged to merge what arrived.
     #[arg(long, default_value = "on", value_parser = parse_on_off, value_name = "on|off",
           action = clap::ArgAction::Set)]
     pub huge_pages: bool,

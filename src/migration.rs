@@ -198,7 +198,12 @@ pub fn receive<S: Read + Write + Send>(
     sev_platform: Option<SevPlatform>,
 ) -> Result<Vm, Error> {
     let shape = incoming.shape().clone();
+    // Filled with small pages, huge ones asked for once the guest is here: every page is
+    // written now, and a huge-page fault on a fragmented host stalls in compaction (7x slower
+    // to fill 1 GiB here, docs/benchmarks.md).
+    let huge_pages = builder.wants_huge_pages();
     let mut builder = builder
+        .huge_pages(false)
         .memory_bytes(shape.ram_bytes())
         .vcpus(shape.vcpus())
         .guest_cpuid(shape.cpuid().iter().map(Into::into).collect());
@@ -232,6 +237,9 @@ pub fn receive<S: Read + Write + Send>(
         Ok(incoming.wait_complete()?)
     })
     .map_err(Error::Receive)?;
+    if huge_pages {
+        vm.inner().ram().advise_huge_pages();
+    }
     Ok(vm)
 }
 

@@ -918,3 +918,56 @@ fn a_target_lacking_a_cpu_feature_the_guest_was_given_refuses_it() {
     source.stop();
     source.wait();
 }
+
+/// The VmFlags of `pid`'s anonymous mappings of exactly `kib` KiB (guest RAM).
+fn ram_vm_flags(pid: u32, kib: u64) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut flags = Vec::new();
+    let (mut anonymous, mut size) = (false, 0);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's first line: address range, perms, offset, dev, inode, [path].
+            anonymous = line.split_whitespace().count() == 5;
+            size = 0;
+        } else if let Some(kb) = line.strip_prefix("Size:") {
+            size = kb.trim().trim_end_matches(" kB").parse().unwrap_or(0);
+        } else if let Some(f) = line.strip_prefix("VmFlags:") {
+            if anonymous && size == kib {
+                flags.push(f.trim().to_string());
+            }
+        }
+    }
+    flags
+}
+
+#[test]
+fn an_arriving_guest_asks_for_huge_pages_once_it_has_arrived_unless_told_not_to() {
+    for (huge_pages, advised) in [("on", true), ("off", false)] {
+        let dir = common::TempDir::new(&format!("arrival-thp-{huge_pages}"));
+        let (source_api, target_api, socket) =
+            (dir.path("a.sock"), dir.path("b.sock"), dir.path("m.sock"));
+        let mut target = common::receive_on(
+            &socket,
+            &[
+                "--huge-pages".as_ref(),
+                huge_pages.as_ref(),
+                "--api-socket".as_ref(),
+                target_api.as_ref(),
+            ],
+        );
+        let mut source =
+            common::greeting_source(&source_api, &["--memory".as_ref(), "64M".as_ref()]);
+        let to = format!("unix:{}", socket.display());
+        let out = common::ctl(&source_api, &["migrate", "--no-progress", "--to", &to]);
+        assert!(out.status.success(), "{}", common::describe(&out));
+        assert!(source.wait().success());
+        common::wait_for(&target_api);
+        let flags = ram_vm_flags(target.0.id(), 64 << 10);
+        assert_eq!(flags.len(), 1, "one 64 MiB RAM mapping: {flags:?}");
+        // `hg`: madvised MADV_HUGEPAGE (fs/proc/task_mmu.c).
+        assert_eq!(flags[0].split(' ').any(|f| f == "hg"), advised, "{flags:?}");
+        common::ctl(&target_api, &["shutdown"]);
+        target.wait();
+    }
+}

@@ -199,6 +199,19 @@ impl GuestRam {
         })
     }
 
+    /// Asks for transparent huge pages now, for RAM created without them: an arriving guest's
+    /// RAM is filled with small pages (a huge-page fault on a fragmented host stalls in
+    /// compaction, and the receive writes every page) and asks once the guest has arrived, so
+    /// later faults and khugepaged use huge pages. File-backed RAM is left as it is.
+    pub fn advise_huge_pages(&self) {
+        if self.file.is_some() {
+            return;
+        }
+        for region in self.memory.iter() {
+            advise_huge_pages(region.as_ptr(), region.len() as usize);
+        }
+    }
+
     /// The guest memory, for loading and inspecting.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
@@ -377,8 +390,8 @@ fn register_region(
 
 /// Best effort: a kernel without THP (or with it `never`) refuses, and RAM works all the same.
 fn advise_huge_pages(addr: *mut u8, len: usize) {
-    // SAFETY: `addr..addr + len` is a mapping this process just created and owns; MADV_HUGEPAGE
-    // changes only how the kernel backs it, never its contents or its validity.
+    // SAFETY: `addr..addr + len` is a mapping this process created and owns (guest RAM);
+    // MADV_HUGEPAGE changes only how the kernel backs it, never its contents or its validity.
     let advised = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
     if advised != 0 {
         tracing::debug!(
@@ -690,6 +703,9 @@ mod tests {
         );
         let without = GuestRam::with_huge_pages(&config, false).unwrap();
         assert!(!vm_flags(host_addr(&without)).contains(" hg"));
+        // Asked for later, as an arriving guest's RAM is once it has arrived.
+        without.advise_huge_pages();
+        assert!(vm_flags(host_addr(&without)).contains(" hg"));
     }
 
     #[test]
