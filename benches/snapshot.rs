@@ -11,9 +11,11 @@
 //!    and RSS), against the goal of 1.2 x (one clone's touched guest memory + ten VMM
 //!    overheads).
 //!
-//! `cargo bench --bench snapshot [-- --runs N] [--mib 256,1024] [--no-qemu] [--no-clones]`
-//! (QEMU is skipped, with a note, when not installed or with `--no-qemu`). `--runs N` restores
-//! each Veil snapshot N times and reports the minimum and median. Needs `/dev/kvm`, about
+//! `cargo bench --bench snapshot [-- --runs N] [--mib 256,1024] [--no-qemu] [--no-clones]
+//! [--baseline VEIL]` (QEMU is skipped, with a note, when not installed or with `--no-qemu`).
+//! `--runs N` restores each Veil snapshot N times and reports the minimum and median;
+//! `--baseline VEIL` restores it as often with another `veil` binary too (one built from an
+//! older commit, say), the two alternating, so both are timed on the same host at once. Needs `/dev/kvm`, about
 //! 4 GiB of free memory and 2.5 GiB of disk under `target/tmp`.
 
 mod support;
@@ -53,10 +55,12 @@ struct Options {
     sizes_mib: Vec<u64>,
     qemu: bool,
     clones: bool,
+    /// Another `veil` binary to time on the same snapshots.
+    baseline: Option<PathBuf>,
 }
 
-/// `--runs N`, `--mib A,B`, `--no-qemu` and `--no-clones` (cargo passes `--bench` too, which
-/// is ignored).
+/// `--runs N`, `--mib A,B`, `--no-qemu`, `--no-clones` and `--baseline VEIL` (cargo passes
+/// `--bench` too, which is ignored).
 fn options_from_args() -> Options {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
@@ -85,11 +89,18 @@ fn options_from_args() -> Options {
     if clones && !sizes_mib.contains(&CLONE_MIB) {
         fail("the clones restore the 256 MiB snapshot: add 256 to --mib, or --no-clones");
     }
+    let baseline = value("--baseline").map(PathBuf::from);
+    if let Some(path) = &baseline {
+        if !path.is_file() {
+            fail("--baseline takes the path of a veil binary");
+        }
+    }
     Options {
         runs,
         sizes_mib,
         qemu: !args.iter().any(|a| a == "--no-qemu"),
         clones,
+        baseline,
     }
 }
 
@@ -126,7 +137,13 @@ fn main() {
     for &mib in &options.sizes_mib {
         report(
             &format!("{mib} MiB"),
-            restore(&scratch, mib, options.runs, qemu.is_ok()),
+            restore(
+                &scratch,
+                mib,
+                options.runs,
+                options.baseline.as_deref(),
+                qemu.is_ok(),
+            ),
         );
     }
     if options.clones {
@@ -254,6 +271,26 @@ fn veil_restore(dir: &Path) -> Command {
     c
 }
 
+fn baseline_restore(baseline: &Path, dir: &Path) -> Command {
+    let mut c = Command::new(baseline);
+    c.env_remove("VEIL_LOG")
+        .arg("restore")
+        .arg("--from")
+        .arg(dir);
+    c
+}
+
+/// "min X ms, median Y ms (each run's)".
+fn min_median(times: &[Duration]) -> String {
+    let list: Vec<String> = times.iter().map(|t| format!("{:.1}", ms(*t))).collect();
+    format!(
+        "min {:.2} ms, median {:.2} ms ({} ms)",
+        ms(times.iter().copied().min().unwrap_or_default()),
+        ms(support::median(times)),
+        list.join(" ")
+    )
+}
+
 fn qemu_restore(mib: u64, file: &Path) -> Command {
     let mut c = qemu(mib);
     c.args(["-serial", "stdio", "-incoming"])
@@ -265,18 +302,29 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Restores the Veil snapshot of `mib` MiB `runs` times (one at a time) and QEMU's once.
-fn restore(scratch: &Scratch, mib: u64, runs: usize, with_qemu: bool) -> Result<(), String> {
+/// Restores the Veil snapshot of `mib` MiB `runs` times (one at a time, alternating with the
+/// baseline binary if given) and QEMU's once.
+fn restore(
+    scratch: &Scratch,
+    mib: u64,
+    runs: usize,
+    baseline: Option<&Path>,
+    with_qemu: bool,
+) -> Result<(), String> {
     let dir = save_with_veil(scratch, mib)?;
     // Each restore starts on a settled host: not while the kernel still frees (and reports to
     // its hypervisor) the saved source's RAM or tears down the previous clone.
     std::thread::sleep(SAVE_SETTLE);
-    let mut times = Vec::with_capacity(runs);
+    let (mut times, mut baseline_times) = (Vec::with_capacity(runs), Vec::new());
     for run in 0..runs {
         if run > 0 {
             std::thread::sleep(RUN_SETTLE);
         }
         times.push(Started::spawn(veil_restore(&dir))?.first_byte()?);
+        if let Some(baseline) = baseline {
+            std::thread::sleep(RUN_SETTLE);
+            baseline_times.push(Started::spawn(baseline_restore(baseline, &dir))?.first_byte()?);
+        }
     }
     let veil = support::median(&times);
     if runs == 1 {
@@ -285,13 +333,16 @@ fn restore(scratch: &Scratch, mib: u64, runs: usize, with_qemu: bool) -> Result<
             ms(veil)
         );
     } else {
-        let list: Vec<String> = times.iter().map(|t| format!("{:.1}", ms(*t))).collect();
         println!(
-            "{mib:>5} MiB  veil restore: start to the restored guest's first serial byte, {runs} runs: \
-             min {:.2} ms, median {:.2} ms ({} ms)",
-            ms(times.iter().copied().min().unwrap_or_default()),
-            ms(veil),
-            list.join(" ")
+            "{mib:>5} MiB  veil restore: start to the restored guest's first serial byte, {runs} runs: {}",
+            min_median(&times)
+        );
+    }
+    if let Some(baseline) = baseline {
+        println!(
+            "{mib:>5} MiB  baseline {} restore, alternating with the above: {}",
+            baseline.display(),
+            min_median(&baseline_times)
         );
     }
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
