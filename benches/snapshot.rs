@@ -13,7 +13,9 @@
 //!
 //! `cargo bench --bench snapshot [-- --runs N] [--mib 256,1024] [--no-qemu] [--no-clones]
 //! [--baseline VEIL]` (QEMU is skipped, with a note, when not installed or with `--no-qemu`).
-//! `--runs N` restores each Veil snapshot N times and reports the minimum and median;
+//! `--runs N` restores each Veil snapshot N times, `--pause-ms` apart (default 200: an idle
+//! host's restore; 0 keeps the CPUs awake, as on a busy host), and reports the minimum and
+//! median;
 //! `--baseline VEIL` restores it as often with another `veil` binary too (one built from an
 //! older commit, say), the two alternating, so both are timed on the same host at once. Needs `/dev/kvm`, about
 //! 4 GiB of free memory and 2.5 GiB of disk under `target/tmp`.
@@ -38,8 +40,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BYTE_GOAL: Duration = Duration::from_millis(10);
-/// A pause after saving a guest, and between two restores, before the next is timed.
+/// A pause after saving a guest before the restores are timed.
 const SAVE_SETTLE: Duration = Duration::from_secs(1);
+/// The default pause between two restores (`--pause-ms`).
 const RUN_SETTLE: Duration = Duration::from_millis(200);
 const FASTER_THAN_QEMU_GOAL: f64 = 10.0;
 const CLONE_MEMORY_GOAL: f64 = 1.2;
@@ -57,10 +60,12 @@ struct Options {
     clones: bool,
     /// Another `veil` binary to time on the same snapshots.
     baseline: Option<PathBuf>,
+    /// Between two restores.
+    pause: Duration,
 }
 
-/// `--runs N`, `--mib A,B`, `--no-qemu`, `--no-clones` and `--baseline VEIL` (cargo passes
-/// `--bench` too, which is ignored).
+/// `--runs N`, `--mib A,B`, `--no-qemu`, `--no-clones`, `--baseline VEIL` and `--pause-ms N`
+/// (cargo passes `--bench` too, which is ignored).
 fn options_from_args() -> Options {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
@@ -89,6 +94,13 @@ fn options_from_args() -> Options {
     if clones && !sizes_mib.contains(&CLONE_MIB) {
         fail("the clones restore the 256 MiB snapshot: add 256 to --mib, or --no-clones");
     }
+    let pause = match value("--pause-ms") {
+        None => RUN_SETTLE,
+        Some(n) => match n.parse() {
+            Ok(n) => Duration::from_millis(n),
+            _ => fail("--pause-ms takes a number of milliseconds"),
+        },
+    };
     let baseline = value("--baseline").map(PathBuf::from);
     if let Some(path) = &baseline {
         if !path.is_file() {
@@ -101,6 +113,7 @@ fn options_from_args() -> Options {
         qemu: !args.iter().any(|a| a == "--no-qemu"),
         clones,
         baseline,
+        pause,
     }
 }
 
@@ -137,13 +150,7 @@ fn main() {
     for &mib in &options.sizes_mib {
         report(
             &format!("{mib} MiB"),
-            restore(
-                &scratch,
-                mib,
-                options.runs,
-                options.baseline.as_deref(),
-                qemu.is_ok(),
-            ),
+            restore(&scratch, mib, &options, qemu.is_ok()),
         );
     }
     if options.clones {
@@ -304,13 +311,8 @@ fn ms(d: Duration) -> f64 {
 
 /// Restores the Veil snapshot of `mib` MiB `runs` times (one at a time, alternating with the
 /// baseline binary if given) and QEMU's once.
-fn restore(
-    scratch: &Scratch,
-    mib: u64,
-    runs: usize,
-    baseline: Option<&Path>,
-    with_qemu: bool,
-) -> Result<(), String> {
+fn restore(scratch: &Scratch, mib: u64, options: &Options, with_qemu: bool) -> Result<(), String> {
+    let (runs, baseline) = (options.runs, options.baseline.as_deref());
     let dir = save_with_veil(scratch, mib)?;
     // Each restore starts on a settled host: not while the kernel still frees (and reports to
     // its hypervisor) the saved source's RAM or tears down the previous clone.
@@ -318,11 +320,11 @@ fn restore(
     let (mut times, mut baseline_times) = (Vec::with_capacity(runs), Vec::new());
     for run in 0..runs {
         if run > 0 {
-            std::thread::sleep(RUN_SETTLE);
+            std::thread::sleep(options.pause);
         }
         times.push(Started::spawn(veil_restore(&dir))?.first_byte()?);
         if let Some(baseline) = baseline {
-            std::thread::sleep(RUN_SETTLE);
+            std::thread::sleep(options.pause);
             baseline_times.push(Started::spawn(baseline_restore(baseline, &dir))?.first_byte()?);
         }
     }
