@@ -12,13 +12,13 @@
 //!    overheads).
 //!
 //! `cargo bench --bench snapshot [-- --runs N] [--mib 256,1024] [--no-qemu] [--no-clones]
-//! [--baseline VEIL]` (QEMU is skipped, with a note, when not installed or with `--no-qemu`).
-//! `--runs N` restores each Veil snapshot N times, `--pause-ms` apart (default 200: an idle
-//! host's restore; 0 keeps the CPUs awake, as on a busy host), and reports the minimum and
-//! median;
-//! `--baseline VEIL` restores it as often with another `veil` binary too (one built from an
-//! older commit, say), the two alternating, so both are timed on the same host at once. Needs `/dev/kvm`, about
-//! 4 GiB of free memory and 2.5 GiB of disk under `target/tmp`.
+//! [--pause-ms N] [--baseline VEIL]` (QEMU is skipped, with a note, when not installed or with
+//! `--no-qemu`). `--runs N` restores each Veil snapshot N times, `--pause-ms` apart (default
+//! 200: an idle host's restore; 0 keeps the cores awake, as on a busy host), and reports the
+//! minimum and median; `--baseline VEIL` restores it as often with another `veil` binary too
+//! (one built from an older commit, say), the two alternating, so both are timed on the same
+//! host at once. Needs `/dev/kvm`, about 4 GiB of free memory and 2.5 GiB of disk under
+//! `target/tmp`.
 
 mod support;
 
