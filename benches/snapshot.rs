@@ -11,8 +11,14 @@
 //!    and RSS), against the goal of 1.2 x (one clone's touched guest memory + ten VMM
 //!    overheads).
 //!
-//! `cargo bench --bench snapshot` (QEMU is skipped, with a note, when not installed). Needs
-//! `/dev/kvm`, about 4 GiB of free memory and 2.5 GiB of disk under `target/tmp`.
+//! `cargo bench --bench snapshot [-- --runs N] [--mib 256,1024] [--no-qemu] [--no-clones]
+//! [--pause-ms N] [--baseline VEIL]` (QEMU is skipped, with a note, when not installed or with
+//! `--no-qemu`). `--runs N` restores each Veil snapshot N times, `--pause-ms` apart (default
+//! 200: an idle host's restore; 0 keeps the cores awake, as on a busy host), and reports the
+//! minimum and median; `--baseline VEIL` restores it as often with another `veil` binary too
+//! (one built from an older commit, say), the two alternating, so both are timed on the same
+//! host at once. Needs `/dev/kvm`, about 4 GiB of free memory and 2.5 GiB of disk under
+//! `target/tmp`.
 
 mod support;
 
@@ -34,12 +40,81 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BYTE_GOAL: Duration = Duration::from_millis(10);
+/// A pause after saving a guest before the restores are timed.
+const SAVE_SETTLE: Duration = Duration::from_secs(1);
+/// The default pause between two restores (`--pause-ms`).
+const RUN_SETTLE: Duration = Duration::from_millis(200);
 const FASTER_THAN_QEMU_GOAL: f64 = 10.0;
 const CLONE_MEMORY_GOAL: f64 = 1.2;
 
 fn fail(message: &str) -> ! {
     eprintln!("snapshot bench failed: {message}");
     std::process::exit(1)
+}
+
+struct Options {
+    /// Veil restores per size.
+    runs: usize,
+    sizes_mib: Vec<u64>,
+    qemu: bool,
+    clones: bool,
+    /// Another `veil` binary to time on the same snapshots.
+    baseline: Option<PathBuf>,
+    /// Between two restores.
+    pause: Duration,
+}
+
+/// `--runs N`, `--mib A,B`, `--no-qemu`, `--no-clones`, `--baseline VEIL` and `--pause-ms N`
+/// (cargo passes `--bench` too, which is ignored).
+fn options_from_args() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args.get(i + 1).map(String::as_str).unwrap_or(""))
+    };
+    let runs = match value("--runs") {
+        None => 1,
+        Some(n) => match n.parse() {
+            Ok(n) if n >= 1 => n,
+            _ => fail("--runs takes a number of runs, 1 or more"),
+        },
+    };
+    let sizes_mib = match value("--mib") {
+        None => SIZES_MIB.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|m| match m.parse() {
+                Ok(m) if m >= 64 => m,
+                _ => fail("--mib takes guest sizes in MiB, 64 or more, separated by commas"),
+            })
+            .collect(),
+    };
+    let clones = !args.iter().any(|a| a == "--no-clones");
+    if clones && !sizes_mib.contains(&CLONE_MIB) {
+        fail("the clones restore the 256 MiB snapshot: add 256 to --mib, or --no-clones");
+    }
+    let pause = match value("--pause-ms") {
+        None => RUN_SETTLE,
+        Some(n) => match n.parse() {
+            Ok(n) => Duration::from_millis(n),
+            _ => fail("--pause-ms takes a number of milliseconds"),
+        },
+    };
+    let baseline = value("--baseline").map(PathBuf::from);
+    if let Some(path) = &baseline {
+        if !path.is_file() {
+            fail("--baseline takes the path of a veil binary");
+        }
+    }
+    Options {
+        runs,
+        sizes_mib,
+        qemu: !args.iter().any(|a| a == "--no-qemu"),
+        clones,
+        baseline,
+        pause,
+    }
 }
 
 /// Stamps every page from 16 MiB to 16 MiB below the end, then prints a line per round.
@@ -49,12 +124,18 @@ fn cmdline(mib: u64) -> String {
 }
 
 fn main() {
+    let options = options_from_args();
     let scratch = Scratch::new("veil-bench-snapshot-").unwrap_or_else(|e| fail(&e));
-    let qemu = support::qemu_version();
+    let qemu = if options.qemu {
+        support::qemu_version()
+    } else {
+        Err("--no-qemu".to_string())
+    };
     println!(
-        "restore of the kit guest from a snapshot, {}; {}; one run",
+        "restore of the kit guest from a snapshot, {}; {}; {} Veil restore(s) per size, one of QEMU",
         support::host_line(),
-        qemu.as_deref().unwrap_or("no QEMU")
+        qemu.as_deref().unwrap_or("no QEMU"),
+        options.runs
     );
     if let Err(why) = &qemu {
         println!("QEMU: skipped: {why}");
@@ -66,13 +147,15 @@ fn main() {
             failed = true;
         }
     };
-    for mib in SIZES_MIB {
+    for &mib in &options.sizes_mib {
         report(
             &format!("{mib} MiB"),
-            restore_once(&scratch, mib, qemu.is_ok()),
+            restore(&scratch, mib, &options, qemu.is_ok()),
         );
     }
-    report("clones", clones(&scratch, qemu.is_ok()));
+    if options.clones {
+        report("clones", clones(&scratch, qemu.is_ok()));
+    }
     if failed {
         std::process::exit(1);
     }
@@ -195,6 +278,26 @@ fn veil_restore(dir: &Path) -> Command {
     c
 }
 
+fn baseline_restore(baseline: &Path, dir: &Path) -> Command {
+    let mut c = Command::new(baseline);
+    c.env_remove("VEIL_LOG")
+        .arg("restore")
+        .arg("--from")
+        .arg(dir);
+    c
+}
+
+/// "min X ms, median Y ms (each run's)".
+fn min_median(times: &[Duration]) -> String {
+    let list: Vec<String> = times.iter().map(|t| format!("{:.1}", ms(*t))).collect();
+    format!(
+        "min {:.2} ms, median {:.2} ms ({} ms)",
+        ms(times.iter().copied().min().unwrap_or_default()),
+        ms(support::median(times)),
+        list.join(" ")
+    )
+}
+
 fn qemu_restore(mib: u64, file: &Path) -> Command {
     let mut c = qemu(mib);
     c.args(["-serial", "stdio", "-incoming"])
@@ -206,24 +309,57 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn restore_once(scratch: &Scratch, mib: u64, with_qemu: bool) -> Result<(), String> {
+/// Restores the Veil snapshot of `mib` MiB `runs` times (one at a time, alternating with the
+/// baseline binary if given) and QEMU's once.
+fn restore(scratch: &Scratch, mib: u64, options: &Options, with_qemu: bool) -> Result<(), String> {
+    let (runs, baseline) = (options.runs, options.baseline.as_deref());
     let dir = save_with_veil(scratch, mib)?;
-    let veil = Started::spawn(veil_restore(&dir))?.first_byte()?;
-    println!(
-        "{mib:>5} MiB  veil restore: start to the restored guest's first serial byte {:.2} ms",
-        ms(veil)
-    );
+    // Each restore starts on a settled host: not while the kernel still frees (and reports to
+    // its hypervisor) the saved source's RAM or tears down the previous clone.
+    std::thread::sleep(SAVE_SETTLE);
+    let (mut times, mut baseline_times) = (Vec::with_capacity(runs), Vec::new());
+    for run in 0..runs {
+        if run > 0 {
+            std::thread::sleep(options.pause);
+        }
+        times.push(Started::spawn(veil_restore(&dir))?.first_byte()?);
+        if let Some(baseline) = baseline {
+            std::thread::sleep(options.pause);
+            baseline_times.push(Started::spawn(baseline_restore(baseline, &dir))?.first_byte()?);
+        }
+    }
+    let veil = support::median(&times);
+    if runs == 1 {
+        println!(
+            "{mib:>5} MiB  veil restore: start to the restored guest's first serial byte {:.2} ms",
+            ms(veil)
+        );
+    } else {
+        println!(
+            "{mib:>5} MiB  veil restore: start to the restored guest's first serial byte, {runs} runs: {}",
+            min_median(&times)
+        );
+    }
+    if let Some(baseline) = baseline {
+        println!(
+            "{mib:>5} MiB  baseline {} restore, alternating with the above: {}",
+            baseline.display(),
+            min_median(&baseline_times)
+        );
+    }
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
     if mib == 1024 {
         println!(
-            "goal: 1 GiB restored to first byte within {} ms: {:.2} ms, {}",
+            "goal: 1 GiB restored to first byte within {} ms: {:.2} ms{}, {}",
             FIRST_BYTE_GOAL.as_millis(),
             ms(veil),
+            if runs == 1 { "" } else { " (median)" },
             verdict(veil <= FIRST_BYTE_GOAL)
         );
     }
     if with_qemu {
         let file = save_with_qemu(scratch, mib)?;
+        std::thread::sleep(SAVE_SETTLE);
         let qemu = Started::spawn(qemu_restore(mib, &file))?.first_byte()?;
         let speedup = qemu.as_secs_f64() / veil.as_secs_f64();
         println!(
