@@ -45,7 +45,7 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         .arg(common::kit())
         // Long enough that the idle clients below still hold every place while the extra ones
         // are turned away, even on a loaded host.
-        .env("VEIL_TEST_API_REQUEST_TIMEOUT_MS", "4000")
+        .env("VEIL_TEST_API_REQUEST_TIMEOUT_MS", "6000")
         .spawn()
         .map(common::Spawned)
         .unwrap();
@@ -58,9 +58,10 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         .map(|_| UnixStream::connect(&api).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    // More are each told why and closed, and cost no thread.
+    // More are each told why and closed, and cost no thread. A few: each waits for its
+    // answer, and on a loaded host many would outlast the idle clients' time.
     let idle_since = Instant::now();
-    for _ in 0..3 * MAX_CLIENTS {
+    for _ in 0..4 {
         let mut extra = UnixStream::connect(&api).unwrap();
         let (said, took) = until_closed(&mut extra);
         assert!(
@@ -86,7 +87,7 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
     for stream in &mut idle {
         let (said, after) = until_closed(stream);
         assert!(said.is_empty(), "{said}");
-        assert!(after < Duration::from_secs(8), "{after:?}");
+        assert!(after < Duration::from_secs(12), "{after:?}");
     }
     let mut reader = BufReader::new(UnixStream::connect(&api).unwrap());
     reader
@@ -115,11 +116,11 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         }
         std::thread::sleep(Duration::from_millis(300));
         assert!(
-            started.elapsed() < Duration::from_secs(12),
+            started.elapsed() < Duration::from_secs(16),
             "a trickling client is never cut off"
         );
     }
-    assert!(started.elapsed() >= Duration::from_secs(4));
+    assert!(started.elapsed() >= Duration::from_secs(6));
     assert!(common::ctl(&api, &["shutdown"]).status.success());
     let mut vmm = vmm;
     vmm.wait();
