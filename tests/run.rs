@@ -252,3 +252,38 @@ fn a_closed_stdout_ends_a_printing_command_quietly() {
     assert!(!said.contains("panicked"), "{said}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{said}");
 }
+
+#[test]
+fn a_closed_serial_output_is_reported_once_and_the_guest_runs_on() {
+    use std::io::Read;
+    let dir = common::TempDir::new("serial-closed");
+    let mut vmm = common::veil()
+        .args(["run", "--memory", "32M", "--api-socket"])
+        .arg(dir.path("a.sock"))
+        .args([
+            "--cmdline",
+            "dirty-loop:seed=3,first=0x800,count=1,check=1",
+            "--kernel",
+        ])
+        .arg(common::kit())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path("err")).unwrap())
+        .spawn()
+        .map(common::Spawned)
+        .unwrap();
+    let mut out = vmm.0.stdout.take().unwrap();
+    let mut first = [0u8; 64];
+    out.read_exact(&mut first).unwrap();
+    // The reader goes away; the guest keeps printing a line per round.
+    drop(out);
+    common::wait_for(&dir.path("a.sock"));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let status = common::status(&dir.path("a.sock"));
+    assert_eq!(status["state"], "running", "{status}");
+    let err = std::fs::read_to_string(dir.path("err")).unwrap();
+    assert_eq!(err.matches("serial output failed").count(), 1, "{err}");
+    assert!(common::ctl(&dir.path("a.sock"), &["shutdown"])
+        .status
+        .success());
+    vmm.wait();
+}

@@ -228,6 +228,9 @@ pub struct Serial {
     /// Host bytes that did not fit in the FIFO, in order.
     pending: PendingInput,
     input: Option<Input>,
+    /// The host side stopped taking output (a closed pipe, a full disk): said once, not for
+    /// every byte the guest goes on writing.
+    output_failed: bool,
 }
 
 impl Serial {
@@ -257,6 +260,7 @@ impl Serial {
             uart,
             pending: PendingInput::new(INPUT_CAPACITY),
             input: None,
+            output_failed: false,
         }
     }
 
@@ -337,7 +341,15 @@ impl BusDevice for Serial {
         if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
             // The guest cannot act on a host-side write error; keep it running.
             if let Err(e) = self.uart.write(offset, *byte) {
-                tracing::warn!("serial output failed: {e}");
+                if !self.output_failed {
+                    tracing::warn!(
+                        "serial output failed: {e}; further failures are not logged (the guest's \
+                         output is lost while they last)"
+                    );
+                    self.output_failed = true;
+                } else {
+                    tracing::trace!("serial output failed: {e}");
+                }
             }
         }
     }
