@@ -1,12 +1,14 @@
 //! Live migration of the same 1 GiB kit guest by Veil and by QEMU, in one run, against the
 //! loopback TCP throughput iperf3 reaches on the same host.
 //!
-//! Four scenarios, each migrated over plain TCP on 127.0.0.1 by `veil ctl migrate` (to a
+//! The scenarios, each migrated over plain TCP on 127.0.0.1 by `veil ctl migrate` (to a
 //! `veil receive`) and, for all but SEV, by QEMU's QMP `migrate` (to a QEMU started with
 //! `-incoming`):
 //! 1. idle: the guest spins without touching memory (`greet spin`);
 //!    halted: the guest halts for good (`greet halt`), so its vCPU frees its core and the
-//!    VMMs alone share the host's two;
+//!    VMMs alone share the host's two; and halted again with the source's RAM file copied to
+//!    tmpfs (`halted-tmpfs-source`), and with the target's RAM a tmpfs file
+//!    (`halted-file-target`);
 //! 2. dirtying: the guest writes one word per 4 KiB page at 12,800 pages/s (50 MiB/s) over
 //!    256 MiB (`dirty-paced`), paced by its own PIT-calibrated TSC;
 //! 3. SEV: the idle guest as an SEV guest on Veil's emulated SEV platform, Veil only (QEMU
@@ -22,7 +24,7 @@
 //! Then the source's resident-memory growth while migrating 1 GiB and 16 GiB idle guests whose
 //! RAM is a sparse file (`memory`, see `migration/memory.rs`).
 //!
-//! `cargo bench --bench migration [-- --runs N] [--only idle,halted,dirty,sev,memory]` (with N runs per
+//! `cargo bench --bench migration [-- --runs N] [--only idle,halted,dirty,sev,memory,...]` (with N runs per
 //! migration, the run with the median total time is shown; `--only` runs the scenarios named).
 //! QEMU and iperf3 are skipped, with the reason, when absent.
 
@@ -37,6 +39,7 @@ mod support;
 use support::qmp::Qmp;
 use support::{qemu_version, Proc, Scratch};
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::net::TcpListener;
@@ -178,10 +181,22 @@ fn bench(scratch: &Scratch, options: &Options) -> Result<(), String> {
             _ => None,
         };
         let have_qemu = matches!(qemu, Some(Ok(_)));
+        // The same random bytes, copied to tmpfs for the source, and removed after.
+        let tmpfs_ram = (scenario == Scenario::HaltedTmpfsSource)
+            .then(|| {
+                let path = PathBuf::from(format!(
+                    "/dev/shm/veil-bench-{}-src.ram",
+                    std::process::id()
+                ));
+                fs::copy(&ram, &path)
+                    .map(|_| RemoveOnDrop(path))
+                    .map_err(|e| format!("cannot copy the RAM file to /dev/shm: {e}"))
+            })
+            .transpose()?;
         let table = run_scenario(
             scratch,
             scenario,
-            &ram,
+            tmpfs_ram.as_ref().map_or(ram.as_path(), |r| r.0.as_path()),
             have_qemu,
             sev.as_ref(),
             options.runs,
@@ -234,15 +249,21 @@ enum Scenario {
     /// The guest halted for good (`cli; hlt`): its vCPU frees its core, so the VMMs alone
     /// share the host's CPU.
     Halted,
+    /// Halted, the source's RAM a copy of the file on tmpfs (no disk behind its page cache).
+    HaltedTmpfsSource,
+    /// Halted, the target's RAM a file on tmpfs (shared memory, as for a later local handoff).
+    HaltedFileTarget,
     Dirtying,
     /// The idle guest as an SEV guest on the emulated platform.
     Sev,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Idle,
         Scenario::Halted,
+        Scenario::HaltedTmpfsSource,
+        Scenario::HaltedFileTarget,
         Scenario::Dirtying,
         Scenario::Sev,
     ];
@@ -250,7 +271,9 @@ impl Scenario {
     fn cmdline(self) -> String {
         match self {
             Scenario::Idle => "greet spin".into(),
-            Scenario::Halted => "greet halt".into(),
+            Scenario::Halted | Scenario::HaltedTmpfsSource | Scenario::HaltedFileTarget => {
+                "greet halt".into()
+            }
             Scenario::Dirtying => format!(
                 "dirty-paced:first={DIRTY_FIRST_GFN:#x},count={DIRTY_PAGES},rate={DIRTY_RATE}"
             ),
@@ -264,6 +287,12 @@ impl Scenario {
             Scenario::Idle => "scenario 1: idle guest (`greet spin`)".into(),
             Scenario::Halted => {
                 "scenario 1b: halted guest (`greet halt`: the vCPU frees its core)".into()
+            }
+            Scenario::HaltedTmpfsSource => {
+                "scenario 1c: halted guest, the source's RAM file on tmpfs".into()
+            }
+            Scenario::HaltedFileTarget => {
+                "scenario 1d: halted guest, the target's RAM a file on tmpfs".into()
             }
             Scenario::Dirtying => format!(
                 "scenario 2: guest dirtying {DIRTY_RATE} pages/s ({} MiB/s) over {} MiB (`{}`)",
@@ -283,6 +312,8 @@ impl Scenario {
         match self {
             Scenario::Idle => "idle",
             Scenario::Halted => "halted",
+            Scenario::HaltedTmpfsSource => "halted-tmpfs-source",
+            Scenario::HaltedFileTarget => "halted-file-target",
             Scenario::Dirtying => "dirty",
             Scenario::Sev => "sev",
         }
@@ -291,6 +322,26 @@ impl Scenario {
     /// QEMU cannot migrate SEV guests.
     fn with_qemu(self) -> bool {
         self != Scenario::Sev
+    }
+
+    /// Where the target keeps the arriving RAM when it is a file (named for the migration),
+    /// or `None` for each VMM's default, anonymous memory.
+    fn target_ram_file(self, tag: &str) -> Option<PathBuf> {
+        (self == Scenario::HaltedFileTarget).then(|| {
+            PathBuf::from(format!(
+                "/dev/shm/veil-bench-{}-{tag}.ram",
+                std::process::id()
+            ))
+        })
+    }
+}
+
+/// A file that goes when the migration (or scenario) using it is over.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
     }
 }
 
@@ -541,9 +592,16 @@ fn migrate_veil(
         scratch.path(&format!("{tag}-src.sock")),
         scratch.path(&format!("{tag}-dst.sock")),
     );
+    let target_ram = scenario.target_ram_file(tag);
+    let _remove_target_ram = target_ram.clone().map(RemoveOnDrop);
     let mut target = Proc::spawn(
         &format!("{tag}-target"),
         veil_receive(port)
+            .args(
+                target_ram
+                    .iter()
+                    .flat_map(|p| [OsStr::new("--memory-file"), p.as_os_str()]),
+            )
             .args(&target_security)
             .arg("--serial")
             .arg(file_sink(&dst_serial))
@@ -864,7 +922,15 @@ fn migrate_qemu(
         scratch.path(&format!("{tag}-src.qmp")),
         scratch.path(&format!("{tag}-dst.qmp")),
     );
-    let target_ram = format!("memory-backend-ram,id=ram,size={GUEST_RAM_ARG}");
+    let target_file = scenario.target_ram_file(tag);
+    let _remove_target_ram = target_file.clone().map(RemoveOnDrop);
+    let target_ram = match &target_file {
+        None => format!("memory-backend-ram,id=ram,size={GUEST_RAM_ARG}"),
+        Some(path) => format!(
+            "memory-backend-file,id=ram,size={GUEST_RAM_ARG},mem-path={},share=on",
+            path.display()
+        ),
+    };
     let mut target = Proc::spawn(
         &format!("{tag}-target"),
         qemu(scenario, &target_ram, &dst_serial, &dst_qmp)
@@ -956,7 +1022,11 @@ fn poll_qemu_migration(qmp: &mut Qmp, started: Instant) -> Result<Value, String>
 /// Returns the serial file's length at that point.
 fn wait_guest_ready(scenario: Scenario, serial: &Path, vmm: &mut Proc) -> Result<usize, String> {
     let timeout = match scenario {
-        Scenario::Idle | Scenario::Halted | Scenario::Sev => START_TIMEOUT,
+        Scenario::Idle
+        | Scenario::Halted
+        | Scenario::HaltedTmpfsSource
+        | Scenario::HaltedFileTarget
+        | Scenario::Sev => START_TIMEOUT,
         Scenario::Dirtying => WARM_UP_TIMEOUT,
     };
     let ready = wait_for("the guest to be ready", timeout, || {
@@ -968,9 +1038,11 @@ fn wait_guest_ready(scenario: Scenario, serial: &Path, vmm: &mut Proc) -> Result
             )));
         }
         let ready = match scenario {
-            Scenario::Idle | Scenario::Halted | Scenario::Sev => {
-                text.contains(veil_guest_abi::KIT_GREETING)
-            }
+            Scenario::Idle
+            | Scenario::Halted
+            | Scenario::HaltedTmpfsSource
+            | Scenario::HaltedFileTarget
+            | Scenario::Sev => text.contains(veil_guest_abi::KIT_GREETING),
             Scenario::Dirtying => warmed_up(&rate_lines(&text)),
         };
         ready.then_some(Ok(text.len()))
