@@ -729,13 +729,13 @@ mod tests {
         assert_eq!(byte, 0, "the page that held data is zero now");
         // The fresh page was left alone: never written, so still a hole in the file.
         let file = std::fs::File::open(&path).unwrap();
-        let data: Vec<_> = crate::holes::stretches(&file, 0, 16 << 20)
+        let data: Vec<(u64, u64)> = crate::holes::stretches(&file, 0, 16 << 20)
             .unwrap()
             .into_iter()
             .filter(|s| !s.zero)
-            .map(|s| s.pages)
+            .map(|s| (s.pages.start, s.pages.end))
             .collect();
-        assert_eq!(data, [5..6], "only the page that held data was written");
+        assert_eq!(data, [(5, 6)], "only the page that held data was written");
         drop(ram);
         let _ = std::fs::remove_file(&path);
     }
