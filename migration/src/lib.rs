@@ -16,6 +16,7 @@
 pub mod duplex;
 mod holes;
 pub mod monitor;
+mod page_bits;
 pub mod protocol;
 pub mod receiver;
 pub mod recovery;

@@ -15,6 +15,7 @@ use veil_hypervisor::GuestMemory;
 use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::page_bits::PageBits;
 use crate::protocol::{
     read_frame, write_frame, Features, FrameReader, Hello, HelloReply, MemoryChunkRef, Message,
     MessageType, PageContentRef, ProtocolError, ReceiverAction, ReceiverSession, SessionError,
@@ -64,49 +65,22 @@ pub enum ReceiveError {
     },
 }
 
-/// The pages a receive has written, when the VM's RAM is fresh anonymous memory (as a VM built
-/// to receive has): every other page is still zero, so a zero page is written only over data
-/// an earlier pass brought, and never read to check (a read faults in the zero page: 262,144
-/// faults per GiB with small pages). One bit per page.
-struct WrittenPages {
-    words: Vec<u64>,
-}
-
-impl WrittenPages {
-    /// `None` for file-backed RAM, whose pages hold what the file held: there a zero page is
-    /// read to check.
-    fn for_ram(memory: &GuestMemory) -> Option<Self> {
-        use vm_memory::GuestMemoryRegion;
-        if memory.iter().any(|r| r.file_offset().is_some()) {
-            return None;
-        }
-        let end = memory
-            .iter()
-            .map(|r| r.last_addr().0 + 1)
-            .max()
-            .unwrap_or(0);
-        Some(Self {
-            words: vec![0; (end / PAGE_SIZE).div_ceil(64) as usize],
-        })
+/// The pages a receive will have written, when the VM's RAM is fresh anonymous memory (as a
+/// VM built to receive has): every other page is still zero, so a zero page is written only
+/// over data an earlier pass brought, and never read to check (a read faults in the zero page:
+/// 262,144 faults per GiB with small pages). `None` for file-backed RAM, whose pages hold what
+/// the file held: there a zero page is read to check.
+fn written_pages_for(memory: &GuestMemory) -> Option<PageBits> {
+    use vm_memory::GuestMemoryRegion;
+    if memory.iter().any(|r| r.file_offset().is_some()) {
+        return None;
     }
-
-    fn mark(&mut self, gfn: u64) {
-        // The session checked `gfn` against the VM's RAM: it is below `end`.
-        if let Some(word) = self.words.get_mut((gfn / 64) as usize) {
-            *word |= 1 << (gfn % 64);
-        }
-    }
-
-    /// Whether `gfn` was written (and so must be cleared); it counts as unwritten from now on.
-    fn take(&mut self, gfn: u64) -> bool {
-        let Some(word) = self.words.get_mut((gfn / 64) as usize) else {
-            return false;
-        };
-        let bit = 1 << (gfn % 64);
-        let was = *word & bit != 0;
-        *word &= !bit;
-        was
-    }
+    let end = memory
+        .iter()
+        .map(|r| r.last_addr().0 + 1)
+        .max()
+        .unwrap_or(0);
+    Some(PageBits::below(end / PAGE_SIZE))
 }
 
 /// Makes the page at `at` zero, writing it only if it is not zero already: fresh target RAM
@@ -422,7 +396,7 @@ impl<S: Read + Write> Incoming<S> {
         mut firmware: Option<&mut dyn Firmware>,
     ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
         let mut scratch = vec![0u8; PAGE_SIZE as usize];
-        let mut written = WrittenPages::for_ram(memory);
+        let mut written = written_pages_for(memory);
         let mut sev: Option<veil_sev::flow::Receiver<'_>> = None;
         // One buffer for every frame, and chunks applied straight from it: no copy per page.
         let mut reader = FrameReader::new();
@@ -444,7 +418,8 @@ impl<S: Read + Write> Incoming<S> {
                     let at = GuestAddress(page.gfn * PAGE_SIZE);
                     match page.content {
                         // Untouched fresh RAM is zero already: only earlier data is cleared.
-                        PageContentRef::Zero => match written.as_mut().map(|w| w.take(page.gfn)) {
+                        // (Cleared: the page is zero from here on.)
+                        PageContentRef::Zero => match written.as_mut().map(|w| w.clear(page.gfn)) {
                             Some(false) => {}
                             Some(true) => {
                                 scratch.fill(0);
@@ -455,7 +430,7 @@ impl<S: Read + Write> Incoming<S> {
                         PageContentRef::Plain(bytes) => {
                             veil_hypervisor::memory::fill_unlogged(memory, bytes, at)?;
                             if let Some(written) = &mut written {
-                                written.mark(page.gfn);
+                                written.set(page.gfn);
                             }
                         }
                         PageContentRef::Encrypted { header, data } => {
@@ -468,7 +443,7 @@ impl<S: Read + Write> Incoming<S> {
                             let dest = memory.get_slice(at, data.len())?;
                             receiver.update_data(&packet, &dest)?;
                             if let Some(written) = &mut written {
-                                written.mark(page.gfn);
+                                written.set(page.gfn);
                             }
                         }
                     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::duplex::{Duplex, Written};
 use crate::holes;
 use crate::monitor::{MigrationMonitor, Phase};
+use crate::page_bits::PageBits;
 use veil_hypervisor::memory::{DirtyBitmap, PAGE_SIZE};
 use veil_hypervisor::paravirt::{Blocker, Migratability};
 use veil_hypervisor::{RunState, RunningVm};
@@ -212,33 +213,14 @@ impl SendError {
 
 /// Which guest pages have gone at least once: one bit per page, so a migration's own memory
 /// grows with the guest by 1/32768 of it (32 MiB for 1 TiB), not with a list of gfns.
-struct SentPages {
-    words: Vec<u64>,
-}
-
-impl SentPages {
-    fn for_ram(vm: &RunningVm) -> Self {
-        let end = vm
-            .ram()
-            .slots()
-            .map(|(_, base, len)| (base.0 + len) / PAGE_SIZE)
-            .max()
-            .unwrap_or(0);
-        Self {
-            words: vec![0; end.div_ceil(64) as usize],
-        }
-    }
-
-    /// Marks `gfn` sent; whether it had been sent before.
-    fn mark(&mut self, gfn: u64) -> bool {
-        let Some(word) = self.words.get_mut((gfn / 64) as usize) else {
-            return false;
-        };
-        let bit = 1 << (gfn % 64);
-        let before = *word & bit != 0;
-        *word |= bit;
-        before
-    }
+fn sent_pages_for(vm: &RunningVm) -> PageBits {
+    let end = vm
+        .ram()
+        .slots()
+        .map(|(_, base, len)| (base.0 + len) / PAGE_SIZE)
+        .max()
+        .unwrap_or(0);
+    PageBits::below(end)
 }
 
 /// How often to look again while waiting for a temporarily blocked guest.
@@ -315,7 +297,7 @@ struct Sender<'a, 's, S> {
     stream: &'s mut S,
     session: SenderSession,
     encoder: ChunkEncoder,
-    sent: SentPages,
+    sent: PageBits,
     report: SendReport,
     /// When to give up, from `SendOptions::timeout`.
     deadline: Option<(Instant, Duration)>,
@@ -392,7 +374,7 @@ fn send_claimed<'f, S: Duplex>(
         stream,
         session: SenderSession::new(),
         encoder: ChunkEncoder::new(),
-        sent: SentPages::for_ram(vm),
+        sent: sent_pages_for(vm),
         report: SendReport::default(),
         deadline: options.timeout.map(|t| (started + t, t)),
         devices_handed_over: false,
@@ -709,7 +691,7 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
                 self.report.clear_pages += 1;
             }
             self.report.pages_sent += 1;
-            if self.sent.mark(gfn) {
+            if self.sent.set(gfn) {
                 self.report.pages_resent += 1;
             }
         }
@@ -836,22 +818,4 @@ fn in_doubt(id: MigrationId, cause: SendError) -> Result<(), SendError> {
 
 fn unexpected(action: SenderAction) -> SendError {
     SendError::UnexpectedAnswer(format!("{action:?}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_page_counts_as_resent_from_its_second_sending_on_and_stray_gfns_are_ignored() {
-        let mut sent = SentPages { words: vec![0; 2] };
-        assert!(!sent.mark(5));
-        assert!(sent.mark(5));
-        assert!(!sent.mark(127));
-        assert!(sent.mark(127));
-        // Beyond the bitmap: never a panic, never "resent".
-        assert!(!sent.mark(128));
-        assert!(!sent.mark(u64::MAX));
-        assert_eq!(sent.words, [1 << 5, 1 << 63]);
-    }
 }
