@@ -286,15 +286,6 @@ impl std::str::FromStr for RunOn {
     }
 }
 
-impl std::fmt::Display for RunOn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RunOn::Source => "source",
-            RunOn::Target => "target",
-        })
-    }
-}
-
 fn is_sev(vm: &RunningVm) -> bool {
     vm.paravirt().page_states().is_some()
 }
