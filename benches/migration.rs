@@ -184,19 +184,17 @@ fn bench(scratch: &Scratch, options: &Options) -> Result<(), String> {
         // The same random bytes, copied to tmpfs for the source, and removed after.
         let tmpfs_ram = (scenario == Scenario::HaltedTmpfsSource)
             .then(|| {
-                let path = PathBuf::from(format!(
-                    "/dev/shm/veil-bench-{}-src.ram",
-                    std::process::id()
-                ));
-                fs::copy(&ram, &path)
-                    .map(|_| RemoveOnDrop(path))
-                    .map_err(|e| format!("cannot copy the RAM file to /dev/shm: {e}"))
+                let dir = Scratch::under(Path::new("/dev/shm"), "veil-bench-source-")?;
+                fs::copy(&ram, dir.path("ram"))
+                    .map_err(|e| format!("cannot copy the RAM file to /dev/shm: {e}"))?;
+                Ok::<_, String>(dir)
             })
             .transpose()?;
+        let tmpfs_path = tmpfs_ram.as_ref().map(|dir| dir.path("ram"));
         let table = run_scenario(
             scratch,
             scenario,
-            tmpfs_ram.as_ref().map_or(ram.as_path(), |r| r.0.as_path()),
+            tmpfs_path.as_deref().unwrap_or(&ram),
             have_qemu,
             sev.as_ref(),
             options.runs,
@@ -324,24 +322,12 @@ impl Scenario {
         self != Scenario::Sev
     }
 
-    /// Where the target keeps the arriving RAM when it is a file (named for the migration),
-    /// or `None` for each VMM's default, anonymous memory.
-    fn target_ram_file(self, tag: &str) -> Option<PathBuf> {
-        (self == Scenario::HaltedFileTarget).then(|| {
-            PathBuf::from(format!(
-                "/dev/shm/veil-bench-{}-{tag}.ram",
-                std::process::id()
-            ))
-        })
-    }
-}
-
-/// A file that goes when the migration (or scenario) using it is over.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+    /// A folder on tmpfs for the target's RAM file, for the one migration, or `None` for each
+    /// VMM's default, anonymous memory.
+    fn target_ram_dir(self) -> Result<Option<Scratch>, String> {
+        (self == Scenario::HaltedFileTarget)
+            .then(|| Scratch::under(Path::new("/dev/shm"), "veil-bench-target-"))
+            .transpose()
     }
 }
 
@@ -592,8 +578,8 @@ fn migrate_veil(
         scratch.path(&format!("{tag}-src.sock")),
         scratch.path(&format!("{tag}-dst.sock")),
     );
-    let target_ram = scenario.target_ram_file(tag);
-    let _remove_target_ram = target_ram.clone().map(RemoveOnDrop);
+    let target_dir = scenario.target_ram_dir()?;
+    let target_ram = target_dir.as_ref().map(|dir| dir.path("ram"));
     let mut target = Proc::spawn(
         &format!("{tag}-target"),
         veil_receive(port)
@@ -922,8 +908,8 @@ fn migrate_qemu(
         scratch.path(&format!("{tag}-src.qmp")),
         scratch.path(&format!("{tag}-dst.qmp")),
     );
-    let target_file = scenario.target_ram_file(tag);
-    let _remove_target_ram = target_file.clone().map(RemoveOnDrop);
+    let target_dir = scenario.target_ram_dir()?;
+    let target_file = target_dir.as_ref().map(|dir| dir.path("ram"));
     let target_ram = match &target_file {
         None => format!("memory-backend-ram,id=ram,size={GUEST_RAM_ARG}"),
         Some(path) => format!(

@@ -25,7 +25,11 @@ pub struct Scratch(PathBuf);
 
 impl Scratch {
     pub fn new(prefix: &str) -> Result<Scratch, String> {
-        let parent = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        Self::under(Path::new(env!("CARGO_TARGET_TMPDIR")), prefix)
+    }
+
+    /// As [`Scratch::new`], in `parent` (`/dev/shm`, say, for files on tmpfs).
+    pub fn under(parent: &Path, prefix: &str) -> Result<Scratch, String> {
         remove_stale(parent, prefix);
         let dir = parent.join(format!("{prefix}{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
