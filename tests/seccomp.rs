@@ -31,19 +31,27 @@ fn threads(pid: u32) -> Vec<(String, String)> {
     found
 }
 
-/// Waits until process `pid` has a thread named each of `names` (threads start a little
-/// after the guest's first output).
-fn wait_for_threads(pid: u32, names: &[&str]) -> Vec<(String, String)> {
+/// Waits until process `pid` has a thread named each of `names` and, when `confined`, each
+/// of those has installed its filter: threads start a little after the guest's first output,
+/// and each installs its own filter as its first step, so a thread is briefly named but not
+/// yet confined. Gives up after 20 s and returns what it saw, for the caller's assertions.
+fn wait_for_threads(pid: u32, names: &[&str], confined: bool) -> Vec<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let found = threads(pid);
-        if names.iter().all(|n| found.iter().any(|(t, _)| t == n)) {
+        let settled = names.iter().all(|n| {
+            found
+                .iter()
+                .any(|(thread, mode)| thread == n && (mode == "2" || !confined))
+        });
+        if settled || Instant::now() >= deadline {
+            let missing: Vec<_> = names
+                .iter()
+                .filter(|n| !found.iter().any(|(t, _)| t == *n))
+                .collect();
+            assert!(missing.is_empty(), "threads {found:?}, missing {missing:?}");
             return found;
         }
-        assert!(
-            Instant::now() < deadline,
-            "threads {found:?}, wanted {names:?}"
-        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -99,7 +107,7 @@ const RUN_THREADS: &[&str] = &[
 fn every_thread_of_a_running_vm_and_of_its_migration_target_is_confined() {
     let dir = common::TempDir::new("seccomp-threads");
     let mut source = run_with_everything(&dir, &[]);
-    let found = wait_for_threads(source.0.id(), RUN_THREADS);
+    let found = wait_for_threads(source.0.id(), RUN_THREADS, true);
     assert_all_confined("veil run", &found);
 
     // The API's client threads start from its (confined) thread: so does a status request's.
@@ -124,7 +132,7 @@ fn every_thread_of_a_running_vm_and_of_its_migration_target_is_confined() {
     assert!(out.status.success(), "{}", common::describe(&out));
     assert!(source.wait().success());
     common::wait_for(&target_api);
-    let found = wait_for_threads(target.0.id(), RUN_THREADS);
+    let found = wait_for_threads(target.0.id(), RUN_THREADS, true);
     assert_all_confined("veil receive", &found);
     assert_eq!(common::status(&target_api)["state"], "running");
     common::ctl(&target_api, &["shutdown"]);
@@ -135,7 +143,7 @@ fn every_thread_of_a_running_vm_and_of_its_migration_target_is_confined() {
 fn with_seccomp_off_no_thread_has_a_filter() {
     let dir = common::TempDir::new("seccomp-off");
     let source = run_with_everything(&dir, &["--seccomp", "off"]);
-    let found = wait_for_threads(source.0.id(), RUN_THREADS);
+    let found = wait_for_threads(source.0.id(), RUN_THREADS, false);
     assert!(found.iter().all(|(_, mode)| mode == "0"), "{found:?}");
     common::ctl(&dir.path("a.sock"), &["shutdown"]);
 }
@@ -245,7 +253,7 @@ fn a_library_vm_confines_its_own_threads_and_not_its_callers() {
         .start()
         .unwrap();
     let own = ["vcpu0", "vm-reset", "devices"];
-    let found = wait_for_threads(std::process::id(), &own);
+    let found = wait_for_threads(std::process::id(), &own, true);
     for (name, mode) in &found {
         if own.contains(&name.as_str()) {
             assert_eq!(mode, "2", "{name}: {found:?}");
