@@ -214,11 +214,28 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
     }
 }
 
+/// Whether `kind` opens files itself; a kind that does not is still let through `openat` by
+/// its allow-list, and refused it (EACCES) by a second filter ([`refused_opens`]).
+pub(crate) fn opens_files(kind: ThreadKind) -> bool {
+    syscalls(kind).contains(&libc::SYS_openat)
+}
+
+/// The rules of the second filter that a kind which opens no files carries: `openat` matches
+/// (and fails with EACCES, or is logged under `log`), everything else is left to the first.
+///
+/// glibc opens files behind a thread's back: the first time `free` shrinks a thread's own
+/// heap it reads `/proc/sys/vm/overcommit_memory`, and goes on without it if it cannot.
+/// Killing the VMM for that would make any thread that frees memory a risk.
+pub(crate) fn refused_opens() -> BTreeMap<i64, Vec<SeccompRule>> {
+    BTreeMap::from([(libc::SYS_openat, Vec::new())])
+}
+
 /// The seccompiler rules of `kind`: each allowed call unconditionally, `ioctl` only with the
 /// listed requests (compared as 32 bits: the kernel's `cmd` is an `unsigned int`).
 pub(crate) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls(kind)
         .into_iter()
+        .chain([libc::SYS_openat])
         .map(|call| (call, Vec::new()))
         .collect();
     let requests = ioctls(kind);

@@ -144,6 +144,8 @@ pub struct Confinement {
 struct Compiled {
     mode: SeccompMode,
     programs: BTreeMap<ThreadKind, BpfProgram>,
+    /// Installed besides a kind's own program when the kind opens no files.
+    refuse_opens: BpfProgram,
     /// The kind that makes the forbidden probe call (`VEIL_SECCOMP_PROBE`).
     probe: Option<ThreadKind>,
 }
@@ -189,6 +191,23 @@ impl Confinement {
                 .map_err(|source| SeccompError::Compile { kind, source })?;
             programs.insert(kind, program);
         }
+        // The kernel runs every filter a thread has and takes the strictest answer: `openat`,
+        // which the first filter of every kind lets through, fails here with EACCES.
+        let on_open = match mode {
+            SeccompMode::Log => SeccompAction::Log,
+            _ => SeccompAction::Errno(libc::EACCES as u32),
+        };
+        let refuse_opens = SeccompFilter::new(
+            allow::refused_opens(),
+            SeccompAction::Allow,
+            on_open,
+            seccompiler::TargetArch::x86_64,
+        )
+        .and_then(BpfProgram::try_from)
+        .map_err(|source| SeccompError::Compile {
+            kind: ThreadKind::Main,
+            source,
+        })?;
         let probe = std::env::var(PROBE_VARIABLE)
             .ok()
             .and_then(|name| ThreadKind::ALL.into_iter().find(|k| k.name() == name));
@@ -196,6 +215,7 @@ impl Confinement {
             compiled: Some(Arc::new(Compiled {
                 mode,
                 programs,
+                refuse_opens,
                 probe,
             })),
         })
@@ -211,6 +231,12 @@ impl Confinement {
         let Some(compiled) = &self.compiled else {
             return Ok(());
         };
+        // First: installing a filter sets no_new_privs with a prctl the kind's own filter
+        // may forbid.
+        if !allow::opens_files(kind) {
+            seccompiler::apply_filter(&compiled.refuse_opens)
+                .map_err(|source| SeccompError::Install { kind, source })?;
+        }
         if let Some(program) = compiled.programs.get(&kind) {
             seccompiler::apply_filter(program)
                 .map_err(|source| SeccompError::Install { kind, source })?;
@@ -286,5 +312,32 @@ mod tests {
         .join()
         .unwrap();
         assert!(status.contains("Seccomp:\t2"), "{status}");
+    }
+
+    /// Under `on`, a kind that opens no files is refused `openat` (EACCES) and lives on, as
+    /// glibc expects when it probes `/proc/sys/vm/overcommit_memory`; a kind that opens files
+    /// opens them.
+    #[test]
+    fn under_on_a_thread_that_opens_no_files_is_refused_an_open_and_lives() {
+        let confinement = Confinement::new(SeccompMode::On).unwrap();
+        let open = |kind| {
+            let confinement = confinement.clone();
+            std::thread::spawn(move || {
+                confinement.apply(kind).unwrap();
+                std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                    .map(drop)
+                    .map_err(|e| e.raw_os_error())
+            })
+            .join()
+            .unwrap()
+        };
+        for kind in [
+            ThreadKind::MigrationReceive,
+            ThreadKind::Vcpu,
+            ThreadKind::Devices,
+        ] {
+            assert_eq!(open(kind), Err(Some(libc::EACCES)), "{}", kind.name());
+        }
+        assert_eq!(open(ThreadKind::Reset), Ok(()));
     }
 }
