@@ -24,8 +24,10 @@
 //! Then the source's resident-memory growth while migrating 1 GiB and 16 GiB idle guests whose
 //! RAM is a sparse file (`memory`, see `migration/memory.rs`).
 //!
-//! `cargo bench --bench migration [-- --runs N] [--only idle,halted,dirty,sev,memory,...]` (with N runs per
-//! migration, the run with the median total time is shown; `--only` runs the scenarios named).
+//! `cargo bench --bench migration [-- --runs N] [--only idle,halted,dirty,sev,memory,...]
+//! [--baseline VEIL]` (with N runs per migration, the run with the median total time is shown;
+//! `--only` runs the scenarios named; `--baseline` migrates with another `veil` binary too, in
+//! the clear, interleaved with this one's runs, to compare two builds in one run).
 //! QEMU and iperf3 are skipped, with the reason, when absent.
 
 #[path = "migration/memory.rs"]
@@ -107,9 +109,12 @@ struct Options {
     scenarios: Vec<Scenario>,
     /// The source's memory growth (`memory`), 1 GiB and 16 GiB sparse guests.
     memory: bool,
+    /// Another `veil` to migrate with too (`--baseline VEIL`), in every scenario.
+    baseline: Option<PathBuf>,
 }
 
-/// `--runs N` and `--only NAME[,NAME...]` (cargo passes `--bench` too, which is ignored).
+/// `--runs N`, `--only NAME[,NAME...]` and `--baseline VEIL` (cargo passes `--bench` too,
+/// which is ignored).
 fn options_from_args() -> Options {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
@@ -143,10 +148,20 @@ fn options_from_args() -> Options {
                 .collect()
         }
     };
+    let baseline = value("--baseline").map(PathBuf::from);
+    if let Some(binary) = &baseline {
+        if !binary.is_file() {
+            fail(&format!(
+                "--baseline takes a `veil` binary to compare with; {} is not a file",
+                binary.display()
+            ));
+        }
+    }
     Options {
         runs,
         scenarios,
         memory,
+        baseline,
     }
 }
 
@@ -197,7 +212,7 @@ fn bench(scratch: &Scratch, options: &Options) -> Result<(), String> {
             tmpfs_path.as_deref().unwrap_or(&ram),
             have_qemu,
             sev.as_ref(),
-            options.runs,
+            options,
         )?;
         print_table(scenario, &table);
         results.push((scenario, table));
@@ -337,6 +352,8 @@ enum Migrator {
     Veil,
     /// Veil over mutual TLS (the idle scenario), to compare with the clear.
     VeilTls,
+    /// Another `veil` binary (`--baseline`), in the clear, to compare builds in one run.
+    VeilBaseline,
     QemuDefault,
     QemuRaised,
 }
@@ -346,6 +363,7 @@ impl Migrator {
         match self {
             Migrator::Veil => "veil".into(),
             Migrator::VeilTls => "veil, mutual TLS".into(),
+            Migrator::VeilBaseline => "veil (--baseline)".into(),
             Migrator::QemuDefault => match qemu_default_bandwidth {
                 Some(b) => format!("qemu (defaults: max-bandwidth {})", mib_per_s(b)),
                 None => "qemu (defaults)".into(),
@@ -363,6 +381,7 @@ impl Migrator {
         match self {
             Migrator::Veil => "veil",
             Migrator::VeilTls => "veil-tls",
+            Migrator::VeilBaseline => "veil-baseline",
             Migrator::QemuDefault => "qemu",
             Migrator::QemuRaised => "qemu-raised",
         }
@@ -428,8 +447,9 @@ fn run_scenario(
     ram: &Path,
     have_qemu: bool,
     sev: Option<&SevPlatforms>,
-    runs: usize,
+    options: &Options,
 ) -> Result<Table, String> {
+    let (runs, baseline, here) = (options.runs, options.baseline.as_deref(), Path::new(VEIL));
     let mut outcomes: Vec<(Migrator, Vec<Outcome>)> = Vec::new();
     let mut qemu_default_bandwidth = None;
     let mut firmware = Vec::new();
@@ -445,6 +465,9 @@ fn run_scenario(
             firmware.push(firmware_rates(platforms)?);
         }
         let mut migrators = vec![Migrator::Veil];
+        if baseline.is_some() {
+            migrators.push(Migrator::VeilBaseline);
+        }
         if matches!(scenario, Scenario::Idle | Scenario::Halted) {
             migrators.push(Migrator::VeilTls);
         }
@@ -461,8 +484,12 @@ fn run_scenario(
                 migrator.label(qemu_default_bandwidth)
             );
             let outcome = match migrator {
-                Migrator::Veil => migrate_veil(scratch, &tag, scenario, ram, sev, false),
-                Migrator::VeilTls => migrate_veil(scratch, &tag, scenario, ram, sev, true),
+                Migrator::Veil => migrate_veil(scratch, &tag, scenario, ram, sev, false, here),
+                Migrator::VeilTls => migrate_veil(scratch, &tag, scenario, ram, sev, true, here),
+                Migrator::VeilBaseline => {
+                    let binary = baseline.ok_or("no --baseline")?;
+                    migrate_veil(scratch, &tag, scenario, ram, sev, false, binary)
+                }
                 _ => migrate_qemu(scratch, &tag, scenario, ram, migrator),
             };
             if migrator == Migrator::QemuDefault {
@@ -519,22 +546,32 @@ fn median_run(mut list: Vec<Outcome>) -> (Outcome, String) {
 // ---------------------------------------------------------------------------------------------
 // Veil
 
+/// The `veil` this bench was built with.
+const VEIL: &str = env!("CARGO_BIN_EXE_veil");
+
 fn veil() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_veil"));
+    veil_from(Path::new(VEIL))
+}
+
+/// `binary` (this bench's `veil`, or `--baseline`'s).
+fn veil_from(binary: &Path) -> Command {
+    let mut cmd = Command::new(binary);
     cmd.env_remove("VEIL_LOG");
     cmd
 }
 
-/// `veil receive` listening on 127.0.0.1:`port`; the caller adds security, serial and sockets.
-fn veil_receive(port: u16) -> Command {
-    let mut cmd = veil();
+/// `binary`'s `veil receive` listening on 127.0.0.1:`port`; the caller adds security, serial
+/// and sockets.
+fn veil_receive(binary: &Path, port: u16) -> Command {
+    let mut cmd = veil_from(binary);
     cmd.args(["receive", "--listen", &format!("tcp:127.0.0.1:{port}")]);
     cmd
 }
 
-/// `veil run` of the kit with `cmdline`, its `memory` of RAM backed by the file `ram`.
-fn veil_run_kit(memory: &str, ram: &Path, cmdline: &str) -> Command {
-    let mut cmd = veil();
+/// `binary`'s `veil run` of the kit with `cmdline`, its `memory` of RAM backed by the file
+/// `ram`.
+fn veil_run_kit(binary: &Path, memory: &str, ram: &Path, cmdline: &str) -> Command {
+    let mut cmd = veil_from(binary);
     cmd.args(["run", "--memory", memory, "--memory-file"])
         .arg(ram)
         .arg("--kernel")
@@ -550,6 +587,7 @@ fn migrate_veil(
     ram: &Path,
     sev: Option<&SevPlatforms>,
     tls: bool,
+    binary: &Path,
 ) -> Outcome {
     // Mutual TLS with throwaway certificates for 127.0.0.1, or plain TCP.
     let (target_security, source_security) = if tls {
@@ -582,7 +620,7 @@ fn migrate_veil(
     let target_ram = target_dir.as_ref().map(|dir| dir.path("ram"));
     let mut target = Proc::spawn(
         &format!("{tag}-target"),
-        veil_receive(port)
+        veil_receive(binary, port)
             .args(
                 target_ram
                     .iter()
@@ -598,7 +636,7 @@ fn migrate_veil(
     )?;
     let mut source = Proc::spawn(
         &format!("{tag}-source"),
-        veil_run_kit(GUEST_RAM_ARG, ram, &scenario.cmdline())
+        veil_run_kit(binary, GUEST_RAM_ARG, ram, &scenario.cmdline())
             .arg("--api-socket")
             .arg(&src_api)
             .arg("--serial")
@@ -1318,6 +1356,15 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
                 scenario.slug(),
                 gbit_per_s(GUEST_RAM, tls.total) / veil_rate,
                 ms(tls.downtime)
+            );
+        }
+        if let Some(baseline) = find(Migrator::VeilBaseline) {
+            println!(
+                "  {:<5} veil / veil (--baseline): rate {:.3}x; downtime {:.1} ms vs {:.1} ms",
+                scenario.slug(),
+                veil_rate / gbit_per_s(GUEST_RAM, baseline.total),
+                ms(veil.downtime),
+                ms(baseline.downtime)
             );
         }
         for which in [Migrator::QemuDefault, Migrator::QemuRaised] {

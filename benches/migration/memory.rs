@@ -73,18 +73,23 @@ pub fn measure(scratch: &Scratch, guest: u64) -> Result<Growth, String> {
     );
     let mut target = Proc::spawn(
         &format!("{tag}-target"),
-        veil_receive(port)
+        veil_receive(Path::new(super::VEIL), port)
             .args(["--insecure", "--serial", "null", "--api-socket"])
             .arg(&dst_api),
         scratch,
     )?;
     let mut source = Proc::spawn(
         &format!("{tag}-source"),
-        veil_run_kit(&format!("{}G", guest >> 30), &ram, "greet spin")
-            .arg("--api-socket")
-            .arg(&src_api)
-            .arg("--serial")
-            .arg(file_sink(&src_serial)),
+        veil_run_kit(
+            Path::new(super::VEIL),
+            &format!("{}G", guest >> 30),
+            &ram,
+            "greet spin",
+        )
+        .arg("--api-socket")
+        .arg(&src_api)
+        .arg("--serial")
+        .arg(file_sink(&src_serial)),
         scratch,
     )?;
     wait_listening(port, &mut target)?;

@@ -17,6 +17,7 @@ pub mod duplex;
 mod holes;
 pub mod monitor;
 mod page_bits;
+mod page_writer;
 pub mod protocol;
 pub mod receiver;
 pub mod recovery;

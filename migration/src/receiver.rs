@@ -9,22 +9,19 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::GuestMemory;
-use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use veil_sev::firmware::{Firmware, Handle, SendStart};
 
-use crate::page_bits::PageBits;
+use crate::page_writer::{PageWriter, Work, FRAME_BUFFERS};
 use crate::protocol::{
     read_frame, write_frame, Features, FrameReader, Hello, HelloReply, MemoryChunkRef, Message,
-    MessageType, PageContentRef, ProtocolError, ReceiverAction, ReceiverSession, SessionError,
-    VmShape,
+    MessageType, ProtocolError, ReceiverAction, ReceiverSession, SessionError, VmShape,
 };
 use crate::protocol::{Fate, FateError, MigrationId, RecoveryOutcome};
 use crate::recovery::SharedFate;
 use crate::transport::{Accepted, Listener, Stream, TransportError};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 /// How long a new connection has to open with a valid `Hello` (the TLS handshake included)
 /// before [`accept_from`] drops it and waits for the next.
@@ -57,46 +54,16 @@ pub enum ReceiveError {
     Transport(#[from] TransportError),
     #[error("The guest will not run here")]
     Fate(#[source] FateError),
+    #[error("Cannot start the thread that writes guest memory")]
+    Thread(#[source] io::Error),
+    #[error("The thread that writes guest memory panicked")]
+    WriterPanicked,
     #[error("Dropped a connection from {peer}: it did not open with a valid Hello")]
     Stranger {
         peer: String,
         #[source]
         source: Box<ReceiveError>,
     },
-}
-
-/// The pages a receive will have written, when the VM's RAM is fresh anonymous memory (as a
-/// VM built to receive has): every other page is still zero, so a zero page is written only
-/// over data an earlier pass brought, and never read to check (a read faults in the zero page:
-/// 262,144 faults per GiB with small pages). `None` for file-backed RAM, whose pages hold what
-/// the file held: there a zero page is read to check.
-fn written_pages_for(memory: &GuestMemory) -> Option<PageBits> {
-    use vm_memory::GuestMemoryRegion;
-    if memory.iter().any(|r| r.file_offset().is_some()) {
-        return None;
-    }
-    let end = memory
-        .iter()
-        .map(|r| r.last_addr().0 + 1)
-        .max()
-        .unwrap_or(0);
-    Some(PageBits::below(end / PAGE_SIZE))
-}
-
-/// Makes the page at `at` zero, writing it only if it is not zero already: fresh target RAM
-/// is, and a write would make the kernel allocate (and clear) a page the guest may never touch,
-/// where a read maps the shared zero page. Most of an idle guest's RAM arrives as zero pages.
-fn write_zero_page(
-    memory: &GuestMemory,
-    at: GuestAddress,
-    scratch: &mut [u8],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    memory.read_slice(scratch, at)?;
-    if !crate::protocol::chunk::is_zero(scratch) {
-        scratch.fill(0);
-        veil_hypervisor::memory::fill_unlogged(memory, scratch, at)?;
-    }
-    Ok(())
 }
 
 /// Whether `e` is the link failing (closed, cut, silent), as opposed to the source saying
@@ -111,6 +78,19 @@ fn lost_link(e: &ReceiveError) -> bool {
                 | ProtocolError::TruncatedPayload { .. }
         )
     )
+}
+
+/// Why the connection's thread stopped reading before the State.
+enum Stop {
+    Failed(ReceiveError),
+    /// The writer stopped (its own error says why).
+    WriterGone,
+}
+
+impl From<ReceiveError> for Stop {
+    fn from(e: ReceiveError) -> Self {
+        Stop::Failed(e)
+    }
 }
 
 /// A guest whose source has been accepted.
@@ -393,71 +373,83 @@ impl<S: Read + Write> Incoming<S> {
     fn receive_memory(
         &mut self,
         memory: &GuestMemory,
-        mut firmware: Option<&mut dyn Firmware>,
+        firmware: Option<&mut dyn Firmware>,
     ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
-        let mut scratch = vec![0u8; PAGE_SIZE as usize];
-        let mut written = written_pages_for(memory);
-        let mut sev: Option<veil_sev::flow::Receiver<'_>> = None;
-        // One buffer for every frame, and chunks applied straight from it: no copy per page.
-        let mut reader = FrameReader::new();
+        let writer = PageWriter::new(memory, firmware);
+        std::thread::scope(|scope| {
+            let (work, to_write) = mpsc::sync_channel(FRAME_BUFFERS - 1);
+            let (give_back, given_back) = mpsc::channel();
+            let writing = std::thread::Builder::new()
+                .name("migrate-write".into())
+                .spawn_scoped(scope, move || writer.run(to_write, give_back))
+                .map_err(ReceiveError::Thread)?;
+            let read = self.read_until_state(&work, &given_back);
+            // The writer finishes what it was given, and stops.
+            drop(work);
+            let written = writing
+                .join()
+                .unwrap_or_else(|_| Err(ReceiveError::WriterPanicked));
+            let state = match (read, written) {
+                (Err(Stop::Failed(e)), _) | (_, Err(e)) => return Err(e),
+                (Err(Stop::WriterGone), Ok(_)) => return Err(ReceiveError::WriterPanicked),
+                (Ok(state), Ok(sev)) => (state, sev),
+            };
+            let (bytes, sev) = state;
+            let snapshot = serde_json::from_slice(&bytes)?;
+            self.fate
+                .state_arrived(MigrationId::of_state(&bytes))
+                .map_err(ReceiveError::Fate)?;
+            let handle = sev.map(|r| r.finish()).transpose()?;
+            Ok((snapshot, handle))
+        })
+    }
+
+    /// Reads frames, hands the memory chunks to the writer through `work` once the session
+    /// has accepted them, and answers Sync once the writer has caught up; returns the State's
+    /// bytes. `given_back` returns the frame readers the writer is done with.
+    fn read_until_state(
+        &mut self,
+        work: &mpsc::SyncSender<Work>,
+        given_back: &mpsc::Receiver<FrameReader>,
+    ) -> Result<Vec<u8>, Stop> {
+        let mut spare: Vec<FrameReader> = (0..FRAME_BUFFERS).map(|_| FrameReader::new()).collect();
         loop {
-            let raw = reader.read(&mut self.stream)?;
+            let mut reader = match spare.pop() {
+                Some(reader) => reader,
+                None => given_back.recv().map_err(|_| Stop::WriterGone)?,
+            };
+            let raw = reader.read(&mut self.stream).map_err(ReceiveError::from)?;
             if raw.header.kind == MessageType::MemoryChunk {
                 let chunk = MemoryChunkRef::parse(raw.payload).map_err(|source| {
-                    ProtocolError::Payload {
+                    ReceiveError::Protocol(ProtocolError::Payload {
                         kind: MessageType::MemoryChunk,
                         source,
-                    }
+                    })
                 })?;
-                match self.session.on_memory_chunk(&chunk)? {
+                match self
+                    .session
+                    .on_memory_chunk(&chunk)
+                    .map_err(ReceiveError::from)?
+                {
                     ReceiverAction::WritePages => {}
-                    other => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
+                    other => return Err(ReceiveError::OutOfTurn(format!("{other:?}")).into()),
                 }
-                // The session has checked every gfn against the VM's RAM, none twice.
-                for page in chunk.pages() {
-                    let at = GuestAddress(page.gfn * PAGE_SIZE);
-                    match page.content {
-                        // Untouched fresh RAM is zero already: only earlier data is cleared.
-                        // (Cleared: the page is zero from here on.)
-                        PageContentRef::Zero => match written.as_mut().map(|w| w.clear(page.gfn)) {
-                            Some(false) => {}
-                            Some(true) => {
-                                scratch.fill(0);
-                                veil_hypervisor::memory::fill_unlogged(memory, &scratch, at)?;
-                            }
-                            None => write_zero_page(memory, at, &mut scratch)?,
-                        },
-                        PageContentRef::Plain(bytes) => {
-                            veil_hypervisor::memory::fill_unlogged(memory, bytes, at)?;
-                            if let Some(written) = &mut written {
-                                written.set(page.gfn);
-                            }
-                        }
-                        PageContentRef::Encrypted { header, data } => {
-                            let receiver = sev.as_mut().ok_or(ReceiveError::Sev)?;
-                            let packet = Packet {
-                                header: *header,
-                                data: data.to_vec(),
-                            };
-                            // Decrypted in place in guest RAM, as the PSP does on hardware.
-                            let dest = memory.get_slice(at, data.len())?;
-                            receiver.update_data(&packet, &dest)?;
-                            if let Some(written) = &mut written {
-                                written.set(page.gfn);
-                            }
-                        }
-                    }
-                }
+                work.send(Work::Chunk(reader))
+                    .map_err(|_| Stop::WriterGone)?;
                 continue;
             }
-            let frame = raw.decode()?;
-            match self.session.on_message(&frame.message)? {
+            let frame = raw.decode().map_err(ReceiveError::from)?;
+            spare.push(reader);
+            match self
+                .session
+                .on_message(&frame.message)
+                .map_err(ReceiveError::from)?
+            {
                 ReceiverAction::StartSev => {
                     use sev::parser::Decoder;
-                    let Message::SevStart(start) = &frame.message else {
+                    let Message::SevStart(start) = frame.message else {
                         unreachable!("the session said StartSev")
                     };
-                    let firmware = firmware.take().ok_or(ReceiveError::Sev)?;
                     let pdh =
                         sev::certs::sev::sev::Certificate::decode(&mut start.pdh.as_slice(), ())
                             .map_err(|_| ReceiveError::BadPdh)?;
@@ -466,28 +458,30 @@ impl<S: Read + Write> Incoming<S> {
                         pdh,
                         session: start.session,
                     };
-                    sev = Some(veil_sev::flow::Receiver::start(firmware, &start)?);
+                    work.send(Work::StartSev(Box::new(start)))
+                        .map_err(|_| Stop::WriterGone)?;
                 }
                 ReceiverAction::Finish => {
-                    let Message::State(state) = &frame.message else {
+                    let Message::State(state) = frame.message else {
                         unreachable!("the session said Finish")
                     };
-                    let snapshot = serde_json::from_slice(&state.bytes)?;
-                    self.fate
-                        .state_arrived(MigrationId::of_state(&state.bytes))
-                        .map_err(ReceiveError::Fate)?;
-                    let handle = sev.take().map(|r| r.finish()).transpose()?;
-                    return Ok((snapshot, handle));
+                    return Ok(state.bytes);
                 }
                 ReceiverAction::ReplySynced => {
-                    // Everything before the Sync is in guest memory (or the firmware).
-                    self.session.send(&Message::Synced)?;
-                    write_frame(&mut self.stream, &Message::Synced)?;
+                    // Everything before the Sync must be in guest memory (or the firmware).
+                    let (done, caught_up) = mpsc::channel();
+                    work.send(Work::Barrier(done))
+                        .map_err(|_| Stop::WriterGone)?;
+                    caught_up.recv().map_err(|_| Stop::WriterGone)?;
+                    self.session
+                        .send(&Message::Synced)
+                        .map_err(ReceiveError::from)?;
+                    write_frame(&mut self.stream, &Message::Synced).map_err(ReceiveError::from)?;
                 }
                 ReceiverAction::Discard { reason, .. } => {
-                    return Err(ReceiveError::Aborted(reason))
+                    return Err(ReceiveError::Aborted(reason).into())
                 }
-                other => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
+                other => return Err(ReceiveError::OutOfTurn(format!("{other:?}")).into()),
             }
         }
     }
@@ -578,9 +572,12 @@ impl<S: Read + Write> Incoming<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page_writer::write_zero_page;
     use crate::protocol::messages::tests::hello;
     use crate::transport::{listen, Endpoint, Security};
     use std::os::unix::net::UnixStream;
+    use veil_hypervisor::memory::PAGE_SIZE;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     /// A peer that sends a byte of a real Hello every 150 ms never finishes within 500 ms,
     /// though no single read waits that long: it is dropped, and the source behind it is

@@ -138,7 +138,9 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_fstat,
             libc::SYS_getdents64,
         ],
-        // Guest memory is written through its mapping: the socket is all this thread needs.
+        // Guest memory is written through its mapping: the socket is all this thread needs,
+        // and the thread that writes the pages, which it starts (and names) as the API
+        // thread starts its clients' and which inherits this filter.
         ThreadKind::MigrationReceive => &[
             libc::SYS_recvfrom,
             libc::SYS_writev,
@@ -146,6 +148,10 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_setsockopt,
             libc::SYS_poll,
             libc::SYS_ppoll,
+            libc::SYS_clone3,
+            libc::SYS_rseq,
+            libc::SYS_set_robust_list,
+            libc::SYS_prctl,
         ],
     };
     let mut all: Vec<i64> = EVERY_THREAD.iter().chain(own).copied().collect();

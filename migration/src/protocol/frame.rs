@@ -222,6 +222,8 @@ pub struct FrameReader {
     /// Bytes past the current payload, from earlier frames, stay as they are: zeroing a
     /// megabyte per chunk again and again cost the receiver a tenth of its time.
     buf: Vec<u8>,
+    /// The length of the last payload read.
+    len: usize,
 }
 
 impl FrameReader {
@@ -229,8 +231,15 @@ impl FrameReader {
         Self::default()
     }
 
+    /// The payload of the last frame [`read`](Self::read) returned (checksum verified), or
+    /// nothing if that read failed: a reader can then be handed on without its borrow.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     /// Reads one frame's header and payload; the payload is valid until the next read.
     pub fn read<'a>(&'a mut self, r: &mut impl Read) -> Result<RawFrame<'a>, ProtocolError> {
+        self.len = 0;
         let mut header = [0; HEADER_BYTES];
         match read_full(r, &mut header).map_err(ProtocolError::Io)? {
             0 => return Err(ProtocolError::Closed),
@@ -256,7 +265,11 @@ impl FrameReader {
         let payload = &self.buf[..length];
         // Nothing decodes a payload that is not what the peer sent.
         header.verify(payload)?;
-        Ok(RawFrame { header, payload })
+        self.len = length;
+        Ok(RawFrame {
+            header,
+            payload: &self.buf[..length],
+        })
     }
 }
 

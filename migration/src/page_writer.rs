@@ -1,0 +1,165 @@
+//! The target's page writer: memory chunks that the connection's thread has read, checksummed
+//! and checked against the VM go into guest memory (or through the SEV firmware) on a thread of
+//! their own, while the connection's thread reads the next. Writing is most of a receive's
+//! work (the kernel allocates and clears every page on its first touch; RECEIVE_UPDATE_DATA
+//! decrypts each private page), so where the host has a core to spare the two halves overlap.
+
+use std::sync::mpsc::{Receiver, Sender};
+
+use veil_hypervisor::memory::PAGE_SIZE;
+use veil_hypervisor::GuestMemory;
+use veil_sev::firmware::{Firmware, Packet, SendStart};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::page_bits::PageBits;
+use crate::protocol::{FrameReader, MemoryChunkRef, MessageType, PageContentRef, ProtocolError};
+use crate::receiver::ReceiveError;
+
+/// Chunks read ahead of the writer: one being written, one queued, one being read. Each
+/// holds at most a chunk's byte limit, so the receiver's buffers stay within three of them.
+pub(crate) const FRAME_BUFFERS: usize = 3;
+
+/// What the connection's thread hands the writer, in the order the source sent it.
+pub(crate) enum Work {
+    /// A frame reader whose last frame is a MemoryChunk the session has accepted (every page
+    /// in RAM, none twice). It comes back on the writer's free list once written.
+    Chunk(FrameReader),
+    /// RECEIVE_START with the source's SEND_START, before the first encrypted page.
+    StartSev(Box<SendStart>),
+    /// Answered once everything before it is in guest memory (the source's Sync).
+    Barrier(Sender<()>),
+}
+
+/// Writes chunks into one VM's memory; run it with [`PageWriter::run`].
+pub(crate) struct PageWriter<'m, 'f> {
+    memory: &'m GuestMemory,
+    firmware: Option<&'f mut dyn Firmware>,
+    sev: Option<veil_sev::flow::Receiver<'f>>,
+    written: Option<PageBits>,
+    scratch: Vec<u8>,
+}
+
+impl<'m, 'f> PageWriter<'m, 'f> {
+    /// A writer into `memory`, with `firmware` for an SEV guest's private pages. Anonymous
+    /// `memory` must be fresh (all zero): a page this writer has not written is taken to be
+    /// zero. File-backed memory may hold anything.
+    pub(crate) fn new(memory: &'m GuestMemory, firmware: Option<&'f mut dyn Firmware>) -> Self {
+        Self {
+            memory,
+            firmware,
+            sev: None,
+            written: written_pages_for(memory),
+            scratch: vec![0; PAGE_SIZE as usize],
+        }
+    }
+
+    /// Works through `work` until the connection's thread drops its end, handing each frame
+    /// reader back on `free`. Returns the SEV session for RECEIVE_FINISH, which only the
+    /// connection's thread may call (once the State has arrived); on an error the writer
+    /// stops at once and the connection's thread sees its end of `work` closed.
+    pub(crate) fn run(
+        mut self,
+        work: Receiver<Work>,
+        free: Sender<FrameReader>,
+    ) -> Result<Option<veil_sev::flow::Receiver<'f>>, ReceiveError> {
+        for item in work {
+            match item {
+                Work::Chunk(reader) => {
+                    self.write_chunk(reader.payload())?;
+                    // The connection's thread may have stopped reading: then nothing is lost.
+                    let _ = free.send(reader);
+                }
+                Work::StartSev(start) => {
+                    let firmware = self.firmware.take().ok_or(ReceiveError::Sev)?;
+                    self.sev = Some(veil_sev::flow::Receiver::start(firmware, &start)?);
+                }
+                Work::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+        Ok(self.sev)
+    }
+
+    fn write_chunk(&mut self, payload: &[u8]) -> Result<(), ReceiveError> {
+        let chunk = MemoryChunkRef::parse(payload).map_err(|source| ProtocolError::Payload {
+            kind: MessageType::MemoryChunk,
+            source,
+        })?;
+        for page in chunk.pages() {
+            let at = GuestAddress(page.gfn * PAGE_SIZE);
+            match page.content {
+                PageContentRef::Zero => self.write_zero(page.gfn, at)?,
+                PageContentRef::Plain(bytes) => {
+                    veil_hypervisor::memory::fill_unlogged(self.memory, bytes, at)?;
+                    self.mark_written(page.gfn);
+                }
+                PageContentRef::Encrypted { header, data } => {
+                    let receiver = self.sev.as_mut().ok_or(ReceiveError::Sev)?;
+                    let packet = Packet {
+                        header: *header,
+                        data: data.to_vec(),
+                    };
+                    // Decrypted in place in guest RAM, as the PSP does on hardware.
+                    let dest = self.memory.get_slice(at, data.len())?;
+                    receiver.update_data(&packet, &dest)?;
+                    self.mark_written(page.gfn);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Untouched fresh RAM is zero already: only data an earlier pass brought is cleared.
+    fn write_zero(&mut self, gfn: u64, at: GuestAddress) -> Result<(), ReceiveError> {
+        match self.written.as_mut().map(|w| w.clear(gfn)) {
+            Some(false) => {}
+            Some(true) => {
+                self.scratch.fill(0);
+                veil_hypervisor::memory::fill_unlogged(self.memory, &self.scratch, at)?;
+            }
+            None => write_zero_page(self.memory, at, &mut self.scratch)?,
+        }
+        Ok(())
+    }
+
+    fn mark_written(&mut self, gfn: u64) {
+        if let Some(written) = &mut self.written {
+            written.set(gfn);
+        }
+    }
+}
+
+/// The pages a receive will have written, when the VM's RAM is fresh anonymous memory (as a
+/// VM built to receive has): every other page is still zero, so a zero page is written only
+/// over data an earlier pass brought, and never read to check (a read faults in the zero page:
+/// 262,144 faults per GiB with small pages). `None` for file-backed RAM, whose pages hold what
+/// the file held: there a zero page is read to check.
+fn written_pages_for(memory: &GuestMemory) -> Option<PageBits> {
+    use vm_memory::GuestMemoryRegion;
+    if memory.iter().any(|r| r.file_offset().is_some()) {
+        return None;
+    }
+    let end = memory
+        .iter()
+        .map(|r| r.last_addr().0 + 1)
+        .max()
+        .unwrap_or(0);
+    Some(PageBits::below(end / PAGE_SIZE))
+}
+
+/// Makes the page at `at` zero, writing it only if it is not zero already: fresh target RAM
+/// is, and a write would make the kernel allocate (and clear) a page the guest may never touch,
+/// where a read maps the shared zero page. Most of an idle guest's RAM arrives as zero pages.
+pub(crate) fn write_zero_page(
+    memory: &GuestMemory,
+    at: GuestAddress,
+    scratch: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    memory.read_slice(scratch, at)?;
+    if !crate::protocol::chunk::is_zero(scratch) {
+        scratch.fill(0);
+        veil_hypervisor::memory::fill_unlogged(memory, scratch, at)?;
+    }
+    Ok(())
+}
