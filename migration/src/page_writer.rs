@@ -3,6 +3,8 @@
 //! their own, while the connection's thread reads the next. Writing is most of a receive's
 //! work (the kernel allocates and clears every page on its first touch; RECEIVE_UPDATE_DATA
 //! decrypts each private page), so where the host has a core to spare the two halves overlap.
+//! A writer that fails stops at once; the connection's thread finds it gone when it next hands
+//! it a chunk, a Sync or the State (within one frame of the source's), and reports its error.
 
 use std::sync::mpsc::{Receiver, Sender};
 

@@ -562,9 +562,12 @@ impl<S: Read + Write> Incoming<S> {
     /// Tells the source why this side gave up (best effort: the link may be gone), causes
     /// included: "Migration protocol error" alone would leave the source guessing. Any error
     /// will do: building the VM for the guest can fail as well as receiving it.
+    /// The session decides whether an Error is still owed: yes while it runs and after the
+    /// source broke the protocol, no once either side has ended it.
     pub fn report(&mut self, error: &dyn std::error::Error) {
-        if self.session.ending().is_none() {
-            let _ = write_frame(&mut self.stream, &Message::error(crate::error_chain(error)));
+        let message = Message::error(crate::error_chain(error));
+        if self.session.send(&message).is_ok() {
+            let _ = write_frame(&mut self.stream, &message);
         }
     }
 }
@@ -679,6 +682,127 @@ mod tests {
             !resident(memory, GuestAddress(6 * PAGE_SIZE)),
             "a zero page over fresh RAM is neither written nor read"
         );
+    }
+
+    fn fresh_ram() -> GuestRam {
+        GuestRam::with_huge_pages(
+            &MemoryConfig {
+                size: 16 << 20,
+                file: None,
+            },
+            false,
+        )
+        .unwrap()
+    }
+
+    fn one_page_chunk(content: crate::protocol::chunk::PageContent) -> Message {
+        Message::MemoryChunk(crate::protocol::chunk::MemoryChunk {
+            pages: vec![crate::protocol::chunk::Page { gfn: 7, content }],
+        })
+    }
+
+    /// The page writer runs behind the connection's thread; a Sync is answered only once
+    /// what came before it is in guest memory.
+    #[test]
+    fn synced_means_every_page_before_the_sync_is_in_guest_memory() {
+        let ram = fresh_ram();
+        let memory = ram.memory();
+        let (mut source, target) = UnixStream::pair().unwrap();
+        std::thread::scope(|scope| {
+            let receiving = scope.spawn(move || {
+                let mut incoming = accept(target, |_| Ok(()), None).unwrap();
+                incoming.receive_into(memory, None).map(drop)
+            });
+            write_frame(&mut source, &Message::Hello(hello(false))).unwrap();
+            read_frame(&mut source).unwrap();
+            for fill in 1..=20u8 {
+                let page = crate::protocol::chunk::PageContent::Plain(Box::new([fill; 4096]));
+                write_frame(&mut source, &one_page_chunk(page)).unwrap();
+            }
+            write_frame(&mut source, &Message::Sync).unwrap();
+            assert_eq!(read_frame(&mut source).unwrap().message, Message::Synced);
+            let byte: u8 = memory.read_obj(GuestAddress(7 * PAGE_SIZE + 9)).unwrap();
+            assert_eq!(byte, 20, "the last chunk before the Sync is written");
+            write_frame(&mut source, &Message::cancel("end of the test")).unwrap();
+            let failed = receiving.join().unwrap().unwrap_err();
+            assert!(failed.to_string().contains("end of the test"), "{failed}");
+        });
+    }
+
+    /// A chunk the session refuses (here an encrypted page for a guest without SEV) ends the
+    /// receive before the page writer sees it, and the source is told why.
+    #[test]
+    fn a_refused_chunk_ends_the_receive_and_the_source_is_told_why() {
+        let ram = fresh_ram();
+        let (mut source, target) = UnixStream::pair().unwrap();
+        let failed = std::thread::scope(|scope| {
+            let receiving = scope.spawn(|| {
+                let mut incoming = accept(target, |_| Ok(()), None).unwrap();
+                incoming.receive_into(ram.memory(), None).map(drop)
+            });
+            write_frame(&mut source, &Message::Hello(hello(false))).unwrap();
+            read_frame(&mut source).unwrap();
+            let encrypted = crate::protocol::chunk::PageContent::Encrypted {
+                header: [0; veil_sev::crypto::PACKET_HEADER_BYTES],
+                data: vec![0; 4096],
+            };
+            write_frame(&mut source, &one_page_chunk(encrypted)).unwrap();
+            let told = read_frame(&mut source);
+            let failed = receiving.join().unwrap().unwrap_err();
+            let told = told.unwrap_or_else(|e| panic!("{e:?}, {failed:?}")).message;
+            (failed, told)
+        });
+        assert!(
+            matches!(
+                failed.0,
+                ReceiveError::Session(SessionError::EncryptedForPlainGuest)
+            ),
+            "{:?}",
+            failed.0
+        );
+        let Message::Error { reason } = failed.1 else {
+            panic!("the source was told {:?}", failed.1)
+        };
+        assert!(
+            reason.contains("Encrypted page for a guest without SEV"),
+            "{reason}"
+        );
+    }
+
+    /// An error in the page writer (here: an SEV guest, and no firmware to receive it with)
+    /// ends the receive with that error, and the source is told it.
+    #[test]
+    fn the_page_writers_error_ends_the_receive_and_reaches_the_source() {
+        use sev::parser::Encoder;
+        let ram = fresh_ram();
+        let identity = veil_sev::emulated::identity::PlatformIdentity::generate().unwrap();
+        let mut pdh = Vec::new();
+        identity.pdh().encode(&mut pdh, ()).unwrap();
+        let start = crate::protocol::SevStart {
+            pdh,
+            ..crate::protocol::messages::tests::sev_start()
+        };
+        let (mut source, target) = UnixStream::pair().unwrap();
+        let (failed, told) = std::thread::scope(|scope| {
+            let receiving = scope.spawn(|| {
+                let mut incoming =
+                    accept(target, |_| Ok(()), Some(identity.chain_bytes())).unwrap();
+                incoming.receive_into(ram.memory(), None).map(drop)
+            });
+            write_frame(&mut source, &Message::Hello(hello(true))).unwrap();
+            read_frame(&mut source).unwrap();
+            write_frame(&mut source, &Message::SevStart(start)).unwrap();
+            // The connection's thread sees the writer gone when it next hands it something.
+            write_frame(&mut source, &Message::Sync).unwrap();
+            let told = read_frame(&mut source);
+            let failed = receiving.join().unwrap().unwrap_err();
+            (failed, told.unwrap().message)
+        });
+        assert!(matches!(failed, ReceiveError::Sev), "{failed:?}");
+        let Message::Error { reason } = told else {
+            panic!("the source was told {told:?}")
+        };
+        assert!(reason.contains("without an SEV session"), "{reason}");
     }
 
     #[test]
