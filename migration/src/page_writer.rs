@@ -39,6 +39,8 @@ pub(crate) struct PageWriter<'m, 'f> {
     sev: Option<veil_sev::flow::Receiver<'f>>,
     written: Option<PageBits>,
     scratch: Vec<u8>,
+    /// Each encrypted page's packet, its buffer reused (the firmware takes an owned packet).
+    packet: Packet,
 }
 
 impl<'m, 'f> PageWriter<'m, 'f> {
@@ -52,6 +54,10 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             sev: None,
             written: written_pages_for(memory),
             scratch: vec![0; PAGE_SIZE as usize],
+            packet: Packet {
+                header: [0; veil_sev::crypto::PACKET_HEADER_BYTES],
+                data: Vec::with_capacity(PAGE_SIZE as usize),
+            },
         }
     }
 
@@ -98,13 +104,12 @@ impl<'m, 'f> PageWriter<'m, 'f> {
                 }
                 PageContentRef::Encrypted { header, data } => {
                     let receiver = self.sev.as_mut().ok_or(ReceiveError::Sev)?;
-                    let packet = Packet {
-                        header: *header,
-                        data: data.to_vec(),
-                    };
+                    self.packet.header = *header;
+                    self.packet.data.clear();
+                    self.packet.data.extend_from_slice(data);
                     // Decrypted in place in guest RAM, as the PSP does on hardware.
                     let dest = self.memory.get_slice(at, data.len())?;
-                    receiver.update_data(&packet, &dest)?;
+                    receiver.update_data(&self.packet, &dest)?;
                     self.mark_written(page.gfn);
                 }
             }
