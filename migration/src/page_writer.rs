@@ -94,6 +94,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             kind: MessageType::MemoryChunk,
             source,
         })?;
+        self.populate_plain_runs(&chunk);
         for page in chunk.pages() {
             let at = GuestAddress(page.gfn * PAGE_SIZE);
             match page.content {
@@ -115,6 +116,33 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             }
         }
         Ok(())
+    }
+
+    /// Faults in each run of consecutive plain pages in one call before they are copied.
+    fn populate_plain_runs(&self, chunk: &MemoryChunkRef<'_>) {
+        let mut run: Option<(u64, u64)> = None;
+        let flush = |run: Option<(u64, u64)>| {
+            if let Some((first, count)) = run {
+                veil_hypervisor::memory::populate_for_write(
+                    self.memory,
+                    GuestAddress(first * PAGE_SIZE),
+                    (count * PAGE_SIZE) as usize,
+                );
+            }
+        };
+        for page in chunk.pages() {
+            if !matches!(page.content, PageContentRef::Plain(_)) {
+                continue;
+            }
+            run = match run {
+                Some((first, count)) if first + count == page.gfn => Some((first, count + 1)),
+                other => {
+                    flush(other);
+                    Some((page.gfn, 1))
+                }
+            };
+        }
+        flush(run);
     }
 
     /// Untouched fresh RAM is zero already: only data an earlier pass brought is cleared.
