@@ -94,7 +94,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             kind: MessageType::MemoryChunk,
             source,
         })?;
-        self.populate_plain_runs(&chunk);
+        self.populate_written_runs(&chunk);
         for page in chunk.pages() {
             let at = GuestAddress(page.gfn * PAGE_SIZE);
             match page.content {
@@ -118,8 +118,9 @@ impl<'m, 'f> PageWriter<'m, 'f> {
         Ok(())
     }
 
-    /// Faults in each run of consecutive plain pages in one call before they are copied.
-    fn populate_plain_runs(&self, chunk: &MemoryChunkRef<'_>) {
+    /// Faults in each run of consecutive pages that will be written (plain, or decrypted by
+    /// RECEIVE_UPDATE_DATA) in one call, before they are.
+    fn populate_written_runs(&self, chunk: &MemoryChunkRef<'_>) {
         let mut run: Option<(u64, u64)> = None;
         let flush = |run: Option<(u64, u64)>| {
             if let Some((first, count)) = run {
@@ -131,7 +132,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             }
         };
         for page in chunk.pages() {
-            if !matches!(page.content, PageContentRef::Plain(_)) {
+            if page.content == PageContentRef::Zero {
                 continue;
             }
             run = match run {
