@@ -39,10 +39,16 @@ pub fn fill_unlogged(
 
 /// Faults in `len` bytes of guest memory at `at` for writing, in one call (`MADV_POPULATE_WRITE`)
 /// rather than one fault per page as a copy would take them: for a run of pages about to be
-/// filled. Best effort: a kernel without it (before 5.14) leaves the faults to the copy.
-pub fn populate_for_write(memory: &GuestMemory, at: GuestAddress, len: usize) {
+/// filled. An error means a write there would fail too, with SIGBUS: the host is out of
+/// memory, or a memory file's filesystem is full. A kernel without the call (before 5.14), or
+/// a range across two regions, leaves the faults to the copy.
+pub fn populate_for_write(
+    memory: &GuestMemory,
+    at: GuestAddress,
+    len: usize,
+) -> Result<(), std::io::Error> {
     let Ok(slice) = memory.get_slice(at, len) else {
-        return;
+        return Ok(());
     };
     let guard = slice.ptr_guard_mut();
     let start = guard.as_ptr() as usize;
@@ -51,12 +57,19 @@ pub fn populate_for_write(memory: &GuestMemory, at: GuestAddress, len: usize) {
     // SAFETY: the range lies inside one mapped region of guest memory (`get_slice` checked it),
     // rounded down to the page it starts in, which is in the same mapping; MADV_POPULATE_WRITE
     // only faults pages in and changes no contents.
-    unsafe {
+    let done = unsafe {
         libc::madvise(
             aligned as *mut libc::c_void,
             len + (start - aligned),
             libc::MADV_POPULATE_WRITE,
-        );
+        )
+    };
+    if done == 0 {
+        return Ok(());
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        e => Err(e),
     }
 }
 

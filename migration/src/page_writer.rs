@@ -94,7 +94,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             kind: MessageType::MemoryChunk,
             source,
         })?;
-        self.populate_written_runs(&chunk);
+        self.populate_written_runs(&chunk)?;
         for page in chunk.pages() {
             let at = GuestAddress(page.gfn * PAGE_SIZE);
             match page.content {
@@ -119,31 +119,36 @@ impl<'m, 'f> PageWriter<'m, 'f> {
     }
 
     /// Faults in each run of consecutive pages that will be written (plain, or decrypted by
-    /// RECEIVE_UPDATE_DATA) in one call, before they are.
-    fn populate_written_runs(&self, chunk: &MemoryChunkRef<'_>) {
-        let mut run: Option<(u64, u64)> = None;
-        let flush = |run: Option<(u64, u64)>| {
-            if let Some((first, count)) = run {
-                veil_hypervisor::memory::populate_for_write(
-                    self.memory,
-                    GuestAddress(first * PAGE_SIZE),
-                    (count * PAGE_SIZE) as usize,
-                );
-            }
+    /// RECEIVE_UPDATE_DATA) in one call, before they are. A run that cannot be backed fails
+    /// the receive here, where the copy would have died of SIGBUS.
+    fn populate_written_runs(&self, chunk: &MemoryChunkRef<'_>) -> Result<(), ReceiveError> {
+        let populate = |(first, count): (u64, u64)| {
+            veil_hypervisor::memory::populate_for_write(
+                self.memory,
+                GuestAddress(first * PAGE_SIZE),
+                (count * PAGE_SIZE) as usize,
+            )
+            .map_err(|source| ReceiveError::Unbacked {
+                first,
+                end: first + count,
+                source,
+            })
         };
+        let mut run: Option<(u64, u64)> = None;
         for page in chunk.pages() {
             if page.content == PageContentRef::Zero {
                 continue;
             }
             run = match run {
                 Some((first, count)) if first + count == page.gfn => Some((first, count + 1)),
-                other => {
-                    flush(other);
+                Some(done) => {
+                    populate(done)?;
                     Some((page.gfn, 1))
                 }
+                None => Some((page.gfn, 1)),
             };
         }
-        flush(run);
+        run.map_or(Ok(()), populate)
     }
 
     /// Untouched fresh RAM is zero already: only data an earlier pass brought is cleared.

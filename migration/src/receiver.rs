@@ -54,6 +54,16 @@ pub enum ReceiveError {
     Transport(#[from] TransportError),
     #[error("The guest will not run here")]
     Fate(#[source] FateError),
+    #[error(
+        "Cannot back guest pages {first:#x}..{end:#x} with host memory (out of memory, or the \
+         memory file's filesystem is full)"
+    )]
+    Unbacked {
+        first: u64,
+        end: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("Cannot start the thread that writes guest memory")]
     Thread(#[source] io::Error),
     #[error("The thread that writes guest memory panicked")]
@@ -357,7 +367,9 @@ impl<S: Read + Write> Incoming<S> {
     /// guest's private pages go through `firmware` (RECEIVE_START, RECEIVE_UPDATE_DATA,
     /// RECEIVE_FINISH); its handle for the guest is returned with the state. Anonymous
     /// `memory` must be fresh (all zero, as a VM built to receive has): a page this receive
-    /// has not written is taken to be zero. File-backed memory may hold anything.
+    /// has not written is taken to be zero. File-backed memory may hold anything. The pages
+    /// are written on a thread this call starts (`migrate-write`, under the caller's seccomp
+    /// filter if it has one) and ends before it returns.
     pub fn receive_into(
         &mut self,
         memory: &GuestMemory,
@@ -803,6 +815,60 @@ mod tests {
             panic!("the source was told {told:?}")
         };
         assert!(reason.contains("without an SEV session"), "{reason}");
+    }
+
+    /// Pages that cannot be backed (here: a memory file cut short under the mapping, as a
+    /// full filesystem would leave it) fail the receive with a reason, and the source hears
+    /// it; the copy into them would have killed the process with SIGBUS.
+    #[test]
+    fn pages_the_host_cannot_back_fail_the_receive_instead_of_killing_it() {
+        let path = std::env::temp_dir().join(format!("veil-unbacked-{}", std::process::id()));
+        let ram = GuestRam::new(&MemoryConfig {
+            size: 16 << 20,
+            file: Some(path.clone()),
+        })
+        .unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let (mut source, target) = UnixStream::pair().unwrap();
+        let (failed, told) = std::thread::scope(|scope| {
+            let receiving = scope.spawn(|| {
+                let mut incoming = accept(target, |_| Ok(()), None).unwrap();
+                incoming.receive_into(ram.memory(), None).map(drop)
+            });
+            write_frame(&mut source, &Message::Hello(hello(false))).unwrap();
+            read_frame(&mut source).unwrap();
+            let page = crate::protocol::chunk::PageContent::Plain(Box::new([3; 4096]));
+            write_frame(&mut source, &one_page_chunk(page)).unwrap();
+            write_frame(&mut source, &Message::Sync).unwrap();
+            let told = read_frame(&mut source);
+            let failed = receiving.join().unwrap().unwrap_err();
+            (failed, told.unwrap().message)
+        });
+        drop(ram);
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            matches!(
+                failed,
+                ReceiveError::Unbacked {
+                    first: 7,
+                    end: 8,
+                    ..
+                }
+            ),
+            "{failed:?}"
+        );
+        let Message::Error { reason } = told else {
+            panic!("the source was told {told:?}")
+        };
+        assert!(
+            reason.contains("Cannot back guest pages 0x7..0x8"),
+            "{reason}"
+        );
     }
 
     #[test]
