@@ -238,6 +238,63 @@ fn a_target_that_dies_mid_migration_leaves_the_guest_running_on_the_source() {
     source.wait();
 }
 
+/// A target whose memory file lives on a filesystem too small for the guest (a 4 MiB tmpfs,
+/// in a mount namespace of its own) fails with the reason, the source is told it and keeps
+/// the guest; before, the target died of SIGBUS mid-copy and the source saw the link drop.
+#[test]
+fn a_target_whose_memory_file_cannot_grow_says_so_and_the_guest_stays() {
+    let dir = common::TempDir::new("migration-full-fs");
+    let small = dir.path("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounts = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=4m tmpfs {}",
+            small.display()
+        ))
+        .output();
+    if !mounts.is_ok_and(|out| out.status.success()) {
+        println!("skipped: cannot mount a tmpfs in a mount namespace of its own here (needs root)");
+        return;
+    }
+    let socket = dir.path("m.sock");
+    let target = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=4m tmpfs {small} && exec {veil} receive --listen unix:{socket} --memory-file {small}/ram",
+            small = small.display(),
+            veil = env!("CARGO_BIN_EXE_veil"),
+            socket = socket.display(),
+        ))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for(&socket);
+    let (source, _) = dirtying_guest(32 << 20);
+    let mut to_target = UnixStream::connect(&socket).unwrap();
+    let err = sender::send(
+        source.inner(),
+        &mut to_target,
+        &SendOptions::default(),
+        None,
+    )
+    .unwrap_err();
+    let said = veil_migration::error_chain(&err);
+    let out = target.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("Cannot back guest pages"),
+        "{said}; target: {:?} {log}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("memory file's filesystem is full"), "{log}");
+    assert_eq!(source.state(), RunState::Running);
+    common::assert_guest_restamps(source.memory(), 3, FIRST + 3);
+    source.stop();
+    source.wait();
+}
+
 #[test]
 fn veil_ctl_migrates_a_guest_from_one_veil_to_another() {
     use std::process::Stdio;

@@ -37,15 +37,26 @@ pub fn fill_unlogged(
     Ok(())
 }
 
-/// Faults in `len` bytes of guest memory at `at` for writing, in one call (`MADV_POPULATE_WRITE`)
-/// rather than one fault per page as a copy would take them: for a run of pages about to be
-/// filled. An error means a write there would fail too, with SIGBUS: the host is out of
-/// memory, or a memory file's filesystem is full. A kernel without the call (before 5.14), or
-/// a range across two regions, leaves the faults to the copy.
-pub fn populate_for_write(
+/// How [`populate`] faults pages in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Populate {
+    /// For reading (`MADV_POPULATE_READ`): a memory file's holes are backed as a read fault
+    /// would back them.
+    Read,
+    /// For writing (`MADV_POPULATE_WRITE`).
+    Write,
+}
+
+/// Faults in `len` bytes of guest memory at `at`, in one call rather than one fault per page
+/// as a copy would take them: for a run of pages about to be filled or checked. An error means
+/// an access there would fail too, with SIGBUS: the host is out of memory, or a memory file's
+/// filesystem is full. A kernel without the call (before 5.14), or a range across two
+/// regions, leaves the faults to the access.
+pub fn populate(
     memory: &GuestMemory,
     at: GuestAddress,
     len: usize,
+    how: Populate,
 ) -> Result<(), std::io::Error> {
     let Ok(slice) = memory.get_slice(at, len) else {
         return Ok(());
@@ -54,14 +65,18 @@ pub fn populate_for_write(
     let start = guard.as_ptr() as usize;
     let page = PAGE_SIZE as usize;
     let aligned = start & !(page - 1);
+    let advice = match how {
+        Populate::Read => libc::MADV_POPULATE_READ,
+        Populate::Write => libc::MADV_POPULATE_WRITE,
+    };
     // SAFETY: the range lies inside one mapped region of guest memory (`get_slice` checked it),
-    // rounded down to the page it starts in, which is in the same mapping; MADV_POPULATE_WRITE
-    // only faults pages in and changes no contents.
+    // rounded down to the page it starts in, which is in the same mapping; populating only
+    // faults pages in and changes no contents.
     let done = unsafe {
         libc::madvise(
             aligned as *mut libc::c_void,
             len + (start - aligned),
-            libc::MADV_POPULATE_WRITE,
+            advice,
         )
     };
     if done == 0 {

@@ -94,7 +94,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             kind: MessageType::MemoryChunk,
             source,
         })?;
-        self.populate_written_runs(&chunk)?;
+        self.populate_runs(&chunk)?;
         for page in chunk.pages() {
             let at = GuestAddress(page.gfn * PAGE_SIZE);
             match page.content {
@@ -118,15 +118,19 @@ impl<'m, 'f> PageWriter<'m, 'f> {
         Ok(())
     }
 
-    /// Faults in each run of consecutive pages that will be written (plain, or decrypted by
-    /// RECEIVE_UPDATE_DATA) in one call, before they are. A run that cannot be backed fails
-    /// the receive here, where the copy would have died of SIGBUS.
-    fn populate_written_runs(&self, chunk: &MemoryChunkRef<'_>) -> Result<(), ReceiveError> {
-        let populate = |(first, count): (u64, u64)| {
-            veil_hypervisor::memory::populate_for_write(
+    /// Faults in, in one call per run of consecutive pages, those this chunk will write
+    /// (plain, or decrypted by RECEIVE_UPDATE_DATA) and, in file-backed memory, the zero pages
+    /// it will read to check. A run that cannot be backed fails the receive here, where the
+    /// access would have died of SIGBUS.
+    fn populate_runs(&self, chunk: &MemoryChunkRef<'_>) -> Result<(), ReceiveError> {
+        use veil_hypervisor::memory::{populate, Populate};
+        let reads_zero_pages = self.written.is_none();
+        let populate = |(first, count, how): (u64, u64, Populate)| {
+            populate(
                 self.memory,
                 GuestAddress(first * PAGE_SIZE),
                 (count * PAGE_SIZE) as usize,
+                how,
             )
             .map_err(|source| ReceiveError::Unbacked {
                 first,
@@ -134,18 +138,22 @@ impl<'m, 'f> PageWriter<'m, 'f> {
                 source,
             })
         };
-        let mut run: Option<(u64, u64)> = None;
+        let mut run: Option<(u64, u64, Populate)> = None;
         for page in chunk.pages() {
-            if page.content == PageContentRef::Zero {
-                continue;
-            }
+            let how = match page.content {
+                PageContentRef::Zero if reads_zero_pages => Populate::Read,
+                PageContentRef::Zero => continue,
+                _ => Populate::Write,
+            };
             run = match run {
-                Some((first, count)) if first + count == page.gfn => Some((first, count + 1)),
+                Some((first, count, same)) if same == how && first + count == page.gfn => {
+                    Some((first, count + 1, how))
+                }
                 Some(done) => {
                     populate(done)?;
-                    Some((page.gfn, 1))
+                    Some((page.gfn, 1, how))
                 }
-                None => Some((page.gfn, 1)),
+                None => Some((page.gfn, 1, how)),
             };
         }
         run.map_or(Ok(()), populate)
