@@ -43,6 +43,9 @@ const EVERY_THREAD: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // A fault that is not a stack overflow (SIGSEGV, SIGBUS): Rust's handler puts the default
+    // action back before the fault repeats, so the process dies of that signal, not SIGSYS.
+    libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
     libc::SYS_restart_syscall,
     libc::SYS_write,

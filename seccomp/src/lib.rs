@@ -340,4 +340,61 @@ mod tests {
         }
         assert_eq!(open(ThreadKind::Reset), Ok(()));
     }
+
+    /// A confined thread that faults (here: SIGBUS, a read past the end of a mapped file)
+    /// kills the process with that signal, which says what happened, not with SIGSYS. Run in a
+    /// child process, as this test binary run again.
+    #[test]
+    fn a_fault_under_on_kills_with_its_own_signal_not_seccomps() {
+        const CHILD: &str = "VEIL_SECCOMP_TEST_FAULT";
+        if let Some(path) = std::env::var_os(CHILD) {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            file.set_len(4096).unwrap();
+            // SAFETY: a fresh shared mapping of one page of `file`, which outlives it here.
+            let page = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    0,
+                )
+            };
+            assert_ne!(page, libc::MAP_FAILED);
+            file.set_len(0).unwrap();
+            Confinement::new(SeccompMode::On)
+                .unwrap()
+                .apply(ThreadKind::Vcpu)
+                .unwrap();
+            // SAFETY: `page` is mapped (above) and readable; the file behind it is now empty,
+            // so the read faults with SIGBUS, which is the point.
+            let byte = unsafe { std::ptr::read_volatile(page.cast::<u8>()) };
+            unreachable!("read {byte} past the end of the file");
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let path = std::env::temp_dir().join(format!("veil-seccomp-fault-{}", std::process::id()));
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_fault_under_on_kills_with_its_own_signal_not_seccomps",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &path)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGBUS),
+            "{out:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
