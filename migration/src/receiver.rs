@@ -713,6 +713,32 @@ mod tests {
         })
     }
 
+    /// A receive into `ram` (with `sev_chain` for an SEV guest) that the source feeds its
+    /// Hello and then `frames`, and that must fail: its error, and what the source was told.
+    fn failed_receive(
+        ram: &GuestRam,
+        sev_chain: Option<Vec<u8>>,
+        frames: &[Message],
+    ) -> (ReceiveError, Message) {
+        let sev = sev_chain.is_some();
+        let (mut source, target) = UnixStream::pair().unwrap();
+        std::thread::scope(|scope| {
+            let receiving = scope.spawn(|| {
+                let mut incoming = accept(target, |_| Ok(()), sev_chain).unwrap();
+                incoming.receive_into(ram.memory(), None).map(drop)
+            });
+            write_frame(&mut source, &Message::Hello(hello(sev))).unwrap();
+            read_frame(&mut source).unwrap();
+            for frame in frames {
+                write_frame(&mut source, frame).unwrap();
+            }
+            let told = read_frame(&mut source);
+            let failed = receiving.join().unwrap().unwrap_err();
+            let told = told.unwrap_or_else(|e| panic!("{e:?}, {failed:?}")).message;
+            (failed, told)
+        })
+    }
+
     /// The page writer runs behind the connection's thread; a Sync is answered only once
     /// what came before it is in guest memory.
     #[test]
@@ -745,25 +771,11 @@ mod tests {
     /// receive before the page writer sees it, and the source is told why.
     #[test]
     fn a_refused_chunk_ends_the_receive_and_the_source_is_told_why() {
-        let ram = fresh_ram();
-        let (mut source, target) = UnixStream::pair().unwrap();
-        let failed = std::thread::scope(|scope| {
-            let receiving = scope.spawn(|| {
-                let mut incoming = accept(target, |_| Ok(()), None).unwrap();
-                incoming.receive_into(ram.memory(), None).map(drop)
-            });
-            write_frame(&mut source, &Message::Hello(hello(false))).unwrap();
-            read_frame(&mut source).unwrap();
-            let encrypted = crate::protocol::chunk::PageContent::Encrypted {
-                header: [0; veil_sev::crypto::PACKET_HEADER_BYTES],
-                data: vec![0; 4096],
-            };
-            write_frame(&mut source, &one_page_chunk(encrypted)).unwrap();
-            let told = read_frame(&mut source);
-            let failed = receiving.join().unwrap().unwrap_err();
-            let told = told.unwrap_or_else(|e| panic!("{e:?}, {failed:?}")).message;
-            (failed, told)
-        });
+        let encrypted = crate::protocol::chunk::PageContent::Encrypted {
+            header: [0; veil_sev::crypto::PACKET_HEADER_BYTES],
+            data: vec![0; 4096],
+        };
+        let failed = failed_receive(&fresh_ram(), None, &[one_page_chunk(encrypted)]);
         assert!(
             matches!(
                 failed.0,
@@ -794,22 +806,12 @@ mod tests {
             pdh,
             ..crate::protocol::messages::tests::sev_start()
         };
-        let (mut source, target) = UnixStream::pair().unwrap();
-        let (failed, told) = std::thread::scope(|scope| {
-            let receiving = scope.spawn(|| {
-                let mut incoming =
-                    accept(target, |_| Ok(()), Some(identity.chain_bytes())).unwrap();
-                incoming.receive_into(ram.memory(), None).map(drop)
-            });
-            write_frame(&mut source, &Message::Hello(hello(true))).unwrap();
-            read_frame(&mut source).unwrap();
-            write_frame(&mut source, &Message::SevStart(start)).unwrap();
-            // The connection's thread sees the writer gone when it next hands it something.
-            write_frame(&mut source, &Message::Sync).unwrap();
-            let told = read_frame(&mut source);
-            let failed = receiving.join().unwrap().unwrap_err();
-            (failed, told.unwrap().message)
-        });
+        // The connection's thread sees the writer gone when it next hands it something.
+        let (failed, told) = failed_receive(
+            &ram,
+            Some(identity.chain_bytes()),
+            &[Message::SevStart(start), Message::Sync],
+        );
         assert!(matches!(failed, ReceiveError::Sev), "{failed:?}");
         let Message::Error { reason } = told else {
             panic!("the source was told {told:?}")
@@ -834,21 +836,8 @@ mod tests {
             .unwrap()
             .set_len(0)
             .unwrap();
-        let (mut source, target) = UnixStream::pair().unwrap();
-        let (failed, told) = std::thread::scope(|scope| {
-            let receiving = scope.spawn(|| {
-                let mut incoming = accept(target, |_| Ok(()), None).unwrap();
-                incoming.receive_into(ram.memory(), None).map(drop)
-            });
-            write_frame(&mut source, &Message::Hello(hello(false))).unwrap();
-            read_frame(&mut source).unwrap();
-            let page = crate::protocol::chunk::PageContent::Plain(Box::new([3; 4096]));
-            write_frame(&mut source, &one_page_chunk(page)).unwrap();
-            write_frame(&mut source, &Message::Sync).unwrap();
-            let told = read_frame(&mut source);
-            let failed = receiving.join().unwrap().unwrap_err();
-            (failed, told.unwrap().message)
-        });
+        let page = crate::protocol::chunk::PageContent::Plain(Box::new([3; 4096]));
+        let (failed, told) = failed_receive(&ram, None, &[one_page_chunk(page), Message::Sync]);
         drop(ram);
         let _ = std::fs::remove_file(&path);
         assert!(
