@@ -47,11 +47,11 @@ pub enum Populate {
     Write,
 }
 
-/// Faults in `len` bytes of guest memory at `at`, in one call rather than one fault per page
-/// as a copy would take them: for a run of pages about to be filled or checked. An error means
-/// an access there would fail too, with SIGBUS: the host is out of memory, or a memory file's
-/// filesystem is full. A kernel without the call (before 5.14), or a range across two
-/// regions, leaves the faults to the access.
+/// Faults in `len` bytes of guest memory at the page-aligned `at`, in one call rather than one
+/// fault per page as a copy would take them: for a run of pages about to be filled or checked.
+/// An error means an access there would fail too, with SIGBUS: the host is out of memory, or a
+/// memory file's filesystem is full. A kernel without the call (before 5.14), or a range across
+/// two regions, leaves the faults to the access.
 pub fn populate(
     memory: &GuestMemory,
     at: GuestAddress,
@@ -62,23 +62,14 @@ pub fn populate(
         return Ok(());
     };
     let guard = slice.ptr_guard_mut();
-    let start = guard.as_ptr() as usize;
-    let page = PAGE_SIZE as usize;
-    let aligned = start & !(page - 1);
     let advice = match how {
         Populate::Read => libc::MADV_POPULATE_READ,
         Populate::Write => libc::MADV_POPULATE_WRITE,
     };
-    // SAFETY: the range lies inside one mapped region of guest memory (`get_slice` checked it),
-    // rounded down to the page it starts in, which is in the same mapping; populating only
-    // faults pages in and changes no contents.
-    let done = unsafe {
-        libc::madvise(
-            aligned as *mut libc::c_void,
-            len + (start - aligned),
-            advice,
-        )
-    };
+    // SAFETY: the range lies inside one mapped region of guest memory (`get_slice` checked
+    // it); populating only faults pages in and changes no contents. (madvise refuses, with
+    // EINVAL, a start that is not page-aligned: then nothing is populated.)
+    let done = unsafe { libc::madvise(guard.as_ptr().cast(), len, advice) };
     if done == 0 {
         return Ok(());
     }

@@ -125,7 +125,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
     fn populate_runs(&self, chunk: &MemoryChunkRef<'_>) -> Result<(), ReceiveError> {
         use veil_hypervisor::memory::{populate, Populate};
         let reads_zero_pages = self.written.is_none();
-        let populate = |(first, count, how): (u64, u64, Populate)| {
+        let fault_in = |(first, count, how): (u64, u64, Populate)| {
             populate(
                 self.memory,
                 GuestAddress(first * PAGE_SIZE),
@@ -150,13 +150,13 @@ impl<'m, 'f> PageWriter<'m, 'f> {
                     Some((first, count + 1, how))
                 }
                 Some(done) => {
-                    populate(done)?;
+                    fault_in(done)?;
                     Some((page.gfn, 1, how))
                 }
                 None => Some((page.gfn, 1, how)),
             };
         }
-        run.map_or(Ok(()), populate)
+        run.map_or(Ok(()), fault_in)
     }
 
     /// Untouched fresh RAM is zero already: only data an earlier pass brought is cleared.

@@ -401,12 +401,11 @@ impl<S: Read + Write> Incoming<S> {
             let written = writing
                 .join()
                 .unwrap_or_else(|_| Err(ReceiveError::WriterPanicked));
-            let state = match (read, written) {
+            let (bytes, sev) = match (read, written) {
                 (Err(Stop::Failed(e)), _) | (_, Err(e)) => return Err(e),
                 (Err(Stop::WriterGone), Ok(_)) => return Err(ReceiveError::WriterPanicked),
-                (Ok(state), Ok(sev)) => (state, sev),
+                (Ok(bytes), Ok(sev)) => (bytes, sev),
             };
-            let (bytes, sev) = state;
             let snapshot = serde_json::from_slice(&bytes)?;
             self.fate
                 .state_arrived(MigrationId::of_state(&bytes))

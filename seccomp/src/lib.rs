@@ -143,9 +143,9 @@ pub struct Confinement {
 
 struct Compiled {
     mode: SeccompMode,
-    programs: BTreeMap<ThreadKind, BpfProgram>,
-    /// Installed besides a kind's own program when the kind opens no files.
-    refuse_opens: BpfProgram,
+    /// Each kind's filters, in the order they are installed: its own, after the refusal of
+    /// `openat` for a kind that opens no files.
+    programs: BTreeMap<ThreadKind, Vec<BpfProgram>>,
     /// The kind that makes the forbidden probe call (`VEIL_SECCOMP_PROBE`).
     probe: Option<ThreadKind>,
 }
@@ -178,19 +178,6 @@ impl Confinement {
             SeccompMode::On => SeccompAction::KillProcess,
             SeccompMode::Log => SeccompAction::Log,
         };
-        let mut programs = BTreeMap::new();
-        for kind in ThreadKind::ALL {
-            let filter = SeccompFilter::new(
-                allow::rules(kind).map_err(|source| SeccompError::Build { kind, source })?,
-                on_forbidden.clone(),
-                SeccompAction::Allow,
-                seccompiler::TargetArch::x86_64,
-            )
-            .map_err(|source| SeccompError::Build { kind, source })?;
-            let program = BpfProgram::try_from(filter)
-                .map_err(|source| SeccompError::Compile { kind, source })?;
-            programs.insert(kind, program);
-        }
         // The kernel runs every filter a thread has and takes the strictest answer: `openat`,
         // which the first filter of every kind lets through, fails here with EACCES.
         let on_open = match mode {
@@ -208,6 +195,26 @@ impl Confinement {
             kind: ThreadKind::Main,
             source,
         })?;
+        let mut programs = BTreeMap::new();
+        for kind in ThreadKind::ALL {
+            let filter = SeccompFilter::new(
+                allow::rules(kind).map_err(|source| SeccompError::Build { kind, source })?,
+                on_forbidden.clone(),
+                SeccompAction::Allow,
+                seccompiler::TargetArch::x86_64,
+            )
+            .map_err(|source| SeccompError::Build { kind, source })?;
+            let own = BpfProgram::try_from(filter)
+                .map_err(|source| SeccompError::Compile { kind, source })?;
+            // The refusal first: installing a filter sets no_new_privs with a prctl the
+            // kind's own filter may forbid.
+            let in_order = if allow::opens_files(kind) {
+                vec![own]
+            } else {
+                vec![refuse_opens.clone(), own]
+            };
+            programs.insert(kind, in_order);
+        }
         let probe = std::env::var(PROBE_VARIABLE)
             .ok()
             .and_then(|name| ThreadKind::ALL.into_iter().find(|k| k.name() == name));
@@ -215,7 +222,6 @@ impl Confinement {
             compiled: Some(Arc::new(Compiled {
                 mode,
                 programs,
-                refuse_opens,
                 probe,
             })),
         })
@@ -231,13 +237,7 @@ impl Confinement {
         let Some(compiled) = &self.compiled else {
             return Ok(());
         };
-        // First: installing a filter sets no_new_privs with a prctl the kind's own filter
-        // may forbid.
-        if !allow::opens_files(kind) {
-            seccompiler::apply_filter(&compiled.refuse_opens)
-                .map_err(|source| SeccompError::Install { kind, source })?;
-        }
-        if let Some(program) = compiled.programs.get(&kind) {
+        for program in compiled.programs.get(&kind).into_iter().flatten() {
             seccompiler::apply_filter(program)
                 .map_err(|source| SeccompError::Install { kind, source })?;
         }
