@@ -15,6 +15,17 @@ impl PageBits {
         }
     }
 
+    /// Room for every frame of `memory`'s RAM.
+    pub(crate) fn covering(memory: &veil_hypervisor::GuestMemory) -> Self {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let end = memory
+            .iter()
+            .map(|r| r.last_addr().0 + 1)
+            .max()
+            .unwrap_or(0);
+        Self::below(end / veil_hypervisor::memory::PAGE_SIZE)
+    }
+
     /// Sets `gfn`'s bit; whether it was set before.
     pub(crate) fn set(&mut self, gfn: u64) -> bool {
         self.update(gfn, |word, bit| *word |= bit)

@@ -186,15 +186,8 @@ impl<'m, 'f> PageWriter<'m, 'f> {
 /// the file held: there a zero page is read to check.
 fn written_pages_for(memory: &GuestMemory) -> Option<PageBits> {
     use vm_memory::GuestMemoryRegion;
-    if memory.iter().any(|r| r.file_offset().is_some()) {
-        return None;
-    }
-    let end = memory
-        .iter()
-        .map(|r| r.last_addr().0 + 1)
-        .max()
-        .unwrap_or(0);
-    Some(PageBits::below(end / PAGE_SIZE))
+    let file_backed = memory.iter().any(|r| r.file_offset().is_some());
+    (!file_backed).then(|| PageBits::covering(memory))
 }
 
 /// Makes the page at `at` zero, writing it only if it is not zero already: fresh target RAM

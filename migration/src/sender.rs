@@ -211,18 +211,6 @@ impl SendError {
     }
 }
 
-/// Which guest pages have gone at least once: one bit per page, so a migration's own memory
-/// grows with the guest by 1/32768 of it (32 MiB for 1 TiB), not with a list of gfns.
-fn sent_pages_for(vm: &RunningVm) -> PageBits {
-    let end = vm
-        .ram()
-        .slots()
-        .map(|(_, base, len)| (base.0 + len) / PAGE_SIZE)
-        .max()
-        .unwrap_or(0);
-    PageBits::below(end)
-}
-
 /// How often to look again while waiting for a temporarily blocked guest.
 const READY_POLL: Duration = Duration::from_millis(10);
 
@@ -374,7 +362,9 @@ fn send_claimed<'f, S: Duplex>(
         stream,
         session: SenderSession::new(),
         encoder: ChunkEncoder::new(),
-        sent: sent_pages_for(vm),
+        // Which pages have gone at least once: one bit per page, so a migration's own memory
+        // grows with the guest by 1/32768 of it (32 MiB for 1 TiB), not with a list of gfns.
+        sent: PageBits::covering(vm.memory()),
         report: SendReport::default(),
         deadline: options.timeout.map(|t| (started + t, t)),
         devices_handed_over: false,
