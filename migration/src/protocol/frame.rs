@@ -599,8 +599,8 @@ mod tests {
             ProtocolError::UnknownMessage { code: 0 }
         ));
         assert!(matches!(
-            bad(header(MAGIC, PROTOCOL_VERSION, 16, 0)),
-            ProtocolError::UnknownMessage { code: 16 }
+            bad(header(MAGIC, PROTOCOL_VERSION, 18, 0)),
+            ProtocolError::UnknownMessage { code: 18 }
         ));
         let mut reserved = header(MAGIC, PROTOCOL_VERSION, MessageType::Ack as u16, 0);
         reserved[23] = 0x80;

@@ -39,6 +39,9 @@ pub const MAX_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// The most pages one chunk may carry (bounds the decoded form of a chunk of zero pages).
 pub const MAX_CHUNK_PAGES: usize = 4096;
 
+/// The most connections one migration may use (feature `STREAMS`).
+pub const MAX_STREAMS: usize = 16;
+
 /// The largest final-state payload.
 pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
 

@@ -14,6 +14,7 @@ use super::limits::{
 };
 use super::recovery::{MigrationId, RecoveryOutcome};
 use super::shape::{CpuidEntry, MemoryRegion, SevPlatform, SevShape, ShapeError, VmShape};
+use super::streams::{StreamToken, Streams};
 use super::wire::{self, put_bytes, put_u16, put_u32, put_u64, put_u8, Cursor};
 
 /// A payload that cannot be decoded, or a message that cannot be encoded.
@@ -72,6 +73,8 @@ pub enum MessageType {
     Recover = 13,
     Recovered = 14,
     Adopt = 15,
+    Streams = 16,
+    Join = 17,
 }
 
 impl MessageType {
@@ -94,6 +97,8 @@ impl MessageType {
             Recover,
             Recovered,
             Adopt,
+            Streams,
+            Join,
         ]
         .into_iter()
         .find(|t| *t as u16 == code)
@@ -113,6 +118,8 @@ impl MessageType {
             | MessageType::Running => 0,
             MessageType::Recover | MessageType::Adopt => MigrationId::BYTES as u64,
             MessageType::Recovered => 1,
+            MessageType::Streams => 2 + StreamToken::BYTES as u64,
+            MessageType::Join => StreamToken::BYTES as u64,
             MessageType::Error | MessageType::Cancel => MAX_REASON_BYTES as u64,
         }
     }
@@ -144,8 +151,13 @@ impl Features {
     /// The target confirms with Running that it runs the guest after Complete, and answers a
     /// [`Recover`](Message::Recover) query about the migration on a new connection.
     pub const RECOVERY: Features = Features(1 << 2);
+    /// The source may spread pages over further connections, declared with
+    /// [`Streams`](Message::Streams) and opened with [`Join`](Message::Join); see
+    /// [`streams`](super::streams).
+    pub const STREAMS: Features = Features(1 << 3);
     /// Every feature this implementation knows.
-    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::SYNC.0 | Self::RECOVERY.0);
+    pub const KNOWN: Features =
+        Features(Self::ZERO_PAGES.0 | Self::SYNC.0 | Self::RECOVERY.0 | Self::STREAMS.0);
 
     /// Any bits, including ones this side does not know (a newer peer's).
     pub const fn from_bits(bits: u64) -> Self {
@@ -266,6 +278,12 @@ pub enum Message {
     /// to resume the guest itself (an SEV guest after SEND_FINISH): run it there, as a late
     /// Complete would, unless it was discarded. See [`super::recovery`].
     Adopt(MigrationId),
+    /// Source, first after an accepted HelloReply with `STREAMS`: how many connections the
+    /// migration uses, and the token the others open with.
+    Streams(Streams),
+    /// Source, alone on a new connection: a data stream of the migration whose Streams
+    /// carried this token.
+    Join(StreamToken),
 }
 
 impl Message {
@@ -298,6 +316,8 @@ impl Message {
             Message::Recover(_) => MessageType::Recover,
             Message::Recovered(_) => MessageType::Recovered,
             Message::Adopt(_) => MessageType::Adopt,
+            Message::Streams(_) => MessageType::Streams,
+            Message::Join(_) => MessageType::Join,
             Message::Error { .. } => MessageType::Error,
             Message::Cancel { .. } => MessageType::Cancel,
         }
@@ -324,6 +344,11 @@ impl Message {
             | Message::Running => {}
             Message::Recover(id) | Message::Adopt(id) => out.extend_from_slice(id.as_bytes()),
             Message::Recovered(outcome) => put_u8(out, outcome.code()),
+            Message::Streams(streams) => {
+                put_u16(out, streams.count);
+                out.extend_from_slice(streams.token.as_bytes());
+            }
+            Message::Join(token) => out.extend_from_slice(token.as_bytes()),
             Message::Error { reason } | Message::Cancel { reason } => {
                 out.extend_from_slice(reason.as_bytes())
             }
@@ -375,6 +400,11 @@ impl Message {
             MessageType::Adopt => {
                 Message::Adopt(MigrationId::from_bytes(*c.array("migration id")?))
             }
+            MessageType::Streams => Message::Streams(Streams {
+                count: c.u16("stream count")?,
+                token: StreamToken::from_bytes(*c.array("stream token")?),
+            }),
+            MessageType::Join => Message::Join(StreamToken::from_bytes(*c.array("stream token")?)),
             MessageType::Recovered => {
                 let code = c.u8("outcome")?;
                 Message::Recovered(RecoveryOutcome::from_code(code).ok_or(
@@ -630,6 +660,11 @@ pub(crate) mod tests {
             Message::Recovered(RecoveryOutcome::Discarded),
             Message::Recovered(RecoveryOutcome::Running),
             Message::Recovered(RecoveryOutcome::Unknown),
+            Message::Streams(Streams {
+                count: 4,
+                token: StreamToken::from_bytes([0xa5; StreamToken::BYTES]),
+            }),
+            Message::Join(StreamToken::from_bytes([0x3c; StreamToken::BYTES])),
             Message::error("RECEIVE_UPDATE_DATA: bad MAC on page 0x1234"),
             Message::cancel("Cancelled by the operator"),
             Message::error(""),
@@ -774,7 +809,9 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(MessageType::from_code(0), None);
-        assert_eq!(MessageType::from_code(16), None);
+        assert_eq!(MessageType::from_code(18), None);
+        assert_eq!(MessageType::from_code(17), Some(MessageType::Join));
+        assert_eq!(MessageType::from_code(16), Some(MessageType::Streams));
         assert_eq!(MessageType::from_code(15), Some(MessageType::Adopt));
         assert_eq!(MessageType::from_code(14), Some(MessageType::Recovered));
         assert_eq!(MessageType::from_code(11), Some(MessageType::Synced));

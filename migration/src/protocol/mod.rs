@@ -74,6 +74,7 @@
 //! - [`session`]: the order, as pure state machines for each side.
 //! - [`recovery`]: what a source left in doubt by a lost Complete may ask the target, and
 //!   why the answer can be trusted.
+//! - [`streams`]: a migration over several connections (feature `STREAMS`).
 //! - [`limits`]: every bound a peer's numbers are held to.
 
 pub mod chunk;
@@ -83,6 +84,7 @@ pub mod messages;
 pub mod recovery;
 pub mod session;
 pub mod shape;
+pub mod streams;
 mod wire;
 
 pub use chunk::{
@@ -99,6 +101,7 @@ pub use session::{
     Ending, ReceiverAction, ReceiverSession, SenderAction, SenderSession, SessionError, Side,
 };
 pub use shape::{CpuidEntry, MemoryRegion, SevPlatform, SevShape, ShapeError, VmShape};
+pub use streams::{stream_of, DataAction, DataStreamSession, StreamToken, Streams};
 
 /// The first four bytes of every frame: "VEIL" read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VEIL");

@@ -27,6 +27,7 @@
 use super::chunk::{MemoryChunkRef, Page, PageContentRef, PageRef};
 use super::messages::{Features, Hello, HelloReply, Message, MessageType, SevStart};
 use super::shape::{ShapeError, VmShape};
+use super::streams::Streams;
 use super::PROTOCOL_VERSION;
 
 /// A message that may not be sent or received now.
@@ -71,6 +72,19 @@ pub enum SessionError {
     UnaskedSynced,
     #[error("{kind} belongs on a recovery connection of its own, not in a migration")]
     RecoveryInMigration { kind: MessageType },
+    #[error("Join opens a further connection of a migration; it has no place in one")]
+    JoinInMigration,
+    #[error(
+        "A migration over {count} streams: at least 1, at most {}",
+        super::limits::MAX_STREAMS
+    )]
+    BadStreamCount { count: u16 },
+    #[error("An SEV guest migrates over one stream (its pages go through the firmware one at a time), not {count}")]
+    StreamsForSev { count: u16 },
+    #[error("Encrypted page on a data stream: an SEV guest's pages travel on the control stream")]
+    EncryptedOnDataStream,
+    #[error("{kind} may not travel on a data stream")]
+    OnDataStream { kind: MessageType },
 }
 
 /// An end of the migration.
@@ -110,6 +124,8 @@ pub enum Ending {
 enum Phase {
     Hello,
     Handshake,
+    /// Accepted with `STREAMS`: the source declares its streams before anything else.
+    Streams,
     Transfer,
     StateSent,
     Ready,
@@ -123,6 +139,7 @@ impl Phase {
         match self {
             Phase::Hello => "the migration starts with Hello",
             Phase::Handshake => "the target has not answered Hello",
+            Phase::Streams => "the source has not declared its streams",
             Phase::Transfer => "memory is being transferred",
             Phase::StateSent => "the target has not acknowledged the state",
             Phase::Ready => "only Complete may follow the Ack",
@@ -168,6 +185,8 @@ enum View<'a> {
     Hello(&'a Hello),
     HelloReply(&'a HelloReply),
     SevStart(&'a SevStart),
+    Streams(&'a Streams),
+    Join,
     Chunk(&'a dyn Fn(&VmShape) -> Result<ChunkFacts, ShapeError>),
     State,
     Ack,
@@ -189,6 +208,8 @@ impl View<'_> {
             View::Hello(_) => MessageType::Hello,
             View::HelloReply(_) => MessageType::HelloReply,
             View::SevStart(_) => MessageType::SevStart,
+            View::Streams(_) => MessageType::Streams,
+            View::Join => MessageType::Join,
             View::Chunk(_) => MessageType::MemoryChunk,
             View::State => MessageType::State,
             View::Ack => MessageType::Ack,
@@ -211,6 +232,8 @@ impl View<'_> {
         match self {
             View::Hello(_)
             | View::SevStart(_)
+            | View::Streams(_)
+            | View::Join
             | View::Chunk(_)
             | View::State
             | View::Complete
@@ -229,6 +252,7 @@ enum Event {
     Accepted,
     Refused(String),
     SevStart,
+    Streams(Streams),
     Memory,
     State,
     Ack,
@@ -245,6 +269,7 @@ impl Event {
             Event::Hello => MessageType::Hello,
             Event::Accepted | Event::Refused(_) => MessageType::HelloReply,
             Event::SevStart => MessageType::SevStart,
+            Event::Streams(_) => MessageType::Streams,
             Event::Memory => MessageType::MemoryChunk,
             Event::State => MessageType::State,
             Event::Ack => MessageType::Ack,
@@ -312,6 +337,7 @@ impl Order {
         };
         let event = match (&self.phase, msg) {
             (_, View::Recovery(kind)) => return Err(SessionError::RecoveryInMigration { kind }),
+            (_, View::Join) => return Err(SessionError::JoinInMigration),
             (Phase::Ready, View::End { .. }) if from == Side::Target => return Err(out_of_order),
             (Phase::Confirming, View::End { .. }) => return Err(out_of_order),
             (_, View::End { cancelled, reason }) => {
@@ -382,8 +408,18 @@ impl Order {
                     (None, false) => {}
                 }
                 handshake.agreed = reply.features;
-                self.phase = Phase::Transfer;
+                self.phase = if reply.features.contains(Features::STREAMS) {
+                    Phase::Streams
+                } else {
+                    Phase::Transfer
+                };
                 Event::Accepted
+            }
+            (Phase::Streams, View::Streams(streams)) => {
+                let handshake = self.handshake.as_ref().ok_or(out_of_order)?;
+                Streams::check(streams.count, handshake.vm.sev().is_some())?;
+                self.phase = Phase::Transfer;
+                Event::Streams(*streams)
             }
             (Phase::Transfer, View::SevStart(start)) => {
                 let handshake = self.handshake.as_ref().ok_or(out_of_order)?;
@@ -509,6 +545,8 @@ fn with_view<T>(m: &Message, f: impl FnOnce(View<'_>) -> T) -> T {
         Message::Hello(h) => f(View::Hello(h)),
         Message::HelloReply(r) => f(View::HelloReply(r)),
         Message::SevStart(s) => f(View::SevStart(s)),
+        Message::Streams(s) => f(View::Streams(s)),
+        Message::Join(_) => f(View::Join),
         Message::MemoryChunk(c) => f(View::Chunk(&|vm: &VmShape| {
             chunk_facts(vm, c.pages.iter().map(Page::as_ref))
         })),
@@ -544,6 +582,8 @@ pub enum ReceiverAction {
     CheckHello,
     /// RECEIVE_START with the SevStart.
     StartSev,
+    /// Take the source's further connections: each opens with Join and this token.
+    JoinStreams(Streams),
     /// Write the chunk (checked against the VM): Zero and Plain pages directly, Encrypted
     /// ones through RECEIVE_UPDATE_DATA.
     WritePages,
@@ -602,6 +642,7 @@ impl ReceiverSession {
         Ok(match event {
             Event::Hello => ReceiverAction::CheckHello,
             Event::SevStart => ReceiverAction::StartSev,
+            Event::Streams(streams) => ReceiverAction::JoinStreams(streams),
             Event::Memory => ReceiverAction::WritePages,
             Event::State => ReceiverAction::Finish,
             Event::Complete => ReceiverAction::Run,
@@ -1350,6 +1391,64 @@ mod tests {
     }
 
     #[test]
+    fn streams_are_declared_first_once_and_joins_never_belong_in_a_migration() {
+        use crate::protocol::streams::{StreamToken, Streams};
+        let streams = |count| {
+            Message::Streams(Streams {
+                count,
+                token: StreamToken::from_bytes([1; StreamToken::BYTES]),
+            })
+        };
+        // Agreed: nothing but the declaration comes first.
+        let mut pair = accepted(false, Features::ZERO_PAGES.union(Features::STREAMS));
+        let early = chunk(vec![plain(1, 0)]);
+        assert!(
+            pair.source.send(&early).is_err(),
+            "the source refuses itself"
+        );
+        assert!(matches!(
+            pair.target.clone().on_message(&early),
+            Err(SessionError::OutOfOrder {
+                kind: MessageType::MemoryChunk,
+                ..
+            })
+        ));
+        let action = pair.send_to_target(streams(4)).unwrap();
+        assert!(matches!(action, ReceiverAction::JoinStreams(s) if s.count == 4));
+        assert_eq!(
+            pair.send_to_target(chunk(vec![plain(1, 0)])),
+            Ok(ReceiverAction::WritePages)
+        );
+        assert!(pair.source.send(&streams(4)).is_err(), "declared once");
+        let join = Message::Join(StreamToken::from_bytes([1; StreamToken::BYTES]));
+        assert_eq!(
+            pair.target.on_message(&join),
+            Err(SessionError::JoinInMigration)
+        );
+
+        // Not agreed: no declaration at all.
+        let mut pair = accepted(false, Features::ZERO_PAGES);
+        assert!(pair.source.send(&streams(1)).is_err());
+        assert!(pair.target.on_message(&streams(1)).is_err());
+
+        // Counts the target would refuse, and more than one stream for an SEV guest.
+        for (sev, count, error) in [
+            (false, 0, SessionError::BadStreamCount { count: 0 }),
+            (false, 17, SessionError::BadStreamCount { count: 17 }),
+            (true, 2, SessionError::StreamsForSev { count: 2 }),
+        ] {
+            let mut pair = accepted(sev, Features::STREAMS);
+            assert_eq!(pair.target.on_message(&streams(count)), Err(error));
+            assert!(pair.target.ending().is_some(), "a bad count ends it");
+        }
+        let mut pair = accepted(true, Features::STREAMS);
+        assert!(matches!(
+            pair.send_to_target(streams(1)),
+            Ok(ReceiverAction::JoinStreams(_))
+        ));
+    }
+
+    #[test]
     fn another_protocol_version_in_hello_is_rejected() {
         let mut h = hello(false);
         h.protocol_version = PROTOCOL_VERSION + 1;
@@ -1395,6 +1494,17 @@ mod tests {
             Just(Message::HelloReply(HelloReply::accept(
                 Features::RECOVERY.union(Features::ZERO_PAGES),
                 None
+            ))),
+            Just(Message::HelloReply(HelloReply::accept(
+                Features::STREAMS.union(Features::ZERO_PAGES),
+                None
+            ))),
+            (0u16..3).prop_map(|count| Message::Streams(crate::protocol::Streams {
+                count,
+                token: crate::protocol::StreamToken::from_bytes([9; 16]),
+            })),
+            Just(Message::Join(crate::protocol::StreamToken::from_bytes(
+                [9; 16]
             ))),
             Just(Message::Ack),
             Just(Message::Complete),
