@@ -68,9 +68,11 @@ const DIRTY_FIRST_GFN: u64 = 0x1000;
 const DIRTY_PAGES: u64 = 65_536;
 /// 12,800 pages of 4 KiB a second: 50 MiB/s.
 const DIRTY_RATE: u64 = 12_800;
-/// The streams a Veil migration uses (one: `--connections` is not built yet), and so the
-/// channels of the multifd QEMU it is compared with.
-const VEIL_STREAMS: u32 = 1;
+/// The connections a Veil migration uses by default on this host (`veil ctl migrate` without
+/// `--connections`), and so the channels of the multifd QEMU it is compared with.
+fn veil_streams() -> usize {
+    veil::migration::default_connections()
+}
 /// QEMU's `max-bandwidth` for the raised runs: far above loopback TCP on any host.
 const RAISED_BANDWIDTH: u64 = 100 << 30;
 
@@ -371,6 +373,8 @@ enum Migrator {
     Veil,
     /// Veil over mutual TLS (the idle scenario), to compare with the clear.
     VeilTls,
+    /// Veil over one connection (`--connections 1`), where the default is more.
+    VeilOneStream,
     /// Another `veil` binary (`--baseline`), in the clear, to compare builds in one run.
     VeilBaseline,
     QemuDefault,
@@ -382,8 +386,9 @@ enum Migrator {
 impl Migrator {
     fn label(self, qemu_default_bandwidth: Option<u64>) -> String {
         match self {
-            Migrator::Veil => "veil".into(),
+            Migrator::Veil => format!("veil ({} connections)", veil_streams()),
             Migrator::VeilTls => "veil, mutual TLS".into(),
+            Migrator::VeilOneStream => "veil (1 connection)".into(),
             Migrator::VeilBaseline => "veil (--baseline)".into(),
             Migrator::QemuDefault => match qemu_default_bandwidth {
                 Some(b) => format!("qemu (defaults: max-bandwidth {})", mib_per_s(b)),
@@ -395,7 +400,9 @@ impl Migrator {
                     mib_per_s(RAISED_BANDWIDTH)
                 )
             }
-            Migrator::QemuMultifd => format!("qemu (raised, multifd, {VEIL_STREAMS} channel)"),
+            Migrator::QemuMultifd => {
+                format!("qemu (raised, multifd, {} channels)", veil_streams())
+            }
         }
     }
 
@@ -403,6 +410,7 @@ impl Migrator {
         match self {
             Migrator::Veil => "veil",
             Migrator::VeilTls => "veil-tls",
+            Migrator::VeilOneStream => "veil-1",
             Migrator::VeilBaseline => "veil-baseline",
             Migrator::QemuDefault => "qemu",
             Migrator::QemuRaised => "qemu-raised",
@@ -494,6 +502,9 @@ fn run_scenario(
         if matches!(scenario, Scenario::Idle | Scenario::Halted) {
             migrators.push(Migrator::VeilTls);
         }
+        if veil_streams() > 1 && !scenario.sev() {
+            migrators.push(Migrator::VeilOneStream);
+        }
         if have_qemu && scenario.with_qemu() {
             migrators.push(Migrator::QemuDefault);
         }
@@ -507,11 +518,21 @@ fn run_scenario(
                 migrator.label(qemu_default_bandwidth)
             );
             let outcome = match migrator {
-                Migrator::Veil => migrate_veil(scratch, &tag, scenario, ram, sev, false, here),
-                Migrator::VeilTls => migrate_veil(scratch, &tag, scenario, ram, sev, true, here),
+                Migrator::Veil | Migrator::VeilTls | Migrator::VeilOneStream => {
+                    let how = VeilRun {
+                        binary: here,
+                        tls: migrator == Migrator::VeilTls,
+                        connections: (migrator == Migrator::VeilOneStream).then_some(1),
+                    };
+                    migrate_veil(scratch, &tag, scenario, ram, sev, how)
+                }
                 Migrator::VeilBaseline => {
-                    let binary = baseline.ok_or("no --baseline")?;
-                    migrate_veil(scratch, &tag, scenario, ram, sev, false, binary)
+                    let how = VeilRun {
+                        binary: baseline.ok_or("no --baseline")?,
+                        tls: false,
+                        connections: None,
+                    };
+                    migrate_veil(scratch, &tag, scenario, ram, sev, how)
                 }
                 _ => migrate_qemu(scratch, &tag, scenario, ram, migrator),
             };
@@ -603,15 +624,28 @@ fn veil_run_kit(binary: &Path, memory: &str, ram: &Path, cmdline: &str) -> Comma
     cmd
 }
 
+/// Which `veil` migrates, and how.
+struct VeilRun<'a> {
+    binary: &'a Path,
+    /// Mutual TLS, or plain TCP.
+    tls: bool,
+    /// `--connections`; `None` leaves the binary's default.
+    connections: Option<u32>,
+}
+
 fn migrate_veil(
     scratch: &Scratch,
     tag: &str,
     scenario: Scenario,
     ram: &Path,
     sev: Option<&SevPlatforms>,
-    tls: bool,
-    binary: &Path,
+    how: VeilRun<'_>,
 ) -> Outcome {
+    let VeilRun {
+        binary,
+        tls,
+        connections,
+    } = how;
     // Mutual TLS with throwaway certificates for 127.0.0.1, or plain TCP.
     let (target_security, source_security) = if tls {
         let dir = scratch.path("");
@@ -688,6 +722,10 @@ fn migrate_veil(
     if let Some(p) = sev {
         extra.push("--sev-trust-chain".into());
         extra.push(p.chain.clone().into_os_string());
+    }
+    if let Some(n) = connections {
+        extra.push("--connections".into());
+        extra.push(n.to_string().into());
     }
     let mut ctl = ctl_migrate(scratch, tag, &src_api, port, &extra)?;
     let status = ctl.wait_exit(MIGRATION_TIMEOUT + Duration::from_secs(30))?;
@@ -1006,7 +1044,7 @@ fn migrate_qemu(
             )?;
             end.execute(
                 "migrate-set-parameters",
-                json!({ "multifd-channels": VEIL_STREAMS }),
+                json!({ "multifd-channels": veil_streams() }),
             )?;
         }
         target_qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
@@ -1397,6 +1435,17 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
                 scenario.slug(),
                 gbit_per_s(GUEST_RAM, tls.total) / veil_rate,
                 ms(tls.downtime)
+            );
+        }
+        if let Some(one) = find(Migrator::VeilOneStream) {
+            println!(
+                "  {:<5} veil {} connections / 1 connection: rate {:.3}x; downtime {:.1} ms vs \
+                 {:.1} ms",
+                scenario.slug(),
+                veil_streams(),
+                veil_rate / gbit_per_s(GUEST_RAM, one.total),
+                ms(veil.downtime),
+                ms(one.downtime)
             );
         }
         if let Some(baseline) = find(Migrator::VeilBaseline) {

@@ -288,6 +288,12 @@ pub enum CtlCommand {
         /// permanently blocked guest is refused at once either way.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         wait_ready: Option<std::time::Duration>,
+        /// Spread the pages over N connections, each with its own TLS session and a thread on
+        /// each side (1 to 16). Default: the host's cores, at most 4. A target that takes one
+        /// connection only, and an SEV guest (its pages go through the firmware one at a
+        /// time), get one.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+        connections: Option<u16>,
         /// For an SEV guest: trust the platform whose chain (from `veil sev export-chain`) is
         /// in FILE as a target, besides AMD's roots. An emulated target needs this.
         #[arg(long, value_name = "FILE")]

@@ -172,9 +172,13 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         sev_chain,
     )?;
     eprintln!(
-        "veil: a guest arrives from {} over {}",
+        "veil: a guest arrives from {} over {}{}",
         incoming.peer().unwrap_or("the source"),
-        incoming.stream().protection()
+        incoming.stream().protection(),
+        match incoming.connections() {
+            1 => String::new(),
+            n => format!(" ({n} connections)"),
+        }
     );
     // Compiled once: for the recovery responder here, and for the VM's threads.
     let confinement = Confinement::new(args.seccomp.mode)?;

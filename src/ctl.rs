@@ -25,6 +25,7 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             downtime_ms,
             timeout_s,
             wait_ready,
+            connections,
             sev_trust_chain,
             no_progress: _,
         } => Request::Migrate {
@@ -32,6 +33,7 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             downtime_ms: Some(*downtime_ms),
             timeout_s: *timeout_s,
             wait_ready_ms: wait_ready.map(|d| d.as_millis() as u64),
+            connections: connections.map(usize::from),
             // Read by the VMM, which may run elsewhere in the filesystem: make it absolute.
             sev_trust_chain: sev_trust_chain.as_ref().map(|p| {
                 std::path::absolute(p)
@@ -176,8 +178,14 @@ fn print_migration_report(r: &Value) {
     );
     let _ = writeln!(
         out,
-        "  {} on the wire, {} dirty passes after the first full one",
+        "  {} on the wire over {} {}, {} dirty passes after the first full one",
         crate::progress::bytes(number("bytes") as f64),
+        number("connections"),
+        if number("connections") == 1 {
+            "connection"
+        } else {
+            "connections"
+        },
         number("passes")
     );
     let _ = writeln!(

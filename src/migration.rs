@@ -44,6 +44,8 @@ pub struct Outgoing {
     pub timeout: Option<Duration>,
     /// Wait this long for a temporarily blocked guest instead of refusing at once.
     pub wait_ready: Option<Duration>,
+    /// Connections to spread the pages over; `None`: [`default_connections`].
+    pub connections: Option<usize>,
     /// For an SEV guest: a certificate chain file (as `veil sev export-chain` writes) whose
     /// ARK is trusted as a target root, besides AMD's.
     pub sev_trust_chain: Option<PathBuf>,
@@ -58,6 +60,7 @@ impl Outgoing {
             downtime: None,
             timeout: None,
             wait_ready: None,
+            connections: None,
             sev_trust_chain: None,
         }
     }
@@ -92,6 +95,12 @@ pub enum MigrateError {
     AmdRoots(#[source] veil_sev::emulated::identity::IdentityError),
 }
 
+/// How many connections a migration uses unless told: one per core of this host, at most 4
+/// (each stream's thread encrypts and copies on a core of its own; the target's too).
+pub fn default_connections() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
 /// Live-migrates `vm` to `outgoing.to`: connects once the guest may go, pre-copies and hands
 /// it over. On success the guest runs on the target; on failure it runs here, as before.
 /// Progress and cancel go through [`Vm::migration`].
@@ -100,6 +109,7 @@ pub fn send(vm: &Vm, outgoing: &Outgoing) -> Result<Sent, MigrateError> {
         monitor: Arc::clone(vm.migration()),
         timeout: outgoing.timeout,
         wait_ready: outgoing.wait_ready,
+        connections: outgoing.connections.unwrap_or_else(default_connections),
         ..SendOptions::default()
     };
     if let Some(downtime) = outgoing.downtime {
@@ -130,7 +140,7 @@ pub fn send(vm: &Vm, outgoing: &Outgoing) -> Result<Sent, MigrateError> {
 
 /// As [`send`], over a stream already connected to a target (a socket pair, an embedder's
 /// own transport). `trusted_arks` are the roots an SEV target's chain must end in.
-pub fn send_over<S: Duplex>(
+pub fn send_over<S: Duplex + Send>(
     vm: &Vm,
     stream: &mut S,
     options: &SendOptions,
@@ -192,7 +202,7 @@ fn read_trust_chain(path: &PathBuf) -> Result<sev::certs::sev::ca::Certificate, 
 /// file), fills it, acknowledges and waits for the source's `Complete`. The VM comes back
 /// paused and the guest is this host's: [`Vm::resume`] runs it. On failure the source is told
 /// why and keeps the guest.
-pub fn receive<S: Read + Write + Send>(
+pub fn receive<S: Read + Write + Send + std::os::fd::AsFd>(
     incoming: &mut Incoming<S>,
     builder: VmBuilder,
     sev_platform: Option<SevPlatform>,

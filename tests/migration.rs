@@ -100,6 +100,77 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
     assert!(report.downtime < Duration::from_secs(2), "{report:?}");
 }
 
+/// Over three connections the pages are dealt out by 2 MiB block: a word the host wrote in
+/// every block arrives, and so do the pages the guest keeps re-dirtying (each block always on
+/// the same stream, so a later copy never loses to an earlier one).
+#[test]
+fn a_dirtying_guest_migrates_over_three_connections_with_every_block_intact() {
+    use veil_migration::transport::{self, Endpoint, Security};
+    let memory = 64u64 << 20;
+    let (source, _) = dirtying_guest(memory);
+    let blocks = memory >> 21;
+    let marked = |block: u64| 0xb10c_0000_0000 | block;
+    // The last page of each block: above the guest's own pages in block 0 too.
+    let page_of = |block: u64| block * 512 + 511;
+    for block in 0..blocks {
+        source
+            .memory()
+            .write_obj(marked(block), GuestAddress(page_of(block) << 12))
+            .unwrap();
+    }
+    let dir = common::TempDir::new("three-streams");
+    let endpoint = Endpoint::Unix(dir.path("m.sock"));
+    let listener = transport::listen(&endpoint, &Security::default()).unwrap();
+    let options = SendOptions {
+        connections: 3,
+        ..SendOptions::default()
+    };
+
+    let report = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            sender::send_when_ready(
+                source.inner(),
+                || transport::connect(&endpoint, &Security::default()),
+                &options,
+                None,
+            )
+        });
+        let mut incoming =
+            receiver::accept_from(&listener, receiver::HELLO_TIMEOUT, |_| Ok(()), None).unwrap();
+        assert_eq!(incoming.connections(), 3);
+        let target = veil::migration::receive(
+            &mut incoming,
+            VmBuilder::new().serial_writer(std::io::sink()),
+            None,
+        )
+        .unwrap();
+        assert_eq!(target.resume(), RunState::Running);
+        let report = sending.join().unwrap().expect("migration succeeds");
+        assert_eq!(source.wait(), VmStop::Migrated);
+        for block in 0..blocks {
+            assert_eq!(
+                word(target.memory(), page_of(block)),
+                marked(block),
+                "block {block}"
+            );
+        }
+        common::assert_guest_restamps(target.memory(), 3, FIRST + 17);
+        for gfn in FIRST..FIRST + PAGES {
+            assert_eq!(
+                word(target.memory(), gfn),
+                page_stamp(3, gfn),
+                "gfn {gfn:#x}"
+            );
+        }
+        target.stop();
+        target.wait();
+        report
+    });
+    eprintln!("{report:?}");
+    assert_eq!(report.connections, 3, "{report:?}");
+    assert_eq!(report.pages_sent - report.pages_resent, memory >> 12);
+}
+
 /// Pages of `path` in the page cache: what reading its holes through a mapping would fill.
 fn resident_pages(path: &std::path::Path) -> usize {
     use std::os::fd::AsRawFd;

@@ -17,8 +17,6 @@ use veil_migration::protocol::MessageType;
 fn relay(listen: &Path, target: PathBuf, drop: MessageType) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(listen).unwrap();
     std::thread::spawn(move || {
-        let (source, _) = listener.accept().unwrap();
-        let target = UnixStream::connect(&target).unwrap();
         let pump = |mut from: UnixStream, mut to: UnixStream| {
             let (a, b) = (from.try_clone().unwrap(), to.try_clone().unwrap());
             std::thread::spawn(move || {
@@ -41,10 +39,31 @@ fn relay(listen: &Path, target: PathBuf, drop: MessageType) -> std::thread::Join
                 let _ = b.shutdown(std::net::Shutdown::Both);
             })
         };
-        let up = pump(source.try_clone().unwrap(), target.try_clone().unwrap());
-        let down = pump(target, source);
-        let _ = up.join();
-        let _ = down.join();
+        let connect = |source: UnixStream| {
+            let target = UnixStream::connect(&target).unwrap();
+            [
+                pump(source.try_clone().unwrap(), target.try_clone().unwrap()),
+                pump(target, source),
+            ]
+        };
+        // The first connection is the migration's control stream; the source's further ones
+        // (its data streams) are relayed too, until the control stream is over.
+        let (control, _) = listener.accept().unwrap();
+        let control = connect(control);
+        listener.set_nonblocking(true).unwrap();
+        let mut others = Vec::new();
+        while !control.iter().all(|p| p.is_finished()) {
+            match listener.accept() {
+                Ok((source, _)) => {
+                    source.set_nonblocking(false).unwrap();
+                    others.extend(connect(source));
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        for pump in control.into_iter().chain(others) {
+            let _ = pump.join();
+        }
     })
 }
 

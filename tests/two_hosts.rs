@@ -377,14 +377,27 @@ fn there_and_back(sev: bool) {
         "b",
         &[common::tls::args(&hosts.tls_b), receiver_sev("sev-b")].concat(),
     );
+    // Over three connections, each its own TLS session; an SEV guest's pages go through its
+    // firmware context one at a time, so it gets one whatever is asked.
     let out = migrate(
         &a_api,
         B_ADDR,
-        &[common::tls::args(&hosts.tls_a), sev_chain("sev-b")].concat(),
+        &[
+            common::tls::args(&hosts.tls_a),
+            sev_chain("sev-b"),
+            strings(&["--connections", "3"]),
+        ]
+        .concat(),
     );
     assert!(out.status.success(), "{}", common::describe(&out));
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("over mutual TLS"), "{report}");
+    let over = if sev {
+        "over 1 connection,"
+    } else {
+        "over 3 connections,"
+    };
+    assert!(report.contains(over), "{report}");
     // Not a terminal: no progress bar in the way of logs.
     assert!(!String::from_utf8_lossy(&out.stderr).contains("ETA"));
     if sev {

@@ -11,7 +11,7 @@ use veil_migration::protocol::messages::SevStart;
 use veil_migration::protocol::{
     ChunkEncoder, Features, Hello, HelloReply, MemoryChunkRef, MemoryRegion, Message, MigrationId,
     PageContentRef, PageRef, ReceiverAction, ReceiverSession, RecoveryOutcome, SevPlatform,
-    SevShape, State, VmShape,
+    SevShape, State, StreamToken, Streams, VmShape,
 };
 use veil_sev::policy::GuestPolicy;
 
@@ -47,6 +47,12 @@ enum Step {
     Recover([u8; 32]),
     Recovered(u8),
     Adopt([u8; 32]),
+    /// The source's declaration of its connections, and a Join that never belongs here.
+    Streams {
+        count: u16,
+        token: [u8; 16],
+    },
+    Join([u8; 16]),
     // What the target sends.
     Accept {
         features: u64,
@@ -110,6 +116,11 @@ fuzz_target!(|steps: Vec<Step>| {
             Step::Recover(id) => Some(Message::Recover(MigrationId::from_bytes(id))),
             Step::Adopt(id) => Some(Message::Adopt(MigrationId::from_bytes(id))),
             Step::Recovered(code) => RecoveryOutcome::from_code(code).map(Message::Recovered),
+            Step::Streams { count, token } => Some(Message::Streams(Streams {
+                count,
+                token: StreamToken::from_bytes(token),
+            })),
+            Step::Join(token) => Some(Message::Join(StreamToken::from_bytes(token))),
             Step::Chunk(pages) => {
                 let mut encoder = ChunkEncoder::new();
                 for (gfn, content) in &pages {
@@ -189,10 +200,20 @@ fuzz_target!(|steps: Vec<Step>| {
                 Ok(_)
                     if matches!(
                         message,
-                        Message::Recover(_) | Message::Recovered(_) | Message::Adopt(_)
+                        Message::Recover(_)
+                            | Message::Recovered(_)
+                            | Message::Adopt(_)
+                            | Message::Join(_)
                     ) =>
                 {
-                    panic!("a recovery message accepted in a migration")
+                    panic!("a recovery message or a Join accepted in a migration")
+                }
+                Ok(ReceiverAction::JoinStreams(streams)) => {
+                    assert!(!failed);
+                    let sev = session.vm().is_some_and(|vm| vm.sev().is_some());
+                    assert!((1..=16).contains(&streams.count), "{streams:?}");
+                    assert!(!sev || streams.count == 1, "an SEV guest over {streams:?}");
+                    assert!(session.features().contains(Features::STREAMS));
                 }
                 Ok(_) => assert!(!failed, "the session went on after it failed"),
                 Err(_) => failed = true,

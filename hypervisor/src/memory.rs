@@ -386,7 +386,7 @@ impl DirtyBitmap {
     }
 
     /// Frame numbers of the dirty pages, ascending, a word of clean pages skipped at a time.
-    pub fn dirty_gfns(&self) -> impl Iterator<Item = u64> + '_ {
+    pub fn dirty_gfns(&self) -> impl Iterator<Item = u64> + Clone + '_ {
         let first = self.base.0 / PAGE_SIZE;
         let pages = self.pages as u64;
         self.words

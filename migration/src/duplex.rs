@@ -45,6 +45,16 @@ impl Duplex for TcpStream {
     }
 }
 
+/// Whether `socket` becomes readable (for a listener: a connection is waiting) before
+/// `deadline`.
+pub(crate) fn readable_before(socket: BorrowedFd<'_>, deadline: Instant) -> io::Result<bool> {
+    match wait(socket, false, Some(deadline)) {
+        Ok(ready) => Ok(ready.readable),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// What `poll` found on a socket.
 struct Ready {
     readable: bool,

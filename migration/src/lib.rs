@@ -13,6 +13,7 @@
 //! - [`transport`]: UNIX sockets, TCP with mutual TLS ([`tls`]), and plain TCP only when
 //!   explicitly insecure.
 
+mod data_streams;
 pub mod duplex;
 mod holes;
 pub mod monitor;
@@ -22,6 +23,7 @@ pub mod protocol;
 pub mod receiver;
 pub mod recovery;
 pub mod sender;
+mod sender_streams;
 pub mod snapshot;
 pub mod tls;
 pub mod transport;

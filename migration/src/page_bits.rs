@@ -1,17 +1,25 @@
 //! One bit per guest page, for what a migration has to remember about every page (sent,
 //! written) without memory that grows faster than 1/32768 of the guest's.
+//!
+//! The bits are atomic so that the threads of a migration over several streams share one
+//! map: a stream's pages come in 2 MiB blocks ([`crate::protocol::stream_of`]), so no two
+//! streams ever touch the same word, and the atomics cost what plain stores do.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A bit per guest frame number below an end; frames past it read as clear and are never set.
 #[derive(Debug)]
 pub(crate) struct PageBits {
-    words: Vec<u64>,
+    words: Vec<AtomicU64>,
 }
 
 impl PageBits {
     /// Room for frames `0..end_gfn`.
     pub(crate) fn below(end_gfn: u64) -> Self {
         Self {
-            words: vec![0; end_gfn.div_ceil(64) as usize],
+            words: (0..end_gfn.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -27,23 +35,20 @@ impl PageBits {
     }
 
     /// Sets `gfn`'s bit; whether it was set before.
-    pub(crate) fn set(&mut self, gfn: u64) -> bool {
-        self.update(gfn, |word, bit| *word |= bit)
+    pub(crate) fn set(&self, gfn: u64) -> bool {
+        self.word(gfn)
+            .is_some_and(|(word, bit)| word.fetch_or(bit, Ordering::Relaxed) & bit != 0)
     }
 
     /// Clears `gfn`'s bit; whether it was set before.
-    pub(crate) fn clear(&mut self, gfn: u64) -> bool {
-        self.update(gfn, |word, bit| *word &= !bit)
+    pub(crate) fn clear(&self, gfn: u64) -> bool {
+        self.word(gfn)
+            .is_some_and(|(word, bit)| word.fetch_and(!bit, Ordering::Relaxed) & bit != 0)
     }
 
-    fn update(&mut self, gfn: u64, change: impl FnOnce(&mut u64, u64)) -> bool {
-        let Some(word) = self.words.get_mut((gfn / 64) as usize) else {
-            return false;
-        };
-        let bit = 1 << (gfn % 64);
-        let before = *word & bit != 0;
-        change(word, bit);
-        before
+    fn word(&self, gfn: u64) -> Option<(&AtomicU64, u64)> {
+        let word = self.words.get(usize::try_from(gfn / 64).ok()?)?;
+        Some((word, 1 << (gfn % 64)))
     }
 }
 
@@ -53,7 +58,13 @@ mod tests {
 
     #[test]
     fn bits_set_and_clear_and_stray_gfns_are_ignored() {
-        let mut bits = PageBits::below(128);
+        let bits = PageBits::below(128);
+        let words = |bits: &PageBits| -> Vec<u64> {
+            bits.words
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .collect()
+        };
         assert!(!bits.set(5));
         assert!(bits.set(5));
         assert!(!bits.set(127));
@@ -61,10 +72,10 @@ mod tests {
         // Beyond the bitmap: never a panic, never "set".
         assert!(!bits.set(128));
         assert!(!bits.set(u64::MAX));
-        assert_eq!(bits.words, [1 << 5, 1 << 63]);
+        assert_eq!(words(&bits), [1 << 5, 1 << 63]);
         assert!(bits.clear(5));
         assert!(!bits.clear(5));
         assert!(!bits.clear(u64::MAX));
-        assert_eq!(bits.words, [0, 1 << 63]);
+        assert_eq!(words(&bits), [0, 1 << 63]);
     }
 }

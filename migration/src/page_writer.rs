@@ -37,7 +37,8 @@ pub(crate) struct PageWriter<'m, 'f> {
     memory: &'m GuestMemory,
     firmware: Option<&'f mut dyn Firmware>,
     sev: Option<veil_sev::flow::Receiver<'f>>,
-    written: Option<PageBits>,
+    /// Shared with the other streams' writers; `None` for file-backed memory.
+    written: Option<&'m PageBits>,
     scratch: Vec<u8>,
     /// Each encrypted page's packet, its buffer reused (the firmware takes an owned packet).
     packet: Packet,
@@ -46,13 +47,18 @@ pub(crate) struct PageWriter<'m, 'f> {
 impl<'m, 'f> PageWriter<'m, 'f> {
     /// A writer into `memory`, with `firmware` for an SEV guest's private pages. Anonymous
     /// `memory` must be fresh (all zero): a page this writer has not written is taken to be
-    /// zero. File-backed memory may hold anything.
-    pub(crate) fn new(memory: &'m GuestMemory, firmware: Option<&'f mut dyn Firmware>) -> Self {
+    /// zero, and `written` ([`written_pages_for`]) says which pages it and the other streams'
+    /// writers have written. File-backed memory may hold anything.
+    pub(crate) fn new(
+        memory: &'m GuestMemory,
+        firmware: Option<&'f mut dyn Firmware>,
+        written: Option<&'m PageBits>,
+    ) -> Self {
         Self {
             memory,
             firmware,
             sev: None,
-            written: written_pages_for(memory),
+            written,
             scratch: vec![0; PAGE_SIZE as usize],
             packet: Packet {
                 header: [0; veil_sev::crypto::PACKET_HEADER_BYTES],
@@ -89,7 +95,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
         Ok(self.sev)
     }
 
-    fn write_chunk(&mut self, payload: &[u8]) -> Result<(), ReceiveError> {
+    pub(crate) fn write_chunk(&mut self, payload: &[u8]) -> Result<(), ReceiveError> {
         let chunk = MemoryChunkRef::parse(payload).map_err(|source| ProtocolError::Payload {
             kind: MessageType::MemoryChunk,
             source,
@@ -161,7 +167,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
 
     /// Untouched fresh RAM is zero already: only data an earlier pass brought is cleared.
     fn write_zero(&mut self, gfn: u64, at: GuestAddress) -> Result<(), ReceiveError> {
-        match self.written.as_mut().map(|w| w.clear(gfn)) {
+        match self.written.map(|w| w.clear(gfn)) {
             Some(false) => {}
             Some(true) => {
                 self.scratch.fill(0);
@@ -173,7 +179,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
     }
 
     fn mark_written(&mut self, gfn: u64) {
-        if let Some(written) = &mut self.written {
+        if let Some(written) = self.written {
             written.set(gfn);
         }
     }
@@ -184,7 +190,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
 /// over data an earlier pass brought, and never read to check (a read faults in the zero page:
 /// 262,144 faults per GiB with small pages). `None` for file-backed RAM, whose pages hold what
 /// the file held: there a zero page is read to check.
-fn written_pages_for(memory: &GuestMemory) -> Option<PageBits> {
+pub(crate) fn written_pages_for(memory: &GuestMemory) -> Option<PageBits> {
     use vm_memory::GuestMemoryRegion;
     let file_backed = memory.iter().any(|r| r.file_offset().is_some());
     (!file_backed).then(|| PageBits::covering(memory))

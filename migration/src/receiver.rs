@@ -21,7 +21,11 @@ use crate::protocol::{
 use crate::protocol::{Fate, FateError, MigrationId, RecoveryOutcome};
 use crate::recovery::SharedFate;
 use crate::transport::{Accepted, Listener, Stream, TransportError};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
+
+use crate::data_streams;
 
 /// How long a new connection has to open with a valid `Hello` (the TLS handshake included)
 /// before [`accept_from`] drops it and waits for the next.
@@ -64,6 +68,15 @@ pub enum ReceiveError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "Only {joined} of the {declared} connections the source declared arrived within {}",
+        humantime::format_duration(*within)
+    )]
+    StreamsMissing {
+        joined: usize,
+        declared: u16,
+        within: Duration,
+    },
     #[error("Cannot start the thread that writes guest memory")]
     Thread(#[source] io::Error),
     #[error("The thread that writes guest memory panicked")]
@@ -76,9 +89,25 @@ pub enum ReceiveError {
     },
 }
 
+/// The error that says why a receive failed, of those its threads ended with (the page
+/// writer's, the control stream's, the data streams'): the first that is not merely the link
+/// failing or the source ending it (which follow from the cause), else the first of those.
+fn first_cause(errors: impl Iterator<Item = ReceiveError>) -> ReceiveError {
+    let rank = |e: &ReceiveError| match e {
+        ReceiveError::Aborted(_) => 1,
+        e if lost_link(e) => 2,
+        _ => 0,
+    };
+    errors
+        .enumerate()
+        .min_by_key(|(order, e)| (rank(e), *order))
+        .map(|(_, e)| e)
+        .unwrap_or(ReceiveError::WriterPanicked)
+}
+
 /// Whether `e` is the link failing (closed, cut, silent), as opposed to the source saying
 /// something.
-fn lost_link(e: &ReceiveError) -> bool {
+pub(crate) fn lost_link(e: &ReceiveError) -> bool {
     matches!(
         e,
         ReceiveError::Protocol(
@@ -95,6 +124,8 @@ enum Stop {
     Failed(ReceiveError),
     /// The writer stopped (its own error says why).
     WriterGone,
+    /// A data stream's thread stopped (its own error says why).
+    StreamGone,
 }
 
 impl From<ReceiveError> for Stop {
@@ -106,6 +137,8 @@ impl From<ReceiveError> for Stop {
 /// A guest whose source has been accepted.
 pub struct Incoming<S> {
     stream: S,
+    /// The further connections of a migration over several streams.
+    data_streams: Vec<S>,
     session: ReceiverSession,
     shape: VmShape,
     /// Who the source is, when it came through a listener.
@@ -124,7 +157,8 @@ pub fn accept<S: Read + Write>(
     sev_chain: Option<Vec<u8>>,
 ) -> Result<Incoming<S>, ReceiveError> {
     let (session, hello) = read_hello(&mut stream)?;
-    answer_hello(stream, session, hello, check, sev_chain)
+    // One stream: further connections need a listener to come through.
+    answer_hello(stream, session, hello, check, sev_chain, false)
 }
 
 /// Waits on `listener` for a source whose connection opens with a valid `Hello` within
@@ -162,8 +196,9 @@ pub fn accept_answering(
     loop {
         match opening(listener, hello_timeout, answer) {
             Ok(Some((stream, peer, session, hello))) => {
-                let mut incoming = answer_hello(stream, session, hello, check, sev_chain)?;
+                let mut incoming = answer_hello(stream, session, hello, check, sev_chain, true)?;
                 incoming.peer = Some(peer);
+                incoming.join_streams(listener, hello_timeout, answer)?;
                 return Ok(incoming);
             }
             Ok(None) => {}
@@ -306,14 +341,20 @@ fn hello_from(
     }
 }
 
-/// Judges the guest a `Hello` describes and answers it.
+/// Judges the guest a `Hello` describes and answers it; `joins` if further connections of
+/// the migration can be taken (feature `STREAMS`).
 fn answer_hello<S: Read + Write>(
     mut stream: S,
     mut session: ReceiverSession,
     hello: Hello,
     check: impl FnOnce(&VmShape) -> Result<(), String>,
     sev_chain: Option<Vec<u8>>,
+    joins: bool,
 ) -> Result<Incoming<S>, ReceiveError> {
+    let mut known = Features::KNOWN;
+    if !joins {
+        known = known.intersection(Features::from_bits(!Features::STREAMS.bits()));
+    }
     let sev = hello.vm.sev().is_some();
     let es = hello
         .vm
@@ -328,7 +369,7 @@ fn answer_hello<S: Read + Write>(
     };
     let reply = match &verdict {
         Ok(()) => HelloReply::accept(
-            hello.features.intersection(Features::KNOWN),
+            hello.features.intersection(known),
             if sev { sev_chain } else { None },
         ),
         Err(reason) => HelloReply::refuse(reason.clone()),
@@ -339,6 +380,7 @@ fn answer_hello<S: Read + Write>(
     verdict.map_err(ReceiveError::Refused)?;
     Ok(Incoming {
         stream,
+        data_streams: Vec::new(),
         session,
         shape: hello.vm,
         peer: None,
@@ -346,7 +388,52 @@ fn answer_hello<S: Read + Write>(
     })
 }
 
+impl Incoming<Stream> {
+    /// With `STREAMS` agreed: reads the source's Streams and takes the further connections it
+    /// declares (within `timeout`, like a Hello). Any failure is reported to the source.
+    fn join_streams(
+        &mut self,
+        listener: &Listener,
+        timeout: Duration,
+        answer: &dyn Fn(&Message) -> RecoveryOutcome,
+    ) -> Result<(), ReceiveError> {
+        if !self.session.features().contains(Features::STREAMS) {
+            return Ok(());
+        }
+        let result = self.take_streams(listener, timeout, answer);
+        if let Err(e) = &result {
+            self.report(e);
+        }
+        result
+    }
+
+    fn take_streams(
+        &mut self,
+        listener: &Listener,
+        timeout: Duration,
+        answer: &dyn Fn(&Message) -> RecoveryOutcome,
+    ) -> Result<(), ReceiveError> {
+        let deadline = Instant::now() + timeout;
+        let frame = read_frame(&mut ByDeadline::new(&mut self.stream, deadline, timeout))?;
+        self.stream.set_peer_timeouts().map_err(ProtocolError::Io)?;
+        let streams = match self.session.on_message(&frame.message)? {
+            ReceiverAction::JoinStreams(streams) => streams,
+            ReceiverAction::Discard { reason, .. } => return Err(ReceiveError::Aborted(reason)),
+            other => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
+        };
+        self.data_streams =
+            crate::data_streams::take_joins(listener, &streams, deadline, timeout, answer)?;
+        Ok(())
+    }
+}
+
 impl<S: Read + Write> Incoming<S> {
+    /// How many connections the guest arrives over (the control stream and the data
+    /// streams).
+    pub fn connections(&self) -> usize {
+        1 + self.data_streams.len()
+    }
+
     /// The connection to the source.
     pub fn stream(&self) -> &S {
         &self.stream
@@ -362,14 +449,17 @@ impl<S: Read + Write> Incoming<S> {
     pub fn shape(&self) -> &VmShape {
         &self.shape
     }
+}
 
+impl<S: Read + Write + Send + AsFd> Incoming<S> {
     /// Writes arriving memory into `memory` until the state arrives, and returns it. An SEV
     /// guest's private pages go through `firmware` (RECEIVE_START, RECEIVE_UPDATE_DATA,
     /// RECEIVE_FINISH); its handle for the guest is returned with the state. Anonymous
     /// `memory` must be fresh (all zero, as a VM built to receive has): a page this receive
     /// has not written is taken to be zero. File-backed memory may hold anything. The pages
     /// are written on a thread this call starts (`migrate-write`, under the caller's seccomp
-    /// filter if it has one) and ends before it returns.
+    /// filter if it has one) and ends before it returns; so are the data streams' threads
+    /// (`migrate-stream`) of a migration over several connections.
     pub fn receive_into(
         &mut self,
         memory: &GuestMemory,
@@ -387,24 +477,51 @@ impl<S: Read + Write> Incoming<S> {
         memory: &GuestMemory,
         firmware: Option<&mut dyn Firmware>,
     ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
-        let writer = PageWriter::new(memory, firmware);
+        let written_bits = crate::page_writer::written_pages_for(memory);
+        let stop = AtomicBool::new(false);
+        let shared = data_streams::Shared {
+            memory,
+            written: written_bits.as_ref(),
+            vm: self.shape.clone(),
+            features: self.session.features(),
+            stop: &stop,
+        };
+        let writer = PageWriter::new(memory, firmware, written_bits.as_ref());
+        let data = std::mem::take(&mut self.data_streams);
+        // To wake the data streams' threads out of their reads should the receive fail.
+        let hang_ups = data_streams::hang_ups(&data).map_err(ProtocolError::Io)?;
         std::thread::scope(|scope| {
+            let streams = data_streams::start(scope, data, &shared)?;
             let (work, to_write) = mpsc::sync_channel(FRAME_BUFFERS - 1);
             let (give_back, given_back) = mpsc::channel();
             let writing = std::thread::Builder::new()
                 .name("migrate-write".into())
                 .spawn_scoped(scope, move || writer.run(to_write, give_back))
                 .map_err(ReceiveError::Thread)?;
-            let read = self.read_until_state(&work, &given_back);
-            // The writer finishes what it was given, and stops.
+            let read = self.read_until_state(&work, &given_back, &streams);
+            if read.is_err() {
+                stop.store(true, Ordering::Relaxed);
+                data_streams::hang_up(&hang_ups);
+            }
+            // The writer finishes what it was given, and stops; so do the data streams.
             drop(work);
             let written = writing
                 .join()
                 .unwrap_or_else(|_| Err(ReceiveError::WriterPanicked));
+            let streamed = data_streams::finish(streams);
             let (bytes, sev) = match (read, written) {
-                (Err(Stop::Failed(e)), _) | (_, Err(e)) => return Err(e),
-                (Err(Stop::WriterGone), Ok(_)) => return Err(ReceiveError::WriterPanicked),
                 (Ok(bytes), Ok(sev)) => (bytes, sev),
+                (read, written) => {
+                    let read = match read {
+                        Ok(_) => None,
+                        Err(Stop::Failed(e)) => Some(e),
+                        Err(Stop::WriterGone | Stop::StreamGone) => None,
+                    };
+                    let errors = written.err().into_iter().chain(read);
+                    return Err(first_cause(
+                        errors.chain(streamed.into_iter().filter_map(Result::err)),
+                    ));
+                }
             };
             let snapshot = serde_json::from_slice(&bytes)?;
             self.fate
@@ -422,6 +539,7 @@ impl<S: Read + Write> Incoming<S> {
         &mut self,
         work: &mpsc::SyncSender<Work>,
         given_back: &mpsc::Receiver<FrameReader>,
+        streams: &[data_streams::Running<'_>],
     ) -> Result<Vec<u8>, Stop> {
         let mut spare: Vec<FrameReader> = (0..FRAME_BUFFERS).map(|_| FrameReader::new()).collect();
         loop {
@@ -476,14 +594,18 @@ impl<S: Read + Write> Incoming<S> {
                     let Message::State(state) = frame.message else {
                         unreachable!("the session said Finish")
                     };
+                    // The last pages on every data stream come before the state applies.
+                    data_streams::barrier(streams, true).map_err(|_| Stop::StreamGone)?;
                     return Ok(state.bytes);
                 }
                 ReceiverAction::ReplySynced => {
-                    // Everything before the Sync must be in guest memory (or the firmware).
+                    // Everything before the Sync must be in guest memory (or the firmware),
+                    // on every stream.
                     let (done, caught_up) = mpsc::channel();
                     work.send(Work::Barrier(done))
                         .map_err(|_| Stop::WriterGone)?;
                     caught_up.recv().map_err(|_| Stop::WriterGone)?;
+                    data_streams::barrier(streams, false).map_err(|_| Stop::StreamGone)?;
                     self.session
                         .send(&Message::Synced)
                         .map_err(ReceiveError::from)?;
@@ -496,7 +618,9 @@ impl<S: Read + Write> Incoming<S> {
             }
         }
     }
+}
 
+impl<S: Read + Write> Incoming<S> {
     /// The guest is ready here (restored, paused): tell the source, which then stops it.
     pub fn acknowledge(&mut self) -> Result<(), ReceiveError> {
         // A query may already have discarded the guest: then the source must not let it go.
@@ -619,6 +743,12 @@ mod tests {
                 let mut source = UnixStream::connect(&path).unwrap();
                 source.write_all(&frame).unwrap();
                 let reply = read_frame(&mut source).unwrap();
+                // Offered and agreed: one stream.
+                let streams = Message::Streams(crate::protocol::Streams {
+                    count: 1,
+                    token: crate::protocol::StreamToken::from_bytes([0; 16]),
+                });
+                write_frame(&mut source, &streams).unwrap();
                 (cut_off, reply.message)
             });
             let incoming = accept_from(&listener, Duration::from_millis(500), |_| Ok(()), None)

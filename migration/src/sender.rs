@@ -26,6 +26,7 @@ use crate::protocol::{
     PageContentRef, PageRef, ProtocolError, SenderAction, SenderSession, SessionError, SevPlatform,
     SevShape, SevStart, State, VmShape, PROTOCOL_VERSION,
 };
+use crate::protocol::{stream_of, StreamToken, Streams};
 use veil_sev::firmware::{Firmware, Handle};
 use veil_sev::policy::GuestPolicy;
 
@@ -45,6 +46,10 @@ pub struct SendOptions {
     pub timeout: Option<Duration>,
     /// Where progress is published and cancel requests come from.
     pub monitor: Arc<MigrationMonitor>,
+    /// Connections to spread the pages over, each with its own TLS session, where the target
+    /// takes more than one (feature `STREAMS`); an SEV guest, and [`send`] over a stream
+    /// already connected, use one.
+    pub connections: usize,
 }
 
 impl Default for SendOptions {
@@ -55,6 +60,7 @@ impl Default for SendOptions {
             wait_ready: None,
             timeout: None,
             monitor: Arc::new(MigrationMonitor::new()),
+            connections: 1,
         }
     }
 }
@@ -86,8 +92,10 @@ pub struct SendReport {
     /// Pages that went in the clear (all of a plain guest's; an SEV guest's shared ones),
     /// zero pages included.
     pub clear_pages: u64,
-    /// Bytes written to the stream.
+    /// Bytes written to the streams.
     pub bytes: u64,
+    /// Connections the pages went over (the control stream included).
+    pub connections: usize,
     /// From the handshake to `Complete`.
     pub total: Duration,
     /// How long the guest was paused.
@@ -151,6 +159,14 @@ pub enum SendError {
     Connect(#[from] crate::transport::TransportError),
     #[error("Cannot find the holes in the guest's memory file")]
     MemoryFile(#[source] std::io::Error),
+    #[error("Cannot draw the token that ties the migration's connections together")]
+    Token(#[source] std::io::Error),
+    #[error("Cannot start a thread to send a stream's pages")]
+    Thread(#[source] std::io::Error),
+    #[error("A migration over a stream already connected cannot open another")]
+    OneStream,
+    #[error("The thread sending a stream's pages panicked")]
+    StreamPanicked,
     #[error("Cannot hand the guest's devices over")]
     Devices(#[from] veil_hypervisor::devices::DeviceManagerError),
     #[error("Complete was sent but the target never confirmed that it runs the guest (migration {id}): the guest stays stopped here; `veil ctl migrate-recover` asks the target and resumes it here only if the target has discarded it")]
@@ -164,10 +180,17 @@ pub enum SendError {
 /// The target spoke while this side was sending: it does so only to end the migration, so
 /// its message (read through the session, which then knows the migration is over) is the
 /// error.
-fn hear<S: Read>(stream: &mut S, session: &mut SenderSession) -> SendError {
+/// On a data stream (no session) the target speaks only to give its reason.
+pub(crate) fn hear<S: Read>(stream: &mut S, session: Option<&mut SenderSession>) -> SendError {
     let frame = match read_frame(stream) {
         Ok(frame) => frame,
         Err(e) => return e.into(),
+    };
+    let Some(session) = session else {
+        return match frame.message {
+            Message::Error { reason } | Message::Cancel { reason } => SendError::Aborted(reason),
+            other => SendError::UnexpectedAnswer(format!("{} on a data stream", other.kind())),
+        };
     };
     match session.on_message(&frame.message) {
         Ok(SenderAction::Abort { reason, .. }) => SendError::Aborted(reason),
@@ -179,7 +202,7 @@ fn hear<S: Read>(stream: &mut S, session: &mut SenderSession) -> SendError {
 /// A target that fails mid-pass sends its reason and hangs up, so the source's next write
 /// fails; the reason is still in the source's receive buffer. Returns it in place of the
 /// write error when it is there.
-fn target_reason<S: Read>(stream: &mut S, error: SendError) -> SendError {
+pub(crate) fn target_reason<S: Read>(stream: &mut S, error: SendError) -> SendError {
     let hung_up = matches!(
         &error,
         SendError::Protocol(ProtocolError::Io(io))
@@ -277,6 +300,12 @@ pub fn shape_of(vm: &RunningVm, sev: Option<SevShape>) -> Result<VmShape, SendEr
 }
 
 struct Sender<'a, 's, S> {
+    /// More connections to the target, for a migration over several.
+    connect: &'s mut (dyn FnMut() -> Result<S, SendError> + 's),
+    /// How many connections to ask for: 1 when `connect` gives no more.
+    connections: usize,
+    /// The data streams, once the target has taken them.
+    data: Vec<crate::sender_streams::DataStream<S>>,
     vm: &'a RunningVm,
     /// The SEV context until SEND_START, then the send in progress (cancelled if dropped).
     sev_source: Option<SevSource<'a>>,
@@ -285,7 +314,8 @@ struct Sender<'a, 's, S> {
     stream: &'s mut S,
     session: SenderSession,
     encoder: ChunkEncoder,
-    sent: PageBits,
+    /// Shared with the data streams' threads.
+    sent: Arc<PageBits>,
     report: SendReport,
     /// When to give up, from `SendOptions::timeout`.
     deadline: Option<(Instant, Duration)>,
@@ -295,27 +325,43 @@ struct Sender<'a, 's, S> {
 
 /// Migrates `vm` over `stream`. On success the guest has stopped here and runs on the target;
 /// on failure it runs here as before (unless the failure came after `Complete` was sent).
-pub fn send<'f, S: Duplex>(
+/// `stream` is the only connection: the migration uses one whatever `options.connections`
+/// says.
+pub fn send<'f, S: Duplex + Send>(
     vm: &'f RunningVm,
     stream: &'f mut S,
     options: &'f SendOptions,
     sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError> {
-    send_when_ready(vm, || Ok::<_, SendError>(stream), options, sev)
+    let mut stream = Some(stream);
+    let mut connect = || stream.take().ok_or(SendError::OneStream);
+    begin(vm, &mut connect, 1, options, sev)
 }
 
 /// As [`send`], but opens the stream with `connect` only once the guest may go (after
 /// [`SendOptions::wait_ready`]): a target owes nothing to a connection that stays silent, and
-/// drops it after its Hello timeout.
-pub fn send_when_ready<'f, S: Duplex, E>(
+/// drops it after its Hello timeout. Where the target takes them, `connect` opens the
+/// further connections too, up to [`SendOptions::connections`].
+pub fn send_when_ready<'f, S: Duplex + Send, E>(
     vm: &'f RunningVm,
-    connect: impl FnOnce() -> Result<S, E>,
+    mut connect: impl FnMut() -> Result<S, E>,
     options: &'f SendOptions,
     sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError>
 where
     SendError: From<E>,
 {
+    let mut connect = || connect().map_err(SendError::from);
+    begin(vm, &mut connect, options.connections, options, sev)
+}
+
+fn begin<'f, S: Duplex + Send>(
+    vm: &'f RunningVm,
+    connect: &mut dyn FnMut() -> Result<S, SendError>,
+    connections: usize,
+    options: &'f SendOptions,
+    sev: Option<SevSource<'f>>,
+) -> Result<SendReport, SendError> {
     if vm.paravirt().page_states().is_some() != sev.is_some() {
         return Err(SendError::Sev);
     }
@@ -331,7 +377,7 @@ where
     // Refuse before touching the target or the guest: nothing to undo.
     let result = wait_until_migratable(vm, options.wait_ready, &options.monitor).and_then(|()| {
         let mut stream = connect()?;
-        send_claimed(vm, &mut stream, options, sev)
+        send_claimed(vm, &mut stream, connect, connections, options, sev)
     });
     if let Err(e @ SendError::InDoubt { id, .. }) = &result {
         options.monitor.set_in_doubt(*id, crate::error_chain(e));
@@ -347,14 +393,19 @@ where
     result
 }
 
-fn send_claimed<'f, S: Duplex>(
+fn send_claimed<'f, S: Duplex + Send>(
     vm: &'f RunningVm,
     stream: &mut S,
+    connect: &mut dyn FnMut() -> Result<S, SendError>,
+    connections: usize,
     options: &'f SendOptions,
     sev: Option<SevSource<'f>>,
 ) -> Result<SendReport, SendError> {
     let started = Instant::now();
     let mut sender = Sender {
+        connect,
+        connections,
+        data: Vec::new(),
         vm,
         sev_source: sev,
         sev_send: None,
@@ -364,7 +415,7 @@ fn send_claimed<'f, S: Duplex>(
         encoder: ChunkEncoder::new(),
         // Which pages have gone at least once: one bit per page, so a migration's own memory
         // grows with the guest by 1/32768 of it (32 MiB for 1 TiB), not with a list of gfns.
-        sent: PageBits::covering(vm.memory()),
+        sent: Arc::new(PageBits::covering(vm.memory())),
         report: SendReport::default(),
         deadline: options.timeout.map(|t| (started + t, t)),
         devices_handed_over: false,
@@ -419,7 +470,7 @@ fn send_claimed<'f, S: Duplex>(
     }
 }
 
-impl<'a, S: Duplex> Sender<'a, '_, S> {
+impl<'a, S: Duplex + Send> Sender<'a, '_, S> {
     fn run(&mut self, options: &SendOptions, started: Instant) -> Result<(), SendError> {
         let sev_shape = self.sev_source.as_ref().map(|s| SevShape {
             policy: s.policy,
@@ -429,7 +480,8 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
             protocol_version: PROTOCOL_VERSION,
             features: Features::ZERO_PAGES
                 .union(Features::SYNC)
-                .union(Features::RECOVERY),
+                .union(Features::RECOVERY)
+                .union(Features::STREAMS),
             vm: shape_of(self.vm, sev_shape)?,
         });
         self.send(&hello)?;
@@ -444,6 +496,10 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
             SenderAction::Abort { reason, .. } => return Err(SendError::Aborted(reason)),
             other => return Err(unexpected(other)),
         }
+        if self.session.features().contains(Features::STREAMS) {
+            self.open_streams()?;
+        }
+        self.report.connections = 1 + self.data.len();
         if let Some(source) = self.sev_source.take() {
             self.start_sev(source, chain)?;
         }
@@ -492,7 +548,9 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
                 p.rate = rate;
                 p.dirty_rate = dirty_rate;
             });
-            let left = Duration::from_secs_f64(count as f64 * PAGE_SIZE as f64 / rate);
+            // No rate yet (nothing measurable went): assume the worst, not a panic.
+            let left = Duration::try_from_secs_f64(count as f64 * PAGE_SIZE as f64 / rate)
+                .unwrap_or(Duration::MAX);
             if left <= options.downtime || self.report.passes >= options.max_passes {
                 self.send_pages(dirty.iter().flat_map(DirtyBitmap::dirty_gfns), false)?;
                 break;
@@ -509,6 +567,7 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
         // Let the target work through what is still queued for it before the guest stops,
         // so the downtime is only the last pages and the state.
         if self.session.features().contains(Features::SYNC) {
+            self.mark_streams()?;
             self.send(&Message::Sync)?;
             match self.receive()? {
                 SenderAction::Synced => {}
@@ -542,6 +601,7 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
         let state = serde_json::to_vec(&snapshot)?;
         stage.done("save the state");
         let id = MigrationId::of_state(&state);
+        self.mark_streams()?;
         self.send(&Message::State(State { bytes: state }))?;
         match self.receive()? {
             SenderAction::Commit => {}
@@ -566,6 +626,28 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
         }
         stage.done("commit");
         self.report.downtime = paused.elapsed();
+        Ok(())
+    }
+
+    /// Declares the streams (one for an SEV guest, whose pages go through its firmware
+    /// context one at a time) and opens the further ones.
+    fn open_streams(&mut self) -> Result<(), SendError> {
+        let wanted = if self.sev_source.is_some() {
+            1
+        } else {
+            self.connections
+                .clamp(1, crate::protocol::limits::MAX_STREAMS)
+        };
+        let token = StreamToken::random().map_err(SendError::Token)?;
+        self.send(&Message::Streams(Streams {
+            count: wanted as u16,
+            token,
+        }))?;
+        for _ in 1..wanted {
+            let stream = (self.connect)()?;
+            self.data
+                .push(crate::sender_streams::DataStream::join(stream, token)?);
+        }
         Ok(())
     }
 
@@ -613,7 +695,7 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
             .map_err(ProtocolError::Io)?
         {
             Written::All => Ok(()),
-            Written::PeerSpoke => Err(hear(self.stream, &mut self.session)),
+            Written::PeerSpoke => Err(hear(self.stream, Some(&mut self.session))),
         }
     }
 
@@ -631,78 +713,258 @@ impl<'a, S: Duplex> Sender<'a, '_, S> {
     }
 
     /// Sends `gfns`; `known_zero` when they are known to be zero without reading them (a
-    /// memory file's holes).
-    fn send_pages(
-        &mut self,
-        gfns: impl IntoIterator<Item = u64>,
-        known_zero: bool,
-    ) -> Result<(), SendError> {
-        let zero_pages = self.session.features().contains(Features::ZERO_PAGES);
-        let mut out = ChunkOut {
-            encoder: &mut self.encoder,
-            session: &mut self.session,
-            stream: &mut *self.stream,
-            bytes: &mut self.report.bytes,
-            monitor: self.monitor,
-            pending: 0,
-            deadline: self.deadline,
+    /// memory file's holes). Over several streams each carries its share, on a thread of its
+    /// own, while this one sends the control stream's.
+    fn send_pages<I>(&mut self, gfns: I, known_zero: bool) -> Result<(), SendError>
+    where
+        I: Iterator<Item = u64> + Clone + Send,
+    {
+        let mut tally = Tally::default();
+        let result = if self.data.is_empty() {
+            self.send_share(gfns, known_zero, &mut tally)
+        } else {
+            self.send_spread(gfns, known_zero, &mut tally)
         };
+        tally.add_to(&mut self.report);
+        result
+    }
+
+    /// The control stream's share of the pages (all of them over one stream).
+    fn send_share(
+        &mut self,
+        gfns: impl Iterator<Item = u64>,
+        known_zero: bool,
+        tally: &mut Tally,
+    ) -> Result<(), SendError> {
         // Page states as they are when each page goes: a page that changes state afterwards is
         // dirty again and goes again under its new state.
         let states = self.vm.paravirt().page_states();
-        for gfn in gfns {
-            let at = GuestAddress(gfn * PAGE_SIZE);
-            if known_zero {
-                out.push(PageRef {
-                    gfn,
-                    content: PageContentRef::Zero,
-                })?;
-                self.report.zero_pages += 1;
-                self.report.clear_pages += 1;
-            } else if states.as_ref().is_some_and(|map| map.is_private(gfn)) {
-                // A private page's plaintext never reaches the stream, and the firmware
-                // encrypts it where it lies: on hardware the PSP decrypts guest memory with
-                // the guest's key and its physical address, so a copy would not do.
-                let page = self.vm.memory().get_slice(at, PAGE_SIZE as usize)?;
-                let send = self.sev_send.as_mut().ok_or(SendError::Sev)?;
-                let packet = send.update_data(&page)?;
-                self.report.private_pages += 1;
-                out.push(PageRef {
-                    gfn,
-                    content: PageContentRef::Encrypted {
-                        header: &packet.header,
-                        data: &packet.data,
-                    },
-                })?;
-            } else {
-                if out.push_clear(gfn, zero_pages, self.vm.memory())? {
-                    self.report.zero_pages += 1;
-                }
-                self.report.clear_pages += 1;
+        let pages = Pages {
+            memory: self.vm.memory(),
+            states: states.as_ref(),
+            zero_pages: self.session.features().contains(Features::ZERO_PAGES),
+            sent: &self.sent,
+        };
+        let mut out = ChunkOut::new(
+            &mut self.encoder,
+            Some(&mut self.session),
+            &mut *self.stream,
+            self.monitor,
+            self.deadline,
+        );
+        let result = push_pages(
+            &mut out,
+            gfns,
+            known_zero,
+            &pages,
+            self.sev_send.as_mut(),
+            tally,
+        );
+        tally.bytes += out.bytes;
+        result
+    }
+
+    /// Pages dealt out by 2 MiB block over the control stream and the data streams.
+    fn send_spread<I>(
+        &mut self,
+        gfns: I,
+        known_zero: bool,
+        tally: &mut Tally,
+    ) -> Result<(), SendError>
+    where
+        I: Iterator<Item = u64> + Clone + Send,
+    {
+        let count = self.data.len() + 1;
+        let mut data = std::mem::take(&mut self.data);
+        let (vm, monitor, deadline) = (self.vm, self.monitor, self.deadline);
+        let zero_pages = self.session.features().contains(Features::ZERO_PAGES);
+        let sent = Arc::clone(&self.sent);
+        let results = std::thread::scope(|scope| {
+            let threads: Vec<_> = data
+                .iter_mut()
+                .enumerate()
+                .map(|(at, stream)| {
+                    let share = gfns
+                        .clone()
+                        .filter(move |&gfn| stream_of(gfn, count) == at + 1);
+                    let sent = Arc::clone(&sent);
+                    std::thread::Builder::new()
+                        .name("migrate-stream".into())
+                        .spawn_scoped(scope, move || {
+                            let pages = Pages {
+                                memory: vm.memory(),
+                                states: None,
+                                zero_pages,
+                                sent: &sent,
+                            };
+                            let mut tally = Tally::default();
+                            let result = stream
+                                .send(share, known_zero, &pages, monitor, deadline, &mut tally);
+                            (result, tally)
+                        })
+                })
+                .collect();
+            let own = gfns.clone().filter(|&gfn| stream_of(gfn, count) == 0);
+            let mut results = vec![self.send_share(own, known_zero, tally)];
+            for thread in threads {
+                let (result, share) = match thread.map(|t| t.join()) {
+                    Ok(Ok(done)) => done,
+                    Ok(Err(_)) => (Err(SendError::StreamPanicked), Tally::default()),
+                    Err(e) => (Err(SendError::Thread(e)), Tally::default()),
+                };
+                share.add_to_tally(tally);
+                results.push(result);
             }
-            self.report.pages_sent += 1;
-            if self.sent.set(gfn) {
-                self.report.pages_resent += 1;
-            }
+            results
+        });
+        self.data = data;
+        first_failure(results)
+    }
+
+    /// Marks every data stream: all its pages before the control stream's next Sync or
+    /// State have been sent.
+    fn mark_streams(&mut self) -> Result<(), SendError> {
+        for stream in &mut self.data {
+            stream.mark()?;
         }
-        out.flush()?;
         Ok(())
     }
 }
 
-/// Where memory chunks go: the encoder, the session that checks them, the stream.
-struct ChunkOut<'a, S> {
+/// What a pass sent, added to the report once it is over.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub pages_resent: u64,
+    pub private_pages: u64,
+    pub clear_pages: u64,
+    pub bytes: u64,
+}
+
+impl Tally {
+    fn add_to(&self, report: &mut SendReport) {
+        report.pages_sent += self.pages_sent;
+        report.zero_pages += self.zero_pages;
+        report.pages_resent += self.pages_resent;
+        report.private_pages += self.private_pages;
+        report.clear_pages += self.clear_pages;
+        report.bytes += self.bytes;
+    }
+
+    fn add_to_tally(&self, total: &mut Tally) {
+        total.pages_sent += self.pages_sent;
+        total.zero_pages += self.zero_pages;
+        total.pages_resent += self.pages_resent;
+        total.private_pages += self.private_pages;
+        total.clear_pages += self.clear_pages;
+        total.bytes += self.bytes;
+    }
+}
+
+/// The first error of a spread pass: a stream's own failure before one that only followed
+/// from the target ending the migration.
+fn first_failure(results: Vec<Result<(), SendError>>) -> Result<(), SendError> {
+    let mut errors: Vec<SendError> = results.into_iter().filter_map(Result::err).collect();
+    match errors
+        .iter()
+        .position(|e| matches!(e, SendError::Aborted(_)))
+    {
+        Some(at) => Err(errors.swap_remove(at)),
+        None => errors.into_iter().next().map_or(Ok(()), Err),
+    }
+}
+
+/// What every stream's page loop reads from.
+pub(crate) struct Pages<'p> {
+    pub memory: &'p veil_hypervisor::GuestMemory,
+    /// An SEV guest's page-state map: its private pages go through the firmware.
+    pub states: Option<&'p veil_hypervisor::paravirt::PageStateMap>,
+    pub zero_pages: bool,
+    /// Which pages have gone at least once.
+    pub sent: &'p PageBits,
+}
+
+/// Sends `gfns` on `out`: in the clear, or, for an SEV guest's private pages, through `sev`.
+pub(crate) fn push_pages<S: Duplex>(
+    out: &mut ChunkOut<'_, S>,
+    gfns: impl Iterator<Item = u64>,
+    known_zero: bool,
+    pages: &Pages<'_>,
+    mut sev: Option<&mut veil_sev::flow::Sender<'_>>,
+    tally: &mut Tally,
+) -> Result<(), SendError> {
+    for gfn in gfns {
+        let at = GuestAddress(gfn * PAGE_SIZE);
+        if known_zero {
+            out.push(PageRef {
+                gfn,
+                content: PageContentRef::Zero,
+            })?;
+            tally.zero_pages += 1;
+            tally.clear_pages += 1;
+        } else if pages.states.is_some_and(|map| map.is_private(gfn)) {
+            // A private page's plaintext never reaches the stream, and the firmware
+            // encrypts it where it lies: on hardware the PSP decrypts guest memory with
+            // the guest's key and its physical address, so a copy would not do.
+            let page = pages.memory.get_slice(at, PAGE_SIZE as usize)?;
+            let send = sev.as_deref_mut().ok_or(SendError::Sev)?;
+            let packet = send.update_data(&page)?;
+            tally.private_pages += 1;
+            out.push(PageRef {
+                gfn,
+                content: PageContentRef::Encrypted {
+                    header: &packet.header,
+                    data: &packet.data,
+                },
+            })?;
+        } else {
+            if out.push_clear(gfn, pages.zero_pages, pages.memory)? {
+                tally.zero_pages += 1;
+            }
+            tally.clear_pages += 1;
+        }
+        tally.pages_sent += 1;
+        if pages.sent.set(gfn) {
+            tally.pages_resent += 1;
+        }
+    }
+    out.flush()
+}
+
+/// Where memory chunks go: the encoder, the session that checks them (none on a data
+/// stream), the stream.
+pub(crate) struct ChunkOut<'a, S> {
     encoder: &'a mut ChunkEncoder,
-    session: &'a mut SenderSession,
+    session: Option<&'a mut SenderSession>,
     stream: &'a mut S,
-    bytes: &'a mut u64,
+    /// Bytes written.
+    pub bytes: u64,
     monitor: &'a MigrationMonitor,
     /// Pages in the chunk being built, published to the monitor when it goes out.
     pending: u64,
     deadline: Option<(Instant, Duration)>,
 }
 
-impl<S: Duplex> ChunkOut<'_, S> {
+impl<'a, S: Duplex> ChunkOut<'a, S> {
+    pub(crate) fn new(
+        encoder: &'a mut ChunkEncoder,
+        session: Option<&'a mut SenderSession>,
+        stream: &'a mut S,
+        monitor: &'a MigrationMonitor,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Self {
+        Self {
+            encoder,
+            session,
+            stream,
+            bytes: 0,
+            monitor,
+            pending: 0,
+            deadline,
+        }
+    }
+
     /// A page in the clear, read from guest memory straight into the chunk; `true` if it
     /// went as a zero page.
     fn push_clear(
@@ -743,20 +1005,22 @@ impl<S: Duplex> ChunkOut<'_, S> {
         if let Some(frame) = self.encoder.frame() {
             let payload = &frame[crate::protocol::frame::HEADER_BYTES..];
             let chunk = MemoryChunkRef::parse(payload)?;
-            self.session.send_memory_chunk(&chunk)?;
+            if let Some(session) = self.session.as_deref_mut() {
+                session.send_memory_chunk(&chunk)?;
+            }
             match self
                 .stream
                 .write_or_hear(frame)
                 .map_err(ProtocolError::Io)?
             {
                 Written::All => {}
-                Written::PeerSpoke => return Err(hear(self.stream, self.session)),
+                Written::PeerSpoke => return Err(hear(self.stream, self.session.as_deref_mut())),
             }
-            *self.bytes += frame.len() as u64;
+            self.bytes += frame.len() as u64;
             // Once per chunk, not per page: the monitor's lock stays off the page loop.
-            let (bytes, pages) = (*self.bytes, self.pending);
+            let (bytes, pages) = (frame.len() as u64, self.pending);
             self.monitor.update(|p| {
-                p.bytes_sent = bytes;
+                p.bytes_sent += bytes;
                 p.pages_sent += pages;
                 p.pages_left = p.pages_left.saturating_sub(pages);
             });

@@ -172,6 +172,13 @@ impl Stream {
     }
 }
 
+impl AsFd for Stream {
+    /// The socket under any TLS.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket()
+    }
+}
+
 /// Bounds every wait on a silent peer, the TLS handshake included.
 fn set_timeouts(socket: &impl AsFd, timeout: Duration) -> io::Result<()> {
     let socket = socket2::SockRef::from(socket);
@@ -412,6 +419,21 @@ impl Listener {
                 })
             }
         }
+    }
+
+    /// As [`accept_within`](Self::accept_within), but waits for a connection only until
+    /// `deadline`: `None` if none came by then.
+    pub fn accept_before(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Option<Accepted>, TransportError> {
+        let waiting = crate::duplex::readable_before(self.as_fd(), deadline)
+            .map_err(|e| TransportError::Listen(self.to_string(), e))?;
+        if !waiting {
+            return Ok(None);
+        }
+        self.accept_within(timeout).map(Some)
     }
 
     /// The listening socket, for a child process to inherit ([`inherit`]).

@@ -118,6 +118,12 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_unlink,
             // Writes that hear the peer read their socket's write timeout.
             libc::SYS_getsockopt,
+            // A migration over several connections: a thread per data stream, started (and
+            // named) as the API thread starts its clients'.
+            libc::SYS_clone3,
+            libc::SYS_rseq,
+            libc::SYS_set_robust_list,
+            libc::SYS_prctl,
             // Answering recovery queries (`veil receive`'s listener after the Ack).
             libc::SYS_accept4,
             libc::SYS_poll,
@@ -146,6 +152,8 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
         // thread starts its clients' and which inherits this filter.
         ThreadKind::MigrationReceive => &[
             libc::SYS_recvfrom,
+            // A failed receive over several connections hangs the data streams up.
+            libc::SYS_shutdown,
             libc::SYS_writev,
             libc::SYS_getsockopt,
             libc::SYS_setsockopt,

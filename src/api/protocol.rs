@@ -31,6 +31,9 @@ pub enum Request {
         /// Wait this long for a temporarily blocked guest instead of refusing at once.
         #[serde(default)]
         wait_ready_ms: Option<u64>,
+        /// Connections to spread the pages over (at most 16); by default what fits the host.
+        #[serde(default)]
+        connections: Option<usize>,
         /// For an SEV guest: a certificate chain file (as `veil sev export-chain` writes)
         /// whose ARK is trusted as a target root, besides AMD's.
         #[serde(default)]

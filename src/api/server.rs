@@ -367,12 +367,14 @@ fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Res
             downtime_ms,
             timeout_s,
             wait_ready_ms,
+            connections,
             sev_trust_chain,
         } => {
             let limits = MigrateLimits {
                 downtime_ms,
                 timeout_s,
                 wait_ready_ms,
+                connections,
             };
             on_worker(migrations, move |vm| {
                 migrate(vm, target, limits, sev_trust_chain)
@@ -456,6 +458,7 @@ struct MigrateLimits {
     downtime_ms: Option<u64>,
     timeout_s: Option<u64>,
     wait_ready_ms: Option<u64>,
+    connections: Option<usize>,
 }
 
 fn migrate(
@@ -474,6 +477,7 @@ fn migrate(
     outgoing.downtime = limits.downtime_ms.map(Duration::from_millis);
     outgoing.timeout = limits.timeout_s.map(Duration::from_secs);
     outgoing.wait_ready = limits.wait_ready_ms.map(Duration::from_millis);
+    outgoing.connections = limits.connections;
     outgoing.sev_trust_chain = sev_trust_chain.map(Into::into);
     let sent = crate::migration::send(vm, &outgoing)?;
     let r = &sent.report;
@@ -488,6 +492,7 @@ fn migrate(
         "pages_resent": r.pages_resent,
         "private_pages": r.private_pages,
         "clear_pages": r.clear_pages,
+        "connections": r.connections,
         "transport": sent.transport,
     }))
 }

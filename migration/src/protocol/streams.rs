@@ -39,7 +39,7 @@ impl StreamToken {
         Ok(Self(bytes))
     }
 
-    pub fn from_bytes(bytes: [u8; Self::BYTES]) -> Self {
+    pub const fn from_bytes(bytes: [u8; Self::BYTES]) -> Self {
         Self(bytes)
     }
 
