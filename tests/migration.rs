@@ -171,6 +171,60 @@ fn a_dirtying_guest_migrates_over_three_connections_with_every_block_intact() {
     assert_eq!(report.pages_sent - report.pages_resent, memory >> 12);
 }
 
+/// A further connection that cannot be opened ends the migration before any page has gone:
+/// the source says why and its guest runs on; the target, left short of a stream, says how
+/// many came, and discards the guest.
+#[test]
+fn a_connection_that_cannot_be_opened_leaves_the_guest_running_on_the_source() {
+    use veil_migration::transport::{self, Endpoint, Security, TransportError};
+    let (source, _) = dirtying_guest(64 << 20);
+    let dir = common::TempDir::new("stream-refused");
+    let endpoint = Endpoint::Unix(dir.path("m.sock"));
+    let listener = transport::listen(&endpoint, &Security::default()).unwrap();
+    let options = SendOptions {
+        connections: 2,
+        ..SendOptions::default()
+    };
+    let mut opened = 0;
+    let connect = || {
+        opened += 1;
+        if opened == 1 {
+            transport::connect(&endpoint, &Security::default())
+        } else {
+            Err(TransportError::Connect(
+                endpoint.to_string(),
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            ))
+        }
+    };
+    let (sent, received) = std::thread::scope(|scope| {
+        let sending =
+            scope.spawn(|| sender::send_when_ready(source.inner(), connect, &options, None));
+        let received =
+            receiver::accept_from(&listener, Duration::from_millis(500), |_| Ok(()), None)
+                .map(drop);
+        (sending.join().unwrap(), received)
+    });
+    let sent = sent.expect_err("one connection of two cannot make the migration");
+    assert!(matches!(sent, SendError::Connect(_)), "{sent:?}");
+    assert!(
+        veil_migration::error_chain(&sent).contains("connection refused"),
+        "{}",
+        veil_migration::error_chain(&sent)
+    );
+    let received = received.expect_err("the target never got its second stream");
+    assert!(
+        veil::error_chain(&received).contains("Only 1 of the 2 connections"),
+        "{}",
+        veil::error_chain(&received)
+    );
+    // The guest runs on here, as before: a wiped stamp comes back.
+    assert_eq!(source.state(), RunState::Running);
+    common::assert_guest_restamps(source.memory(), 3, FIRST + 5);
+    source.stop();
+    source.wait();
+}
+
 /// Pages of `path` in the page cache: what reading its holes through a mapping would fill.
 fn resident_pages(path: &std::path::Path) -> usize {
     use std::os::fd::AsRawFd;
