@@ -421,7 +421,9 @@ pub struct ReceiveArgs {
 
     /// How long a new connection has to open with a valid migration Hello (TLS handshake
     /// included); one that does not (a port scan, a health check, random bytes) is logged and
-    /// dropped, and Veil keeps waiting. Connections are served one at a time.
+    /// dropped, and Veil keeps waiting. Sources are served one at a time; a source that
+    /// migrates over several connections (`veil ctl migrate --connections`) must open the
+    /// others within this long of declaring them.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration,
           value_name = "DURATION")]
     pub hello_timeout: std::time::Duration,
