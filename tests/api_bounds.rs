@@ -20,11 +20,11 @@ fn threads_of(pid: u32) -> usize {
         .unwrap()
 }
 
-/// Reads what the server says until it closes the connection (or 10 s pass).
+/// Reads what the server says until it closes the connection (or 20 s pass).
 fn until_closed(stream: &mut UnixStream) -> (String, Duration) {
     let started = Instant::now();
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let mut text = Vec::new();
     let _ = stream.read_to_end(&mut text);
@@ -44,8 +44,8 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         .args(["--cmdline", "spin", "--kernel"])
         .arg(common::kit())
         // Long enough that the idle clients below still hold every place while the extra ones
-        // are turned away, even on a loaded host.
-        .env("VEIL_TEST_API_REQUEST_TIMEOUT_MS", "6000")
+        // are turned away, even on a host loaded by the rest of the suite (6 s was not).
+        .env("VEIL_TEST_API_REQUEST_TIMEOUT_MS", "12000")
         .spawn()
         .map(common::Spawned)
         .unwrap();
@@ -87,7 +87,7 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
     for stream in &mut idle {
         let (said, after) = until_closed(stream);
         assert!(said.is_empty(), "{said}");
-        assert!(after < Duration::from_secs(12), "{after:?}");
+        assert!(after < Duration::from_secs(20), "{after:?}");
     }
     let mut reader = BufReader::new(UnixStream::connect(&api).unwrap());
     reader
@@ -116,11 +116,11 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         }
         std::thread::sleep(Duration::from_millis(300));
         assert!(
-            started.elapsed() < Duration::from_secs(16),
+            started.elapsed() < Duration::from_secs(24),
             "a trickling client is never cut off"
         );
     }
-    assert!(started.elapsed() >= Duration::from_secs(6));
+    assert!(started.elapsed() >= Duration::from_secs(12));
     assert!(common::ctl(&api, &["shutdown"]).status.success());
     let mut vmm = vmm;
     vmm.wait();

@@ -34,6 +34,15 @@ fn word(memory: &veil_hypervisor::GuestMemory, gfn: u64) -> u64 {
     memory.read_obj(GuestAddress(gfn << 12)).unwrap()
 }
 
+/// Every page of the `dirtying_guest` holds its stamp, and the guest, running on, stamps
+/// again a page the host wiped.
+fn assert_stamped_and_restamping(memory: &veil_hypervisor::GuestMemory) {
+    common::assert_guest_restamps(memory, 3, FIRST + 17);
+    for gfn in FIRST..FIRST + PAGES {
+        assert_eq!(word(memory, gfn), page_stamp(3, gfn), "gfn {gfn:#x}");
+    }
+}
+
 #[test]
 fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
     let (source, _) = dirtying_guest(64 << 20);
@@ -78,14 +87,7 @@ fn a_dirtying_guest_migrates_and_keeps_running_on_the_target() {
         // The source has let go; the guest runs on the target: a wiped stamp comes back there.
         assert_eq!(source.wait(), VmStop::Migrated);
         assert_eq!(word(target.memory(), 0x3000), 0x1234_5678);
-        common::assert_guest_restamps(target.memory(), 3, FIRST + 17);
-        for gfn in FIRST..FIRST + PAGES {
-            assert_eq!(
-                word(target.memory(), gfn),
-                page_stamp(3, gfn),
-                "gfn {gfn:#x}"
-            );
-        }
+        assert_stamped_and_restamping(target.memory());
         target.stop();
         target.wait();
         report
@@ -154,14 +156,7 @@ fn a_dirtying_guest_migrates_over_three_connections_with_every_block_intact() {
                 "block {block}"
             );
         }
-        common::assert_guest_restamps(target.memory(), 3, FIRST + 17);
-        for gfn in FIRST..FIRST + PAGES {
-            assert_eq!(
-                word(target.memory(), gfn),
-                page_stamp(3, gfn),
-                "gfn {gfn:#x}"
-            );
-        }
+        assert_stamped_and_restamping(target.memory());
         target.stop();
         target.wait();
         report
@@ -973,6 +968,8 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         .map(common::Spawned)
         .unwrap();
     common::read_until(source.0.stdout.as_mut().unwrap(), "Hello");
+    // The guest can greet before the API server has bound its socket.
+    common::wait_for(&source_api);
     let to = format!("unix:{}", target_socket.display());
     // Without trusting the emulated target's root, the guest is not sent.
     let refused = common::ctl(&source_api, &["migrate", "--to", &to]);

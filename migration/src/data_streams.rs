@@ -225,10 +225,9 @@ mod tests {
     use crate::protocol::chunk::{MemoryChunk, Page, PageContent};
     use crate::protocol::messages::tests::hello;
     use crate::protocol::{SessionError, ShapeError, StreamToken};
-    use crate::receiver::accept_from;
+    use crate::receiver::{accept_from, tests::fresh_ram};
     use crate::transport::{listen, Endpoint, Security};
     use std::os::unix::net::UnixStream;
-    use veil_hypervisor::memory::{GuestRam, MemoryConfig};
     use vm_memory::{Bytes, GuestAddress};
 
     const TOKEN: StreamToken = StreamToken::from_bytes([0x42; StreamToken::BYTES]);
@@ -276,17 +275,6 @@ mod tests {
                 content: PageContent::Plain(Box::new([fill; 4096])),
             }],
         })
-    }
-
-    fn fresh_ram() -> GuestRam {
-        GuestRam::with_huge_pages(
-            &MemoryConfig {
-                size: 16 << 20,
-                file: None,
-            },
-            false,
-        )
-        .unwrap()
     }
 
     /// The target answers Sync only once every stream's pages before its mark are in guest

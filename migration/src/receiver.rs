@@ -708,7 +708,7 @@ impl<S: Read + Write> Incoming<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::page_writer::write_zero_page;
     use crate::protocol::messages::tests::hello;
@@ -825,7 +825,8 @@ mod tests {
         );
     }
 
-    fn fresh_ram() -> GuestRam {
+    /// 16 MiB of anonymous RAM no page of which has been touched.
+    pub(crate) fn fresh_ram() -> GuestRam {
         GuestRam::with_huge_pages(
             &MemoryConfig {
                 size: 16 << 20,

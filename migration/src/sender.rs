@@ -805,19 +805,24 @@ impl<'a, S: Duplex + Send> Sender<'a, '_, S> {
                 })
                 .collect();
             let own = gfns.clone().filter(|&gfn| stream_of(gfn, count) == 0);
-            let mut results = vec![self.send_share(own, known_zero, tally)];
-            for thread in threads {
-                let (result, share) = match thread.map(|t| t.join()) {
+            let own = self.send_share(own, known_zero, tally);
+            let streams: Vec<_> = threads
+                .into_iter()
+                .map(|thread| match thread.map(|t| t.join()) {
                     Ok(Ok(done)) => done,
                     Ok(Err(_)) => (Err(SendError::StreamPanicked), Tally::default()),
                     Err(e) => (Err(SendError::Thread(e)), Tally::default()),
-                };
-                share.add_to_tally(tally);
-                results.push(result);
-            }
-            results
+                })
+                .collect();
+            (own, streams)
         });
         self.data = data;
+        let (own, streams) = results;
+        let mut results = vec![own];
+        for (result, share) in streams {
+            share.add_to(&mut self.report);
+            results.push(result);
+        }
         first_failure(results)
     }
 
@@ -850,15 +855,6 @@ impl Tally {
         report.private_pages += self.private_pages;
         report.clear_pages += self.clear_pages;
         report.bytes += self.bytes;
-    }
-
-    fn add_to_tally(&self, total: &mut Tally) {
-        total.pages_sent += self.pages_sent;
-        total.zero_pages += self.zero_pages;
-        total.pages_resent += self.pages_resent;
-        total.private_pages += self.private_pages;
-        total.clear_pages += self.clear_pages;
-        total.bytes += self.bytes;
     }
 }
 
