@@ -590,3 +590,96 @@ fn an_sev_guest_whose_policy_forbids_sending_is_not_saved() {
     vm.stop();
     vm.wait();
 }
+
+/// The operator's path for an SEV guest: `veil ctl snapshot --stop --sev-target-chain` for
+/// another platform, then `veil restore --sev` on that platform (the source's own refuses).
+#[test]
+fn veil_ctl_snapshots_an_sev_guest_for_another_platform_and_veil_restore_runs_it_there() {
+    let dir = TempDir::new("snap-sev-cli");
+    let (source_state, target_state, chain) = (
+        dir.path("source-sev"),
+        dir.path("target-sev"),
+        dir.path("target.chain"),
+    );
+    let exported = veil()
+        .args(["sev", "export-chain", "--sev-platform", "emulated"])
+        .arg("--sev-state-dir")
+        .arg(&target_state)
+        .arg("--out")
+        .arg(&chain)
+        .output()
+        .unwrap();
+    assert!(exported.status.success(), "{}", common::describe(&exported));
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let cmdline = format!(
+        "hypercall:gpa=0x900000,pages=4,attrs=0,expect=0 stamp:seed=9,first=0x900,count=4 \
+         msr-write:value=1 {CHECKING_GUEST}"
+    );
+    let sev_on = |state: &Path| {
+        [
+            "--sev".to_string(),
+            "--sev-platform".into(),
+            "emulated".into(),
+            "--sev-state-dir".into(),
+            state.display().to_string(),
+        ]
+    };
+    let source_sev = sev_on(&source_state);
+    let source_args: Vec<&str> = source_sev.iter().map(String::as_str).collect();
+    let mut source = run_kit(&cmdline, &api, &serial, &source_args);
+    wait_for_output(&serial, "round 2 checked");
+    let snap = dir.path("snap");
+    let out = common::ctl(
+        &api,
+        &[
+            "snapshot",
+            "--to",
+            snap.to_str().unwrap(),
+            "--stop",
+            "--sev-target-chain",
+            chain.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert_eq!(source.wait().code(), Some(130));
+
+    let mut everything = Vec::new();
+    for entry in std::fs::read_dir(&snap).unwrap() {
+        everything.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let contains = |word: u64| memchr::memmem::find(&everything, &word.to_le_bytes()).is_some();
+    for gfn in FIRST..FIRST + 64 {
+        assert!(!contains(page_stamp(3, gfn)), "private gfn {gfn:#x} leaked");
+    }
+    for gfn in 0x900..0x904 {
+        assert!(contains(page_stamp(9, gfn)), "shared gfn {gfn:#x} missing");
+    }
+
+    let wrong = restore(&snap, &dir.path("wrong.out"))
+        .args(&source_sev)
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("cannot receive the snapshot"),
+        "{}",
+        common::describe(&wrong)
+    );
+    assert!(
+        std::fs::read_to_string(dir.path("wrong.out"))
+            .unwrap_or_default()
+            .is_empty(),
+        "a refused restore runs no guest"
+    );
+
+    let restored_out = dir.path("restored.out");
+    let mut restored = restore(&snap, &restored_out)
+        .args(sev_on(&target_state))
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    let rounds = checks_after(&restored_out, 0);
+    assert!(rounds[0] > 2, "the guest carries on: {rounds:?}");
+    kill(&mut restored);
+}
