@@ -88,8 +88,13 @@ pub enum SevCommand {
 #[derive(Debug, Args)]
 pub struct OwnerArgs {
     /// The platform's certificate chain (`veil sev export-chain`, or `sevctl export --full`).
+    /// It must end in one of AMD's roots, or in one `--trust-chain` names.
     #[arg(long, value_name = "FILE")]
     pub chain: PathBuf,
+    /// Trust the root of the chain in FILE besides AMD's: an emulated platform's, whose chain
+    /// the owner got from a host they control. Without it only hardware chains are accepted.
+    #[arg(long, value_name = "FILE")]
+    pub trust_chain: Option<PathBuf>,
     /// The guest policy, hex, as given to `veil run --sev-policy`.
     #[arg(long, default_value = "0x1", value_parser = parse_hex_u32, value_name = "HEX")]
     pub policy: u32,

@@ -14,14 +14,11 @@ use veil_sev::policy::GuestPolicy;
 use crate::cli::OwnerArgs;
 
 pub fn run(args: OwnerArgs) -> Result<(), Box<dyn Error>> {
-    let chain_bytes = std::fs::read(&args.chain)
-        .map_err(|e| format!("cannot read {}: {e}", args.chain.display()))?;
-    let chain = sev::certs::sev::Chain::decode(&mut chain_bytes.as_slice(), ()).map_err(|e| {
-        format!(
-            "{} is not an SEV certificate chain: {e}",
-            args.chain.display()
-        )
-    })?;
+    let chain = read_chain(&args.chain)?;
+    let mut trusted_arks = veil_sev::emulated::identity::amd_arks()?;
+    if let Some(path) = &args.trust_chain {
+        trusted_arks.push(read_chain(path)?.ca.ark);
+    }
     let secret = args
         .secret
         .as_deref()
@@ -37,7 +34,7 @@ pub fn run(args: OwnerArgs) -> Result<(), Box<dyn Error>> {
         },
         args.memory,
     )?;
-    let owner = Owner::new(GuestPolicy(args.policy), chain)?;
+    let owner = Owner::new(GuestPolicy(args.policy), chain, &trusted_arks)?;
     write_atomically(&args.cert_out, &owner.certificate()?)?;
     write_atomically(&args.session_out, &owner.session_blob())?;
     eprintln!(
@@ -94,6 +91,12 @@ pub fn run(args: OwnerArgs) -> Result<(), Box<dyn Error>> {
         );
     }
     Ok(())
+}
+
+fn read_chain(path: &Path) -> Result<sev::certs::sev::Chain, Box<dyn Error>> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ())
+        .map_err(|e| format!("{} is not an SEV certificate chain: {e}", path.display()).into())
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), Box<dyn Error>> {

@@ -19,6 +19,7 @@ use sev::parser::Encoder;
 use sev::session::{Initialized, Session, Verified};
 use veil_hypervisor::boot::BootConfig;
 use veil_hypervisor::{GuestRam, MemoryConfig};
+use veil_sev::emulated::identity::{verify_chain, IdentityError};
 use veil_sev::policy::GuestPolicy;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -27,6 +28,10 @@ use crate::sev_launch::{measured_ranges, MeasuredRange, MeasurementFile, SecretF
 /// Errors playing the guest owner.
 #[derive(Debug, thiserror::Error)]
 pub enum OwnerError {
+    #[error("The platform's certificate chain does not end in a trusted root (AMD's, or one named with --trust-chain): a host can make up a chain, so no session is made with it")]
+    UntrustedRoot,
+    #[error("The platform's certificate chain is not valid")]
+    Chain(#[source] IdentityError),
     #[error("Cannot start a launch session with this platform")]
     Session(#[source] SevCrateError),
     #[error("Cannot encode the owner's certificate")]
@@ -122,9 +127,19 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// A session for a guest with `policy` on the platform whose chain is `chain` (verified by
-    /// the `sev` crate from its ARK down to the PDH the session is made with).
-    pub fn new(policy: GuestPolicy, chain: sev::certs::sev::Chain) -> Result<Self, OwnerError> {
+    /// A session for a guest with `policy` on the platform whose chain is `chain`, which must
+    /// end in one of `trusted_arks` (AMD's, [`veil_sev::emulated::identity::amd_arks`], and any
+    /// the owner vouches for) and verify from that ARK down to the PDH the session is made
+    /// with. A chain that merely verifies proves nothing: a host can make up a whole one.
+    pub fn new(
+        policy: GuestPolicy,
+        chain: sev::certs::sev::Chain,
+        trusted_arks: &[sev::certs::sev::ca::Certificate],
+    ) -> Result<Self, OwnerError> {
+        verify_chain(&chain, trusted_arks).map_err(|e| match e {
+            IdentityError::UntrustedRoot => OwnerError::UntrustedRoot,
+            other => OwnerError::Chain(other),
+        })?;
         let session = Session::try_from(crate::sev_launch::owner_policy(policy))
             .map_err(|e| OwnerError::Session(SevCrateError::from(e)))?;
         let start = session
@@ -269,10 +284,33 @@ mod tests {
         assert_eq!(&cmdline[..6], b"greet\0");
     }
 
+    /// AMD's roots and the emulated platform's own, as an owner who vouches for it has them.
+    fn trusted(identity: &PlatformIdentity) -> Vec<sev::certs::sev::ca::Certificate> {
+        let mut arks = veil_sev::emulated::identity::amd_arks().unwrap();
+        arks.push(*identity.ark());
+        arks
+    }
+
+    #[test]
+    fn no_session_is_made_with_a_platform_whose_root_nobody_vouches_for() {
+        let identity = PlatformIdentity::generate().unwrap();
+        let amd_only = veil_sev::emulated::identity::amd_arks().unwrap();
+        let refused = Owner::new(GuestPolicy(1), identity.export_chain(), &amd_only);
+        assert!(matches!(refused, Err(OwnerError::UntrustedRoot)));
+        // Its own ARK trusted, a chain whose PDH another root signed still fails.
+        let other = PlatformIdentity::generate().unwrap();
+        let mut forged = identity.export_chain();
+        forged.sev.pdh = other.export_chain().sev.pdh;
+        let refused = Owner::new(GuestPolicy(1), forged, &trusted(&identity));
+        assert!(matches!(refused, Err(OwnerError::Chain(_))));
+        assert!(Owner::new(GuestPolicy(1), identity.export_chain(), &trusted(&identity)).is_ok());
+    }
+
     #[test]
     fn a_host_that_measured_other_ranges_or_bytes_is_not_believed() {
         let identity = PlatformIdentity::generate().unwrap();
-        let owner = Owner::new(GuestPolicy(1), identity.export_chain()).unwrap();
+        let owner =
+            Owner::new(GuestPolicy(1), identity.export_chain(), &trusted(&identity)).unwrap();
         assert_eq!(owner.session_blob().len(), 128);
         let image = ExpectedImage::load(&kit("greet"), 32 << 20).unwrap();
         let mut file = MeasurementFile {
@@ -287,7 +325,7 @@ mod tests {
         };
         file.measured.pop();
         assert!(matches!(
-            Owner::new(GuestPolicy(1), identity.export_chain())
+            Owner::new(GuestPolicy(1), identity.export_chain(), &trusted(&identity))
                 .unwrap()
                 .verify(&file, &image),
             Err(OwnerError::RangesDiffer { .. })

@@ -54,7 +54,9 @@ fn an_owner_verifies_the_launch_measurement_and_the_guest_reads_the_injected_sec
     let chain = export_chain(&state, &dir.path("chain.cert"));
 
     // The owner's LAUNCH_START data.
-    let owner = Owner::new(GuestPolicy(0x1), chain).unwrap();
+    // The owner vouches for this emulated platform's root (AMD's are not its ARK).
+    let trusted = [chain.ca.ark];
+    let owner = Owner::new(GuestPolicy(0x1), chain, &trusted).unwrap();
     std::fs::write(dir.path("session.bin"), owner.session_blob()).unwrap();
     std::fs::write(dir.path("owner.cert"), owner.certificate().unwrap()).unwrap();
 
@@ -352,4 +354,53 @@ fn an_sev_guest_that_resets_is_stopped_with_the_reason_instead_of_reloaded_in_pl
         "{}",
         describe(&out)
     );
+}
+
+/// `veil sev owner` makes a session only with a platform whose root it trusts: AMD's, or one
+/// it was told to trust with `--trust-chain`.
+#[test]
+fn veil_sev_owner_makes_no_session_with_a_platform_whose_root_it_was_not_told_to_trust() {
+    let dir = TempDir::new("sev-owner-untrusted");
+    let chain = dir.path("chain.cert");
+    export_chain(&dir.path("state"), &chain);
+    let (session, cert) = (dir.path("session.bin"), dir.path("owner.cert"));
+    let owner = |trust: Option<&Path>| {
+        let mut cmd = veil();
+        cmd.args(["sev", "owner", "--chain"])
+            .arg(&chain)
+            .arg("--session-out")
+            .arg(&session)
+            .arg("--cert-out")
+            .arg(&cert)
+            .arg("--measurement")
+            .arg(dir.path("measurement.json"))
+            .arg("--kernel")
+            .arg(kit())
+            .args(["--memory", "16M", "--timeout", "1s"]);
+        if let Some(trust) = trust {
+            cmd.arg("--trust-chain").arg(trust);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = owner(None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("does not end in a trusted root"),
+        "{}",
+        describe(&refused)
+    );
+    assert!(
+        !session.exists() && !cert.exists(),
+        "nothing was handed out"
+    );
+
+    // Trusted, the session is made; no host launches here, so the wait for it times out.
+    let waited = owner(Some(&chain));
+    assert!(!waited.status.success());
+    assert!(
+        String::from_utf8_lossy(&waited.stderr).contains("no measurement appeared"),
+        "{}",
+        describe(&waited)
+    );
+    assert_eq!(std::fs::read(&session).unwrap().len(), 128);
 }
