@@ -559,6 +559,7 @@ impl VmBuilder {
             sev,
             migration: Arc::new(MigrationMonitor::new()),
             confinement,
+            last_snapshot: Default::default(),
         })
     }
 }
@@ -584,6 +585,8 @@ pub struct Vm {
     sev: Option<SevGuest>,
     migration: Arc<MigrationMonitor>,
     confinement: Confinement,
+    /// The last snapshot after which the guest ran on: what a diff snapshot goes on top of.
+    pub(crate) last_snapshot: std::sync::Mutex<Option<veil_migration::snapshot::DiffBase>>,
 }
 
 impl Vm {

@@ -314,7 +314,8 @@ pub enum CtlCommand {
     /// as wanted): vCPUs and devices are paused, state and memory written, then the guest
     /// resumes (or the VM stops, with --stop). On failure the guest runs on and DIR holds no
     /// part of a snapshot. An SEV guest's private pages go through the firmware, encrypted
-    /// for the platform that is to restore it: none is written in the clear.
+    /// for the platform that is to restore it: none is written in the clear. After a snapshot
+    /// the guest runs on with its writes logged, so the next one can be a --diff.
     Snapshot {
         /// The directory: created if missing; it must not hold a snapshot already.
         #[arg(long, value_name = "DIR")]
@@ -322,6 +323,11 @@ pub enum CtlCommand {
         /// Stop the VM once saved (the `veil run` serving it exits).
         #[arg(long)]
         stop: bool,
+        /// Save only the pages written since this VM's last snapshot (which must have let the
+        /// guest run on), on top of it: DIR records that snapshot's path, which must stay
+        /// where it is and as it is for `veil restore --from DIR`. Not for SEV guests.
+        #[arg(long, conflicts_with = "sev_target_chain")]
+        diff: bool,
         /// For an SEV guest: the chain (from `veil sev export-chain`) of the platform that is
         /// to restore the snapshot; by default this platform's own.
         #[arg(long, value_name = "FILE")]

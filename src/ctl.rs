@@ -47,10 +47,12 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
         CtlCommand::Snapshot {
             to,
             stop,
+            diff,
             sev_target_chain,
         } => Request::Snapshot {
             to: absolute(to),
             stop: *stop,
+            diff: *diff,
             sev_target_chain: sev_target_chain.as_ref().map(absolute),
         },
         CtlCommand::MigrateRecover { target, run_on } => Request::MigrateRecover {
@@ -109,12 +111,21 @@ fn absolute(path: &std::path::PathBuf) -> String {
 }
 
 fn print_snapshot_report(r: &Value) {
+    let what = match r["diff_of"].as_str() {
+        Some(parent) => format!(
+            "a diff on top of {parent}, {} pages dirtied since",
+            r["dirty_pages"].as_u64().unwrap_or(0)
+        ),
+        None => format!(
+            "{} of RAM",
+            crate::progress::bytes(r["memory_bytes"].as_u64().unwrap_or(0) as f64)
+        ),
+    };
     println!(
-        "saved to {} in {:.0} ms (paused {:.1} ms): {} of RAM, {} pages written, {} private pages through the SEV firmware{}",
+        "saved to {} in {:.0} ms (paused {:.1} ms): {what}, {} pages written, {} private pages through the SEV firmware{}",
         r["dir"].as_str().unwrap_or("?"),
         r["total_ms"].as_f64().unwrap_or(0.0),
         r["paused_ms"].as_f64().unwrap_or(0.0),
-        crate::progress::bytes(r["memory_bytes"].as_u64().unwrap_or(0) as f64),
         r["pages_written"].as_u64().unwrap_or(0),
         r["private_pages"].as_u64().unwrap_or(0),
         if r["stopped"].as_bool().unwrap_or(false) {

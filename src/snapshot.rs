@@ -59,23 +59,68 @@ impl Vm {
     /// memory, then resumes the guest (or stops the VM, with [`AfterSnapshot::Stop`]). An SEV
     /// guest's private pages go through the firmware, encrypted for the platform whose chain
     /// is `sev_target_chain` (this platform's own by default); none is written in the clear.
-    /// On failure the guest runs on and `dir` holds no part of a snapshot.
+    /// On failure the guest runs on and `dir` holds no part of a snapshot. If the guest runs
+    /// on, its writes are logged from here (KVM dirty logging, which keeps guest RAM in 4 KiB
+    /// host mappings) so that [`Vm::diff_snapshot`] can save only what changed.
     pub fn snapshot(
         &self,
         dir: impl AsRef<Path>,
         after: AfterSnapshot,
         sev_target_chain: Option<sev::certs::sev::Chain>,
     ) -> Result<SnapshotReport, SnapshotError> {
-        let dir = dir.as_ref();
+        self.save(dir.as_ref(), after, sev_target_chain, false)
+    }
+
+    /// Saves into `dir` only what the guest (or a device, into guest memory) wrote since this
+    /// VM's last snapshot after which it ran on, on top of that one: `dir` names its parent,
+    /// and [`VmBuilder::restore`] of `dir` maps the full snapshot at the bottom and copies
+    /// each diff's pages over it. Refused, with nothing written, when there is no such
+    /// snapshot, when a migration since has used the dirty log, and for SEV guests.
+    pub fn diff_snapshot(
+        &self,
+        dir: impl AsRef<Path>,
+        after: AfterSnapshot,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        self.save(dir.as_ref(), after, None, true)
+    }
+
+    fn save(
+        &self,
+        dir: &Path,
+        after: AfterSnapshot,
+        sev_target_chain: Option<sev::certs::sev::Chain>,
+        diff: bool,
+    ) -> Result<SnapshotReport, SnapshotError> {
         // Two snapshots at once would each resume the guest while the other still copies it.
         let _one_at_a_time = SNAPSHOTS.lock().unwrap_or_else(|e| e.into_inner());
         // Both would pause and resume the guest, and an SEV guest has one send context.
         if self.migration().progress().phase.is_active() {
             return Err(SnapshotError::Migrating);
         }
-        let Some(guest) = self.sev() else {
-            return snapshot::snapshot(self.inner(), dir, after, None);
+        let mut last = self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        let diff_of = match (diff, last.as_ref()) {
+            (false, _) => None,
+            (true, None) => return Err(SnapshotError::NoDiffBase),
+            (true, Some(base)) => Some(base.clone()),
         };
+        let report = self.save_now(dir, after, sev_target_chain, diff_of.as_ref())?;
+        *last = report.base.clone();
+        Ok(report)
+    }
+
+    fn save_now(
+        &self,
+        dir: &Path,
+        after: AfterSnapshot,
+        sev_target_chain: Option<sev::certs::sev::Chain>,
+        diff_of: Option<&snapshot::DiffBase>,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let Some(guest) = self.sev() else {
+            return snapshot::snapshot(self.inner(), dir, after, None, diff_of);
+        };
+        if diff_of.is_some() {
+            return Err(SnapshotError::DiffSev);
+        }
         let mut firmware = guest
             .launch
             .firmware
@@ -88,7 +133,7 @@ impl Vm {
             platform: kind_of(&guest.config.platform),
             target_chain: sev_target_chain,
         };
-        snapshot::snapshot(self.inner(), dir, after, Some(sev))
+        snapshot::snapshot(self.inner(), dir, after, Some(sev), None)
     }
 }
 

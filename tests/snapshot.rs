@@ -504,6 +504,13 @@ fn an_sev_guest_is_saved_for_a_named_platform_without_private_plaintext_and_rest
         .unwrap();
     assert!(report.private_pages >= 64, "{report:?}");
     keeps_checking(&out);
+    let no_diff = source
+        .diff_snapshot(dir.path("diff"), AfterSnapshot::Resume)
+        .expect_err("an SEV guest's snapshot is never a diff");
+    assert!(
+        no_diff.to_string().contains("cannot be a diff"),
+        "{no_diff}"
+    );
 
     // No private page's plaintext is in the directory; the shared pages are, in the clear.
     let mut everything = Vec::new();
@@ -682,4 +689,230 @@ fn veil_ctl_snapshots_an_sev_guest_for_another_platform_and_veil_restore_runs_it
     let rounds = checks_after(&restored_out, 0);
     assert!(rounds[0] > 2, "the guest carries on: {rounds:?}");
     kill(&mut restored);
+}
+
+/// The last round the guest in `serial` has checked so far.
+fn last_round(serial: &Path) -> u64 {
+    *rounds_checked(&std::fs::read_to_string(serial).unwrap())
+        .last()
+        .unwrap()
+}
+
+fn ctl_snapshot(api: &Path, to: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["snapshot", "--to", to.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = common::ctl(api, &args);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Bytes the file's blocks take on disk (its holes take none).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// 4 MiB the guest stamps once (seed 9, from gfn 0x1000), then the checking guest: most of
+/// its RAM stays as the first snapshot saved it.
+fn stamped_once_then_checking() -> String {
+    format!("stamp:seed=9,first=0x1000,count=1024 {CHECKING_GUEST}")
+}
+
+/// A full snapshot, then two diffs of what the guest wrote since the one before; each diff
+/// restores the guest as it was when that diff was taken (its first check there passes only
+/// if every page it wrote since the full snapshot came back), and no snapshot file changes.
+#[test]
+fn a_chain_of_diff_snapshots_restores_the_guest_as_it_was_at_each_diff() {
+    let dir = TempDir::new("snap-diff");
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let mut source = run_kit(&stamped_once_then_checking(), &api, &serial, &[]);
+    wait_for_output(&serial, "round 2 checked");
+    let (base, first, second) = (dir.path("base"), dir.path("diff1"), dir.path("diff2"));
+    ctl_snapshot(&api, &base, &[]);
+    checks_after(&serial, last_round(&serial));
+    // The rounds the guest had checked just before and just after each diff: the guest
+    // restored from it goes on from a round in between (its first whole line may be one
+    // later: a line the source was printing at the snapshot ends on the clone's serial).
+    let before_first = last_round(&serial);
+    let said = ctl_snapshot(&api, &first, &["--diff"]);
+    assert!(
+        said.contains(&format!("a diff on top of {}", base.display())),
+        "{said}"
+    );
+    let at_first = last_round(&serial);
+    checks_after(&serial, at_first);
+    let before_second = last_round(&serial);
+    let said = ctl_snapshot(&api, &second, &["--diff", "--stop"]);
+    assert!(
+        said.contains("diff1"),
+        "the second diff is of the first: {said}"
+    );
+    assert_eq!(source.wait().code(), Some(130));
+    let at_second = last_round(&serial);
+
+    // A diff holds the few pages the guest wrote, not its RAM.
+    for diff in [&first, &second] {
+        assert_eq!(
+            std::fs::metadata(diff.join("memory")).unwrap().len(),
+            32 << 20
+        );
+        assert!(
+            allocated(&diff.join("memory")) * 4 < allocated(&base.join("memory")),
+            "{} holds {} bytes, the full snapshot {}",
+            diff.display(),
+            allocated(&diff.join("memory")),
+            allocated(&base.join("memory"))
+        );
+    }
+    let every_file = || {
+        [&base, &first, &second].map(|d| {
+            let mut files: Vec<(std::ffi::OsString, Vec<u8>)> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.file_name(), std::fs::read(e.path()).unwrap())
+                })
+                .collect();
+            files.sort();
+            files
+        })
+    };
+    let before = every_file();
+
+    let (from_first, from_second) = (dir.path("first.out"), dir.path("second.out"));
+    let mut clones = [(&first, &from_first), (&second, &from_second)].map(|(snap, out)| {
+        restore(snap, out)
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Spawned)
+            .unwrap()
+    });
+    let first_rounds = checks_after(&from_first, 0);
+    let second_rounds = checks_after(&from_second, 0);
+    assert!(
+        first_rounds[0] > before_first && first_rounds[0] <= at_first + 2,
+        "restored from the first diff, taken between rounds {before_first} and {at_first}: \
+         {first_rounds:?}"
+    );
+    assert!(
+        second_rounds[0] > before_second && second_rounds[0] <= at_second + 2,
+        "restored from the second diff, taken between rounds {before_second} and \
+         {at_second}: {second_rounds:?}"
+    );
+    for clone in &mut clones {
+        kill(clone);
+    }
+    assert!(before == every_file(), "a restore wrote a snapshot file");
+}
+
+/// A diff needs a snapshot of the same VM that let the guest run on, still where it was and
+/// as it was; otherwise it is refused with the reason and nothing is saved or started.
+#[test]
+fn a_diff_without_its_parent_as_it_was_is_refused_with_the_reason() {
+    let dir = TempDir::new("snap-diff-refused");
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let mut source = run_kit(CHECKING_GUEST, &api, &serial, &[]);
+    wait_for_output(&serial, "round 2 checked");
+    let orphan = dir.path("orphan");
+    let out = common::ctl(
+        &api,
+        &["snapshot", "--to", orphan.to_str().unwrap(), "--diff"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No earlier snapshot of this VM"),
+        "{}",
+        common::describe(&out)
+    );
+    assert!(!orphan.join("state").exists());
+
+    let (base, diff) = (dir.path("base"), dir.path("diff"));
+    ctl_snapshot(&api, &base, &[]);
+    checks_after(&serial, last_round(&serial));
+    ctl_snapshot(&api, &diff, &["--diff", "--stop"]);
+    source.wait();
+
+    let moved = dir.path("moved");
+    std::fs::rename(&base, &moved).unwrap();
+    refused(&diff, "The diff snapshot's parent");
+    std::fs::rename(&moved, &base).unwrap();
+
+    // The parent saved again, or replaced: its state file is not the one the diff was on.
+    let state = base.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&state, &bytes).unwrap();
+    refused(&diff, "is not the snapshot it was taken on top of");
+}
+
+/// The diff's record of where it stands is the dirty log: once anything else has taken the
+/// log's bits (a migration does), a diff would miss the writes it took, so it is refused.
+#[test]
+fn a_diff_is_refused_once_something_else_has_used_the_dirty_log() {
+    let dir = TempDir::new("snap-diff-stale");
+    let out = CapturedOutput::new();
+    let vm = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(stamped_once_then_checking())
+        .memory_bytes(32 << 20)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("round 2 checked", Duration::from_secs(30)));
+    let report = vm
+        .snapshot(dir.path("base"), AfterSnapshot::Resume, None)
+        .unwrap();
+    assert!(report.base.is_some(), "{report:?}");
+    keeps_checking(&out);
+    let before_diff = *rounds_checked(&out.text()).last().unwrap();
+    let diff = vm
+        .diff_snapshot(dir.path("diff"), AfterSnapshot::Resume)
+        .unwrap();
+    assert!(
+        diff.dirty_pages >= 64 && diff.dirty_pages < report.pages_written / 4,
+        "{diff:?} after {report:?}"
+    );
+    keeps_checking(&out);
+
+    // Restored: the pages stamped once come from the full snapshot, the checked ones (and
+    // every other page written since) from the diff.
+    let restored_out = CapturedOutput::new();
+    let restored = VmBuilder::new()
+        .serial_writer(restored_out.clone())
+        .restore(dir.path("diff"))
+        .unwrap();
+    for gfn in 0x1000..0x1400 {
+        assert_eq!(
+            word(restored.memory(), gfn),
+            page_stamp(9, gfn),
+            "gfn {gfn:#x}"
+        );
+    }
+    keeps_checking(&restored_out);
+    let rounds = rounds_checked(&restored_out.text());
+    assert!(
+        rounds[0] > before_diff,
+        "the guest goes on from the diff, not from the full snapshot: {rounds:?}"
+    );
+    restored.stop();
+    restored.wait();
+
+    // As a migration's first pass does.
+    vm.inner().ram().take_dirty_pages(vm.inner().fd()).unwrap();
+    let err = vm
+        .diff_snapshot(dir.path("stale"), AfterSnapshot::Resume)
+        .expect_err("the log lost writes");
+    assert!(
+        err.to_string().contains("no longer holds every write"),
+        "{err}"
+    );
+    assert!(!dir.path("stale").join("state").exists());
+    keeps_checking(&out);
+    // A full snapshot starts a new base.
+    vm.snapshot(dir.path("again"), AfterSnapshot::Resume, None)
+        .unwrap();
+    vm.diff_snapshot(dir.path("diff2"), AfterSnapshot::Stop)
+        .unwrap();
+    vm.wait();
 }

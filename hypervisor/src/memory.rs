@@ -163,6 +163,10 @@ pub struct GuestRam {
     memory: GuestMemory,
     size: u64,
     file: Option<PathBuf>,
+    /// Counts every change to the dirty log (logging turned on or off, bits taken), so that
+    /// whoever relies on the log holding every write since their own last look can tell
+    /// whether someone else has used it since.
+    dirty_log_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl GuestRam {
@@ -238,6 +242,7 @@ impl GuestRam {
             memory,
             size: config.size,
             file: config.file.clone(),
+            dirty_log_epoch: Default::default(),
         })
     }
 
@@ -284,7 +289,20 @@ impl GuestRam {
 
     /// Turns KVM dirty logging on or off for every region.
     pub fn set_dirty_logging(&self, vm: &VmFd, enabled: bool) -> Result<(), MemoryError> {
+        self.dirty_log_changed();
         self.set_slots(vm, if enabled { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// Changes with every use of the dirty log: turned on or off, or its bits taken. The same
+    /// value twice means nobody used the log in between.
+    pub fn dirty_log_epoch(&self) -> u64 {
+        self.dirty_log_epoch
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn dirty_log_changed(&self) {
+        self.dirty_log_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Turns KVM dirty logging on or off for the region in `slot`.
@@ -303,6 +321,7 @@ impl GuestRam {
                 source: kvm_ioctls::Error::new(libc::EINVAL),
             })?;
         let flags = if enabled { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        self.dirty_log_changed();
         register_region(vm, slot, region, flags)
     }
 
@@ -316,6 +335,7 @@ impl GuestRam {
     /// Pages dirtied since the last call, per slot, by the guest (KVM's log; dirty logging must
     /// be on) or by the VMM (`vm-memory`'s bitmap). Both sources are cleared.
     pub fn take_dirty_pages(&self, vm: &VmFd) -> Result<Vec<DirtyBitmap>, MemoryError> {
+        self.dirty_log_changed();
         let mut out = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
             let slot = slot as u32;
@@ -329,6 +349,7 @@ impl GuestRam {
 
     /// Pages the VMM dirtied since the last call, per slot, without KVM's log; cleared.
     pub fn take_vmm_dirty_pages(&self) -> Vec<DirtyBitmap> {
+        self.dirty_log_changed();
         self.memory
             .iter()
             .map(|region| {
@@ -544,6 +565,25 @@ mod tests {
         assert_eq!(marked, 0);
         // Past the end of RAM is an error, as for any write.
         assert!(fill_unlogged(ram.memory(), &page, GuestAddress(MIN_MEMORY_BYTES)).is_err());
+    }
+
+    #[test]
+    fn every_look_at_the_dirty_log_changes_its_epoch_and_nothing_else_does() {
+        let ram = GuestRam::new(&MemoryConfig {
+            size: MIN_MEMORY_BYTES,
+            file: None,
+        })
+        .unwrap();
+        let epoch = ram.dirty_log_epoch();
+        ram.memory().write_obj(1u64, GuestAddress(0)).unwrap();
+        assert_eq!(ram.dirty_log_epoch(), epoch, "a write is not a look");
+        let taken: u64 = ram
+            .take_vmm_dirty_pages()
+            .iter()
+            .map(DirtyBitmap::count)
+            .sum();
+        assert_eq!(taken, 1);
+        assert_ne!(ram.dirty_log_epoch(), epoch);
     }
 
     #[test]

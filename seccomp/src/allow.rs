@@ -146,6 +146,9 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_newfstatat,
             libc::SYS_fstat,
             libc::SYS_getdents64,
+            // A diff names its parent by absolute path: a library caller's relative one is
+            // made absolute against the working directory.
+            libc::SYS_getcwd,
         ],
         // Guest memory is written through its mapping: the socket is all this thread needs,
         // and the thread that writes the pages, which it starts (and names) as the API

@@ -47,6 +47,9 @@ pub enum Request {
         to: String,
         #[serde(default)]
         stop: bool,
+        /// Only the pages written since this VM's last snapshot, on top of it.
+        #[serde(default)]
+        diff: bool,
         /// For an SEV guest: the certificate chain file (as `veil sev export-chain` writes) of
         /// the platform that is to restore it; by default this platform's own.
         #[serde(default)]
@@ -153,6 +156,7 @@ mod tests {
             Request::Snapshot {
                 to: "/snaps/a".into(),
                 stop: false,
+                diff: false,
                 sev_target_chain: None
             }
         );

@@ -383,9 +383,10 @@ fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Res
         Request::Snapshot {
             to,
             stop,
+            diff,
             sev_target_chain,
         } => on_worker(migrations, move |vm| {
-            snapshot(vm, &to, stop, sev_target_chain)
+            snapshot(vm, &to, stop, diff, sev_target_chain)
         }),
         Request::MigrateRecover { target, run_on } => on_worker(migrations, move |vm| {
             let runs_on = recover(vm, target, run_on)?;
@@ -405,8 +406,15 @@ fn snapshot(
     vm: &Vm,
     to: &str,
     stop: bool,
+    diff: bool,
     sev_target_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    if diff && sev_target_chain.is_some() {
+        return Err(
+            "a diff snapshot cannot be of an SEV guest: sev_target_chain is for full snapshots"
+                .into(),
+        );
+    }
     let chain = match sev_target_chain {
         Some(path) => {
             use sev::parser::Decoder;
@@ -426,9 +434,15 @@ fn snapshot(
     } else {
         crate::AfterSnapshot::Resume
     };
-    let r = vm.snapshot(to, after, chain)?;
+    let r = if diff {
+        vm.diff_snapshot(to, after)?
+    } else {
+        vm.snapshot(to, after, chain)?
+    };
     Ok(serde_json::json!({
         "dir": r.dir,
+        "diff_of": r.diff_of,
+        "dirty_pages": r.dirty_pages,
         "memory_bytes": r.memory_bytes,
         "pages_written": r.pages_written,
         "private_pages": r.private_pages,

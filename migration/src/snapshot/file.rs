@@ -30,6 +30,8 @@ pub enum FileKind {
     State = 1,
     /// An SEV guest's private pages, encrypted by the firmware (migration memory chunks).
     PrivatePages = 2,
+    /// A diff snapshot's parent and the pages it holds (diff.rs).
+    Diff = 3,
 }
 
 /// A checked file that cannot be used.

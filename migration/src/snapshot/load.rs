@@ -7,8 +7,9 @@ use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::GuestMemory;
 use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::diff::{self, DiffFile, MAX_DIFF_CHAIN};
 use super::file::{self, FileKind};
 use super::{SnapshotError, MEMORY_FILE, PRIVATE_PAGES_FILE, STATE_FILE};
 use crate::protocol::{
@@ -23,12 +24,23 @@ pub struct Snapshot {
     shape: VmShape,
     sev_start: Option<SevStart>,
     state: Vec<u8>,
+    /// The memory file of the full snapshot at the bottom of a chain of diffs (this
+    /// snapshot's own if it is full).
+    base_memory: PathBuf,
+    /// The diffs over it, oldest first: each one's memory file and which pages it holds.
+    layers: Vec<(PathBuf, DiffFile)>,
 }
 
 impl Snapshot {
     /// Reads and checks `dir`: the state file's format version and checksum, its contents,
-    /// and that the memory file has the guest's RAM size.
+    /// and that the memory file has the guest's RAM size. A diff's parents are checked the
+    /// same way, back to the full snapshot, and each must be the very snapshot the diff
+    /// was taken on top of.
     pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
+        Self::open_diffs_deep(dir, 0)
+    }
+
+    fn open_diffs_deep(dir: &Path, depth: usize) -> Result<Self, SnapshotError> {
         let payload = file::read(&dir.join(STATE_FILE), FileKind::State)?;
         let mut reader = FrameReader::new();
         let mut input = payload.as_slice();
@@ -65,11 +77,50 @@ impl Snapshot {
                 expected: shape.ram_bytes(),
             });
         }
+        let (base_memory, layers) = match diff::read(dir, shape.ram_bytes() / PAGE_SIZE)? {
+            None => (memory, Vec::new()),
+            Some(diff) => {
+                if sev_start.is_some() {
+                    return Err(SnapshotError::DiffSev);
+                }
+                if depth >= MAX_DIFF_CHAIN {
+                    return Err(SnapshotError::DiffChainTooLong {
+                        path: dir.to_owned(),
+                    });
+                }
+                let parent = Self::parent_of(&diff, depth)?;
+                if parent.shape.memory() != shape.memory() || parent.sev_start.is_some() {
+                    return Err(SnapshotError::ParentShape { path: diff.parent });
+                }
+                let mut layers = parent.layers;
+                layers.push((memory, diff));
+                (parent.base_memory, layers)
+            }
+        };
         Ok(Self {
             dir: dir.to_owned(),
             shape,
             sev_start,
             state,
+            base_memory,
+            layers,
+        })
+    }
+
+    /// The snapshot `diff` goes on top of, if it is still the one it was taken against.
+    fn parent_of(diff: &DiffFile, depth: usize) -> Result<Self, SnapshotError> {
+        let path = diff.parent.clone();
+        let parent_error = |source| SnapshotError::Parent {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let digest = diff::state_digest(&path).map_err(parent_error)?;
+        if digest != diff.parent_digest {
+            return Err(SnapshotError::ParentChanged { path });
+        }
+        Self::open_diffs_deep(&path, depth + 1).map_err(|e| match e {
+            too_long @ SnapshotError::DiffChainTooLong { .. } => too_long,
+            other => parent_error(other),
         })
     }
 
@@ -78,9 +129,10 @@ impl Snapshot {
         &self.shape
     }
 
-    /// The guest's RAM, to be mapped copy-on-write.
+    /// The guest's RAM, to be mapped copy-on-write: a diff's is its full snapshot's, which
+    /// [`Snapshot::restore_into`] then overlays with the diffs' pages.
     pub fn memory_file(&self) -> PathBuf {
-        self.dir.join(MEMORY_FILE)
+        self.base_memory.clone()
     }
 
     /// The saved state, decoded, and for an SEV guest its private pages received into
@@ -92,6 +144,9 @@ impl Snapshot {
         firmware: Option<&mut dyn Firmware>,
     ) -> Result<(VmSnapshot, Option<Handle>), SnapshotError> {
         let state: VmSnapshot = serde_json::from_slice(&self.state)?;
+        for (path, diff) in &self.layers {
+            apply_diff(memory, path, diff)?;
+        }
         let Some(start) = &self.sev_start else {
             return Ok((state, None));
         };
@@ -135,4 +190,41 @@ impl Snapshot {
         let handle = receiver.finish()?;
         Ok((state, Some(handle)))
     }
+}
+
+/// Copies the pages `diff` holds from its memory file at `path` into `memory`, which maps
+/// the older snapshot's memory copy-on-write. The file is guest RAM region after region, as
+/// every memory file is, so a run of file pages may span two regions.
+fn apply_diff(memory: &GuestMemory, path: &Path, diff: &DiffFile) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let io = |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // At most this much is read at once.
+    const BATCH_PAGES: u64 = 512;
+    let mut buf = Vec::new();
+    let mut regions = Vec::new();
+    let mut file_page = 0u64;
+    for region in memory.iter() {
+        let pages = region.len() / PAGE_SIZE;
+        regions.push((file_page..file_page + pages, region.start_addr()));
+        file_page += pages;
+    }
+    for (first, end) in diff.runs() {
+        for (pages, start) in &regions {
+            let (from, to) = (first.max(pages.start), end.min(pages.end));
+            let mut at = from;
+            while at < to {
+                let n = BATCH_PAGES.min(to - at);
+                buf.resize((n * PAGE_SIZE) as usize, 0);
+                file.read_exact_at(&mut buf, at * PAGE_SIZE).map_err(io)?;
+                let guest = GuestAddress(start.0 + (at - pages.start) * PAGE_SIZE);
+                vm_memory::Bytes::write_slice(memory, &buf, guest)?;
+                at += n;
+            }
+        }
+    }
+    Ok(())
 }

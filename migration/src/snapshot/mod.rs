@@ -11,16 +11,20 @@
 //!                     holes here
 //! DIR/private-pages   SEV guests only: checked file of memory chunks whose pages the firmware
 //!                     encrypted for the platform the snapshot is for (SEND_UPDATE_DATA)
+//! DIR/diff            diff snapshots only: the snapshot this one goes on top of, and which
+//!                     pages `memory` holds (diff.rs); the others are the parent's
 //! ```
 //!
 //! Files are written under temporary names and renamed into place, the state last, so a
 //! directory either holds a whole snapshot or none. A restored VM maps `memory`
 //! copy-on-write and never writes any of them.
 
+pub mod diff;
 pub mod file;
 mod load;
 mod save;
 
+pub use diff::{DiffBase, DIFF_FILE};
 pub use file::{FileError, FORMAT_VERSION};
 pub use load::Snapshot;
 pub use save::{snapshot, AfterSnapshot, SnapshotReport, SnapshotSev};
@@ -91,4 +95,28 @@ pub enum SnapshotError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("The guest's state does not encode or decode")]
     State(#[from] serde_json::Error),
+    #[error("No earlier snapshot of this VM to save a diff against: take a full snapshot first (one that lets the guest run on)")]
+    NoDiffBase,
+    #[error("Cannot use the dirty log")]
+    DirtyLog(#[from] veil_hypervisor::memory::MemoryError),
+    #[error("The dirty log no longer holds every write since the snapshot in {}: something else used it since (a migration, or a diff snapshot that failed); take a full snapshot", base.display())]
+    DiffBaseStale { base: PathBuf },
+    #[error("An SEV guest's snapshot cannot be a diff: each snapshot has a SEND_START session of its own, and a restore receives one session")]
+    DiffSev,
+    #[error("The parent path {} is too long for a diff file", path.display())]
+    DiffParentPath { path: PathBuf },
+    #[error("{} is not a usable diff file: {why}", path.display())]
+    DiffFile { path: PathBuf, why: &'static str },
+    #[error("The diff snapshot's parent {} cannot be used (moved, deleted or damaged?)", path.display())]
+    Parent {
+        path: PathBuf,
+        #[source]
+        source: Box<SnapshotError>,
+    },
+    #[error("The diff snapshot's parent {} is not the snapshot it was taken on top of (its state file changed)", path.display())]
+    ParentChanged { path: PathBuf },
+    #[error("The diff snapshot's parent {} is of a VM with other memory, or of an SEV guest", path.display())]
+    ParentShape { path: PathBuf },
+    #[error("The diff snapshot in {} is more than {} snapshots away from a full one", path.display(), diff::MAX_DIFF_CHAIN)]
+    DiffChainTooLong { path: PathBuf },
 }

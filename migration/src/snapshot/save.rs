@@ -13,6 +13,7 @@ use veil_sev::firmware::{Firmware, Handle};
 use veil_sev::policy::GuestPolicy;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::diff::{self, DiffBase, DiffFile, DIFF_FILE};
 use super::file::{self, FileKind};
 use super::{SnapshotError, MEMORY_FILE, PRIVATE_PAGES_FILE, STATE_FILE};
 use crate::protocol::frame::encode_frame;
@@ -56,16 +57,26 @@ pub struct SnapshotReport {
     pub paused: Duration,
     /// From the request to the renamed files.
     pub total: Duration,
+    /// For a diff: the snapshot it goes on top of.
+    pub diff_of: Option<PathBuf>,
+    /// For a diff: the pages dirtied since its parent, which it holds (zero ones as holes).
+    pub dirty_pages: u64,
+    /// What a later diff of this VM can be taken against: this snapshot, if the guest runs
+    /// on and its writes are being logged from here.
+    pub base: Option<DiffBase>,
 }
 
 /// Writes a snapshot of `vm` into `dir` (created if missing; it must not hold one already),
-/// then resumes or stops the guest as `after` says. On any failure the guest runs on as
-/// before and `dir` holds no part of a snapshot.
+/// then resumes or stops the guest as `after` says. With `diff_of`, only the pages written
+/// since that snapshot of this VM go into `dir` (see [`diff`]). On any failure the guest runs
+/// on as before and `dir` holds no part of a snapshot. A snapshot after which the guest runs
+/// on turns dirty logging on, and its report's `base` is what a diff can be taken against.
 pub fn snapshot(
     vm: &RunningVm,
     dir: &Path,
     after: AfterSnapshot,
     sev: Option<SnapshotSev<'_>>,
+    diff_of: Option<&DiffBase>,
 ) -> Result<SnapshotReport, SnapshotError> {
     let started = Instant::now();
     if vm.paravirt().page_states().is_some() != sev.is_some() {
@@ -74,12 +85,24 @@ pub fn snapshot(
     if sev.as_ref().is_some_and(|s| s.policy.has(GuestPolicy::ES)) {
         return Err(SnapshotError::SevEs);
     }
+    if diff_of.is_some() && sev.is_some() {
+        return Err(SnapshotError::DiffSev);
+    }
+    if let Some(base) = diff_of {
+        // Only the migration thread takes the log besides snapshots, and it does not run
+        // while a snapshot is taken: what holds now holds at the pause.
+        if base.dirty_log_epoch != vm.ram().dirty_log_epoch() {
+            return Err(SnapshotError::DiffBaseStale {
+                base: base.dir.clone(),
+            });
+        }
+    }
     check_may_be_saved(vm)?;
     std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
         path: dir.to_owned(),
         source,
     })?;
-    for name in [STATE_FILE, MEMORY_FILE, PRIVATE_PAGES_FILE] {
+    for name in [STATE_FILE, MEMORY_FILE, PRIVATE_PAGES_FILE, DIFF_FILE] {
         if dir.join(name).exists() {
             return Err(SnapshotError::Exists {
                 path: dir.join(name),
@@ -92,10 +115,13 @@ pub fn snapshot(
         return Err(SnapshotError::GuestStopped);
     }
     let mut partial = Partial::new(dir);
-    let result = write_all(vm, &mut partial, sev, after);
+    let result = write_all(vm, &mut partial, sev, after, diff_of);
     let paused_for = paused.elapsed();
     match result {
         Ok(mut report) => {
+            if after == AfterSnapshot::Resume {
+                report.base = log_writes_from_here(vm, dir);
+            }
             match after {
                 AfterSnapshot::Stop => vm.stop(),
                 AfterSnapshot::Resume if was_running => {
@@ -114,6 +140,38 @@ pub fn snapshot(
                 vm.resume();
             }
             Err(e)
+        }
+    }
+}
+
+/// Turns the dirty log on and empties it while the guest is still paused, so that a later
+/// diff finds every write since this snapshot in it. A failure costs only the diff: the
+/// snapshot stands, and the next one must be full.
+fn log_writes_from_here(vm: &RunningVm, dir: &Path) -> Option<DiffBase> {
+    let (ram, fd) = (vm.ram(), vm.fd());
+    let started = ram
+        .set_dirty_logging(fd, true)
+        .and_then(|()| ram.take_dirty_pages(fd).map(drop));
+    let base = started.map_err(SnapshotError::DirtyLog).and_then(|()| {
+        // Lexically, without resolving links: a later diff names its parent by this path.
+        let dir = std::path::absolute(dir).map_err(|source| SnapshotError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        Ok(DiffBase {
+            state_digest: diff::state_digest(&dir)?,
+            dir,
+            dirty_log_epoch: ram.dirty_log_epoch(),
+        })
+    });
+    match base {
+        Ok(base) => Some(base),
+        Err(e) => {
+            tracing::warn!(
+                "the next snapshot of this guest cannot be a diff: {}",
+                crate::error_chain(&e)
+            );
+            None
         }
     }
 }
@@ -198,6 +256,7 @@ fn write_all(
     partial: &mut Partial,
     sev: Option<SnapshotSev<'_>>,
     after: AfterSnapshot,
+    diff_of: Option<&DiffBase>,
 ) -> Result<SnapshotReport, SnapshotError> {
     let mut report = SnapshotReport::default();
     let sev_shape = sev.as_ref().map(|s| SevShape {
@@ -245,6 +304,88 @@ fn write_all(
             path: memory_path.clone(),
             source,
         })?;
+    if let Some(base) = diff_of {
+        let diff = write_dirty_pages(vm, &memory_file, &memory_path, base, &mut report)?;
+        let path = partial.temp_path(DIFF_FILE);
+        diff::write(&path, &diff)?;
+        report.diff_of = Some(base.dir.clone());
+    } else {
+        write_every_page(
+            vm,
+            &memory_file,
+            &memory_path,
+            send.as_mut(),
+            partial,
+            &mut report,
+        )?;
+    }
+    memory_file.sync_all().map_err(|source| SnapshotError::Io {
+        path: memory_path.clone(),
+        source,
+    })?;
+
+    let saved = vm.snapshot()?;
+    let bytes = serde_json::to_vec(&saved)?;
+    state.extend(encode_frame(&Message::State(State { bytes }))?);
+    let path = partial.temp_path(STATE_FILE);
+    file::write(&path, FileKind::State, &state)?;
+    partial.commit()?;
+    if let Some(send) = send {
+        match after {
+            // The snapshot holds the guest now; its context here is done.
+            AfterSnapshot::Stop => send.finish()?,
+            // The guest goes on here: SEND_CANCEL gives its context back.
+            AfterSnapshot::Resume => send.cancel()?,
+        }
+    }
+    Ok(report)
+}
+
+/// A diff's memory: the pages dirtied since `base` (KVM's log and the VMM's own writes),
+/// written where they are not zero, and the diff file's record of every one of them.
+fn write_dirty_pages(
+    vm: &RunningVm,
+    memory_file: &File,
+    memory_path: &Path,
+    base: &DiffBase,
+    report: &mut SnapshotReport,
+) -> Result<DiffFile, SnapshotError> {
+    let dirty = vm.ram().take_dirty_pages(vm.fd())?;
+    let memory = vm.memory();
+    let total_pages = report.memory_bytes / PAGE_SIZE;
+    let mut pages = vec![0u64; total_pages.div_ceil(64) as usize];
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let mut file_page = 0u64;
+    for (region, bitmap) in memory.iter().zip(&dirty) {
+        for at in bitmap.dirty_addresses() {
+            let index = file_page + (at.0 - region.start_addr().0) / PAGE_SIZE;
+            memory.read_slice(&mut buf, at)?;
+            write_nonzero_pages(memory_file, memory_path, index * PAGE_SIZE, &buf)?;
+            pages[(index / 64) as usize] |= 1 << (index % 64);
+            report.dirty_pages += 1;
+            if buf.iter().any(|&b| b != 0) {
+                report.pages_written += 1;
+            }
+        }
+        file_page += region.len() / PAGE_SIZE;
+    }
+    Ok(DiffFile {
+        parent: base.dir.clone(),
+        parent_digest: base.state_digest,
+        pages,
+    })
+}
+
+/// A full snapshot's memory: every non-zero page in the memory file, an SEV guest's private
+/// pages through the firmware into the private-pages file.
+fn write_every_page(
+    vm: &RunningVm,
+    memory_file: &File,
+    memory_path: &Path,
+    mut send: Option<&mut veil_sev::flow::Sender<'_>>,
+    partial: &mut Partial,
+    report: &mut SnapshotReport,
+) -> Result<(), SnapshotError> {
     let mut private = Vec::new();
     let mut encoder = ChunkEncoder::new();
     let states = vm.paravirt().page_states();
@@ -289,7 +430,7 @@ fn write_all(
                     continue;
                 }
             }
-            write_nonzero_pages(&memory_file, &memory_path, file_offset + done, buf)?;
+            write_nonzero_pages(memory_file, memory_path, file_offset + done, buf)?;
             done += n;
         }
         file_offset += len;
@@ -298,30 +439,11 @@ fn write_all(
     if let Some(frame) = encoder.frame() {
         private.extend_from_slice(frame);
     }
-    memory_file.sync_all().map_err(|source| SnapshotError::Io {
-        path: memory_path.clone(),
-        source,
-    })?;
     if send.is_some() {
         let path = partial.temp_path(PRIVATE_PAGES_FILE);
         file::write(&path, FileKind::PrivatePages, &private)?;
     }
-
-    let saved = vm.snapshot()?;
-    let bytes = serde_json::to_vec(&saved)?;
-    state.extend(encode_frame(&Message::State(State { bytes }))?);
-    let path = partial.temp_path(STATE_FILE);
-    file::write(&path, FileKind::State, &state)?;
-    partial.commit()?;
-    if let Some(send) = send {
-        match after {
-            // The snapshot holds the guest now; its context here is done.
-            AfterSnapshot::Stop => send.finish()?,
-            // The guest goes on here: SEND_CANCEL gives its context back.
-            AfterSnapshot::Resume => send.cancel()?,
-        }
-    }
-    Ok(report)
+    Ok(())
 }
 
 /// Writes the runs of non-zero pages in `buf` (which starts at `offset` in the file).
