@@ -97,6 +97,9 @@ impl Vm {
         if self.migration().progress().phase.is_active() {
             return Err(SnapshotError::Migrating);
         }
+        if diff && self.sev().is_some() {
+            return Err(SnapshotError::DiffSev);
+        }
         let mut last = self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
         let diff_of = match (diff, last.as_ref()) {
             (false, _) => None,
@@ -118,9 +121,6 @@ impl Vm {
         let Some(guest) = self.sev() else {
             return snapshot::snapshot(self.inner(), dir, after, None, diff_of);
         };
-        if diff_of.is_some() {
-            return Err(SnapshotError::DiffSev);
-        }
         let mut firmware = guest
             .launch
             .firmware

@@ -114,12 +114,14 @@ pub fn snapshot(
     if vm.pause() != RunState::Paused {
         return Err(SnapshotError::GuestStopped);
     }
+    // An SEV guest's snapshots are never diffs: its writes need not be logged.
+    let may_diff_later = sev.is_none() && after == AfterSnapshot::Resume;
     let mut partial = Partial::new(dir);
     let result = write_all(vm, &mut partial, sev, after, diff_of);
     let paused_for = paused.elapsed();
     match result {
         Ok(mut report) => {
-            if after == AfterSnapshot::Resume {
+            if may_diff_later {
                 report.base = log_writes_from_here(vm, dir);
             }
             match after {
