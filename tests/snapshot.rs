@@ -844,6 +844,22 @@ fn a_diff_without_its_parent_as_it_was_is_refused_with_the_reason() {
     bytes[last] ^= 1;
     std::fs::write(&state, &bytes).unwrap();
     refused(&diff, "is not the snapshot it was taken on top of");
+
+    // A diff made to name itself as its parent (a loop a file can hold) ends in a refusal,
+    // not a restore that never ends.
+    use veil_migration::snapshot::diff::state_digest;
+    use veil_migration::snapshot::file::{self, FileKind};
+    let diff_file = diff.join("diff");
+    let payload = file::read(&diff_file, FileKind::Diff).unwrap();
+    let old_path_len = usize::from(u16::from_le_bytes([payload[32], payload[33]]));
+    let own = diff.to_str().unwrap().as_bytes();
+    let mut looped = state_digest(&diff).unwrap().to_vec();
+    looped.extend_from_slice(&(own.len() as u16).to_le_bytes());
+    looped.extend_from_slice(own);
+    looped.extend_from_slice(&payload[34 + old_path_len..]);
+    std::fs::remove_file(&diff_file).unwrap();
+    file::write(&diff_file, FileKind::Diff, &looped).unwrap();
+    refused(&diff, "snapshots away from a full one");
 }
 
 /// The diff's record of where it stands is the dirty log: once anything else has taken the
