@@ -328,6 +328,11 @@ pub enum CtlCommand {
         /// where it is and as it is for `veil restore --from DIR`. Not for SEV guests.
         #[arg(long, conflicts_with = "sev_target_chain")]
         diff: bool,
+        /// Write the memory while the guest runs, then pause it only to write again the pages
+        /// it changed meanwhile: a full snapshot with a pause as short as a diff's, for the
+        /// cost of writing those pages twice. Not for SEV guests.
+        #[arg(long, conflicts_with_all = ["diff", "sev_target_chain"])]
+        live: bool,
         /// For an SEV guest: the chain (from `veil sev export-chain`) of the platform that is
         /// to restore the snapshot; by default this platform's own.
         #[arg(long, value_name = "FILE")]

@@ -48,11 +48,13 @@ pub fn run(args: CtlArgs) -> Result<ExitCode, Box<dyn Error>> {
             to,
             stop,
             diff,
+            live,
             sev_target_chain,
         } => Request::Snapshot {
             to: absolute(to),
             stop: *stop,
             diff: *diff,
+            live: *live,
             sev_target_chain: sev_target_chain.as_ref().map(absolute),
         },
         CtlCommand::MigrateRecover { target, run_on } => Request::MigrateRecover {
@@ -111,15 +113,12 @@ fn absolute(path: &std::path::PathBuf) -> String {
 }
 
 fn print_snapshot_report(r: &Value) {
-    let what = match r["diff_of"].as_str() {
-        Some(parent) => format!(
-            "a diff on top of {parent}, {} pages dirtied since",
-            r["dirty_pages"].as_u64().unwrap_or(0)
-        ),
-        None => format!(
-            "{} of RAM",
-            crate::progress::bytes(r["memory_bytes"].as_u64().unwrap_or(0) as f64)
-        ),
+    let ram = crate::progress::bytes(r["memory_bytes"].as_u64().unwrap_or(0) as f64);
+    let dirty = r["dirty_pages"].as_u64().unwrap_or(0);
+    let what = match (r["diff_of"].as_str(), r["live"].as_bool().unwrap_or(false)) {
+        (Some(parent), _) => format!("a diff on top of {parent}, {dirty} pages dirtied since"),
+        (None, true) => format!("{ram} of RAM written live, {dirty} pages again in the pause"),
+        (None, false) => format!("{ram} of RAM"),
     };
     println!(
         "saved to {} in {:.0} ms (paused {:.1} ms): {what}, {} pages written, {} private pages through the SEV firmware{}",

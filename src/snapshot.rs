@@ -7,7 +7,9 @@ use veil_hypervisor::devices::DeviceSnapshot;
 use veil_hypervisor::memory::FileMapping;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_migration::protocol::SevPlatform as ShapePlatform;
-use veil_migration::snapshot::{self, AfterSnapshot, Snapshot, SnapshotError, SnapshotReport};
+use veil_migration::snapshot::{
+    self, AfterSnapshot, SavePages, Snapshot, SnapshotError, SnapshotReport,
+};
 
 use crate::sev_launch::{SevConfig, SevPlatform};
 use crate::{Error, Vm, VmBuilder};
@@ -20,6 +22,14 @@ static SNAPSHOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// under it).
 pub(crate) fn snapshot_under_way() -> bool {
     SNAPSHOTS.try_lock().is_err()
+}
+
+/// Which of a VM's snapshot calls is saving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Full,
+    Live,
+    Diff,
 }
 
 /// The platform kind a snapshot records for an SEV platform.
@@ -68,7 +78,19 @@ impl Vm {
         after: AfterSnapshot,
         sev_target_chain: Option<sev::certs::sev::Chain>,
     ) -> Result<SnapshotReport, SnapshotError> {
-        self.save(dir.as_ref(), after, sev_target_chain, false)
+        self.save(dir.as_ref(), after, sev_target_chain, Kind::Full)
+    }
+
+    /// [`Vm::snapshot`] with the guest running while its memory is written: then, paused,
+    /// only the pages it wrote meanwhile are written again, so the pause is as short as a
+    /// diff's while the snapshot is a full one. Costs a second write of those pages. Refused
+    /// for SEV guests (their private pages go through the firmware once, paused).
+    pub fn live_snapshot(
+        &self,
+        dir: impl AsRef<Path>,
+        after: AfterSnapshot,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        self.save(dir.as_ref(), after, None, Kind::Live)
     }
 
     /// Saves into `dir` only what the guest (or a device, into guest memory) wrote since this
@@ -81,7 +103,7 @@ impl Vm {
         dir: impl AsRef<Path>,
         after: AfterSnapshot,
     ) -> Result<SnapshotReport, SnapshotError> {
-        self.save(dir.as_ref(), after, None, true)
+        self.save(dir.as_ref(), after, None, Kind::Diff)
     }
 
     fn save(
@@ -89,8 +111,9 @@ impl Vm {
         dir: &Path,
         after: AfterSnapshot,
         sev_target_chain: Option<sev::certs::sev::Chain>,
-        diff: bool,
+        kind: Kind,
     ) -> Result<SnapshotReport, SnapshotError> {
+        let diff = kind == Kind::Diff;
         // Two snapshots at once would each resume the guest while the other still copies it.
         let _one_at_a_time = SNAPSHOTS.lock().unwrap_or_else(|e| e.into_inner());
         // Both would pause and resume the guest, and an SEV guest has one send context.
@@ -101,12 +124,17 @@ impl Vm {
             return Err(SnapshotError::DiffSev);
         }
         let mut last = self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
-        let diff_of = match (diff, last.as_ref()) {
+        let base = match (diff, last.as_ref()) {
             (false, _) => None,
             (true, None) => return Err(SnapshotError::NoDiffBase),
             (true, Some(base)) => Some(base.clone()),
         };
-        let report = self.save_now(dir, after, sev_target_chain, diff_of.as_ref())?;
+        let pages = match (kind, &base) {
+            (Kind::Live, _) => SavePages::Live,
+            (_, Some(base)) => SavePages::DiffOf(base),
+            _ => SavePages::All,
+        };
+        let report = self.save_now(dir, after, sev_target_chain, pages)?;
         *last = report.base.clone();
         Ok(report)
     }
@@ -116,11 +144,14 @@ impl Vm {
         dir: &Path,
         after: AfterSnapshot,
         sev_target_chain: Option<sev::certs::sev::Chain>,
-        diff_of: Option<&snapshot::DiffBase>,
+        pages: SavePages<'_>,
     ) -> Result<SnapshotReport, SnapshotError> {
         let Some(guest) = self.sev() else {
-            return snapshot::snapshot(self.inner(), dir, after, None, diff_of);
+            return snapshot::snapshot(self.inner(), dir, after, None, pages);
         };
+        if pages == SavePages::Live {
+            return Err(SnapshotError::LiveSev);
+        }
         let mut firmware = guest
             .launch
             .firmware
@@ -133,7 +164,7 @@ impl Vm {
             platform: kind_of(&guest.config.platform),
             target_chain: sev_target_chain,
         };
-        snapshot::snapshot(self.inner(), dir, after, Some(sev), None)
+        snapshot::snapshot(self.inner(), dir, after, Some(sev), SavePages::All)
     }
 }
 

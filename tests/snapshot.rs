@@ -511,6 +511,13 @@ fn an_sev_guest_is_saved_for_a_named_platform_without_private_plaintext_and_rest
         no_diff.to_string().contains("cannot be a diff"),
         "{no_diff}"
     );
+    let not_live = source
+        .live_snapshot(dir.path("live"), AfterSnapshot::Resume)
+        .expect_err("an SEV guest's snapshot is never live");
+    assert!(
+        not_live.to_string().contains("cannot be live"),
+        "{not_live}"
+    );
 
     // No private page's plaintext is in the directory; the shared pages are, in the clear.
     let mut everything = Vec::new();
@@ -931,4 +938,105 @@ fn a_diff_is_refused_once_something_else_has_used_the_dirty_log() {
     vm.diff_snapshot(dir.path("diff2"), AfterSnapshot::Stop)
         .unwrap();
     vm.wait();
+}
+
+/// A live snapshot writes the memory while the guest runs and only what it wrote meanwhile
+/// in the pause: restored, the guest goes on from the pause, every page as it was then.
+#[test]
+fn a_live_snapshot_restores_the_guest_as_it_was_at_the_pause() {
+    let dir = TempDir::new("snap-live");
+    let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
+    let mut source = run_kit(&stamped_once_then_checking(), &api, &serial, &[]);
+    wait_for_output(&serial, "round 2 checked");
+    let snap = dir.path("snap");
+    let before = last_round(&serial);
+    let said = ctl_snapshot(&api, &snap, &["--live", "--stop"]);
+    assert!(said.contains("written live"), "{said}");
+    assert_eq!(source.wait().code(), Some(130));
+    let at = last_round(&serial);
+
+    let restored_out = dir.path("restored.out");
+    let mut restored = restore(&snap, &restored_out)
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Spawned)
+        .unwrap();
+    let rounds = checks_after(&restored_out, 0);
+    assert!(
+        rounds[0] > before && rounds[0] <= at + 2,
+        "saved between rounds {before} and {at}: {rounds:?}"
+    );
+    kill(&mut restored);
+}
+
+/// 64 MiB stamped once (seed 9, from gfn 0x1000), then the checking guest: a live
+/// snapshot's first pass takes long enough for the guest to go through many rounds.
+const LIVE_STAMPED: u64 = 16384;
+
+/// From a program: the pages the guest stamped before the live snapshot are in it, and the
+/// guest restored from it goes on from the pause, not from the first pass (its round counter
+/// lives in a page it writes all the time: without the pass in the pause, the counter comes
+/// back hundreds of rounds old).
+#[test]
+fn a_library_live_snapshot_holds_the_guest_as_it_was_at_the_pause() {
+    let dir = TempDir::new("snap-live-lib");
+    let out = CapturedOutput::new();
+    let vm = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(format!(
+            "stamp:seed=9,first=0x1000,count={LIVE_STAMPED} {CHECKING_GUEST}"
+        ))
+        .memory_bytes(128 << 20)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("round 2 checked", Duration::from_secs(60)));
+    let before = *rounds_checked(&out.text()).last().unwrap();
+    let report = vm
+        .live_snapshot(dir.path("live"), AfterSnapshot::Stop)
+        .unwrap();
+    vm.wait();
+    let at = *rounds_checked(&out.text()).last().unwrap();
+    eprintln!("{report:?}; the guest checked rounds {before} to {at} meanwhile");
+    assert!(report.pages_written >= LIVE_STAMPED + 64, "{report:?}");
+    assert!(report.dirty_pages >= 64, "{report:?}");
+    assert!(
+        report.diff_of.is_none() && report.base.is_none(),
+        "{report:?}"
+    );
+    // The memory file is the guest's RAM as it was at the pause (the stopped VM's RAM has not
+    // changed since): the pages the guest wrote during the first pass, its stack among them,
+    // were written again.
+    let file = std::fs::read(dir.path("live").join("memory")).unwrap();
+    let mut page = vec![0u8; 4096];
+    for (gfn, saved) in file.chunks(4096).enumerate() {
+        vm.memory()
+            .read_slice(&mut page, GuestAddress(gfn as u64 * 4096))
+            .unwrap();
+        assert!(
+            page == saved,
+            "gfn {gfn:#x} differs from the guest's at the pause"
+        );
+    }
+
+    let restored_out = CapturedOutput::new();
+    let restored = VmBuilder::new()
+        .serial_writer(restored_out.clone())
+        .restore(dir.path("live"))
+        .unwrap();
+    for gfn in 0x1000..0x1000 + LIVE_STAMPED {
+        assert_eq!(
+            word(restored.memory(), gfn),
+            page_stamp(9, gfn),
+            "gfn {gfn:#x}"
+        );
+    }
+    keeps_checking(&restored_out);
+    let rounds = rounds_checked(&restored_out.text());
+    assert!(
+        rounds[0] >= at && rounds[0] <= at + 2,
+        "paused after round {at} (the snapshot began after round {before}): {rounds:?}"
+    );
+    restored.stop();
+    restored.wait();
 }

@@ -50,6 +50,9 @@ pub enum Request {
         /// Only the pages written since this VM's last snapshot, on top of it.
         #[serde(default)]
         diff: bool,
+        /// Memory written while the guest runs; paused only for what it wrote meanwhile.
+        #[serde(default)]
+        live: bool,
         /// For an SEV guest: the certificate chain file (as `veil sev export-chain` writes) of
         /// the platform that is to restore it; by default this platform's own.
         #[serde(default)]
@@ -157,6 +160,7 @@ mod tests {
                 to: "/snaps/a".into(),
                 stop: false,
                 diff: false,
+                live: false,
                 sev_target_chain: None
             }
         );

@@ -384,9 +384,16 @@ fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Res
             to,
             stop,
             diff,
+            live,
             sev_target_chain,
         } => on_worker(migrations, move |vm| {
-            snapshot(vm, &to, stop, diff, sev_target_chain)
+            let pages = match (diff, live) {
+                (true, true) => return Err("a snapshot is either a diff or live, not both".into()),
+                (true, false) => Pages::Diff,
+                (false, true) => Pages::Live,
+                (false, false) => Pages::All,
+            };
+            snapshot(vm, &to, stop, pages, sev_target_chain)
         }),
         Request::MigrateRecover { target, run_on } => on_worker(migrations, move |vm| {
             let runs_on = recover(vm, target, run_on)?;
@@ -402,16 +409,24 @@ fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Res
     }
 }
 
+/// Which pages a snapshot request saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pages {
+    All,
+    Live,
+    Diff,
+}
+
 fn snapshot(
     vm: &Vm,
     to: &str,
     stop: bool,
-    diff: bool,
+    pages: Pages,
     sev_target_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    if diff && sev_target_chain.is_some() {
+    if pages != Pages::All && sev_target_chain.is_some() {
         return Err(
-            "a diff snapshot cannot be of an SEV guest: sev_target_chain is for full snapshots"
+            "diff and live snapshots cannot be of an SEV guest: sev_target_chain is for full snapshots"
                 .into(),
         );
     }
@@ -434,13 +449,14 @@ fn snapshot(
     } else {
         crate::AfterSnapshot::Resume
     };
-    let r = if diff {
-        vm.diff_snapshot(to, after)?
-    } else {
-        vm.snapshot(to, after, chain)?
+    let r = match pages {
+        Pages::Diff => vm.diff_snapshot(to, after)?,
+        Pages::Live => vm.live_snapshot(to, after)?,
+        Pages::All => vm.snapshot(to, after, chain)?,
     };
     Ok(serde_json::json!({
         "dir": r.dir,
+        "live": pages == Pages::Live,
         "diff_of": r.diff_of,
         "dirty_pages": r.dirty_pages,
         "memory_bytes": r.memory_bytes,

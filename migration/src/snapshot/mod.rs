@@ -27,7 +27,7 @@ mod save;
 pub use diff::{DiffBase, DIFF_FILE};
 pub use file::{FileError, FORMAT_VERSION};
 pub use load::Snapshot;
-pub use save::{snapshot, AfterSnapshot, SnapshotReport, SnapshotSev};
+pub use save::{snapshot, AfterSnapshot, SavePages, SnapshotReport, SnapshotSev};
 
 use std::path::PathBuf;
 
@@ -101,6 +101,8 @@ pub enum SnapshotError {
     DirtyLog(#[from] veil_hypervisor::memory::MemoryError),
     #[error("The dirty log no longer holds every write since the snapshot in {}: something else used it since (a migration, or a diff snapshot that failed); take a full snapshot", base.display())]
     DiffBaseStale { base: PathBuf },
+    #[error("An SEV guest's snapshot cannot be live: its private pages go through the firmware once, with the guest paused")]
+    LiveSev,
     #[error("An SEV guest's snapshot cannot be a diff: each snapshot has a SEND_START session of its own, and a restore receives one session")]
     DiffSev,
     #[error("The parent path {} is too long for a diff file", path.display())]

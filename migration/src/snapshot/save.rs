@@ -60,24 +60,44 @@ pub struct SnapshotReport {
     /// For a diff: the snapshot it goes on top of.
     pub diff_of: Option<PathBuf>,
     /// For a diff: the pages dirtied since its parent, which it holds (zero ones as holes).
+    /// For a live snapshot: the pages the guest wrote while the others were written, written
+    /// again in the pause.
     pub dirty_pages: u64,
     /// What a later diff of this VM can be taken against: this snapshot, if the guest runs
     /// on and its writes are being logged from here.
     pub base: Option<DiffBase>,
 }
 
+/// Which pages a snapshot writes, and when.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SavePages<'b> {
+    /// Every page, with the guest paused.
+    #[default]
+    All,
+    /// Every page while the guest runs, then, paused, the pages it wrote meanwhile: the pause
+    /// lasts as long as those take, not the whole of RAM. Plain guests only.
+    Live,
+    /// Only the pages written since `base`, a snapshot of this VM, on top of it (see
+    /// [`diff`]). Plain guests only.
+    DiffOf(&'b DiffBase),
+}
+
 /// Writes a snapshot of `vm` into `dir` (created if missing; it must not hold one already),
-/// then resumes or stops the guest as `after` says. With `diff_of`, only the pages written
-/// since that snapshot of this VM go into `dir` (see [`diff`]). On any failure the guest runs
-/// on as before and `dir` holds no part of a snapshot. A snapshot after which the guest runs
-/// on turns dirty logging on, and its report's `base` is what a diff can be taken against.
+/// then resumes or stops the guest as `after` says; `pages` says which pages go and when. On
+/// any failure the guest runs on as before and `dir` holds no part of a snapshot. A snapshot
+/// after which the guest runs on turns dirty logging on, and its report's `base` is what a
+/// diff can be taken against.
 pub fn snapshot(
     vm: &RunningVm,
     dir: &Path,
     after: AfterSnapshot,
     sev: Option<SnapshotSev<'_>>,
-    diff_of: Option<&DiffBase>,
+    pages: SavePages<'_>,
 ) -> Result<SnapshotReport, SnapshotError> {
+    let diff_of = match pages {
+        SavePages::DiffOf(base) => Some(base),
+        _ => None,
+    };
     let started = Instant::now();
     if vm.paravirt().page_states().is_some() != sev.is_some() {
         return Err(SnapshotError::Sev);
@@ -87,6 +107,9 @@ pub fn snapshot(
     }
     if diff_of.is_some() && sev.is_some() {
         return Err(SnapshotError::DiffSev);
+    }
+    if pages == SavePages::Live && sev.is_some() {
+        return Err(SnapshotError::LiveSev);
     }
     if let Some(base) = diff_of {
         // Only the migration thread takes the log besides snapshots, and it does not run
@@ -110,14 +133,18 @@ pub fn snapshot(
         }
     }
     let was_running = vm.run_state() == RunState::Running;
+    let mut partial = Partial::new(dir);
+    let precopied = match pages {
+        SavePages::Live => Some(precopy(vm, &mut partial)?),
+        _ => None,
+    };
     let paused = Instant::now();
     if vm.pause() != RunState::Paused {
         return Err(SnapshotError::GuestStopped);
     }
     // An SEV guest's snapshots are never diffs: its writes need not be logged.
     let may_diff_later = sev.is_none() && after == AfterSnapshot::Resume;
-    let mut partial = Partial::new(dir);
-    let result = write_all(vm, &mut partial, sev, after, diff_of);
+    let result = write_all(vm, &mut partial, sev, after, diff_of, precopied);
     let paused_for = paused.elapsed();
     match result {
         Ok(mut report) => {
@@ -253,12 +280,98 @@ impl Drop for Partial {
     }
 }
 
+/// The memory file of a live snapshot, every page written while the guest ran, its writes
+/// since logged.
+struct Precopied {
+    file: File,
+    path: PathBuf,
+    pages_written: u64,
+}
+
+/// The first pass of a live snapshot: the log turned on and emptied, then every page written
+/// while the guest runs. A page it writes meanwhile may be torn in the file; it is in the log
+/// and written again in the pause.
+fn precopy(vm: &RunningVm, partial: &mut Partial) -> Result<Precopied, SnapshotError> {
+    let (ram, fd) = (vm.ram(), vm.fd());
+    let written = ram
+        .set_dirty_logging(fd, true)
+        .and_then(|()| ram.take_dirty_pages(fd).map(drop))
+        .map_err(SnapshotError::DirtyLog)
+        .and_then(|()| {
+            let (file, path) = create_memory_file(vm, partial)?;
+            let mut report = SnapshotReport::default();
+            write_every_page(vm, &file, &path, None, partial, &mut report)?;
+            // Made durable now, while the guest runs: the pause then syncs only its pages.
+            file.sync_data().map_err(|source| SnapshotError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Precopied {
+                file,
+                path,
+                pages_written: report.pages_written,
+            })
+        });
+    if written.is_err() {
+        // Nothing relies on the log now: the take above ended any diff's base.
+        let _ = ram.set_dirty_logging(fd, false);
+    }
+    written
+}
+
+impl Precopied {
+    /// The second pass, the guest paused: every page it wrote during the first is written
+    /// again whole (zeros too: the first pass may have left data there). Returns the file.
+    fn finish(
+        self,
+        vm: &RunningVm,
+        report: &mut SnapshotReport,
+    ) -> Result<(File, PathBuf), SnapshotError> {
+        let memory = vm.memory();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut file_page = 0u64;
+        let io = |source| SnapshotError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        for (region, dirty) in memory.iter().zip(vm.ram().take_dirty_pages(vm.fd())?) {
+            for at in dirty.dirty_addresses() {
+                memory.read_slice(&mut page, at)?;
+                let index = file_page + (at.0 - region.start_addr().0) / PAGE_SIZE;
+                self.file
+                    .write_all_at(&page, index * PAGE_SIZE)
+                    .map_err(io)?;
+                report.dirty_pages += 1;
+            }
+            file_page += region.len() / PAGE_SIZE;
+        }
+        report.pages_written += self.pages_written;
+        Ok((self.file, self.path))
+    }
+}
+
+/// The memory file under its temporary name, of the guest's RAM size and all holes.
+fn create_memory_file(
+    vm: &RunningVm,
+    partial: &mut Partial,
+) -> Result<(File, PathBuf), SnapshotError> {
+    let path = partial.temp_path(MEMORY_FILE);
+    let io = |source| SnapshotError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = File::create(&path).map_err(io)?;
+    file.set_len(vm.ram().size()).map_err(io)?;
+    Ok((file, path))
+}
+
 fn write_all(
     vm: &RunningVm,
     partial: &mut Partial,
     sev: Option<SnapshotSev<'_>>,
     after: AfterSnapshot,
     diff_of: Option<&DiffBase>,
+    precopied: Option<Precopied>,
 ) -> Result<SnapshotReport, SnapshotError> {
     let mut report = SnapshotReport::default();
     let sev_shape = sev.as_ref().map(|s| SevShape {
@@ -294,19 +407,15 @@ fn write_all(
         None => None,
     };
 
-    let memory_path = partial.temp_path(MEMORY_FILE);
-    let memory_file = File::create(&memory_path).map_err(|source| SnapshotError::Io {
-        path: memory_path.clone(),
-        source,
-    })?;
     report.memory_bytes = vm.ram().size();
-    memory_file
-        .set_len(report.memory_bytes)
-        .map_err(|source| SnapshotError::Io {
-            path: memory_path.clone(),
-            source,
-        })?;
-    if let Some(base) = diff_of {
+    let live = precopied.is_some();
+    let (memory_file, memory_path) = match precopied {
+        Some(first_pass) => first_pass.finish(vm, &mut report)?,
+        None => create_memory_file(vm, partial)?,
+    };
+    if live {
+        // Written while the guest ran, and what it wrote meanwhile again just now.
+    } else if let Some(base) = diff_of {
         let diff = write_dirty_pages(vm, &memory_file, &memory_path, base, &mut report)?;
         let path = partial.temp_path(DIFF_FILE);
         diff::write(&path, &diff)?;
