@@ -921,20 +921,7 @@ fn veil_ctl_migrates_an_sev_guest_to_a_trusted_emulated_platform() {
         dir.path("target"),
         dir.path("target.chain"),
     );
-    let exported = common::veil()
-        .args([
-            "sev",
-            "export-chain",
-            "--sev-platform",
-            "emulated",
-            "--sev-state-dir",
-        ])
-        .arg(&target_state)
-        .arg("--out")
-        .arg(&chain)
-        .output()
-        .unwrap();
-    assert!(exported.status.success(), "{}", common::describe(&exported));
+    common::export_emulated_chain(&target_state, &chain);
     let mut target = common::receive_on(
         &target_socket,
         &[

@@ -135,15 +135,7 @@ impl Hosts {
             ],
         };
         if guest == Guest::Sev {
-            let exported = common::veil()
-                .args(["sev", "export-chain", "--sev-platform", "emulated"])
-                .arg("--sev-state-dir")
-                .arg(dir.path("target-sev"))
-                .arg("--out")
-                .arg(dir.path("target.chain"))
-                .output()
-                .unwrap();
-            assert!(exported.status.success(), "{}", common::describe(&exported));
+            common::export_emulated_chain(&dir.path("target-sev"), &dir.path("target.chain"));
         }
         let target = common::veil()
             .arg("receive")

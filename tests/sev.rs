@@ -18,20 +18,7 @@ use veil_hypervisor::BootConfig;
 use veil_sev::policy::GuestPolicy;
 
 fn export_chain(state: &Path, out: &Path) -> sev::certs::sev::Chain {
-    let status = veil()
-        .args([
-            "sev",
-            "export-chain",
-            "--sev-platform",
-            "emulated",
-            "--sev-state-dir",
-        ])
-        .arg(state)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", describe(&status));
+    common::export_emulated_chain(state, out);
     sev::certs::sev::Chain::decode(&mut File::open(out).unwrap(), ()).expect("chain decodes")
 }
 

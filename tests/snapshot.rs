@@ -472,6 +472,22 @@ fn a_library_restores_a_saved_guest_and_the_host_writes_stay_out_of_the_snapshot
     );
 }
 
+/// No file of the snapshot in `snap` holds a private page's stamp (seed 3, 64 pages from
+/// FIRST) in the clear; every shared page's stamp (seed 9, gfns 0x900..0x904) is there.
+fn assert_no_private_plaintext(snap: &Path) {
+    let mut everything = Vec::new();
+    for entry in std::fs::read_dir(snap).unwrap() {
+        everything.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let contains = |word: u64| memchr::memmem::find(&everything, &word.to_le_bytes()).is_some();
+    for gfn in FIRST..FIRST + 64 {
+        assert!(!contains(page_stamp(3, gfn)), "private gfn {gfn:#x} leaked");
+    }
+    for gfn in 0x900..0x904 {
+        assert!(contains(page_stamp(9, gfn)), "shared gfn {gfn:#x} missing");
+    }
+}
+
 #[test]
 fn an_sev_guest_is_saved_for_a_named_platform_without_private_plaintext_and_restored_there() {
     use veil::sev_launch::open_platform;
@@ -520,17 +536,7 @@ fn an_sev_guest_is_saved_for_a_named_platform_without_private_plaintext_and_rest
     );
 
     // No private page's plaintext is in the directory; the shared pages are, in the clear.
-    let mut everything = Vec::new();
-    for entry in std::fs::read_dir(&snap).unwrap() {
-        everything.extend(std::fs::read(entry.unwrap().path()).unwrap());
-    }
-    let contains = |word: u64| memchr::memmem::find(&everything, &word.to_le_bytes()).is_some();
-    for gfn in FIRST..FIRST + 64 {
-        assert!(!contains(page_stamp(3, gfn)), "private gfn {gfn:#x} leaked");
-    }
-    for gfn in 0x900..0x904 {
-        assert!(contains(page_stamp(9, gfn)), "shared gfn {gfn:#x} missing");
-    }
+    assert_no_private_plaintext(&snap);
 
     // The source's own platform cannot receive what was encrypted for the target's.
     let err = VmBuilder::new()
@@ -615,15 +621,7 @@ fn veil_ctl_snapshots_an_sev_guest_for_another_platform_and_veil_restore_runs_it
         dir.path("target-sev"),
         dir.path("target.chain"),
     );
-    let exported = veil()
-        .args(["sev", "export-chain", "--sev-platform", "emulated"])
-        .arg("--sev-state-dir")
-        .arg(&target_state)
-        .arg("--out")
-        .arg(&chain)
-        .output()
-        .unwrap();
-    assert!(exported.status.success(), "{}", common::describe(&exported));
+    common::export_emulated_chain(&target_state, &chain);
     let (api, serial) = (dir.path("api.sock"), dir.path("source.out"));
     let cmdline = format!(
         "hypercall:gpa=0x900000,pages=4,attrs=0,expect=0 stamp:seed=9,first=0x900,count=4 \
@@ -657,17 +655,7 @@ fn veil_ctl_snapshots_an_sev_guest_for_another_platform_and_veil_restore_runs_it
     assert!(out.status.success(), "{}", common::describe(&out));
     assert_eq!(source.wait().code(), Some(130));
 
-    let mut everything = Vec::new();
-    for entry in std::fs::read_dir(&snap).unwrap() {
-        everything.extend(std::fs::read(entry.unwrap().path()).unwrap());
-    }
-    let contains = |word: u64| memchr::memmem::find(&everything, &word.to_le_bytes()).is_some();
-    for gfn in FIRST..FIRST + 64 {
-        assert!(!contains(page_stamp(3, gfn)), "private gfn {gfn:#x} leaked");
-    }
-    for gfn in 0x900..0x904 {
-        assert!(contains(page_stamp(9, gfn)), "shared gfn {gfn:#x} missing");
-    }
+    assert_no_private_plaintext(&snap);
 
     let wrong = restore(&snap, &dir.path("wrong.out"))
         .args(&source_sev)

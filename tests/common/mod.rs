@@ -174,6 +174,20 @@ pub fn status(socket: &Path) -> serde_json::Value {
     serde_json::from_slice(&ctl(socket, &["--json", "status"]).stdout).unwrap()
 }
 
+/// `veil sev export-chain` of the emulated platform whose identity is in `state` (made if
+/// missing), into `out`.
+pub fn export_emulated_chain(state: &Path, out: &Path) {
+    let exported = veil()
+        .args(["sev", "export-chain", "--sev-platform", "emulated"])
+        .arg("--sev-state-dir")
+        .arg(state)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(exported.status.success(), "{}", describe(&exported));
+}
+
 /// Two emulated SEV platforms, a source's and a target's, with their identities in `dir`.
 pub fn emulated_platforms(
     dir: &TempDir,
