@@ -94,7 +94,8 @@ impl DiffFile {
         })
     }
 
-    fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+    /// The diff file's payload.
+    pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
         let path = self.parent.as_os_str().as_bytes();
         let length = u16::try_from(path.len()).map_err(|_| SnapshotError::DiffParentPath {
             path: self.parent.clone(),
@@ -109,8 +110,10 @@ impl DiffFile {
         Ok(out)
     }
 
-    /// Decodes a diff file's payload for a memory file of `memory_pages` pages.
-    fn decode(payload: &[u8], memory_pages: u64, at: &Path) -> Result<Self, SnapshotError> {
+    /// Decodes a diff file's payload (read from `at`) for a memory file of `memory_pages`
+    /// pages: anything but a whole, absolute-parented bitmap of exactly that many pages is
+    /// refused with the reason.
+    pub fn decode(payload: &[u8], memory_pages: u64, at: &Path) -> Result<Self, SnapshotError> {
         let bad = |why: &'static str| SnapshotError::DiffFile {
             path: at.to_owned(),
             why,
