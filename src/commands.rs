@@ -113,7 +113,13 @@ fn bundled_kit() -> Result<BundledKernel, Box<dyn Error>> {
 }
 
 fn run_until_stopped((builder, api_socket): (VmBuilder, Option<PathBuf>)) -> CommandResult {
-    serve_until_stopped(builder.start()?, api_socket)
+    // Bound before the guest runs: whoever sees it run finds the socket.
+    let api = bind_api(api_socket)?;
+    serve_until_stopped(builder.start()?, api)
+}
+
+fn bind_api(path: Option<PathBuf>) -> Result<Option<veil::api::BoundApi>, veil::api::ServerError> {
+    path.as_deref().map(veil::api::BoundApi::bind).transpose()
 }
 
 fn receive(args: ReceiveArgs) -> CommandResult {
@@ -242,9 +248,10 @@ fn receive(args: ReceiveArgs) -> CommandResult {
         }
     };
     discard.keep();
+    let api = bind_api(args.api_socket)?;
     vm.resume();
     eprintln!("veil: the guest arrived from {endpoint} and runs here");
-    serve_until_stopped(vm, args.api_socket)
+    serve_until_stopped(vm, api)
 }
 
 /// The devices a guest arriving (or restored) here is given in place of its source's: the
@@ -286,9 +293,10 @@ fn restore(args: RestoreArgs) -> CommandResult {
     let options = veil::RestoreOptions {
         vsock_cid: args.vsock_cid,
     };
+    let api = bind_api(args.api_socket)?;
     let vm = builder.restore_with(&args.from, options)?;
     tracing::info!("restored the guest from {}", args.from.display());
-    serve_until_stopped(vm, args.api_socket)
+    serve_until_stopped(vm, api)
 }
 
 /// A `--memory-file` an incoming guest is being written into: removed if the migration fails
@@ -323,11 +331,9 @@ impl Drop for DiscardMemoryFile {
     }
 }
 
-fn serve_until_stopped(vm: veil::Vm, api_socket: Option<PathBuf>) -> CommandResult {
+fn serve_until_stopped(vm: veil::Vm, api: Option<veil::api::BoundApi>) -> CommandResult {
     let vm = Arc::new(vm);
-    let _api = api_socket
-        .map(|path| veil::api::ApiServer::start(&path, Arc::clone(&vm)))
-        .transpose()?;
+    let _api = api.map(|bound| bound.serve(Arc::clone(&vm))).transpose()?;
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let signal_handle = signals.handle();
     let on_signal = Arc::clone(&vm);

@@ -18,5 +18,5 @@ mod status;
 
 pub use client::{ApiClient, ClientError};
 pub use protocol::{MigrationTarget, Request, Response};
-pub use server::{ApiServer, ServerError};
+pub use server::{ApiServer, BoundApi, ServerError};
 pub use status::{PageStateSummary, SevStatus, VmStatus};

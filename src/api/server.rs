@@ -42,9 +42,17 @@ pub struct ApiServer {
     thread: Option<JoinHandle<()>>,
 }
 
-impl ApiServer {
-    /// Listens on `path` (mode 0600) and serves requests for `vm` on a background thread.
-    pub fn start(path: &Path, vm: Arc<Vm>) -> Result<Self, ServerError> {
+/// The API socket listening (mode 0600) but not served yet: bound before the VM starts, so
+/// that it is there by the time the guest runs, and clients that come early wait in its
+/// backlog. Removed if dropped unserved (the VM did not start).
+pub struct BoundApi {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl BoundApi {
+    /// Listens on `path`, refusing one a running VMM serves and replacing a stale one.
+    pub fn bind(path: &Path) -> Result<Self, ServerError> {
         let bind_error = |source| ServerError::Bind {
             path: path.to_owned(),
             source,
@@ -58,8 +66,41 @@ impl ApiServer {
             std::fs::remove_file(path).map_err(bind_error)?;
         }
         let listener = UnixListener::bind(path).map_err(bind_error)?;
+        let bound = Self {
+            path: path.to_owned(),
+            listener: Some(listener),
+        };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_error)?;
+        Ok(bound)
+    }
+
+    /// Serves requests for `vm` on a background thread.
+    pub fn serve(mut self, vm: Arc<Vm>) -> Result<ApiServer, ServerError> {
+        let listener = self.listener.take().expect("an unserved socket");
+        ApiServer::serve(std::mem::take(&mut self.path), listener, vm)
+    }
+}
+
+impl Drop for BoundApi {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl ApiServer {
+    /// Listens on `path` (mode 0600) and serves requests for `vm` on a background thread.
+    pub fn start(path: &Path, vm: Arc<Vm>) -> Result<Self, ServerError> {
+        BoundApi::bind(path)?.serve(vm)
+    }
+
+    fn serve(path: PathBuf, listener: UnixListener, vm: Arc<Vm>) -> Result<Self, ServerError> {
+        let bind_error = |source| ServerError::Bind {
+            path: path.clone(),
+            source,
+        };
         let shutdown_handle = listener.try_clone().map_err(bind_error)?;
         let in_flight = Arc::new(InFlight::default());
         let counter = Arc::clone(&in_flight);
@@ -107,7 +148,7 @@ impl ApiServer {
             })
             .map_err(bind_error)?;
         Ok(Self {
-            path: path.to_owned(),
+            path,
             in_flight,
             listener: shutdown_handle,
             stopping,
