@@ -34,6 +34,22 @@ fn until_closed(stream: &mut UnixStream) -> (String, Duration) {
     )
 }
 
+/// Waits until `pid` serves no API client: a client that has gone still holds its place until
+/// its thread has read the end of its connection, which on a loaded host can take a while.
+fn wait_until_no_client_is_served(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let serving = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .any(|name| name.trim() == "api-client")
+    };
+    while serving() {
+        assert!(Instant::now() < deadline, "an API client is never let go");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones() {
     let dir = common::TempDir::new("api-bounds");
@@ -51,6 +67,9 @@ fn the_api_serves_a_bounded_number_of_clients_and_drops_idle_and_trickling_ones(
         .unwrap();
     common::wait_for(&api);
     assert!(common::ctl(&api, &["status"]).status.success());
+    // Otherwise the status client's place may still be taken when the idle ones come, and
+    // one of them be turned away, its place freed for an extra one a moment later.
+    wait_until_no_client_is_served(vmm.0.id());
     let idle_threads = threads_of(vmm.0.id());
 
     // Clients that connect and say nothing fill every place.
