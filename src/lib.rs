@@ -23,6 +23,7 @@ mod capture;
 mod incoming;
 pub mod migration;
 pub mod sev_bench;
+pub mod sev_chain;
 pub mod sev_launch;
 pub mod sev_owner;
 mod snapshot;

@@ -79,18 +79,8 @@ pub struct Sent {
 pub enum MigrateError {
     #[error(transparent)]
     Send(#[from] SendError),
-    #[error("Cannot read the SEV trust chain {}", path.display())]
-    TrustChainFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{} is not an SEV certificate chain", path.display())]
-    TrustChain {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("Cannot use the SEV trust chain")]
+    TrustChain(#[from] crate::sev_chain::ChainFileError),
     #[error("Cannot load AMD's root keys")]
     AmdRoots(#[source] veil_sev::emulated::identity::IdentityError),
 }
@@ -119,7 +109,7 @@ pub fn send(vm: &Vm, outgoing: &Outgoing) -> Result<Sent, MigrateError> {
     if vm.sev().is_some() {
         arks = veil_sev::emulated::identity::amd_arks().map_err(MigrateError::AmdRoots)?;
         if let Some(path) = &outgoing.sev_trust_chain {
-            arks.push(read_trust_chain(path)?);
+            arks.push(crate::sev_chain::read_chain_file(path)?.ca.ark);
         }
     }
     // Connected only once the guest may go: the target drops a connection silent for long.
@@ -180,21 +170,6 @@ fn sev_source<'g>(
         },
         trusted_arks,
     }
-}
-
-fn read_trust_chain(path: &PathBuf) -> Result<sev::certs::sev::ca::Certificate, MigrateError> {
-    use sev::parser::Decoder;
-    let bytes = std::fs::read(path).map_err(|source| MigrateError::TrustChainFile {
-        path: path.clone(),
-        source,
-    })?;
-    let chain = sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ()).map_err(|source| {
-        MigrateError::TrustChain {
-            path: path.clone(),
-            source,
-        }
-    })?;
-    Ok(chain.ca.ark)
 }
 
 /// Takes over an accepted guest: builds the VM its source described (memory, vCPUs, CPUID,

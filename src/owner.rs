@@ -5,7 +5,7 @@ use std::error::Error;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sev::parser::Decoder;
+use veil::sev_chain::read_chain_file;
 use veil::sev_launch::MeasurementFile;
 use veil::sev_owner::{ExpectedImage, Owner};
 use veil_hypervisor::BootConfig;
@@ -14,10 +14,10 @@ use veil_sev::policy::GuestPolicy;
 use crate::cli::OwnerArgs;
 
 pub fn run(args: OwnerArgs) -> Result<(), Box<dyn Error>> {
-    let chain = read_chain(&args.chain)?;
+    let chain = read_chain_file(&args.chain)?;
     let mut trusted_arks = veil_sev::emulated::identity::amd_arks()?;
     if let Some(path) = &args.trust_chain {
-        trusted_arks.push(read_chain(path)?.ca.ark);
+        trusted_arks.push(read_chain_file(path)?.ca.ark);
     }
     let secret = args
         .secret
@@ -91,12 +91,6 @@ pub fn run(args: OwnerArgs) -> Result<(), Box<dyn Error>> {
         );
     }
     Ok(())
-}
-
-fn read_chain(path: &Path) -> Result<sev::certs::sev::Chain, Box<dyn Error>> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ())
-        .map_err(|e| format!("{} is not an SEV certificate chain: {e}", path.display()).into())
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), Box<dyn Error>> {

@@ -24,9 +24,11 @@ pub(crate) fn snapshot_under_way() -> bool {
     SNAPSHOTS.try_lock().is_err()
 }
 
-/// Which of a VM's snapshot calls is saving.
+/// Which pages a snapshot saves: every page with the guest paused ([`Vm::snapshot`]),
+/// every page with the guest running and then what it changed ([`Vm::live_snapshot`]), or
+/// only what changed since the last snapshot ([`Vm::diff_snapshot`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Full,
     Live,
     Diff,
@@ -106,7 +108,7 @@ impl Vm {
         self.save(dir.as_ref(), after, None, Kind::Diff)
     }
 
-    fn save(
+    pub(crate) fn save(
         &self,
         dir: &Path,
         after: AfterSnapshot,
@@ -149,9 +151,6 @@ impl Vm {
         let Some(guest) = self.sev() else {
             return snapshot::snapshot(self.inner(), dir, after, None, pages);
         };
-        if pages == SavePages::Live {
-            return Err(SnapshotError::LiveSev);
-        }
         let mut firmware = guest
             .launch
             .firmware
@@ -164,7 +163,7 @@ impl Vm {
             platform: kind_of(&guest.config.platform),
             target_chain: sev_target_chain,
         };
-        snapshot::snapshot(self.inner(), dir, after, Some(sev), SavePages::All)
+        snapshot::snapshot(self.inner(), dir, after, Some(sev), pages)
     }
 }
 

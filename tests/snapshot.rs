@@ -713,6 +713,25 @@ fn stamped_once_then_checking() -> String {
     format!("stamp:seed=9,first=0x1000,count=1024 {CHECKING_GUEST}")
 }
 
+/// The snapshot in `snap` restored by the library: the `stamped` pages the guest stamped
+/// once (seed 9, from gfn 0x1000) are there, and the guest keeps checking its own.
+fn restored_with_stamps(snap: &Path, stamped: u64) -> (veil::Vm, CapturedOutput) {
+    let out = CapturedOutput::new();
+    let restored = VmBuilder::new()
+        .serial_writer(out.clone())
+        .restore(snap)
+        .unwrap();
+    for gfn in 0x1000..0x1000 + stamped {
+        assert_eq!(
+            word(restored.memory(), gfn),
+            page_stamp(9, gfn),
+            "gfn {gfn:#x}"
+        );
+    }
+    keeps_checking(&out);
+    (restored, out)
+}
+
 /// A full snapshot, then two diffs of what the guest wrote since the one before; each diff
 /// restores the guest as it was when that diff was taken (its first check there passes only
 /// if every page it wrote since the full snapshot came back), and no snapshot file changes.
@@ -888,19 +907,7 @@ fn a_diff_is_refused_once_something_else_has_used_the_dirty_log() {
 
     // Restored: the pages stamped once come from the full snapshot, the checked ones (and
     // every other page written since) from the diff.
-    let restored_out = CapturedOutput::new();
-    let restored = VmBuilder::new()
-        .serial_writer(restored_out.clone())
-        .restore(dir.path("diff"))
-        .unwrap();
-    for gfn in 0x1000..0x1400 {
-        assert_eq!(
-            word(restored.memory(), gfn),
-            page_stamp(9, gfn),
-            "gfn {gfn:#x}"
-        );
-    }
-    keeps_checking(&restored_out);
+    let (restored, restored_out) = restored_with_stamps(&dir.path("diff"), 1024);
     let rounds = rounds_checked(&restored_out.text());
     assert!(
         rounds[0] > before_diff,
@@ -1007,19 +1014,7 @@ fn a_library_live_snapshot_holds_the_guest_as_it_was_at_the_pause() {
         );
     }
 
-    let restored_out = CapturedOutput::new();
-    let restored = VmBuilder::new()
-        .serial_writer(restored_out.clone())
-        .restore(dir.path("live"))
-        .unwrap();
-    for gfn in 0x1000..0x1000 + LIVE_STAMPED {
-        assert_eq!(
-            word(restored.memory(), gfn),
-            page_stamp(9, gfn),
-            "gfn {gfn:#x}"
-        );
-    }
-    keeps_checking(&restored_out);
+    let (restored, restored_out) = restored_with_stamps(&dir.path("live"), LIVE_STAMPED);
     let rounds = rounds_checked(&restored_out.text());
     assert!(
         rounds[0] >= at && rounds[0] <= at + 2,

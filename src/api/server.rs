@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::{MigrationTarget, Request, Response, MAX_REQUEST_BYTES};
 use super::status::{state_name, VmStatus};
+use crate::snapshot::Kind;
 use crate::Vm;
 use veil_migration::recovery::RunOn;
 use veil_seccomp::ThreadKind;
@@ -428,13 +429,13 @@ fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Res
             live,
             sev_target_chain,
         } => on_worker(migrations, move |vm| {
-            let pages = match (diff, live) {
+            let kind = match (diff, live) {
                 (true, true) => return Err("a snapshot is either a diff or live, not both".into()),
-                (true, false) => Pages::Diff,
-                (false, true) => Pages::Live,
-                (false, false) => Pages::All,
+                (true, false) => Kind::Diff,
+                (false, true) => Kind::Live,
+                (false, false) => Kind::Full,
             };
-            snapshot(vm, &to, stop, pages, sev_target_chain)
+            snapshot(vm, &to, stop, kind, sev_target_chain)
         }),
         Request::MigrateRecover { target, run_on } => on_worker(migrations, move |vm| {
             let runs_on = recover(vm, target, run_on)?;
@@ -450,22 +451,14 @@ fn handle(request: Request, vm: &Vm, migrations: &SyncSender<MigrateJob>) -> Res
     }
 }
 
-/// Which pages a snapshot request saves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pages {
-    All,
-    Live,
-    Diff,
-}
-
 fn snapshot(
     vm: &Vm,
     to: &str,
     stop: bool,
-    pages: Pages,
+    kind: Kind,
     sev_target_chain: Option<String>,
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    if pages != Pages::All && sev_target_chain.is_some() {
+    if kind != Kind::Full && sev_target_chain.is_some() {
         return Err(
             "diff and live snapshots cannot be of an SEV guest: sev_target_chain is for full snapshots"
                 .into(),
@@ -473,10 +466,7 @@ fn snapshot(
     }
     let chain = match sev_target_chain {
         Some(path) => {
-            use sev::parser::Decoder;
-            let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
-            let chain = sev::certs::sev::Chain::decode(&mut bytes.as_slice(), ())
-                .map_err(|e| format!("{path} is not an SEV certificate chain: {e}"))?;
+            let chain = crate::sev_chain::read_chain_file(Path::new(&path))?;
             // A damaged or mixed-up chain is caught here, not at restore: its own root must
             // sign it through.
             veil_sev::emulated::identity::verify_chain(&chain, std::slice::from_ref(&chain.ca.ark))
@@ -490,14 +480,10 @@ fn snapshot(
     } else {
         crate::AfterSnapshot::Resume
     };
-    let r = match pages {
-        Pages::Diff => vm.diff_snapshot(to, after)?,
-        Pages::Live => vm.live_snapshot(to, after)?,
-        Pages::All => vm.snapshot(to, after, chain)?,
-    };
+    let r = vm.save(Path::new(to), after, chain, kind)?;
     Ok(serde_json::json!({
         "dir": r.dir,
-        "live": pages == Pages::Live,
+        "live": kind == Kind::Live,
         "diff_of": r.diff_of,
         "dirty_pages": r.dirty_pages,
         "memory_bytes": r.memory_bytes,

@@ -94,10 +94,6 @@ pub fn snapshot(
     sev: Option<SnapshotSev<'_>>,
     pages: SavePages<'_>,
 ) -> Result<SnapshotReport, SnapshotError> {
-    let diff_of = match pages {
-        SavePages::DiffOf(base) => Some(base),
-        _ => None,
-    };
     let started = Instant::now();
     if vm.paravirt().page_states().is_some() != sev.is_some() {
         return Err(SnapshotError::Sev);
@@ -105,13 +101,12 @@ pub fn snapshot(
     if sev.as_ref().is_some_and(|s| s.policy.has(GuestPolicy::ES)) {
         return Err(SnapshotError::SevEs);
     }
-    if diff_of.is_some() && sev.is_some() {
-        return Err(SnapshotError::DiffSev);
+    match pages {
+        SavePages::DiffOf(_) if sev.is_some() => return Err(SnapshotError::DiffSev),
+        SavePages::Live if sev.is_some() => return Err(SnapshotError::LiveSev),
+        _ => {}
     }
-    if pages == SavePages::Live && sev.is_some() {
-        return Err(SnapshotError::LiveSev);
-    }
-    if let Some(base) = diff_of {
+    if let SavePages::DiffOf(base) = pages {
         // Only the migration thread takes the log besides snapshots, and it does not run
         // while a snapshot is taken: what holds now holds at the pause.
         if base.dirty_log_epoch != vm.ram().dirty_log_epoch() {
@@ -134,9 +129,10 @@ pub fn snapshot(
     }
     let was_running = vm.run_state() == RunState::Running;
     let mut partial = Partial::new(dir);
-    let precopied = match pages {
-        SavePages::Live => Some(precopy(vm, &mut partial)?),
-        _ => None,
+    let memory = match pages {
+        SavePages::All => MemoryPlan::All,
+        SavePages::Live => MemoryPlan::Precopied(precopy(vm, &mut partial)?),
+        SavePages::DiffOf(base) => MemoryPlan::DiffOf(base),
     };
     let paused = Instant::now();
     if vm.pause() != RunState::Paused {
@@ -144,7 +140,7 @@ pub fn snapshot(
     }
     // An SEV guest's snapshots are never diffs: its writes need not be logged.
     let may_diff_later = sev.is_none() && after == AfterSnapshot::Resume;
-    let result = write_all(vm, &mut partial, sev, after, diff_of, precopied);
+    let result = write_all(vm, &mut partial, sev, after, memory);
     let paused_for = paused.elapsed();
     match result {
         Ok(mut report) => {
@@ -177,11 +173,7 @@ pub fn snapshot(
 /// diff finds every write since this snapshot in it. A failure costs only the diff: the
 /// snapshot stands, and the next one must be full.
 fn log_writes_from_here(vm: &RunningVm, dir: &Path) -> Option<DiffBase> {
-    let (ram, fd) = (vm.ram(), vm.fd());
-    let started = ram
-        .set_dirty_logging(fd, true)
-        .and_then(|()| ram.take_dirty_pages(fd).map(drop));
-    let base = started.map_err(SnapshotError::DirtyLog).and_then(|()| {
+    let base = start_logging(vm).and_then(|()| {
         // Lexically, without resolving links: a later diff names its parent by this path.
         let dir = std::path::absolute(dir).map_err(|source| SnapshotError::Io {
             path: dir.to_owned(),
@@ -190,7 +182,7 @@ fn log_writes_from_here(vm: &RunningVm, dir: &Path) -> Option<DiffBase> {
         Ok(DiffBase {
             state_digest: diff::state_digest(&dir)?,
             dir,
-            dirty_log_epoch: ram.dirty_log_epoch(),
+            dirty_log_epoch: vm.ram().dirty_log_epoch(),
         })
     });
     match base {
@@ -203,6 +195,38 @@ fn log_writes_from_here(vm: &RunningVm, dir: &Path) -> Option<DiffBase> {
             None
         }
     }
+}
+
+/// Turns KVM's dirty log on and empties it (and the VMM's own record of its writes): from
+/// here on it holds every page written.
+fn start_logging(vm: &RunningVm) -> Result<(), SnapshotError> {
+    let (ram, fd) = (vm.ram(), vm.fd());
+    ram.set_dirty_logging(fd, true)?;
+    ram.take_dirty_pages(fd)?;
+    Ok(())
+}
+
+/// Calls `each` with the memory file's page index and the contents of every page written
+/// since the log was last taken, and takes it again. The memory file is guest RAM region
+/// after region.
+fn each_dirty_page(
+    vm: &RunningVm,
+    mut each: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+) -> Result<(), SnapshotError> {
+    let memory = vm.memory();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut file_page = 0u64;
+    for (region, dirty) in memory.iter().zip(vm.ram().take_dirty_pages(vm.fd())?) {
+        for at in dirty.dirty_addresses() {
+            memory.read_slice(&mut page, at)?;
+            each(
+                file_page + (at.0 - region.start_addr().0) / PAGE_SIZE,
+                &page,
+            )?;
+        }
+        file_page += region.len() / PAGE_SIZE;
+    }
+    Ok(())
 }
 
 /// A snapshot is refused for a guest that may not leave this VM, for the migration's reasons:
@@ -280,6 +304,14 @@ impl Drop for Partial {
     }
 }
 
+/// How the memory is written once the guest is paused.
+enum MemoryPlan<'b> {
+    All,
+    /// A live snapshot's first pass is done.
+    Precopied(Precopied),
+    DiffOf(&'b DiffBase),
+}
+
 /// The memory file of a live snapshot, every page written while the guest ran, its writes
 /// since logged.
 struct Precopied {
@@ -292,29 +324,24 @@ struct Precopied {
 /// while the guest runs. A page it writes meanwhile may be torn in the file; it is in the log
 /// and written again in the pause.
 fn precopy(vm: &RunningVm, partial: &mut Partial) -> Result<Precopied, SnapshotError> {
-    let (ram, fd) = (vm.ram(), vm.fd());
-    let written = ram
-        .set_dirty_logging(fd, true)
-        .and_then(|()| ram.take_dirty_pages(fd).map(drop))
-        .map_err(SnapshotError::DirtyLog)
-        .and_then(|()| {
-            let (file, path) = create_memory_file(vm, partial)?;
-            let mut report = SnapshotReport::default();
-            write_every_page(vm, &file, &path, None, partial, &mut report)?;
-            // Made durable now, while the guest runs: the pause then syncs only its pages.
-            file.sync_data().map_err(|source| SnapshotError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            Ok(Precopied {
-                file,
-                path,
-                pages_written: report.pages_written,
-            })
-        });
+    let written = start_logging(vm).and_then(|()| {
+        let (file, path) = create_memory_file(vm, partial)?;
+        let mut report = SnapshotReport::default();
+        write_every_page(vm, &file, &path, None, partial, &mut report)?;
+        // Made durable now, while the guest runs: the pause then syncs only its pages.
+        file.sync_data().map_err(|source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Precopied {
+            file,
+            path,
+            pages_written: report.pages_written,
+        })
+    });
     if written.is_err() {
         // Nothing relies on the log now: the take above ended any diff's base.
-        let _ = ram.set_dirty_logging(fd, false);
+        let _ = vm.ram().set_dirty_logging(vm.fd(), false);
     }
     written
 }
@@ -327,24 +354,15 @@ impl Precopied {
         vm: &RunningVm,
         report: &mut SnapshotReport,
     ) -> Result<(File, PathBuf), SnapshotError> {
-        let memory = vm.memory();
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        let mut file_page = 0u64;
-        let io = |source| SnapshotError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        for (region, dirty) in memory.iter().zip(vm.ram().take_dirty_pages(vm.fd())?) {
-            for at in dirty.dirty_addresses() {
-                memory.read_slice(&mut page, at)?;
-                let index = file_page + (at.0 - region.start_addr().0) / PAGE_SIZE;
-                self.file
-                    .write_all_at(&page, index * PAGE_SIZE)
-                    .map_err(io)?;
-                report.dirty_pages += 1;
-            }
-            file_page += region.len() / PAGE_SIZE;
-        }
+        each_dirty_page(vm, |index, page| {
+            report.dirty_pages += 1;
+            self.file
+                .write_all_at(page, index * PAGE_SIZE)
+                .map_err(|source| SnapshotError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+        })?;
         report.pages_written += self.pages_written;
         Ok((self.file, self.path))
     }
@@ -370,8 +388,7 @@ fn write_all(
     partial: &mut Partial,
     sev: Option<SnapshotSev<'_>>,
     after: AfterSnapshot,
-    diff_of: Option<&DiffBase>,
-    precopied: Option<Precopied>,
+    memory: MemoryPlan<'_>,
 ) -> Result<SnapshotReport, SnapshotError> {
     let mut report = SnapshotReport::default();
     let sev_shape = sev.as_ref().map(|s| SevShape {
@@ -408,28 +425,22 @@ fn write_all(
     };
 
     report.memory_bytes = vm.ram().size();
-    let live = precopied.is_some();
-    let (memory_file, memory_path) = match precopied {
-        Some(first_pass) => first_pass.finish(vm, &mut report)?,
-        None => create_memory_file(vm, partial)?,
+    let (memory_file, memory_path) = match memory {
+        // Written while the guest ran; what it wrote meanwhile is written again now.
+        MemoryPlan::Precopied(first_pass) => first_pass.finish(vm, &mut report)?,
+        MemoryPlan::DiffOf(base) => {
+            let (file, path) = create_memory_file(vm, partial)?;
+            let diff = write_dirty_pages(vm, &file, &path, base, &mut report)?;
+            diff::write(&partial.temp_path(DIFF_FILE), &diff)?;
+            report.diff_of = Some(base.dir.clone());
+            (file, path)
+        }
+        MemoryPlan::All => {
+            let (file, path) = create_memory_file(vm, partial)?;
+            write_every_page(vm, &file, &path, send.as_mut(), partial, &mut report)?;
+            (file, path)
+        }
     };
-    if live {
-        // Written while the guest ran, and what it wrote meanwhile again just now.
-    } else if let Some(base) = diff_of {
-        let diff = write_dirty_pages(vm, &memory_file, &memory_path, base, &mut report)?;
-        let path = partial.temp_path(DIFF_FILE);
-        diff::write(&path, &diff)?;
-        report.diff_of = Some(base.dir.clone());
-    } else {
-        write_every_page(
-            vm,
-            &memory_file,
-            &memory_path,
-            send.as_mut(),
-            partial,
-            &mut report,
-        )?;
-    }
     memory_file.sync_all().map_err(|source| SnapshotError::Io {
         path: memory_path.clone(),
         source,
@@ -461,25 +472,16 @@ fn write_dirty_pages(
     base: &DiffBase,
     report: &mut SnapshotReport,
 ) -> Result<DiffFile, SnapshotError> {
-    let dirty = vm.ram().take_dirty_pages(vm.fd())?;
-    let memory = vm.memory();
     let total_pages = report.memory_bytes / PAGE_SIZE;
     let mut pages = vec![0u64; total_pages.div_ceil(64) as usize];
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
-    let mut file_page = 0u64;
-    for (region, bitmap) in memory.iter().zip(&dirty) {
-        for at in bitmap.dirty_addresses() {
-            let index = file_page + (at.0 - region.start_addr().0) / PAGE_SIZE;
-            memory.read_slice(&mut buf, at)?;
-            write_nonzero_pages(memory_file, memory_path, index * PAGE_SIZE, &buf)?;
-            pages[(index / 64) as usize] |= 1 << (index % 64);
-            report.dirty_pages += 1;
-            if buf.iter().any(|&b| b != 0) {
-                report.pages_written += 1;
-            }
+    each_dirty_page(vm, |index, page| {
+        pages[(index / 64) as usize] |= 1 << (index % 64);
+        report.dirty_pages += 1;
+        if page.iter().any(|&b| b != 0) {
+            report.pages_written += 1;
         }
-        file_page += region.len() / PAGE_SIZE;
-    }
+        write_nonzero_pages(memory_file, memory_path, index * PAGE_SIZE, page)
+    })?;
     Ok(DiffFile {
         parent: base.dir.clone(),
         parent_digest: base.state_digest,
