@@ -936,8 +936,9 @@ fn firmware_rates(platforms: &SevPlatforms) -> Result<FirmwareRates, String> {
     })
     .map_err(fw)?;
     let dest = target_ram.at(0, page_bytes);
-    let receive = pages_per_second(|i| target.receive_update_data(received, &packets[i], &dest))
-        .map_err(fw)?;
+    let receive =
+        pages_per_second(|i| target.receive_update_data(received, packets[i].as_ref(), &dest))
+            .map_err(fw)?;
     let bytes = PAGE_SIZE as f64;
     Ok(FirmwareRates {
         send: send * bytes,

@@ -104,7 +104,7 @@ pub fn transport(platform: &SevPlatform, pages: usize) -> Result<TransportBench,
     let mut receiver = Receiver::start(target.as_mut(), &start)?;
     let began = Instant::now();
     for (gfn, packet) in packets.iter().enumerate() {
-        receiver.update_data(packet, &page(&arrived, gfn))?;
+        receiver.update_data(packet.as_ref(), &page(&arrived, gfn))?;
     }
     let receive = Rate::new(pages, began.elapsed());
     receiver.finish()?;

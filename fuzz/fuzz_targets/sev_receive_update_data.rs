@@ -95,7 +95,7 @@ fuzz_target!(|input: Input| {
     let len = usize::from(input.dest_len.unwrap_or(packet.data.len() as u16)).min(RAM_BYTES);
     let gpa = usize::from(input.dest) % (RAM_BYTES - len + 1);
     let before = ram.read(0, RAM_BYTES);
-    let result = firmware.receive_update_data(*guest, &packet, &ram.at(gpa as u64, len));
+    let result = firmware.receive_update_data(*guest, packet.as_ref(), &ram.at(gpa as u64, len));
     match result {
         Ok(()) => {
             assert_eq!(&packet, original, "a changed packet was accepted");

@@ -18,7 +18,10 @@ fuzz_target!(|input: (u16, &[u8])| {
     let mut held = 0u64;
     let mut last_end = None;
     for (first, end) in diff.runs() {
-        assert!(first < end && end <= memory_pages, "{first}..{end} of {memory_pages}");
+        assert!(
+            first < end && end <= memory_pages,
+            "{first}..{end} of {memory_pages}"
+        );
         if let Some(last) = last_end {
             assert!(first > last, "runs touch or overlap: ..{last}, {first}..");
         }

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, Sender};
 
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::GuestMemory;
-use veil_sev::firmware::{Firmware, Packet, SendStart};
+use veil_sev::firmware::{Firmware, PacketRef, SendStart};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::page_bits::PageBits;
@@ -40,8 +40,6 @@ pub(crate) struct PageWriter<'m, 'f> {
     /// Shared with the other streams' writers; `None` for file-backed memory.
     written: Option<&'m PageBits>,
     scratch: Vec<u8>,
-    /// Each encrypted page's packet, its buffer reused (the firmware takes an owned packet).
-    packet: Packet,
 }
 
 impl<'m, 'f> PageWriter<'m, 'f> {
@@ -60,10 +58,6 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             sev: None,
             written,
             scratch: vec![0; PAGE_SIZE as usize],
-            packet: Packet {
-                header: [0; veil_sev::crypto::PACKET_HEADER_BYTES],
-                data: Vec::with_capacity(PAGE_SIZE as usize),
-            },
         }
     }
 
@@ -111,12 +105,10 @@ impl<'m, 'f> PageWriter<'m, 'f> {
                 }
                 PageContentRef::Encrypted { header, data } => {
                     let receiver = self.sev.as_mut().ok_or(ReceiveError::Sev)?;
-                    self.packet.header = *header;
-                    self.packet.data.clear();
-                    self.packet.data.extend_from_slice(data);
-                    // Decrypted in place in guest RAM, as the PSP does on hardware.
+                    // Read where it lies in the frame and decrypted in place in guest RAM,
+                    // as the PSP does on hardware.
                     let dest = self.memory.get_slice(at, data.len())?;
-                    receiver.update_data(&self.packet, &dest)?;
+                    receiver.update_data(PacketRef { header, data }, &dest)?;
                     self.mark_written(page.gfn);
                 }
             }

@@ -905,15 +905,8 @@ pub(crate) fn push_pages<S: Duplex>(
             // the guest's key and its physical address, so a copy would not do.
             let page = pages.memory.get_slice(at, PAGE_SIZE as usize)?;
             let send = sev.as_deref_mut().ok_or(SendError::Sev)?;
-            let packet = send.update_data(&page)?;
+            out.push_encrypted(gfn, &page, send)?;
             tally.private_pages += 1;
-            out.push(PageRef {
-                gfn,
-                content: PageContentRef::Encrypted {
-                    header: &packet.header,
-                    data: &packet.data,
-                },
-            })?;
         } else {
             if out.push_clear(gfn, pages.zero_pages, pages.memory)? {
                 tally.zero_pages += 1;
@@ -986,6 +979,34 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
         };
         self.pending += 1;
         Ok(zero)
+    }
+
+    /// A private page, SEND_UPDATE_DATA writing its packet straight into the chunk.
+    fn push_encrypted(
+        &mut self,
+        gfn: u64,
+        page: &veil_sev::firmware::GuestBytes<'_>,
+        send: &mut veil_sev::flow::Sender<'_>,
+    ) -> Result<(), SendError> {
+        let mut seal = |out: veil_sev::firmware::PacketMut<'_>| {
+            send.update_data_into(page, out).map_err(SendError::from)
+        };
+        if self
+            .encoder
+            .push_encrypted_page(gfn, page.len(), &mut seal)?
+            .is_none()
+        {
+            self.flush()?;
+            self.encoder
+                .push_encrypted_page(gfn, page.len(), &mut seal)?
+                .ok_or(SendError::Chunk(crate::protocol::MessageError::TooMany {
+                    what: "bytes in an empty chunk",
+                    count: page.len() as u64,
+                    limit: crate::protocol::limits::MAX_CHUNK_BYTES,
+                }))?;
+        }
+        self.pending += 1;
+        Ok(())
     }
 
     fn push(&mut self, page: PageRef<'_>) -> Result<(), SendError> {

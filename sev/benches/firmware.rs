@@ -63,7 +63,9 @@ fn transport(c: &mut Criterion) {
         let dest = target_ram.at(0, PAGE);
         b.iter(|| {
             for p in &packets {
-                target.receive_update_data(received, p, &dest).unwrap();
+                target
+                    .receive_update_data(received, p.as_ref(), &dest)
+                    .unwrap();
             }
         })
     });

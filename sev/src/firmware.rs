@@ -115,6 +115,45 @@ pub struct Packet {
     pub data: Vec<u8>,
 }
 
+impl Packet {
+    /// A packet of zeros with room for a `len`-byte payload, for SEND_UPDATE_DATA to fill.
+    pub fn zeroed(len: usize) -> Self {
+        Self {
+            header: [0; crate::crypto::PACKET_HEADER_BYTES],
+            data: vec![0; len],
+        }
+    }
+
+    pub fn as_ref(&self) -> PacketRef<'_> {
+        PacketRef {
+            header: &self.header,
+            data: &self.data,
+        }
+    }
+
+    pub fn as_mut(&mut self) -> PacketMut<'_> {
+        PacketMut {
+            header: &mut self.header,
+            data: &mut self.data,
+        }
+    }
+}
+
+/// A packet read where it lies (in a received frame, in a snapshot file), not copied out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketRef<'a> {
+    pub header: &'a [u8; crate::crypto::PACKET_HEADER_BYTES],
+    pub data: &'a [u8],
+}
+
+/// Where SEND_UPDATE_DATA writes its packet: the caller's buffers (a chunk being built), so
+/// the packet is not copied again; `data` is as long as the page sent.
+#[derive(Debug)]
+pub struct PacketMut<'a> {
+    pub header: &'a mut [u8; crate::crypto::PACKET_HEADER_BYTES],
+    pub data: &'a mut [u8],
+}
+
 /// What SEND_START gives the target for RECEIVE_START.
 #[derive(Debug, Clone)]
 pub struct SendStart {
@@ -171,12 +210,24 @@ pub trait Firmware: Send {
         target: &sev::certs::sev::Chain,
     ) -> Result<SendStart, FirmwareError>;
     /// Encrypts one guest page (or whole blocks of one), read in place in guest RAM, for the
-    /// target.
+    /// target, into `out`, whose payload must be as long as `page` (else INVALID_LEN, with
+    /// nothing done).
+    fn send_update_data_into(
+        &mut self,
+        guest: Handle,
+        page: &GuestBytes<'_>,
+        out: PacketMut<'_>,
+    ) -> Result<(), FirmwareError>;
+    /// As [`send_update_data_into`](Self::send_update_data_into), into a new packet.
     fn send_update_data(
         &mut self,
         guest: Handle,
         page: &GuestBytes<'_>,
-    ) -> Result<Packet, FirmwareError>;
+    ) -> Result<Packet, FirmwareError> {
+        let mut packet = Packet::zeroed(page.len());
+        self.send_update_data_into(guest, page, packet.as_mut())?;
+        Ok(packet)
+    }
     /// The guest has been sent.
     fn send_finish(&mut self, guest: Handle) -> Result<(), FirmwareError>;
     /// Abandons a send; the guest keeps running here.
@@ -189,7 +240,7 @@ pub trait Firmware: Send {
     fn receive_update_data(
         &mut self,
         guest: Handle,
-        packet: &Packet,
+        packet: PacketRef<'_>,
         dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError>;
     /// The guest has been received and may run.

@@ -4,7 +4,8 @@
 //! only receives between RECEIVE_START and RECEIVE_FINISH. Like the `sev` crate's `Launcher`.
 
 use crate::firmware::{
-    Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet, SendStart,
+    Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet, PacketMut, PacketRef,
+    SendStart,
 };
 use crate::policy::GuestPolicy;
 
@@ -104,6 +105,16 @@ impl<'f> Sender<'f> {
         self.firmware.send_update_data(self.handle, page)
     }
 
+    /// SEND_UPDATE_DATA into `out` (a chunk being built, say), whose payload is as long as
+    /// `page`.
+    pub fn update_data_into(
+        &mut self,
+        page: &GuestBytes<'_>,
+        out: PacketMut<'_>,
+    ) -> Result<(), FirmwareError> {
+        self.firmware.send_update_data_into(self.handle, page, out)
+    }
+
     /// SEND_FINISH: the guest now lives on the target.
     pub fn finish(mut self) -> Result<(), FirmwareError> {
         self.done = true;
@@ -145,7 +156,7 @@ impl<'f> Receiver<'f> {
     /// RECEIVE_UPDATE_DATA into `dest`; nothing is written when the packet does not verify.
     pub fn update_data(
         &mut self,
-        packet: &Packet,
+        packet: PacketRef<'_>,
         dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         self.firmware.receive_update_data(self.handle, packet, dest)

@@ -178,7 +178,7 @@ fn thousands_of_random_pages_travel_between_two_platforms_byte_exact() {
             .unwrap();
         assert_ne!(packet.data, page, "the payload is encrypted");
         target
-            .receive_update_data(received, &packet, &target_ram.at(gpa, len))
+            .receive_update_data(received, packet.as_ref(), &target_ram.at(gpa, len))
             .unwrap();
         assert_eq!(target_ram.read(gpa, len), page, "page {i}");
     }
@@ -222,7 +222,9 @@ fn any_flipped_byte_of_session_header_or_payload_is_rejected_and_writes_nothing(
         let mut bad = packet.clone();
         bad.header[i] ^= 0x01;
         assert!(
-            target.receive_update_data(received, &bad, &dest).is_err(),
+            target
+                .receive_update_data(received, bad.as_ref(), &dest)
+                .is_err(),
             "header byte {i}"
         );
         assert_eq!(target_ram.read(0, 4096), untouched);
@@ -231,13 +233,13 @@ fn any_flipped_byte_of_session_header_or_payload_is_rejected_and_writes_nothing(
         let mut bad = packet.clone();
         bad.data[i] ^= 0x80;
         let err = target
-            .receive_update_data(received, &bad, &dest)
+            .receive_update_data(received, bad.as_ref(), &dest)
             .unwrap_err();
         assert_eq!(status(err), SevError::BadMeasurement, "payload byte {i}");
         assert_eq!(target_ram.read(0, 4096), untouched);
     }
     target
-        .receive_update_data(received, &packet, &dest)
+        .receive_update_data(received, packet.as_ref(), &dest)
         .unwrap();
     assert_eq!(target_ram.read(0, 4096), page);
 }
@@ -289,6 +291,18 @@ fn commands_in_the_wrong_state_fail_with_the_firmwares_errors() {
         ),
         SevError::InvalidLen
     );
+    // A transport buffer must be as long as the page: the hardware backend hands the
+    // firmware exactly this buffer.
+    let mut short = Packet::zeroed(4080);
+    assert_eq!(
+        status(
+            source
+                .send_update_data_into(launching, &source_ram.at(0, 4096), short.as_mut())
+                .unwrap_err()
+        ),
+        SevError::InvalidLen
+    );
+    assert_eq!(short, Packet::zeroed(4080), "nothing written");
     source.send_cancel(launching).unwrap();
     assert_eq!(
         status(source.send_cancel(launching).unwrap_err()),
@@ -302,7 +316,7 @@ fn commands_in_the_wrong_state_fail_with_the_firmwares_errors() {
     assert_eq!(
         status(
             target
-                .receive_update_data(received, &packet, &target_ram.at(0, 16))
+                .receive_update_data(received, packet.as_ref(), &target_ram.at(0, 16))
                 .unwrap_err()
         ),
         SevError::InvalidLen
@@ -311,7 +325,7 @@ fn commands_in_the_wrong_state_fail_with_the_firmwares_errors() {
     assert_eq!(
         status(
             target
-                .receive_update_data(received, &packet, &target_ram.at(0, 4096))
+                .receive_update_data(received, packet.as_ref(), &target_ram.at(0, 4096))
                 .unwrap_err()
         ),
         SevError::InvalidGuestState
@@ -405,7 +419,7 @@ fn guest_memory_outside_registered_ram_is_refused_before_the_guest_is_looked_at(
     assert_eq!(
         status(
             target
-                .receive_update_data(received, &packet_now, &outside)
+                .receive_update_data(received, packet_now.as_ref(), &outside)
                 .unwrap_err()
         ),
         SevError::InvalidAddress
@@ -413,6 +427,6 @@ fn guest_memory_outside_registered_ram_is_refused_before_the_guest_is_looked_at(
     assert_eq!(elsewhere.read(0, 4096), vec![0x5a; 4096], "untouched");
     // The packet from the cancelled send does not verify under the new keys.
     assert!(target
-        .receive_update_data(received, &packet, &target_ram.at(0, 4096))
+        .receive_update_data(received, packet.as_ref(), &target_ram.at(0, 4096))
         .is_err());
 }

@@ -15,7 +15,7 @@
 //! checks each chunk against the [`VmShape`] before anything is written.
 
 use veil_sev::crypto::{MAX_PACKET_BYTES, PACKET_HEADER_BYTES};
-use veil_sev::firmware::Packet;
+use veil_sev::firmware::{Packet, PacketMut, PacketRef};
 
 use super::frame::{seal, HEADER_BYTES};
 use super::limits::{MAX_CHUNK_BYTES, MAX_CHUNK_PAGES, PAGE_SIZE};
@@ -31,6 +31,8 @@ const KIND_ENCRYPTED: u8 = 2;
 pub const ZERO_PAGE_WIRE_BYTES: usize = 8 + 1;
 /// Bytes a plain page costs inside a chunk.
 pub const PLAIN_PAGE_WIRE_BYTES: usize = 8 + 1 + PAGE_SIZE;
+/// An encrypted page's bytes besides its payload: gfn, kind, packet header, payload length.
+const ENCRYPTED_PAGE_OVERHEAD: usize = 8 + 1 + PACKET_HEADER_BYTES + 2;
 /// Bytes the page count costs, once per chunk.
 const COUNT_BYTES: usize = 4;
 
@@ -90,14 +92,11 @@ pub enum PageContentRef<'a> {
     },
 }
 
-impl PageContentRef<'_> {
-    /// The firmware packet of an encrypted page.
-    pub fn to_packet(&self) -> Option<Packet> {
+impl<'a> PageContentRef<'a> {
+    /// The firmware packet of an encrypted page, where it lies.
+    pub fn packet(&self) -> Option<PacketRef<'a>> {
         match *self {
-            PageContentRef::Encrypted { header, data } => Some(Packet {
-                header: *header,
-                data: data.to_vec(),
-            }),
+            PageContentRef::Encrypted { header, data } => Some(PacketRef { header, data }),
             _ => None,
         }
     }
@@ -116,7 +115,7 @@ impl PageRef<'_> {
         match self.content {
             PageContentRef::Zero => ZERO_PAGE_WIRE_BYTES,
             PageContentRef::Plain(_) => PLAIN_PAGE_WIRE_BYTES,
-            PageContentRef::Encrypted { data, .. } => 8 + 1 + PACKET_HEADER_BYTES + 2 + data.len(),
+            PageContentRef::Encrypted { data, .. } => ENCRYPTED_PAGE_OVERHEAD + data.len(),
         }
     }
 
@@ -428,6 +427,43 @@ impl ChunkEncoder {
         Ok(Some(zero))
     }
 
+    /// Adds a private page of `len` bytes whose packet `seal` (SEND_UPDATE_DATA) writes
+    /// straight into the chunk, so the packet is not copied again. `Ok(None)` when it would
+    /// not fit (send the frame, clear, push again); on an error nothing is added.
+    pub fn push_encrypted_page<E: From<MessageError>>(
+        &mut self,
+        gfn: u64,
+        len: usize,
+        seal: impl FnOnce(PacketMut<'_>) -> Result<(), E>,
+    ) -> Result<Option<()>, E> {
+        check_packet_length(len)?;
+        let wire_len = ENCRYPTED_PAGE_OVERHEAD + len;
+        if self.pages == MAX_CHUNK_PAGES || (self.payload_len() + wire_len) as u64 > MAX_CHUNK_BYTES
+        {
+            return Ok(None);
+        }
+        self.start_if_empty();
+        let start = self.end;
+        let end = start + wire_len;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        let page = &mut self.buf[start..end];
+        page[..8].copy_from_slice(&gfn.to_le_bytes());
+        page[8] = KIND_ENCRYPTED;
+        let (header, rest) = page[9..].split_at_mut(PACKET_HEADER_BYTES);
+        rest[..2].copy_from_slice(&(len as u16).to_le_bytes());
+        let header: &mut [u8; PACKET_HEADER_BYTES] =
+            header.try_into().expect("split at the header's length");
+        seal(PacketMut {
+            header,
+            data: &mut rest[2..],
+        })?;
+        self.end = end;
+        self.pages += 1;
+        Ok(Some(()))
+    }
+
     /// Pages added since the last [`clear`](Self::clear).
     pub fn len(&self) -> usize {
         self.pages
@@ -508,6 +544,78 @@ pub(crate) mod tests {
         );
         assert_eq!(in_place.len(), before);
         assert_eq!(in_place.frame().unwrap(), pushed.frame().unwrap());
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum SealFailed {
+        Firmware,
+        Chunk,
+    }
+
+    impl From<MessageError> for SealFailed {
+        fn from(_: MessageError) -> Self {
+            SealFailed::Chunk
+        }
+    }
+
+    #[test]
+    fn encrypted_pages_sealed_in_place_encode_as_pushed_packets_do() {
+        let header = [0x5au8; PACKET_HEADER_BYTES];
+        let (mut in_place, mut pushed) = (ChunkEncoder::new(), ChunkEncoder::new());
+        for (gfn, len, fill) in [(1u64, PAGE_SIZE, 3u8), (9, 16, 4), (2, 4080, 5)] {
+            let data = vec![fill; len];
+            let sealed = in_place.push_encrypted_page(gfn, len, |out| {
+                assert_eq!(out.data.len(), len, "room for the payload only");
+                *out.header = header;
+                out.data.copy_from_slice(&data);
+                Ok::<(), SealFailed>(())
+            });
+            assert_eq!(sealed, Ok(Some(())));
+            let content = PageContentRef::Encrypted {
+                header: &header,
+                data: &data,
+            };
+            assert!(pushed.push(PageRef { gfn, content }).unwrap());
+        }
+        assert_eq!(in_place.frame().unwrap(), pushed.frame().unwrap());
+        let decoded = MemoryChunkRef::parse(&in_place.frame().unwrap()[HEADER_BYTES..]).unwrap();
+        let packet = decoded.pages().nth(1).unwrap().content.packet().unwrap();
+        assert_eq!((packet.header, packet.data), (&header, &[4u8; 16][..]));
+
+        // A firmware error, or a length no packet has, adds nothing.
+        let before = in_place.len();
+        let failed = in_place.push_encrypted_page(5, PAGE_SIZE, |_| Err(SealFailed::Firmware));
+        assert_eq!(failed, Err(SealFailed::Firmware));
+        let odd = in_place.push_encrypted_page(6, 100, |_| -> Result<(), SealFailed> {
+            panic!("not sealed: 100 is not a multiple of 16")
+        });
+        assert_eq!(odd, Err(SealFailed::Chunk));
+        assert_eq!(in_place.len(), before);
+        assert_eq!(in_place.frame().unwrap(), pushed.frame().unwrap());
+    }
+
+    #[test]
+    fn an_encrypted_page_that_does_not_fit_is_left_for_the_next_chunk() {
+        let mut encoder = ChunkEncoder::new();
+        let seal = |out: PacketMut<'_>| {
+            out.data.fill(1);
+            Ok::<(), SealFailed>(())
+        };
+        let mut pushed = 0;
+        while encoder
+            .push_encrypted_page(pushed, PAGE_SIZE, seal)
+            .unwrap()
+            .is_some()
+        {
+            pushed += 1;
+        }
+        assert_eq!(encoder.len() as u64, pushed);
+        let frame = encoder.frame().unwrap();
+        assert!(frame.len() as u64 <= HEADER_BYTES as u64 + MAX_CHUNK_BYTES);
+        assert!(
+            frame.len() + ENCRYPTED_PAGE_OVERHEAD + PAGE_SIZE
+                > HEADER_BYTES + MAX_CHUNK_BYTES as usize
+        );
     }
     use crate::protocol::messages::Message;
     use crate::protocol::shape::tests::two_region_shape;

@@ -6,15 +6,14 @@ use std::path::{Path, PathBuf};
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::GuestMemory;
-use veil_sev::firmware::{Firmware, Handle, Packet, SendStart};
+use veil_sev::firmware::{Firmware, Handle, SendStart};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::diff::{self, DiffFile, MAX_DIFF_CHAIN};
 use super::file::{self, FileKind};
 use super::{SnapshotError, MEMORY_FILE, PRIVATE_PAGES_FILE, STATE_FILE};
 use crate::protocol::{
-    FrameReader, MemoryChunkRef, Message, MessageType, PageContentRef, ProtocolError, SevStart,
-    VmShape,
+    FrameReader, MemoryChunkRef, Message, MessageType, ProtocolError, SevStart, VmShape,
 };
 
 /// A snapshot directory whose state file has been checked and decoded.
@@ -176,15 +175,12 @@ impl Snapshot {
                 })?;
             chunk.validate(&self.shape).map_err(Box::new)?;
             for page in chunk.pages() {
-                let PageContentRef::Encrypted { header, data } = page.content else {
+                let Some(packet) = page.content.packet() else {
                     return Err(SnapshotError::Unexpected(MessageType::MemoryChunk));
                 };
-                let packet = Packet {
-                    header: *header,
-                    data: data.to_vec(),
-                };
-                let dest = memory.get_slice(GuestAddress(page.gfn * PAGE_SIZE), data.len())?;
-                receiver.update_data(&packet, &dest)?;
+                let at = GuestAddress(page.gfn * PAGE_SIZE);
+                let dest = memory.get_slice(at, packet.data.len())?;
+                receiver.update_data(packet, &dest)?;
             }
         }
         let handle = receiver.finish()?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use veil_hypervisor::memory::PAGE_SIZE;
 use veil_hypervisor::paravirt::Migratability;
 use veil_hypervisor::{RunState, RunningVm};
-use veil_sev::firmware::{Firmware, Handle};
+use veil_sev::firmware::{Firmware, Handle, PacketMut};
 use veil_sev::policy::GuestPolicy;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -18,8 +18,8 @@ use super::file::{self, FileKind};
 use super::{SnapshotError, MEMORY_FILE, PRIVATE_PAGES_FILE, STATE_FILE};
 use crate::protocol::frame::encode_frame;
 use crate::protocol::{
-    ChunkEncoder, Features, Hello, Message, PageContentRef, PageRef, SevPlatform, SevShape,
-    SevStart, State, PROTOCOL_VERSION,
+    ChunkEncoder, Features, Hello, Message, MessageType, SevPlatform, SevShape, SevStart, State,
+    PROTOCOL_VERSION,
 };
 
 /// An SEV guest's firmware context, and the platform its snapshot is for.
@@ -522,18 +522,18 @@ fn write_every_page(
                     let at = GuestAddress(gfn * PAGE_SIZE);
                     let slice = memory.get_slice(at, PAGE_SIZE as usize)?;
                     let sender = send.as_mut().ok_or(SnapshotError::Sev)?;
-                    let packet = sender.update_data(&slice)?;
-                    let encrypted = PageRef {
-                        gfn,
-                        content: PageContentRef::Encrypted {
-                            header: &packet.header,
-                            data: &packet.data,
-                        },
+                    let mut seal = |out: PacketMut<'_>| {
+                        sender
+                            .update_data_into(&slice, out)
+                            .map_err(SnapshotError::from)
                     };
-                    if !encoder.push(encrypted)? {
+                    let len = slice.len();
+                    if encoder.push_encrypted_page(gfn, len, &mut seal)?.is_none() {
                         private.extend_from_slice(encoder.frame().unwrap_or_default());
                         encoder.clear();
-                        encoder.push(encrypted)?;
+                        encoder
+                            .push_encrypted_page(gfn, len, &mut seal)?
+                            .ok_or(SnapshotError::Unexpected(MessageType::MemoryChunk))?;
                     }
                     report.private_pages += 1;
                     page.fill(0);

@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use super::identity::PlatformIdentity;
 use crate::crypto::{self, CryptoError, PacketContext, TransportKeys, WrappingKeys};
 use crate::firmware::{
-    Command, Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet,
-    PlatformStatus, SendStart, SevError,
+    Command, Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet, PacketMut,
+    PacketRef, PlatformStatus, SendStart, SevError,
 };
 use crate::guest_memory::{self, RegisteredRam};
 use crate::policy::GuestPolicy;
@@ -57,6 +57,8 @@ pub struct EmulatedFirmware {
     next_handle: u32,
     iv_rng: rand::rngs::StdRng,
     ram: RegisteredRam,
+    /// RECEIVE_UPDATE_DATA's plaintext before it goes into guest RAM, kept between packets.
+    plaintext: Vec<u8>,
 }
 
 fn fail(command: Command, status: SevError) -> FirmwareError {
@@ -99,6 +101,7 @@ impl EmulatedFirmware {
             guests: HashMap::new(),
             next_handle: 1,
             iv_rng: rand::SeedableRng::from_entropy(),
+            plaintext: Vec::new(),
             ram: RegisteredRam::default(),
         }
     }
@@ -342,13 +345,19 @@ impl Firmware for EmulatedFirmware {
         })
     }
 
-    fn send_update_data(
+    fn send_update_data_into(
         &mut self,
         guest: Handle,
         page: &GuestBytes<'_>,
-    ) -> Result<Packet, FirmwareError> {
+        out: PacketMut<'_>,
+    ) -> Result<(), FirmwareError> {
         const C: Command = Command::SendUpdateData;
         self.check_bytes(C, page, guest_memory::check_page_payload)?;
+        // The hardware backend gives the firmware `out.data` as the transport buffer, of
+        // exactly the page's length.
+        if out.data.len() != page.len() {
+            return Err(fail(C, SevError::InvalidLen));
+        }
         let mut iv = [0u8; 16];
         // A userspace CSPRNG (seeded from the OS): a system call per packet would cost more
         // than its crypto.
@@ -356,11 +365,10 @@ impl Firmware for EmulatedFirmware {
         let GuestState::Sending(keys) = &self.guest(C, guest)?.state else {
             return Err(fail(C, SevError::InvalidGuestState));
         };
-        let mut data = vec![0u8; page.len()];
-        page.copy_to(&mut data);
-        let header = crypto::seal_packet(keys, PacketContext::Data, iv, &mut data, &[])
+        page.copy_to(out.data);
+        *out.header = crypto::seal_packet(keys, PacketContext::Data, iv, out.data, &[])
             .map_err(|e| fail(C, crypto_status(e)))?;
-        Ok(Packet { header, data })
+        Ok(())
     }
 
     fn send_finish(&mut self, guest: Handle) -> Result<(), FirmwareError> {
@@ -411,28 +419,34 @@ impl Firmware for EmulatedFirmware {
     fn receive_update_data(
         &mut self,
         guest: Handle,
-        packet: &Packet,
+        packet: PacketRef<'_>,
         dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         const C: Command = Command::ReceiveUpdateData;
         self.check_bytes(C, dest, guest_memory::check_page_payload)?;
-        let g = self.guest(C, guest)?;
+        let Self {
+            guests, plaintext, ..
+        } = self;
+        let g = guests
+            .get(&guest.0)
+            .ok_or(fail(C, SevError::InvalidGuest))?;
         if !matches!(g.state, GuestState::Receiving) {
             return Err(fail(C, SevError::InvalidGuestState));
         }
         if dest.len() != packet.data.len() {
             return Err(fail(C, SevError::InvalidLen));
         }
-        let mut plain = packet.data.clone();
-        crypto::open_packet(
+        plaintext.resize(packet.data.len(), 0);
+        crypto::open_packet_into(
             &g.keys,
             PacketContext::Data,
-            &packet.header,
-            &mut plain,
+            packet.header,
+            packet.data,
+            plaintext,
             &[],
         )
         .map_err(|e| fail(C, crypto_status(e)))?;
-        dest.copy_from(&plain);
+        dest.copy_from(plaintext);
         Ok(())
     }
 

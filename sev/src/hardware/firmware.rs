@@ -22,8 +22,8 @@ use sev::Generation;
 use super::kvm::{EncryptOp, InitFailure, SevVm};
 use crate::crypto::SESSION_BYTES;
 use crate::firmware::{
-    Command, Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet,
-    PlatformStatus, SendStart, SevError,
+    Command, Firmware, FirmwareError, GuestBytes, Handle, LaunchMeasurement, Packet, PacketMut,
+    PacketRef, PlatformStatus, SendStart, SevError,
 };
 use crate::guest_memory::{self, RegisteredRam};
 use crate::policy::GuestPolicy;
@@ -261,13 +261,11 @@ impl HardwareFirmware {
 
 /// Refuses a packet with header flags (bit 0, compressed, is the only one defined): Veil never
 /// makes one and the emulated model refuses them, so both backends answer INVALID_PARAM.
-fn check_flags(command: Command, packet: &Packet) -> Result<(), FirmwareError> {
-    let flags = u32::from_le_bytes([
-        packet.header[0],
-        packet.header[1],
-        packet.header[2],
-        packet.header[3],
-    ]);
+fn check_flags(
+    command: Command,
+    header: &[u8; crate::crypto::PACKET_HEADER_BYTES],
+) -> Result<(), FirmwareError> {
+    let flags = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     if flags != 0 {
         return Err(FirmwareError::Status {
             command,
@@ -418,16 +416,16 @@ impl Firmware for HardwareFirmware {
         })
     }
 
-    fn send_update_data(
+    fn send_update_data_into(
         &mut self,
         guest: Handle,
         page: &GuestBytes<'_>,
-    ) -> Result<Packet, FirmwareError> {
+        out: PacketMut<'_>,
+    ) -> Result<(), FirmwareError> {
         const C: Command = Command::SendUpdateData;
         self.ram.check(C, page)?;
         self.guest(C, guest)?;
-        let (header, data) = self.vm.send_update_data(page)?;
-        Ok(Packet { header, data })
+        self.vm.send_update_data(page, out.header, out.data)
     }
 
     fn send_finish(&mut self, guest: Handle) -> Result<(), FirmwareError> {
@@ -458,15 +456,15 @@ impl Firmware for HardwareFirmware {
     fn receive_update_data(
         &mut self,
         guest: Handle,
-        packet: &Packet,
+        packet: PacketRef<'_>,
         dest: &GuestBytes<'_>,
     ) -> Result<(), FirmwareError> {
         const C: Command = Command::ReceiveUpdateData;
         self.ram.check(C, dest)?;
         self.guest(C, guest)?;
-        check_flags(C, packet)?;
+        check_flags(C, packet.header)?;
         self.vm
-            .receive_update_data(&packet.header, &packet.data, dest)
+            .receive_update_data(packet.header, packet.data, dest)
     }
 
     fn receive_finish(&mut self, guest: Handle) -> Result<(), FirmwareError> {
@@ -727,12 +725,12 @@ mod tests {
             header: [0; 52],
             data: vec![0xff; 4096],
         };
-        fw.receive_update_data(guest, &packet, &ram.at(4096, 4096))
+        fw.receive_update_data(guest, packet.as_ref(), &ram.at(4096, 4096))
             .unwrap();
         assert!(ram.read(4096, 4096).iter().all(|b| *b == 0));
         packet.header[0] = 1;
         let err = fw
-            .receive_update_data(guest, &packet, &ram.at(0, 4096))
+            .receive_update_data(guest, packet.as_ref(), &ram.at(0, 4096))
             .unwrap_err();
         assert_eq!(err.status(), Some(SevError::InvalidParam));
         fw.receive_finish(guest).unwrap();

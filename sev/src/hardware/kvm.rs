@@ -328,19 +328,21 @@ impl SevVm {
     }
 
     /// SEND_UPDATE_DATA: encrypts `page` (part of one guest page, in guest RAM, read in place)
-    /// for the target.
+    /// for the target, into `header` and `data` (the transport buffer, as long as `page`:
+    /// the payload is AES-CTR).
     pub fn send_update_data(
         &mut self,
         page: &GuestBytes<'_>,
-    ) -> Result<([u8; PACKET_HEADER_BYTES], Vec<u8>), FirmwareError> {
+        header: &mut [u8; PACKET_HEADER_BYTES],
+        data: &mut [u8],
+    ) -> Result<(), FirmwareError> {
         const C: Command = Command::SendUpdateData;
         let guest_uaddr = addr(page.ptr_guard().as_ptr());
         check_page_payload(C, guest_uaddr, page.len() as u64)?;
+        if data.len() != page.len() {
+            return Err(status(C, SevError::InvalidLen));
+        }
         let hdr_len = self.send_header_len()?;
-
-        let mut header = [0u8; PACKET_HEADER_BYTES];
-        // The payload is AES-CTR: as long as the plaintext.
-        let mut data = vec![0u8; page.len()];
         let update = kvm_sev_send_update_data {
             hdr_uaddr: addr(header.as_mut_ptr()),
             hdr_len,
@@ -351,10 +353,10 @@ impl SevVm {
             ..Default::default()
         };
         // SAFETY: `page` (a live view of guest RAM) is read, `header` (hdr_len == its size,
-        // checked by send_header_len) and `data` (trans_len) are written; all live until the
-        // call returns.
+        // checked by send_header_len) and `data` (trans_len, its length) are written; all
+        // are borrowed for the call.
         unsafe { self.issue(C, id::SEND_UPDATE_DATA, addr(&update))? };
-        Ok((header, data))
+        Ok(())
     }
 
     /// Asks the firmware (once) how long SEND_UPDATE_DATA's packet header is: zero lengths
@@ -456,6 +458,17 @@ mod tests {
     use super::*;
     use crate::guest_memory::test_ram::TestRam;
     use crate::hardware::fake::FakeVm;
+
+    /// SEND_UPDATE_DATA into a new header and transport buffer.
+    fn send_update_data(
+        vm: &mut SevVm,
+        page: &GuestBytes<'_>,
+    ) -> Result<([u8; PACKET_HEADER_BYTES], Vec<u8>), FirmwareError> {
+        let mut header = [0; PACKET_HEADER_BYTES];
+        let mut data = vec![0; page.len()];
+        vm.send_update_data(page, &mut header, &mut data)?;
+        Ok((header, data))
+    }
 
     fn sev_vm() -> (SevVm, FakeVm) {
         let fake = FakeVm::default();
@@ -580,7 +593,7 @@ mod tests {
         let (mut vm, fake) = sev_vm();
         let ram = TestRam::new();
         ram.write(0, &(0..8192).map(|i| i as u8).collect::<Vec<_>>());
-        let (header, data) = vm.send_update_data(&ram.at(0, 4096)).unwrap();
+        let (header, data) = send_update_data(&mut vm, &ram.at(0, 4096)).unwrap();
         assert_eq!(header[..4], [0; 4]);
         assert_eq!(header[4..], [0x33; 48]);
         assert!(data
@@ -588,7 +601,7 @@ mod tests {
             .zip(ram.read(0, 4096))
             .all(|(c, p)| *c == p ^ 0xff));
         // Part of a page: the last 64 bytes of the second.
-        let (_, data) = vm.send_update_data(&ram.at(8192 - 64, 64)).unwrap();
+        let (_, data) = send_update_data(&mut vm, &ram.at(8192 - 64, 64)).unwrap();
         assert_eq!(data.len(), 64);
         assert_eq!(
             fake.state().calls,
@@ -602,11 +615,32 @@ mod tests {
     }
 
     #[test]
+    fn a_transport_buffer_not_as_long_as_the_page_is_refused_before_any_call() {
+        let (mut vm, fake) = sev_vm();
+        let ram = TestRam::new();
+        let mut header = [0; PACKET_HEADER_BYTES];
+        let err = vm
+            .send_update_data(&ram.at(0, 4096), &mut header, &mut [0; 4080])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FirmwareError::Status {
+                    command: Command::SendUpdateData,
+                    status: SevError::InvalidLen
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(fake.state().calls.is_empty(), "{:?}", fake.state().calls);
+    }
+
+    #[test]
     fn a_header_length_other_than_52_is_an_error() {
         let (mut vm, fake) = sev_vm();
         fake.state().header_len = 64;
         let ram = TestRam::new();
-        let err = vm.send_update_data(&ram.at(0, 4096)).unwrap_err();
+        let err = send_update_data(&mut vm, &ram.at(0, 4096)).unwrap_err();
         assert!(matches!(
             err,
             FirmwareError::Io {
@@ -632,7 +666,7 @@ mod tests {
         ] {
             let len = (range.end - range.start) as usize;
             let bytes = ram.at(range.start, len);
-            let err = vm.send_update_data(&bytes).unwrap_err();
+            let err = send_update_data(&mut vm, &bytes).unwrap_err();
             assert_eq!(err.status(), Some(SevError::InvalidLen), "send {range:?}");
             let err = vm
                 .receive_update_data(&header, &vec![0u8; len], &bytes)
