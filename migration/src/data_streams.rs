@@ -9,7 +9,7 @@
 //! stream's own error.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::{Scope, ScopedJoinHandle};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use veil_hypervisor::GuestMemory;
 
+use crate::duplex::{connection_or_hang_up, Woken};
 use crate::page_bits::PageBits;
 use crate::page_writer::PageWriter;
 use crate::protocol::{
@@ -24,17 +25,20 @@ use crate::protocol::{
     Message, MessageType, ProtocolError, RecoveryOutcome, Streams, VmShape,
 };
 use crate::receiver::{ByDeadline, ReceiveError};
-use crate::transport::{Accepted, Listener, Stream};
+use crate::transport::{Accepted, Listener, Stream, TransportError};
 
 /// Takes the `streams.count - 1` further connections the source declared, each opening with
 /// Join and the declared token, by `deadline`. Connections that open otherwise are logged and
-/// dropped (a recovery query is answered with `answer`), as while waiting for a Hello.
+/// dropped (a recovery query is answered with `answer`), as while waiting for a Hello. Gives
+/// up at once ([`ReceiveError::SourceLeft`]) if the source stops sending on `control`, as it
+/// does when it cannot open a connection: then nothing more will join.
 pub(crate) fn take_joins(
     listener: &Listener,
     streams: &Streams,
     deadline: Instant,
     timeout: Duration,
     answer: &dyn Fn(&Message) -> RecoveryOutcome,
+    control: BorrowedFd<'_>,
 ) -> Result<Vec<Stream>, ReceiveError> {
     let wanted = usize::from(streams.count).saturating_sub(1);
     let mut joined = Vec::with_capacity(wanted);
@@ -44,13 +48,24 @@ pub(crate) fn take_joins(
             declared: streams.count,
             within: timeout,
         };
+        let waited = connection_or_hang_up(listener.as_fd(), control, deadline)
+            .map_err(|e| TransportError::Listen(listener.to_string(), e))?;
+        match waited {
+            Woken::Connection => {}
+            Woken::TimedOut => return Err(missing()),
+            Woken::WatchedHungUp => {
+                return Err(ReceiveError::SourceLeft {
+                    joined: joined.len() + 1,
+                    declared: streams.count,
+                })
+            }
+        }
         let Accepted {
             mut stream,
             peer,
             deadline: own,
-        } = match listener.accept_before(deadline, timeout) {
-            Ok(Some(accepted)) => accepted,
-            Ok(None) => return Err(missing()),
+        } = match listener.accept_within(timeout) {
+            Ok(accepted) => accepted,
             Err(e) if e.is_one_connection() => {
                 tracing::warn!("{}", crate::error_chain(&e));
                 continue;

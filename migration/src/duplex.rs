@@ -55,6 +55,63 @@ pub(crate) fn readable_before(socket: BorrowedFd<'_>, deadline: Instant) -> io::
     }
 }
 
+/// What ended a wait on a listener while a connection is watched.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// A connection is waiting on the listener.
+    Connection,
+    /// The watched connection's peer has stopped sending (closed, or shut its side down);
+    /// what it sent before is still there to read.
+    WatchedHungUp,
+    TimedOut,
+}
+
+/// Waits until `listener` has a connection waiting or the peer of `watched` stops sending,
+/// until `deadline`. Data arriving on `watched` does not end the wait: only its end does
+/// (`POLLRDHUP`), which through TLS too shows without reading the stream.
+pub(crate) fn connection_or_hang_up(
+    listener: BorrowedFd<'_>,
+    watched: BorrowedFd<'_>,
+    deadline: Instant,
+) -> io::Result<Woken> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: watched.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Woken::TimedOut);
+        }
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `fds` is two valid pollfds for the duration of the call, their descriptors
+        // borrowed from live sockets.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        let ended = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+        if fds[1].revents & ended != 0 {
+            return Ok(Woken::WatchedHungUp);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Woken::Connection);
+        }
+    }
+}
+
 /// What `poll` found on a socket.
 struct Ready {
     readable: bool,
@@ -248,6 +305,35 @@ mod tests {
         assert_eq!(source.write_or_hear(&data).unwrap(), Written::All);
         drop(source);
         assert_eq!(reader.join().unwrap(), data);
+    }
+
+    #[test]
+    fn a_wait_for_a_connection_ends_when_the_watched_peer_closes_not_when_it_sends() {
+        let dir = std::env::temp_dir().join(format!("veil-hang-up-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (watched, mut peer) = UnixStream::pair().unwrap();
+        let soon = || Instant::now() + Duration::from_millis(300);
+
+        peer.write_all(b"pages of the first pass").unwrap();
+        let woken = connection_or_hang_up(listener.as_fd(), watched.as_fd(), soon()).unwrap();
+        assert_eq!(woken, Woken::TimedOut, "data alone does not end the wait");
+
+        let _client = UnixStream::connect(&path).unwrap();
+        let woken = connection_or_hang_up(listener.as_fd(), watched.as_fd(), soon()).unwrap();
+        assert_eq!(woken, Woken::Connection);
+        let _ = listener.accept().unwrap();
+
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let woken = connection_or_hang_up(listener.as_fd(), watched.as_fd(), soon()).unwrap();
+        assert_eq!(woken, Woken::WatchedHungUp);
+        // What came before the end is still there.
+        let mut sent = String::new();
+        (&watched).read_to_string(&mut sent).unwrap();
+        assert_eq!(sent, "pages of the first pass");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

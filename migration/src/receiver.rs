@@ -77,6 +77,11 @@ pub enum ReceiveError {
         declared: u16,
         within: Duration,
     },
+    #[error(
+        "The source closed the migration with {joined} of the {declared} connections it \
+         declared open"
+    )]
+    SourceLeft { joined: usize, declared: u16 },
     #[error("Cannot start the thread that writes guest memory")]
     Thread(#[source] io::Error),
     #[error("The thread that writes guest memory panicked")]
@@ -421,9 +426,41 @@ impl Incoming<Stream> {
             ReceiverAction::Discard { reason, .. } => return Err(ReceiveError::Aborted(reason)),
             other => return Err(ReceiveError::OutOfTurn(format!("{other:?}"))),
         };
-        self.data_streams =
-            crate::data_streams::take_joins(listener, &streams, deadline, timeout, answer)?;
+        let joins = crate::data_streams::take_joins(
+            listener,
+            &streams,
+            deadline,
+            timeout,
+            answer,
+            self.stream.as_fd(),
+        );
+        self.data_streams = match joins {
+            Ok(joined) => joined,
+            Err(left @ ReceiveError::SourceLeft { .. }) => {
+                return Err(self.why_the_source_left(deadline, timeout).unwrap_or(left))
+            }
+            Err(e) => return Err(e),
+        };
         Ok(())
+    }
+
+    /// The reason in the Error or Cancel a source that closed the control stream sent before
+    /// it did, if any: what it sent is all there is, so the reads end.
+    fn why_the_source_left(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Option<ReceiveError> {
+        let mut bounded = ByDeadline::new(&mut self.stream, deadline, timeout);
+        loop {
+            match read_frame(&mut bounded).ok()?.message {
+                Message::Error { reason } | Message::Cancel { reason } => {
+                    return Some(ReceiveError::Aborted(reason))
+                }
+                // Pages of the first pass, sent before the source gave up.
+                _ => continue,
+            }
+        }
     }
 }
 
