@@ -964,21 +964,9 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
     ) -> Result<bool, SendError> {
         let at = GuestAddress(gfn * PAGE_SIZE);
         let read = |dst: &mut [u8]| memory.read_slice(dst, at);
-        let zero = match self.encoder.push_clear_page(gfn, zero_pages, read)? {
-            Some(zero) => zero,
-            None => {
-                self.flush()?;
-                self.encoder
-                    .push_clear_page(gfn, zero_pages, read)?
-                    .ok_or(SendError::Chunk(crate::protocol::MessageError::TooMany {
-                        what: "bytes in an empty chunk",
-                        count: crate::protocol::chunk::PLAIN_PAGE_WIRE_BYTES as u64,
-                        limit: crate::protocol::limits::MAX_CHUNK_BYTES,
-                    }))?
-            }
-        };
-        self.pending += 1;
-        Ok(zero)
+        self.add_page(crate::protocol::chunk::PLAIN_PAGE_WIRE_BYTES, |encoder| {
+            Ok(encoder.push_clear_page(gfn, zero_pages, read)?)
+        })
     }
 
     /// A private page, SEND_UPDATE_DATA writing its packet straight into the chunk.
@@ -991,22 +979,33 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
         let mut seal = |out: veil_sev::firmware::PacketMut<'_>| {
             send.update_data_into(page, out).map_err(SendError::from)
         };
-        if self
-            .encoder
-            .push_encrypted_page(gfn, page.len(), &mut seal)?
-            .is_none()
-        {
-            self.flush()?;
-            self.encoder
-                .push_encrypted_page(gfn, page.len(), &mut seal)?
-                .ok_or(SendError::Chunk(crate::protocol::MessageError::TooMany {
-                    what: "bytes in an empty chunk",
-                    count: page.len() as u64,
-                    limit: crate::protocol::limits::MAX_CHUNK_BYTES,
-                }))?;
-        }
+        self.add_page(page.len(), |encoder| {
+            encoder.push_encrypted_page(gfn, page.len(), &mut seal)
+        })
+    }
+
+    /// Adds a page with `add`, sending the chunk first when it is full (`add` gives `None`);
+    /// a page of `wire_len` bytes that an empty chunk cannot take is an error.
+    fn add_page<T>(
+        &mut self,
+        wire_len: usize,
+        mut add: impl FnMut(&mut ChunkEncoder) -> Result<Option<T>, SendError>,
+    ) -> Result<T, SendError> {
+        let added = match add(self.encoder)? {
+            Some(added) => added,
+            None => {
+                self.flush()?;
+                add(self.encoder)?.ok_or(SendError::Chunk(
+                    crate::protocol::MessageError::TooMany {
+                        what: "bytes in an empty chunk",
+                        count: wire_len as u64,
+                        limit: crate::protocol::limits::MAX_CHUNK_BYTES,
+                    },
+                ))?
+            }
+        };
         self.pending += 1;
-        Ok(())
+        Ok(added)
     }
 
     fn push(&mut self, page: PageRef<'_>) -> Result<(), SendError> {

@@ -391,6 +391,21 @@ impl ChunkEncoder {
         Ok(true)
     }
 
+    /// Room for one more page of `wire_len` bytes, as `start..end` in the buffer, or `None`
+    /// when it would not fit. The page counts only once its writer moves `end` and `pages`.
+    fn reserve(&mut self, wire_len: usize) -> Option<(usize, usize)> {
+        if self.pages == MAX_CHUNK_PAGES || (self.payload_len() + wire_len) as u64 > MAX_CHUNK_BYTES
+        {
+            return None;
+        }
+        self.start_if_empty();
+        let (start, end) = (self.end, self.end + wire_len);
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        Some((start, end))
+    }
+
     /// Adds a page in the clear whose bytes `fill` writes straight into the chunk (one copy
     /// from guest memory, not two); with `zero_pages`, an all-zero page is sent as a zero page
     /// instead. `Ok(None)` when it would not fit (send the frame, clear, push again);
@@ -401,17 +416,9 @@ impl ChunkEncoder {
         zero_pages: bool,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<Option<bool>, E> {
-        if self.pages == MAX_CHUNK_PAGES
-            || (self.payload_len() + PLAIN_PAGE_WIRE_BYTES) as u64 > MAX_CHUNK_BYTES
-        {
+        let Some((start, end)) = self.reserve(PLAIN_PAGE_WIRE_BYTES) else {
             return Ok(None);
-        }
-        self.start_if_empty();
-        let start = self.end;
-        let end = start + PLAIN_PAGE_WIRE_BYTES;
-        if self.buf.len() < end {
-            self.buf.resize(end, 0);
-        }
+        };
         self.buf[start..start + 8].copy_from_slice(&gfn.to_le_bytes());
         self.buf[start + 8] = KIND_PLAIN;
         let data = &mut self.buf[start + 9..end];
@@ -437,17 +444,9 @@ impl ChunkEncoder {
         seal: impl FnOnce(PacketMut<'_>) -> Result<(), E>,
     ) -> Result<Option<()>, E> {
         check_packet_length(len)?;
-        let wire_len = ENCRYPTED_PAGE_OVERHEAD + len;
-        if self.pages == MAX_CHUNK_PAGES || (self.payload_len() + wire_len) as u64 > MAX_CHUNK_BYTES
-        {
+        let Some((start, end)) = self.reserve(ENCRYPTED_PAGE_OVERHEAD + len) else {
             return Ok(None);
-        }
-        self.start_if_empty();
-        let start = self.end;
-        let end = start + wire_len;
-        if self.buf.len() < end {
-            self.buf.resize(end, 0);
-        }
+        };
         let page = &mut self.buf[start..end];
         page[..8].copy_from_slice(&gfn.to_le_bytes());
         page[8] = KIND_ENCRYPTED;
