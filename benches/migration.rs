@@ -40,7 +40,7 @@ mod pki;
 mod support;
 
 use support::qmp::Qmp;
-use support::{qemu_version, Proc, Scratch};
+use support::{host_busy, qemu_version, warm_free_memory, Proc, Scratch};
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -75,6 +75,8 @@ fn veil_streams() -> usize {
 }
 /// QEMU's `max-bandwidth` for the raised runs: far above loopback TCP on any host.
 const RAISED_BANDWIDTH: u64 = 100 << 30;
+/// Memory touched and freed just before each migration: the target's RAM, twice over.
+const WARM_BYTES: usize = 2 * GUEST_RAM as usize;
 
 /// A migration that has not completed by then is cancelled and reported as such.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
@@ -117,10 +119,13 @@ struct Options {
     memory: bool,
     /// Another `veil` to migrate with too (`--baseline VEIL`), in every scenario.
     baseline: Option<PathBuf>,
+    /// Warm the host's free memory before each migration ([`support::warm_free_memory`]):
+    /// where the balloon reports free memory, unless `--cold-memory`.
+    warm: bool,
 }
 
-/// `--runs N`, `--only NAME[,NAME...]` and `--baseline VEIL` (cargo passes `--bench` too,
-/// which is ignored).
+/// `--runs N`, `--only NAME[,NAME...]`, `--baseline VEIL` and `--cold-memory` (cargo passes
+/// `--bench` too, which is ignored).
 fn options_from_args() -> Options {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
@@ -163,11 +168,13 @@ fn options_from_args() -> Options {
             ));
         }
     }
+    let cold = args.iter().any(|a| a == "--cold-memory");
     Options {
         runs,
         scenarios,
         memory,
         baseline,
+        warm: !cold && support::free_page_reporting() == Some(true),
     }
 }
 
@@ -256,6 +263,20 @@ fn print_header(qemu: Option<&Result<String, String>>, options: &Options) {
         kernel.trim(),
         options.runs,
         scenarios.join(", ")
+    );
+    let reporting = support::free_page_reporting();
+    println!(
+        "free page reporting (virtio-balloon): {}",
+        match (reporting, options.warm) {
+            (None, _) => "no balloon".to_string(),
+            (Some(false), _) => "off".to_string(),
+            (Some(true), true) => format!(
+                "on; {} MiB touched and freed before each migration, so that neither VMM \
+                 meets memory handed back to the hypervisor below (`--cold-memory`: not)",
+                WARM_BYTES >> 20
+            ),
+            (Some(true), false) => "on; memory not warmed (`--cold-memory`)".to_string(),
+        }
     );
 }
 
@@ -353,6 +374,18 @@ impl Scenario {
         }
     }
 
+    /// The guest halts, freeing its vCPU's core: the host's busy time during the migration is
+    /// then the migration's own cost. A spinning vCPU takes whatever the migration leaves.
+    fn frees_core(self) -> bool {
+        matches!(
+            self,
+            Scenario::Halted
+                | Scenario::HaltedTmpfsSource
+                | Scenario::HaltedFileTarget
+                | Scenario::SevHalted
+        )
+    }
+
     /// QEMU cannot migrate SEV guests.
     fn with_qemu(self) -> bool {
         !self.sev()
@@ -440,6 +473,8 @@ struct Migration {
     bytes: u64,
     /// From the bench's request to the bench seeing the migration completed.
     wall: Duration,
+    /// The host's busy time over `wall`: both ends' CPU, and a spinning vCPU's.
+    host_cpu: Duration,
     /// Veil's dirty passes after the first full one, or QEMU's `dirty-sync-count`.
     passes: String,
     /// QEMU's `max-bandwidth` during the run.
@@ -523,6 +558,7 @@ fn run_scenario(
                         binary: here,
                         tls: migrator == Migrator::VeilTls,
                         connections: (migrator == Migrator::VeilOneStream).then_some(1),
+                        warm: options.warm,
                     };
                     migrate_veil(scratch, &tag, scenario, ram, sev, how)
                 }
@@ -531,10 +567,11 @@ fn run_scenario(
                         binary: baseline.ok_or("no --baseline")?,
                         tls: false,
                         connections: None,
+                        warm: options.warm,
                     };
                     migrate_veil(scratch, &tag, scenario, ram, sev, how)
                 }
-                _ => migrate_qemu(scratch, &tag, scenario, ram, migrator),
+                _ => migrate_qemu(scratch, &tag, scenario, ram, migrator, options.warm),
             };
             if migrator == Migrator::QemuDefault {
                 if let Ok(m) = &outcome {
@@ -631,6 +668,8 @@ struct VeilRun<'a> {
     tls: bool,
     /// `--connections`; `None` leaves the binary's default.
     connections: Option<u32>,
+    /// Warm the host's free memory just before migrating ([`Options::warm`]).
+    warm: bool,
 }
 
 fn migrate_veil(
@@ -645,6 +684,7 @@ fn migrate_veil(
         binary,
         tls,
         connections,
+        warm,
     } = how;
     // Mutual TLS with throwaway certificates for 127.0.0.1, or plain TCP.
     let (target_security, source_security) = if tls {
@@ -717,7 +757,10 @@ fn migrate_veil(
     )
     .map_err(|e| format!("{e}; source log: {}", source.stderr_tail()))?;
 
-    let started = Instant::now();
+    if warm {
+        warm_free_memory(WARM_BYTES)?;
+    }
+    let (started, busy_before) = (Instant::now(), host_busy());
     let mut extra: Vec<std::ffi::OsString> = source_security.iter().map(Into::into).collect();
     if let Some(p) = sev {
         extra.push("--sev-trust-chain".into());
@@ -729,7 +772,7 @@ fn migrate_veil(
     }
     let mut ctl = ctl_migrate(scratch, tag, &src_api, port, &extra)?;
     let status = ctl.wait_exit(MIGRATION_TIMEOUT + Duration::from_secs(30))?;
-    let wall = started.elapsed();
+    let (wall, host_cpu) = (started.elapsed(), host_busy().saturating_sub(busy_before));
     let report = migrate_report(&ctl, status)?;
     let number = |key: &str| {
         report[key]
@@ -772,6 +815,7 @@ fn migrate_veil(
         setup: None,
         bytes: bytes as u64,
         wall,
+        host_cpu,
         passes,
         bandwidth_limit: None,
         guest,
@@ -998,6 +1042,7 @@ fn migrate_qemu(
     scenario: Scenario,
     ram: &Path,
     migrator: Migrator,
+    warm: bool,
 ) -> Outcome {
     let port = free_port()?;
     let (src_serial, dst_serial) = (
@@ -1060,10 +1105,13 @@ fn migrate_qemu(
         )?;
     }
     let params = qmp.execute("query-migrate-parameters", json!({}))?;
-    let started = Instant::now();
+    if warm {
+        warm_free_memory(WARM_BYTES)?;
+    }
+    let (started, busy_before) = (Instant::now(), host_busy());
     qmp.execute("migrate", json!({ "uri": uri }))?;
     let info = poll_qemu_migration(&mut qmp, started)?;
-    let wall = started.elapsed();
+    let (wall, host_cpu) = (started.elapsed(), host_busy().saturating_sub(busy_before));
     wait_for("the guest to run on the target", START_TIMEOUT, || {
         let status = target_qmp.execute("query-status", json!({})).ok()?;
         (status["status"] == "running").then_some(())
@@ -1082,6 +1130,7 @@ fn migrate_qemu(
         setup: Some(Duration::from_millis(field(&info, "setup-time")?)),
         bytes: field(&info["ram"], "transferred")?,
         wall,
+        host_cpu,
         passes: format!("{} dirty syncs", info["ram"]["dirty-sync-count"]),
         bandwidth_limit: params["max-bandwidth"].as_u64(),
         guest,
@@ -1287,12 +1336,20 @@ fn print_table(scenario: Scenario, table: &Table) {
     println!();
     println!("{}", scenario.title());
     println!(
-        "{:<44} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9}  passes",
-        "", "total ms", "downtime", "setup", "wire MiB", "RAM/tot", "wire/tot", "wall ms"
+        "{:<44} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}  passes",
+        "",
+        "total ms",
+        "downtime",
+        "setup",
+        "wire MiB",
+        "RAM/tot",
+        "wire/tot",
+        "wall ms",
+        "host CPU"
     );
     println!(
-        "{:<44} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9}",
-        "", "", "ms", "ms", "", "Gbit/s", "Gbit/s"
+        "{:<44} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "", "ms", "ms", "", "Gbit/s", "Gbit/s", "", "ms"
     );
     for (migrator, outcome, spread) in &table.rows {
         let label = migrator.label(table.qemu_default_bandwidth);
@@ -1300,7 +1357,7 @@ fn print_table(scenario: Scenario, table: &Table) {
             Err(why) => println!("{label:<44} FAILED: {why}"),
             Ok(m) => {
                 println!(
-                    "{label:<44} {:>9.1} {:>9.1} {:>6} {:>9.1} {:>9.2} {:>9.2} {:>9.0}  {}",
+                    "{label:<44} {:>9.1} {:>9.1} {:>6} {:>9.1} {:>9.2} {:>9.2} {:>9.0} {:>9.0}  {}",
                     ms(m.total),
                     ms(m.downtime),
                     m.setup.map_or("-".into(), |s| format!("{:.0}", ms(s))),
@@ -1308,6 +1365,7 @@ fn print_table(scenario: Scenario, table: &Table) {
                     gbit_per_s(GUEST_RAM, m.total),
                     gbit_per_s(m.bytes, m.total),
                     ms(m.wall),
+                    ms(m.host_cpu),
                     m.passes
                 );
                 if !spread.is_empty() {
@@ -1411,6 +1469,16 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
             continue;
         };
         let veil_rate = gbit_per_s(GUEST_RAM, veil.total);
+        let cpu_against = |other: &Migration| {
+            if !scenario.frees_core() {
+                return String::new();
+            }
+            format!(
+                "; host CPU {:.0} ms vs {:.0} ms",
+                ms(other.host_cpu),
+                ms(veil.host_cpu)
+            )
+        };
         if iperf.is_none() && table.rows.len() == 1 && !scenario.sev() {
             println!(
                 "  {}: nothing to compare with (no iperf3, no QEMU)",
@@ -1432,10 +1500,11 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
         }
         if let Some(tls) = find(Migrator::VeilTls) {
             println!(
-                "  {:<5} veil mutual TLS / clear: rate {:.3} (goal 0.8); downtime {:.1} ms",
+                "  {:<5} veil mutual TLS / clear: rate {:.3} (goal 0.8); downtime {:.1} ms{}",
                 scenario.slug(),
                 gbit_per_s(GUEST_RAM, tls.total) / veil_rate,
-                ms(tls.downtime)
+                ms(tls.downtime),
+                cpu_against(tls)
             );
         }
         if let Some(one) = find(Migrator::VeilOneStream) {
@@ -1451,11 +1520,14 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
         }
         if let Some(baseline) = find(Migrator::VeilBaseline) {
             println!(
-                "  {:<5} veil / veil (--baseline): rate {:.3}x; downtime {:.1} ms vs {:.1} ms",
+                "  {:<5} veil / veil (--baseline): rate {:.3}x; downtime {:.1} ms vs {:.1} ms; \
+                 host CPU {:.0} ms vs {:.0} ms",
                 scenario.slug(),
                 veil_rate / gbit_per_s(GUEST_RAM, baseline.total),
                 ms(veil.downtime),
-                ms(baseline.downtime)
+                ms(baseline.downtime),
+                ms(veil.host_cpu),
+                ms(baseline.host_cpu)
             );
         }
         for which in [
@@ -1478,6 +1550,16 @@ fn print_ratios(iperf: Option<f64>, results: &[(Scenario, Table)]) {
                     ms(qemu.downtime),
                     veil.downtime.as_secs_f64() / qemu.downtime.as_secs_f64().max(1e-6)
                 );
+                if scenario.frees_core() {
+                    println!(
+                        "  {:<5} veil / {}: host CPU {:.0} ms vs {:.0} ms ({:.2}x the CPU)",
+                        scenario.slug(),
+                        which.label(table.qemu_default_bandwidth),
+                        ms(veil.host_cpu),
+                        ms(qemu.host_cpu),
+                        veil.host_cpu.as_secs_f64() / qemu.host_cpu.as_secs_f64().max(1e-6)
+                    );
+                }
             }
         }
         if let Some(fw) = median_rates(&table.firmware) {
