@@ -152,3 +152,85 @@ fn unreadable_tls_files_are_named() {
         error_text(&error)
     );
 }
+
+/// A pair of authenticated streams over loopback: (source's, target's).
+fn tls_pair(name: &str) -> (transport::Stream, transport::Stream, common::TempDir) {
+    let dir = common::TempDir::new(name);
+    let ca = Ca::new(&dir.0, "site");
+    let (target, source) = (
+        ca.host(&dir.0, "target", &["127.0.0.1"]),
+        ca.host(&dir.0, "source", &["source.example"]),
+    );
+    let endpoint = free_endpoint();
+    let listener = transport::listen(&endpoint, &Security::tls(target)).unwrap();
+    let accepting = std::thread::spawn(move || listener.accept().unwrap());
+    let source = transport::connect(&endpoint, &Security::tls(source)).unwrap();
+    (source, accepting.join().unwrap(), dir)
+}
+
+/// The stream reads the socket many records at a time; what it has read ahead is still the
+/// peer's, in order, with nothing lost between reads of every size.
+#[test]
+fn bytes_read_ahead_of_the_reader_arrive_whole_and_in_order() {
+    let (mut source, mut target, _dir) = tls_pair("tls-read-ahead");
+    // Bytes that say where they are, in far more than one read-ahead's worth.
+    let sent: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let writing = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            source.write_all(&sent).unwrap();
+            source.flush().unwrap();
+            source
+        })
+    };
+    let mut received = Vec::with_capacity(sent.len());
+    let mut sizes = [1usize, 7, 4096, 16_385, 300_000].into_iter().cycle();
+    while received.len() < sent.len() {
+        let mut buf = vec![0u8; sizes.next().unwrap().min(sent.len() - received.len())];
+        target.read_exact(&mut buf).unwrap();
+        received.extend_from_slice(&buf);
+    }
+    assert!(
+        received == sent,
+        "the bytes arrived changed or out of order"
+    );
+    drop(writing.join().unwrap());
+}
+
+/// A source writing into a target that has stopped reading learns that the target spoke,
+/// even when the target's words were already read off the socket behind an earlier reply,
+/// where `poll` no longer shows them: whole (inside rustls) or in part (read ahead).
+#[test]
+fn a_reply_read_ahead_still_interrupts_a_write_into_a_peer_that_stopped_reading() {
+    use veil_migration::duplex::{Duplex, Written};
+    for second_len in [8, 20_000] {
+        let (mut source, mut target, _dir) = tls_pair("tls-hear-buffered");
+        // A first reply longer than rustls reads at once, and a second right behind it.
+        let first = vec![1u8; 10_000];
+        let second = vec![2u8; second_len];
+        target.write_all(&first).unwrap();
+        target.write_all(&second).unwrap();
+        target.flush().unwrap();
+        let mut got = vec![0u8; first.len()];
+        source.read_exact(&mut got).unwrap();
+        assert_eq!(got, first);
+        let started = std::time::Instant::now();
+        // Far more than the sockets buffer: without hearing the target this would wait out
+        // the peer timeout.
+        let written = source.write_or_hear(&vec![7u8; 64 << 20]).unwrap();
+        assert_eq!(
+            written,
+            Written::PeerSpoke,
+            "second reply of {second_len} bytes"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        let mut heard = vec![0u8; second_len];
+        source.read_exact(&mut heard).unwrap();
+        assert_eq!(heard, second);
+        drop(target);
+    }
+}

@@ -229,14 +229,19 @@ impl Write for SendNow<'_> {
 
 /// [`Duplex::write_or_hear`] through TLS: records go out as the socket takes them, and
 /// whatever arrives is decrypted; only application data (or the peer closing) counts as the
-/// peer speaking, not the session tickets a TLS 1.3 server sends after the handshake.
+/// peer speaking, not the session tickets a TLS 1.3 server sends after the handshake. Bytes an
+/// earlier read took off the socket beyond what it returned (the socket is read ahead, and
+/// rustls takes whole records) count too: `poll` no longer shows them.
 pub(crate) fn tls_write_or_hear<D>(
     conn: &mut rustls::ConnectionCommon<D>,
-    sock: &mut TcpStream,
+    sock: &mut crate::tls::TlsSocket,
     mut buf: &[u8],
 ) -> io::Result<Written> {
-    let timeout = sock.write_timeout()?;
+    let timeout = sock.tcp().write_timeout()?;
     let mut until = deadline(timeout);
+    if tls_peer_spoke(conn)? {
+        return Ok(Written::PeerSpoke);
+    }
     loop {
         if !buf.is_empty() {
             // rustls takes as much as its buffer limit allows.
@@ -246,17 +251,16 @@ pub(crate) fn tls_write_or_hear<D>(
         if buf.is_empty() && !conn.wants_write() {
             return Ok(Written::All);
         }
-        let ready = wait(sock.as_fd(), conn.wants_write(), until)?;
-        if ready.readable {
-            if conn.read_tls(sock)? == 0 {
-                return Ok(Written::PeerSpoke);
-            }
-            let state = conn
-                .process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
-                return Ok(Written::PeerSpoke);
-            }
+        let ready = match sock.has_buffered() {
+            true => Ready {
+                readable: true,
+                writable: false,
+            },
+            false => wait(sock.as_fd(), conn.wants_write(), until)?,
+        };
+        // The peer's close reads as 0.
+        if ready.readable && (conn.read_tls(sock)? == 0 || tls_peer_spoke(conn)?) {
+            return Ok(Written::PeerSpoke);
         }
         if ready.writable {
             match conn.write_tls(&mut SendNow(sock.as_fd())) {
@@ -266,6 +270,14 @@ pub(crate) fn tls_write_or_hear<D>(
             }
         }
     }
+}
+
+/// Whether rustls holds application data not yet read, or the peer's close.
+fn tls_peer_spoke<D>(conn: &mut rustls::ConnectionCommon<D>) -> io::Result<bool> {
+    let state = conn
+        .process_new_packets()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(state.plaintext_bytes_to_read() > 0 || state.peer_has_closed())
 }
 
 #[cfg(test)]

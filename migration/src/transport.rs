@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::tls::{TlsClient, TlsError, TlsFiles, TlsServer};
+use crate::tls::{TlsClient, TlsError, TlsFiles, TlsServer, TlsSocket};
 
 /// A migration endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,8 +135,8 @@ impl Security {
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
-    TlsClient(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-    TlsServer(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+    TlsClient(Box<rustls::StreamOwned<rustls::ClientConnection, TlsSocket>>),
+    TlsServer(Box<rustls::StreamOwned<rustls::ServerConnection, TlsSocket>>),
 }
 
 impl Stream {
@@ -276,7 +276,7 @@ impl crate::duplex::Duplex for Stream {
 /// ignores errors after buffering, so a dead peer would cost one peer timeout per write.)
 fn tls_write<D>(
     conn: &mut rustls::ConnectionCommon<D>,
-    sock: &mut TcpStream,
+    sock: &mut TlsSocket,
     buf: &[u8],
 ) -> io::Result<usize> {
     tls_flush(conn, sock)?;
@@ -287,7 +287,7 @@ fn tls_write<D>(
     Ok(written)
 }
 
-fn tls_flush<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &mut TcpStream) -> io::Result<()> {
+fn tls_flush<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &mut TlsSocket) -> io::Result<()> {
     conn.writer().flush()?;
     while conn.wants_write() {
         conn.write_tls(sock)?;
