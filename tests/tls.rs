@@ -234,3 +234,20 @@ fn a_reply_read_ahead_still_interrupts_a_write_into_a_peer_that_stopped_reading(
         drop(target);
     }
 }
+
+/// Both ends are Veil, so the suite is the fastest of those offered: AES-128-GCM.
+#[test]
+fn migration_sessions_use_aes_128_gcm() {
+    let (source, target, _dir) = tls_pair("tls-suite");
+    let suite = |stream: &transport::Stream| match stream {
+        transport::Stream::TlsClient(s) => s.conn.negotiated_cipher_suite(),
+        transport::Stream::TlsServer(s) => s.conn.negotiated_cipher_suite(),
+        _ => None,
+    };
+    for stream in [&source, &target] {
+        assert_eq!(
+            suite(stream).map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
+}
