@@ -17,7 +17,7 @@
 use veil_sev::crypto::{MAX_PACKET_BYTES, PACKET_HEADER_BYTES};
 use veil_sev::firmware::{Packet, PacketMut, PacketRef};
 
-use super::frame::{seal, HEADER_BYTES};
+use super::frame::{seal_hashed, HEADER_BYTES};
 use super::limits::{MAX_CHUNK_BYTES, MAX_CHUNK_PAGES, PAGE_SIZE};
 use super::messages::{MessageError, MessageType};
 use super::shape::{ShapeError, VmShape};
@@ -349,6 +349,11 @@ pub struct ChunkEncoder {
     /// The end of the chunk being built.
     end: usize,
     pages: usize,
+    /// CRC state of the pages so far, each hashed as it was added: right after its copy, it
+    /// is in the cache, where a pass over the whole chunk at the end reads megabytes back.
+    pages_crc: crc32fast::Hasher,
+    /// Where the pages not yet hashed start.
+    hashed_to: usize,
 }
 
 impl ChunkEncoder {
@@ -368,7 +373,16 @@ impl ChunkEncoder {
             if self.buf.len() < self.end {
                 self.buf.resize(self.end, 0);
             }
+            self.pages_crc.reset();
+            self.hashed_to = self.end;
         }
+    }
+
+    /// Counts the page just written (up to `end`), and hashes it.
+    fn added_page(&mut self) {
+        self.pages_crc.update(&self.buf[self.hashed_to..self.end]);
+        self.hashed_to = self.end;
+        self.pages += 1;
     }
 
     /// Adds a page; `Ok(false)` when it would not fit (send the frame, clear, push again).
@@ -387,7 +401,7 @@ impl ChunkEncoder {
             return Err(e);
         }
         self.end = self.buf.len();
-        self.pages += 1;
+        self.added_page();
         Ok(true)
     }
 
@@ -430,7 +444,7 @@ impl ChunkEncoder {
         } else {
             self.end = end;
         }
-        self.pages += 1;
+        self.added_page();
         Ok(Some(zero))
     }
 
@@ -459,7 +473,7 @@ impl ChunkEncoder {
             data: &mut rest[2..],
         })?;
         self.end = end;
-        self.pages += 1;
+        self.added_page();
         Ok(Some(()))
     }
 
@@ -480,8 +494,13 @@ impl ChunkEncoder {
         let frame = &mut self.buf[..self.end];
         frame[HEADER_BYTES..HEADER_BYTES + COUNT_BYTES]
             .copy_from_slice(&(self.pages as u32).to_le_bytes());
-        // Last: the checksum covers the count and the header.
-        seal(frame, MessageType::MemoryChunk);
+        // Last: the checksum covers the count and the header, then the pages hashed already.
+        seal_hashed(
+            frame,
+            MessageType::MemoryChunk,
+            HEADER_BYTES + COUNT_BYTES,
+            &self.pages_crc,
+        );
         Some(frame)
     }
 
@@ -856,6 +875,14 @@ pub(crate) mod tests {
         assert!(encoder.push(encrypted(2, 3).as_ref()).is_err());
         let frame = encoder.frame().unwrap().to_vec();
         assert_eq!(frame.len(), HEADER_BYTES + 4 + 9);
+        let Message::MemoryChunk(left) = read_frame(&mut frame.as_slice()).unwrap().message else {
+            panic!("not a chunk")
+        };
+        assert_eq!(
+            left.pages,
+            vec![zero(1)],
+            "checksummed as the page it holds"
+        );
         assert!(ChunkEncoder::new().frame().is_none());
     }
 }

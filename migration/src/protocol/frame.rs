@@ -153,6 +153,13 @@ impl FrameHeader {
 
     /// Checks that `payload` is what this header's frame carried, before anything decodes it.
     pub fn verify(&self, payload: &[u8]) -> Result<(), ProtocolError> {
+        let mut hashed = crc32fast::Hasher::new();
+        hashed.update(payload);
+        self.verify_hashed(&hashed)
+    }
+
+    /// As [`verify`](Self::verify), given the CRC state of the payload, hashed as it arrived.
+    fn verify_hashed(&self, payload: &crc32fast::Hasher) -> Result<(), ProtocolError> {
         // A decoded header re-encodes to the bytes that arrived (the reserved field was 0).
         let zeroed = Self {
             checksum: 0,
@@ -160,7 +167,7 @@ impl FrameHeader {
         };
         let mut crc = crc32fast::Hasher::new();
         crc.update(&zeroed.encode());
-        crc.update(payload);
+        crc.combine(payload);
         let found = crc.finalize();
         if found != self.checksum {
             return Err(ProtocolError::Corrupted {
@@ -176,6 +183,19 @@ impl FrameHeader {
 /// Fills in the header of a frame built in place: `frame` is [`HEADER_BYTES`] of room, then
 /// the payload. The checksum is computed once, over the whole frame.
 pub(crate) fn seal(frame: &mut [u8], kind: MessageType) {
+    let whole = frame.len();
+    seal_hashed(frame, kind, whole, &crc32fast::Hasher::new());
+}
+
+/// As [`seal`], for a frame whose bytes from `hashed_from` on were hashed into `tail` as they
+/// were written (while still in the cache, where a pass over a whole chunk afterwards reads
+/// megabytes back from memory).
+pub(crate) fn seal_hashed(
+    frame: &mut [u8],
+    kind: MessageType,
+    hashed_from: usize,
+    tail: &crc32fast::Hasher,
+) {
     let header = FrameHeader {
         version: PROTOCOL_VERSION,
         kind,
@@ -183,7 +203,10 @@ pub(crate) fn seal(frame: &mut [u8], kind: MessageType) {
         checksum: 0,
     };
     frame[..HEADER_BYTES].copy_from_slice(&header.encode());
-    let checksum = crc32fast::hash(frame);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&frame[..hashed_from]);
+    crc.combine(tail);
+    let checksum = crc.finalize();
     frame[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 4].copy_from_slice(&checksum.to_le_bytes());
 }
 
@@ -254,7 +277,8 @@ impl FrameReader {
             length: header.length,
             limit: header.kind.max_payload(),
         })?;
-        let got = self.read_payload(r, length)?;
+        let mut hashed = crc32fast::Hasher::new();
+        let got = self.read_payload(r, length, &mut hashed)?;
         if got < length {
             return Err(ProtocolError::TruncatedPayload {
                 kind: header.kind,
@@ -262,9 +286,8 @@ impl FrameReader {
                 got: got as u64,
             });
         }
-        let payload = &self.buf[..length];
         // Nothing decodes a payload that is not what the peer sent.
-        header.verify(payload)?;
+        header.verify_hashed(&hashed)?;
         self.len = length;
         Ok(RawFrame {
             header,
@@ -277,14 +300,22 @@ impl FrameReader {
     /// Reads up to `length` payload bytes into the buffer, growing it only as bytes arrive
     /// (doubling from [`FIRST_READ_BYTES`]): a header that claims 64 MiB and then a trickle
     /// makes this side hold at most about twice what the peer really sent, not the claim.
-    fn read_payload(&mut self, r: &mut impl Read, length: usize) -> Result<usize, ProtocolError> {
+    /// Each read's bytes go into `hashed` at once, while the kernel's copy has them in the
+    /// cache.
+    fn read_payload(
+        &mut self,
+        r: &mut impl Read,
+        length: usize,
+        hashed: &mut crc32fast::Hasher,
+    ) -> Result<usize, ProtocolError> {
         let mut got = 0;
         while got < length {
             let step = (length - got).min(got.max(FIRST_READ_BYTES));
             if self.buf.len() < got + step {
                 self.buf.resize(got + step, 0);
             }
-            let n = read_full(r, &mut self.buf[got..got + step]).map_err(ProtocolError::Io)?;
+            let into = &mut self.buf[got..got + step];
+            let n = read_full_hashing(r, into, hashed).map_err(ProtocolError::Io)?;
             got += n;
             if n < step {
                 break;
@@ -328,11 +359,23 @@ pub fn write_frame(w: &mut impl Write, message: &Message) -> Result<(), Protocol
 
 /// Fills `buf` unless the stream ends first; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    read_full_hashing(r, buf, &mut crc32fast::Hasher::new())
+}
+
+/// As [`read_full`], hashing each read's bytes into `hashed` as they arrive.
+fn read_full_hashing(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    hashed: &mut crc32fast::Hasher,
+) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
             Ok(0) => break,
-            Ok(n) => got += n,
+            Ok(n) => {
+                hashed.update(&buf[got..got + n]);
+                got += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
