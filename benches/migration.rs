@@ -26,9 +26,12 @@
 //! RAM is a sparse file (`memory`, see `migration/memory.rs`).
 //!
 //! `cargo bench --bench migration [-- --runs N] [--only idle,halted,dirty,sev,memory,...]
-//! [--baseline VEIL]` (with N runs per migration, the run with the median total time is shown;
-//! `--only` runs the scenarios named; `--baseline` migrates with another `veil` binary too, in
-//! the clear, interleaved with this one's runs, to compare two builds in one run).
+//! [--baseline VEIL] [--cold-memory]` (with N runs per migration, the run with the median
+//! total time is shown; `--only` runs the scenarios named; `--baseline` migrates with another
+//! `veil` binary too, in the clear, interleaved with this one's runs, to compare two builds in
+//! one run). Where the host's balloon reports free memory to the hypervisor below, 2 GiB is
+//! touched and freed before each migration so that neither VMM's target meets memory handed
+//! back to it (`--cold-memory` skips that).
 //! QEMU and iperf3 are skipped, with the reason, when absent.
 
 #[path = "migration/memory.rs"]
