@@ -603,6 +603,33 @@ fn run_scenario(
     })
 }
 
+/// The bench's clock over one migration, Veil's or QEMU's alike.
+struct MigrationClock {
+    started: Instant,
+    host_busy: Duration,
+}
+
+impl MigrationClock {
+    /// Warms the host's free memory first if `warm` ([`Options::warm`]), then starts.
+    fn start(warm: bool) -> Result<Self, String> {
+        if warm {
+            warm_free_memory(WARM_BYTES)?;
+        }
+        Ok(Self {
+            started: Instant::now(),
+            host_busy: host_busy(),
+        })
+    }
+
+    /// The wall time since the start, and the host's busy time over it.
+    fn stop(&self) -> (Duration, Duration) {
+        (
+            self.started.elapsed(),
+            host_busy().saturating_sub(self.host_busy),
+        )
+    }
+}
+
 /// The run with the median total time, and the range of totals when there were several.
 fn median_run(mut list: Vec<Outcome>) -> (Outcome, String) {
     let runs = list.len();
@@ -760,10 +787,7 @@ fn migrate_veil(
     )
     .map_err(|e| format!("{e}; source log: {}", source.stderr_tail()))?;
 
-    if warm {
-        warm_free_memory(WARM_BYTES)?;
-    }
-    let (started, busy_before) = (Instant::now(), host_busy());
+    let clock = MigrationClock::start(warm)?;
     let mut extra: Vec<std::ffi::OsString> = source_security.iter().map(Into::into).collect();
     if let Some(p) = sev {
         extra.push("--sev-trust-chain".into());
@@ -775,7 +799,7 @@ fn migrate_veil(
     }
     let mut ctl = ctl_migrate(scratch, tag, &src_api, port, &extra)?;
     let status = ctl.wait_exit(MIGRATION_TIMEOUT + Duration::from_secs(30))?;
-    let (wall, host_cpu) = (started.elapsed(), host_busy().saturating_sub(busy_before));
+    let (wall, host_cpu) = clock.stop();
     let report = migrate_report(&ctl, status)?;
     let number = |key: &str| {
         report[key]
@@ -1108,13 +1132,10 @@ fn migrate_qemu(
         )?;
     }
     let params = qmp.execute("query-migrate-parameters", json!({}))?;
-    if warm {
-        warm_free_memory(WARM_BYTES)?;
-    }
-    let (started, busy_before) = (Instant::now(), host_busy());
+    let clock = MigrationClock::start(warm)?;
     qmp.execute("migrate", json!({ "uri": uri }))?;
-    let info = poll_qemu_migration(&mut qmp, started)?;
-    let (wall, host_cpu) = (started.elapsed(), host_busy().saturating_sub(busy_before));
+    let info = poll_qemu_migration(&mut qmp, clock.started)?;
+    let (wall, host_cpu) = clock.stop();
     wait_for("the guest to run on the target", START_TIMEOUT, || {
         let status = target_qmp.execute("query-status", json!({})).ok()?;
         (status["status"] == "running").then_some(())

@@ -19,13 +19,9 @@ fn free_endpoint() -> Endpoint {
     format!("tcp:127.0.0.1:{port}").parse().unwrap()
 }
 
-fn error_text(error: &dyn std::error::Error) -> String {
-    veil::error_chain(error)
-}
-
-#[test]
-fn peers_with_certificates_from_the_same_ca_talk() {
-    let dir = common::TempDir::new("tls-ok");
+/// A pair of authenticated streams over loopback: (source's, target's).
+fn tls_pair(name: &str) -> (transport::Stream, transport::Stream, common::TempDir) {
+    let dir = common::TempDir::new(name);
     let ca = Ca::new(&dir.0, "site");
     let (target, source) = (
         ca.host(&dir.0, "target", &["127.0.0.1"]),
@@ -33,16 +29,26 @@ fn peers_with_certificates_from_the_same_ca_talk() {
     );
     let endpoint = free_endpoint();
     let listener = transport::listen(&endpoint, &Security::tls(target)).unwrap();
+    let accepting = std::thread::spawn(move || listener.accept().unwrap());
+    let source = transport::connect(&endpoint, &Security::tls(source)).unwrap();
+    (source, accepting.join().unwrap(), dir)
+}
+
+fn error_text(error: &dyn std::error::Error) -> String {
+    veil::error_chain(error)
+}
+
+#[test]
+fn peers_with_certificates_from_the_same_ca_talk() {
+    let (mut stream, mut server, _dir) = tls_pair("tls-ok");
     let server = std::thread::spawn(move || {
-        let mut stream = listener.accept().unwrap();
-        assert_eq!(stream.protection(), "mutual TLS");
+        assert_eq!(server.protection(), "mutual TLS");
         let mut hello = [0u8; 5];
-        stream.read_exact(&mut hello).unwrap();
-        stream.write_all(b"world").unwrap();
-        stream.flush().unwrap();
+        server.read_exact(&mut hello).unwrap();
+        server.write_all(b"world").unwrap();
+        server.flush().unwrap();
         hello
     });
-    let mut stream = transport::connect(&endpoint, &Security::tls(source)).unwrap();
     stream.write_all(b"hello").unwrap();
     stream.flush().unwrap();
     let mut reply = [0u8; 5];
@@ -151,21 +157,6 @@ fn unreadable_tls_files_are_named() {
         "{}",
         error_text(&error)
     );
-}
-
-/// A pair of authenticated streams over loopback: (source's, target's).
-fn tls_pair(name: &str) -> (transport::Stream, transport::Stream, common::TempDir) {
-    let dir = common::TempDir::new(name);
-    let ca = Ca::new(&dir.0, "site");
-    let (target, source) = (
-        ca.host(&dir.0, "target", &["127.0.0.1"]),
-        ca.host(&dir.0, "source", &["source.example"]),
-    );
-    let endpoint = free_endpoint();
-    let listener = transport::listen(&endpoint, &Security::tls(target)).unwrap();
-    let accepting = std::thread::spawn(move || listener.accept().unwrap());
-    let source = transport::connect(&endpoint, &Security::tls(source)).unwrap();
-    (source, accepting.join().unwrap(), dir)
 }
 
 /// The stream reads the socket many records at a time; what it has read ahead is still the

@@ -251,12 +251,13 @@ pub(crate) fn tls_write_or_hear<D>(
         if buf.is_empty() && !conn.wants_write() {
             return Ok(Written::All);
         }
-        let ready = match sock.has_buffered() {
-            true => Ready {
+        let ready = if sock.has_buffered() {
+            Ready {
                 readable: true,
                 writable: false,
-            },
-            false => wait(sock.as_fd(), conn.wants_write(), until)?,
+            }
+        } else {
+            wait(sock.as_fd(), conn.wants_write(), until)?
         };
         // The peer's close reads as 0.
         if ready.readable && (conn.read_tls(sock)? == 0 || tls_peer_spoke(conn)?) {

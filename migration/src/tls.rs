@@ -1,7 +1,7 @@
 //! Mutual TLS between migration peers: each side proves itself with a certificate the other's
 //! CA file vouches for, and the target reads no frame before that proof is complete.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -207,21 +207,13 @@ impl Read for TlsSocket {
     }
 }
 
-impl BufRead for TlsSocket {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        self.0.fill_buf()
-    }
-
-    fn consume(&mut self, amount: usize) {
-        self.0.consume(amount)
-    }
-}
-
 impl Write for TlsSocket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.get_mut().write(buf)
     }
 
+    // rustls writes its queued records as one vectored write; the default would send only
+    // the first.
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         self.0.get_mut().write_vectored(bufs)
     }

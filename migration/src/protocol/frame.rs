@@ -151,15 +151,9 @@ impl FrameHeader {
         })
     }
 
-    /// Checks that `payload` is what this header's frame carried, before anything decodes it.
-    pub fn verify(&self, payload: &[u8]) -> Result<(), ProtocolError> {
-        let mut hashed = crc32fast::Hasher::new();
-        hashed.update(payload);
-        self.verify_hashed(&hashed)
-    }
-
-    /// As [`verify`](Self::verify), given the CRC state of the payload, hashed as it arrived.
-    fn verify_hashed(&self, payload: &crc32fast::Hasher) -> Result<(), ProtocolError> {
+    /// Checks that the payload whose CRC state is `payload` (hashed as it arrived) is what
+    /// this header's frame carried, before anything decodes it.
+    pub(crate) fn verify(&self, payload: &crc32fast::Hasher) -> Result<(), ProtocolError> {
         // A decoded header re-encodes to the bytes that arrived (the reserved field was 0).
         let zeroed = Self {
             checksum: 0,
@@ -264,7 +258,7 @@ impl FrameReader {
     pub fn read<'a>(&'a mut self, r: &mut impl Read) -> Result<RawFrame<'a>, ProtocolError> {
         self.len = 0;
         let mut header = [0; HEADER_BYTES];
-        match read_full(r, &mut header).map_err(ProtocolError::Io)? {
+        match read_full(r, &mut header, |_| {}).map_err(ProtocolError::Io)? {
             0 => return Err(ProtocolError::Closed),
             HEADER_BYTES => {}
             got => return Err(ProtocolError::TruncatedHeader { got }),
@@ -287,7 +281,7 @@ impl FrameReader {
             });
         }
         // Nothing decodes a payload that is not what the peer sent.
-        header.verify_hashed(&hashed)?;
+        header.verify(&hashed)?;
         self.len = length;
         Ok(RawFrame {
             header,
@@ -315,7 +309,7 @@ impl FrameReader {
                 self.buf.resize(got + step, 0);
             }
             let into = &mut self.buf[got..got + step];
-            let n = read_full_hashing(r, into, hashed).map_err(ProtocolError::Io)?;
+            let n = read_full(r, into, |bytes| hashed.update(bytes)).map_err(ProtocolError::Io)?;
             got += n;
             if n < step {
                 break;
@@ -357,23 +351,19 @@ pub fn write_frame(w: &mut impl Write, message: &Message) -> Result<(), Protocol
     w.write_all(&frame).map_err(ProtocolError::Io)
 }
 
-/// Fills `buf` unless the stream ends first; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    read_full_hashing(r, buf, &mut crc32fast::Hasher::new())
-}
-
-/// As [`read_full`], hashing each read's bytes into `hashed` as they arrive.
-fn read_full_hashing(
+/// Fills `buf` unless the stream ends first, handing each read's bytes to `arrived` as they
+/// land; returns the bytes read.
+fn read_full(
     r: &mut impl Read,
     buf: &mut [u8],
-    hashed: &mut crc32fast::Hasher,
+    mut arrived: impl FnMut(&[u8]),
 ) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => {
-                hashed.update(&buf[got..got + n]);
+                arrived(&buf[got..got + n]);
                 got += n;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
