@@ -1,7 +1,10 @@
-//! A migration stream damaged on the way: one flipped byte in a page, plain or encrypted, is
-//! caught by the frame checksum before anything of its frame reaches the target guest, both
-//! sides say why, and the guest carries on at the source with its memory intact (an SEV
-//! guest's send is cancelled, so it can be migrated again).
+//! A migration stream damaged on the way. One flipped byte in an encrypted page is caught by
+//! the frame checksum before anything of its frame reaches the target guest; one in a plain
+//! page's body by the page's own CRC, and that page is set aside. A damaged page the source
+//! sends again (the guest keeps writing it) heals, and the migration completes; one it never
+//! sends again fails the migration when the State arrives. Either way both sides say why, and
+//! the guest carries on at the source with its memory intact (an SEV guest's send is
+//! cancelled, so it can be migrated again).
 
 mod common;
 
@@ -197,6 +200,28 @@ fn assert_failed_on_the_checksum(outcome: &Outcome) {
     assert!(damaged >= 2, "{:?}", outcome.relayed);
 }
 
+/// Both sides failed on a plain page that arrived damaged and never came again.
+fn assert_failed_on_a_damaged_page(outcome: &Outcome, gfn: u64) {
+    match &outcome.received {
+        Err(ReceiveError::DamagedPages { count: 1, first }) => assert_eq!(*first, gfn),
+        other => panic!("the target must fail on the damaged page: {other:?}"),
+    }
+    let sent = outcome.sent.as_ref().expect_err("the migration must fail");
+    let said = veil::error_chain(sent);
+    eprintln!("{:?}; the source says: {said}", outcome.relayed);
+    assert!(
+        said.contains(&format!(
+            "1 page(s) of guest memory arrived damaged (their checksum failed) and were not \
+             sent again, the first at gfn {gfn:#x}"
+        )),
+        "the source learns why: {said}"
+    );
+    assert!(
+        outcome.relayed.damaged_chunk.is_some(),
+        "the relay damaged a page"
+    );
+}
+
 #[test]
 fn a_flipped_byte_in_a_plain_page_fails_the_migration_and_the_guest_stays() {
     // 1536 stamped pages (6 MiB of plain pages) make the first pass several chunks long.
@@ -221,25 +246,74 @@ fn a_flipped_byte_in_a_plain_page_fails_the_migration_and_the_guest_stays() {
         at: 0,
     };
     let outcome = migrate_through_damage(&source, damage, None, None, None);
-    assert_failed_on_the_checksum(&outcome);
+    assert_failed_on_a_damaged_page(&outcome, damage.gfn);
     let target = outcome.target_ram.memory();
-    // The chunks before the damaged one were applied; nothing of the damaged one was.
+    // Every page came but the damaged one, its neighbours in its chunk too.
     assert_eq!(word(target, DIRTY_FIRST), page_stamp(3, DIRTY_FIRST));
+    assert_eq!(word(target, STAMPED), page_stamp(5, STAMPED));
+    assert_eq!(word(target, damage.gfn + 1), page_stamp(5, damage.gfn + 1));
     assert_eq!(
         word(target, damage.gfn),
         0,
         "a damaged page reached the target"
-    );
-    assert_eq!(
-        word(target, STAMPED),
-        0,
-        "the damaged chunk was applied in part"
     );
 
     // The guest runs on at the source, its memory as it wrote it.
     assert_runs_with_its_stamps(&source, STAMPED..STAMPED + STAMPED_PAGES);
     source.stop();
     source.wait();
+}
+
+#[test]
+fn a_damaged_plain_page_the_guest_writes_again_is_sent_again_and_the_migration_completes() {
+    let out = CapturedOutput::new();
+    let source = VmBuilder::new()
+        .kernel(common::kit())
+        .cmdline(format!(
+            "stamp:seed=5,first=0x400,count=16 \
+             dirty-loop:seed=3,first={DIRTY_FIRST:#x},count={DIRTY_PAGES}"
+        ))
+        .memory_bytes(16 << 20)
+        .serial_writer(out.clone())
+        .start()
+        .unwrap();
+    assert!(out.wait_for("stamping", Duration::from_secs(20)));
+    // A page the guest keeps stamping: it is dirty again in every pass.
+    let damage = Damage {
+        gfn: DIRTY_FIRST + 9,
+        at: 0,
+    };
+    let (mut to_relay, relay_source_side) = UnixStream::pair().unwrap();
+    let (relay_target_side, from_relay) = UnixStream::pair().unwrap();
+    let (target, relayed) = std::thread::scope(|scope| {
+        let relaying = scope.spawn(move || relay(relay_source_side, relay_target_side, damage));
+        let sending = scope.spawn(|| {
+            let sent =
+                veil::migration::send_over(&source, &mut to_relay, &SendOptions::default(), vec![]);
+            drop(to_relay);
+            sent
+        });
+        let mut incoming = receiver::accept(from_relay, |_| Ok(()), None).unwrap();
+        let target = veil::migration::receive(
+            &mut incoming,
+            VmBuilder::new().serial_writer(std::io::sink()),
+            None,
+        )
+        .expect("the damaged page came again, whole");
+        target.resume();
+        let report = sending.join().unwrap().expect("the migration completes");
+        assert!(report.pages_resent > 0, "{report:?}");
+        (target, relaying.join().unwrap())
+    });
+    assert!(
+        relayed.damaged_chunk.is_some(),
+        "the relay damaged the page"
+    );
+    assert_eq!(source.wait(), VmStop::Migrated);
+    common::assert_guest_restamps(target.memory(), 3, damage.gfn);
+    assert_eq!(word(target.memory(), 0x400), page_stamp(5, 0x400));
+    target.stop();
+    target.wait();
 }
 
 #[test]

@@ -315,7 +315,7 @@ fn damaged_foreign_or_mismatched_snapshots_are_refused_with_the_reason() {
     let version = damaged_copy(&snap, &dir.path("version"), |s| s[8] = 9);
     refused(
         &version,
-        "is in snapshot format version 9; this version of Veil reads version 1 only",
+        "is in snapshot format version 9; this version of Veil reads version 2 only",
     );
     let truncated = damaged_copy(&snap, &dir.path("truncated"), |s| s.truncate(s.len() - 100));
     refused(&truncated, "is truncated");

@@ -143,7 +143,9 @@ fuzz_target!(|steps: Vec<Step>| {
                 let Some(frame) = encoder.frame() else {
                     continue;
                 };
-                let payload = frame[24..].to_vec();
+                let mut payload = Vec::new();
+                frame.append_to(&mut payload);
+                let payload = payload.split_off(24);
                 let chunk = MemoryChunkRef::parse(&payload).expect("an encoded chunk parses");
                 let may_apply_before = session.may_apply();
                 match session.on_memory_chunk(&chunk) {

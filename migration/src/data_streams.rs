@@ -126,6 +126,8 @@ pub(crate) struct Running<'scope> {
 pub(crate) struct Shared<'m> {
     pub memory: &'m GuestMemory,
     pub written: Option<&'m PageBits>,
+    /// Plain pages that arrived damaged and not whole since.
+    pub damaged: &'m PageBits,
     pub vm: VmShape,
     pub features: Features,
     /// Set when the receive has failed elsewhere: the threads stop at their next frame.
@@ -197,7 +199,7 @@ fn run<S: Read + Write>(
     told: mpsc::Receiver<bool>,
 ) -> Result<(), ReceiveError> {
     let mut session = DataStreamSession::new(shared.vm.clone(), shared.features);
-    let mut writer = PageWriter::new(shared.memory, None, shared.written);
+    let mut writer = PageWriter::new(shared.memory, None, shared.written, shared.damaged);
     let mut reader = FrameReader::new();
     let result = (|| loop {
         if shared.stop.load(Ordering::Relaxed) {

@@ -9,6 +9,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use veil_hypervisor::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
 /// What became of a [`Duplex::write_or_hear`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -23,11 +26,80 @@ pub enum Written {
 pub trait Duplex: Read + Write {
     /// Writes all of `buf`, unless the peer has something to say first.
     fn write_or_hear(&mut self, buf: &[u8]) -> io::Result<Written>;
+
+    /// Whether [`write_pages_or_hear`](Self::write_pages_or_hear) sends pages from guest
+    /// memory itself; if not, a sender does better to copy them into its chunk once.
+    fn sends_from_guest_memory(&self) -> bool {
+        false
+    }
+
+    /// Writes `head`, then the guest pages at `pages` (a page each, read from `memory` as
+    /// they go), unless the peer has something to say first. The pages may change while
+    /// they are written: their reader must tell (a memory chunk's bodies have CRCs).
+    ///
+    /// This default copies the pages through a buffer into
+    /// [`write_or_hear`](Self::write_or_hear), as a transport that has to see the bytes
+    /// (TLS encrypts them) would anyway; a plain socket sends them from guest memory.
+    fn write_pages_or_hear(
+        &mut self,
+        head: &[u8],
+        memory: &GuestMemory,
+        pages: &[GuestAddress],
+    ) -> io::Result<Written> {
+        copy_pages_or_hear(self, head, memory, pages)
+    }
+}
+
+/// The default [`Duplex::write_pages_or_hear`]: the pages copied through a small buffer.
+pub(crate) fn copy_pages_or_hear<D: Duplex + ?Sized>(
+    stream: &mut D,
+    head: &[u8],
+    memory: &GuestMemory,
+    pages: &[GuestAddress],
+) -> io::Result<Written> {
+    if stream.write_or_hear(head)? == Written::PeerSpoke {
+        return Ok(Written::PeerSpoke);
+    }
+    let mut staged = Vec::with_capacity(STAGED_PAGES * PAGE_BYTES);
+    for batch in pages.chunks(STAGED_PAGES) {
+        staged.resize(batch.len() * PAGE_BYTES, 0);
+        for (at, page) in batch.iter().zip(staged.chunks_exact_mut(PAGE_BYTES)) {
+            memory.read_slice(page, *at).map_err(guest_memory_error)?;
+        }
+        if stream.write_or_hear(&staged)? == Written::PeerSpoke {
+            return Ok(Written::PeerSpoke);
+        }
+    }
+    Ok(Written::All)
+}
+
+/// Pages the default [`Duplex::write_pages_or_hear`] copies at a time: small enough to stay
+/// in the cache until the transport has taken them.
+const STAGED_PAGES: usize = 16;
+const PAGE_BYTES: usize = veil_hypervisor::memory::PAGE_SIZE as usize;
+/// The most iovecs one `sendmsg` takes (Linux's `UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+
+fn guest_memory_error(e: vm_memory::GuestMemoryError) -> io::Error {
+    io::Error::other(e)
 }
 
 impl<T: Duplex + ?Sized> Duplex for &mut T {
     fn write_or_hear(&mut self, buf: &[u8]) -> io::Result<Written> {
         (**self).write_or_hear(buf)
+    }
+
+    fn sends_from_guest_memory(&self) -> bool {
+        (**self).sends_from_guest_memory()
+    }
+
+    fn write_pages_or_hear(
+        &mut self,
+        head: &[u8],
+        memory: &GuestMemory,
+        pages: &[GuestAddress],
+    ) -> io::Result<Written> {
+        (**self).write_pages_or_hear(head, memory, pages)
     }
 }
 
@@ -36,12 +108,40 @@ impl Duplex for UnixStream {
         let timeout = self.write_timeout()?;
         socket_write_or_hear(self.as_fd(), buf, timeout)
     }
+
+    fn sends_from_guest_memory(&self) -> bool {
+        true
+    }
+
+    fn write_pages_or_hear(
+        &mut self,
+        head: &[u8],
+        memory: &GuestMemory,
+        pages: &[GuestAddress],
+    ) -> io::Result<Written> {
+        let timeout = self.write_timeout()?;
+        socket_write_pages_or_hear(self.as_fd(), head, memory, pages, timeout)
+    }
 }
 
 impl Duplex for TcpStream {
     fn write_or_hear(&mut self, buf: &[u8]) -> io::Result<Written> {
         let timeout = self.write_timeout()?;
         socket_write_or_hear(self.as_fd(), buf, timeout)
+    }
+
+    fn sends_from_guest_memory(&self) -> bool {
+        true
+    }
+
+    fn write_pages_or_hear(
+        &mut self,
+        head: &[u8],
+        memory: &GuestMemory,
+        pages: &[GuestAddress],
+    ) -> io::Result<Written> {
+        let timeout = self.write_timeout()?;
+        socket_write_pages_or_hear(self.as_fd(), head, memory, pages, timeout)
     }
 }
 
@@ -214,6 +314,99 @@ pub(crate) fn socket_write_or_hear(
     Ok(Written::All)
 }
 
+/// [`Duplex::write_pages_or_hear`] on a plain socket: `sendmsg` gathers the head and the
+/// pages, the kernel copying the pages from guest memory into the socket (one copy, where a
+/// chunk buffer cost two). Pages next to each other in host memory go as one iovec.
+pub(crate) fn socket_write_pages_or_hear(
+    socket: BorrowedFd<'_>,
+    head: &[u8],
+    memory: &GuestMemory,
+    pages: &[GuestAddress],
+    timeout: Option<Duration>,
+) -> io::Result<Written> {
+    let mut guards = Vec::with_capacity(pages.len());
+    let mut iovecs = vec![libc::iovec {
+        iov_base: head.as_ptr() as *mut libc::c_void,
+        iov_len: head.len(),
+    }];
+    for &at in pages {
+        let slice = memory
+            .get_slice(at, PAGE_BYTES)
+            .map_err(guest_memory_error)?;
+        let guard = slice.ptr_guard();
+        let base = guard.as_ptr();
+        let last = iovecs.last_mut().expect("the head's iovec");
+        if last.iov_base as usize + last.iov_len == base as usize {
+            last.iov_len += PAGE_BYTES;
+        } else {
+            iovecs.push(libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: PAGE_BYTES,
+            });
+        }
+        // Keeps each page's mapping pinned (a no-op for an mmap region) until it is sent.
+        guards.push(guard);
+    }
+    let mut until = deadline(timeout);
+    let mut next = 0;
+    while next < iovecs.len() {
+        let ready = wait(socket, true, until)?;
+        if ready.readable {
+            return Ok(Written::PeerSpoke);
+        }
+        if !ready.writable {
+            continue;
+        }
+        let window_end = (next + MAX_IOVECS).min(iovecs.len());
+        let window = &mut iovecs[next..window_end];
+        match sendmsg_now(socket, window) {
+            Ok(mut n) => {
+                until = deadline(timeout);
+                while n > 0 && next < iovecs.len() {
+                    let iov = &mut iovecs[next];
+                    let took = n.min(iov.iov_len);
+                    // SAFETY: `took` is at most the iovec's length, so the base stays
+                    // within (or one past) the buffer it points into.
+                    iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(took) }.cast();
+                    iov.iov_len -= took;
+                    n -= took;
+                    if iov.iov_len == 0 {
+                        next += 1;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    drop(guards);
+    Ok(Written::All)
+}
+
+/// One non-blocking `sendmsg` of `iovecs`.
+fn sendmsg_now(socket: BorrowedFd<'_>, iovecs: &mut [libc::iovec]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is a valid empty message (no address, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iovecs.as_mut_ptr();
+    msg.msg_iovlen = iovecs.len() as _;
+    // SAFETY: every iovec points into the frame's head or into guest memory whose mapping
+    // the caller holds (its PtrGuards) for at least the call, each valid for reads of its
+    // length; the kernel only reads them. The descriptor is a live socket borrowed for the
+    // call, and MSG_DONTWAIT makes it return rather than block.
+    let n = unsafe {
+        libc::sendmsg(
+            socket.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// A socket seen through non-blocking sends, for rustls to write its records to.
 struct SendNow<'a>(BorrowedFd<'a>);
 
@@ -347,6 +540,88 @@ mod tests {
         (&watched).read_to_string(&mut sent).unwrap();
         assert_eq!(sent, "pages of the first pass");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pages_gathered_from_guest_memory_arrive_in_order_after_the_head() {
+        use vm_memory::Bytes;
+        let ram = crate::receiver::tests::fresh_ram();
+        let memory = ram.memory();
+        // Runs of neighbours (one iovec each) and strays, more iovecs than one sendmsg takes.
+        let gfns: Vec<u64> = (0..64)
+            .chain((100..3000).step_by(2))
+            .chain([70, 65])
+            .collect();
+        for &gfn in &gfns {
+            memory
+                .write_obj(gfn * 0x1_0000 + 7, GuestAddress(gfn * PAGE_BYTES as u64))
+                .unwrap();
+        }
+        let pages: Vec<GuestAddress> = gfns
+            .iter()
+            .map(|&gfn| GuestAddress(gfn * PAGE_BYTES as u64))
+            .collect();
+        let head = b"a chunk's head";
+        let mut expected = head.to_vec();
+        for at in &pages {
+            let mut page = vec![0; PAGE_BYTES];
+            memory.read_slice(&mut page, *at).unwrap();
+            expected.extend_from_slice(&page);
+        }
+        let copied = {
+            let (mut source, mut target) = UnixStream::pair().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                target.read_to_end(&mut got).unwrap();
+                got
+            });
+            assert_eq!(
+                copy_pages_or_hear(&mut source, head, memory, &pages).unwrap(),
+                Written::All
+            );
+            drop(source);
+            reader.join().unwrap()
+        };
+        assert_eq!(copied, expected, "the copying default");
+        let (mut source, mut target) = UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            target.read_to_end(&mut got).unwrap();
+            got
+        });
+        assert_eq!(
+            source.write_pages_or_hear(head, memory, &pages).unwrap(),
+            Written::All
+        );
+        drop(source);
+        assert_eq!(
+            reader.join().unwrap(),
+            expected,
+            "gathered from guest memory"
+        );
+    }
+
+    #[test]
+    fn a_gathered_write_ends_when_the_peer_speaks() {
+        let ram = crate::receiver::tests::fresh_ram();
+        let pages: Vec<GuestAddress> = (0..4000)
+            .map(|gfn| GuestAddress(gfn * PAGE_BYTES as u64))
+            .collect();
+        let (mut source, mut target) = UnixStream::pair().unwrap();
+        target.write_all(b"refused").unwrap();
+        // The peer never reads: 16 MiB could never go out.
+        let written = source
+            .write_pages_or_hear(b"head", ram.memory(), &pages)
+            .unwrap();
+        assert_eq!(written, Written::PeerSpoke);
+        let mut heard = [0u8; 7];
+        source.read_exact(&mut heard).unwrap();
+        assert_eq!(&heard, b"refused");
+        // Outside guest memory: an error, not a panic.
+        let beyond = [GuestAddress(1 << 40)];
+        assert!(source
+            .write_pages_or_hear(b"", ram.memory(), &beyond)
+            .is_err());
     }
 
     #[test]

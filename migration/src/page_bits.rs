@@ -46,6 +46,20 @@ impl PageBits {
             .is_some_and(|(word, bit)| word.fetch_and(!bit, Ordering::Relaxed) & bit != 0)
     }
 
+    /// How many bits are set, and the lowest one.
+    pub(crate) fn census(&self) -> (u64, Option<u64>) {
+        let mut count = 0;
+        let mut first = None;
+        for (i, word) in self.words.iter().enumerate() {
+            let bits = word.load(Ordering::Relaxed);
+            if bits != 0 {
+                count += u64::from(bits.count_ones());
+                first = first.or(Some(i as u64 * 64 + u64::from(bits.trailing_zeros())));
+            }
+        }
+        (count, first)
+    }
+
     fn word(&self, gfn: u64) -> Option<(&AtomicU64, u64)> {
         let word = self.words.get(usize::try_from(gfn / 64).ok()?)?;
         Some((word, 1 << (gfn % 64)))
@@ -77,5 +91,9 @@ mod tests {
         assert!(!bits.clear(5));
         assert!(!bits.clear(u64::MAX));
         assert_eq!(words(&bits), [0, 1 << 63]);
+        assert_eq!(bits.census(), (1, Some(127)));
+        bits.set(70);
+        assert_eq!(bits.census(), (2, Some(70)));
+        assert_eq!(PageBits::below(10).census(), (0, None));
     }
 }

@@ -14,7 +14,9 @@ use veil_sev::firmware::{Firmware, PacketRef, SendStart};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::page_bits::PageBits;
-use crate::protocol::{FrameReader, MemoryChunkRef, MessageType, PageContentRef, ProtocolError};
+use crate::protocol::{
+    Arrived, FrameReader, MemoryChunkRef, MessageType, PageContentRef, ProtocolError,
+};
 use crate::receiver::ReceiveError;
 
 /// Chunks read ahead of the writer: one being written, one queued, one being read. Each
@@ -39,6 +41,8 @@ pub(crate) struct PageWriter<'m, 'f> {
     sev: Option<veil_sev::flow::Receiver<'f>>,
     /// Shared with the other streams' writers; `None` for file-backed memory.
     written: Option<&'m PageBits>,
+    /// Plain pages that arrived damaged and have not arrived whole since; shared too.
+    damaged: &'m PageBits,
     scratch: Vec<u8>,
 }
 
@@ -46,17 +50,20 @@ impl<'m, 'f> PageWriter<'m, 'f> {
     /// A writer into `memory`, with `firmware` for an SEV guest's private pages. Anonymous
     /// `memory` must be fresh (all zero): a page this writer has not written is taken to be
     /// zero, and `written` ([`written_pages_for`]) says which pages it and the other streams'
-    /// writers have written. File-backed memory may hold anything.
+    /// writers have written. File-backed memory may hold anything. A plain page whose body
+    /// fails its CRC is not written but set in `damaged`, until it arrives whole.
     pub(crate) fn new(
         memory: &'m GuestMemory,
         firmware: Option<&'f mut dyn Firmware>,
         written: Option<&'m PageBits>,
+        damaged: &'m PageBits,
     ) -> Self {
         Self {
             memory,
             firmware,
             sev: None,
             written,
+            damaged,
             scratch: vec![0; PAGE_SIZE as usize],
         }
     }
@@ -95,7 +102,17 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             source,
         })?;
         self.populate_runs(&chunk)?;
-        for page in chunk.pages() {
+        for arrived in chunk.arrived() {
+            let page = match arrived {
+                Arrived::Page(page) => page,
+                Arrived::Damaged { gfn } => {
+                    // Torn while the source sent it, or damaged on the way: the guest's
+                    // write put it in the dirty log, so it comes again.
+                    self.damaged.set(gfn);
+                    continue;
+                }
+            };
+            self.damaged.clear(page.gfn);
             let at = GuestAddress(page.gfn * PAGE_SIZE);
             match page.content {
                 PageContentRef::Zero => self.write_zero(page.gfn, at)?,

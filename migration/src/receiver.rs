@@ -13,6 +13,7 @@ use veil_hypervisor::vm::VmSnapshot;
 use veil_hypervisor::GuestMemory;
 use veil_sev::firmware::{Firmware, Handle, SendStart};
 
+use crate::page_bits::PageBits;
 use crate::page_writer::{PageWriter, Work, FRAME_BUFFERS};
 use crate::protocol::{
     read_frame, write_frame, Features, FrameReader, Hello, HelloReply, MemoryChunkRef, Message,
@@ -44,6 +45,11 @@ pub enum ReceiveError {
     Protocol(#[from] ProtocolError),
     #[error("Migration out of order")]
     Session(#[from] SessionError),
+    #[error(
+        "{count} page(s) of guest memory arrived damaged (their checksum failed) and were not \
+         sent again, the first at gfn {first:#x}: the stream was corrupted"
+    )]
+    DamagedPages { count: u64, first: u64 },
     #[error("Cannot write guest memory")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("The guest state cannot be decoded")]
@@ -515,15 +521,17 @@ impl<S: Read + Write + Send + AsFd> Incoming<S> {
         firmware: Option<&mut dyn Firmware>,
     ) -> Result<(VmSnapshot, Option<Handle>), ReceiveError> {
         let written_bits = crate::page_writer::written_pages_for(memory);
+        let damaged = PageBits::covering(memory);
         let stop = AtomicBool::new(false);
         let shared = data_streams::Shared {
             memory,
             written: written_bits.as_ref(),
+            damaged: &damaged,
             vm: self.shape.clone(),
             features: self.session.features(),
             stop: &stop,
         };
-        let writer = PageWriter::new(memory, firmware, written_bits.as_ref());
+        let writer = PageWriter::new(memory, firmware, written_bits.as_ref(), &damaged);
         let data = std::mem::take(&mut self.data_streams);
         // To wake the data streams' threads out of their reads should the receive fail.
         let hang_ups = data_streams::hang_ups(&data).map_err(ProtocolError::Io)?;
@@ -560,6 +568,12 @@ impl<S: Read + Write + Send + AsFd> Incoming<S> {
                     ));
                 }
             };
+            // Every page the guest tore while it was sent came again, whole, before the State
+            // (the last pass sends with the guest stopped): one still damaged was damaged on
+            // the way, and never sent again.
+            if let (count, Some(first)) = damaged.census() {
+                return Err(ReceiveError::DamagedPages { count, first });
+            }
             let snapshot = serde_json::from_slice(&bytes)?;
             self.fate
                 .state_arrived(MigrationId::of_state(&bytes))

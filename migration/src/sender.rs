@@ -22,9 +22,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::protocol::MigrationId;
 use crate::protocol::{
-    read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryChunkRef, MemoryRegion, Message,
-    PageContentRef, PageRef, ProtocolError, SenderAction, SenderSession, SessionError, SevPlatform,
-    SevShape, SevStart, State, VmShape, PROTOCOL_VERSION,
+    read_frame, write_frame, ChunkEncoder, Features, Hello, MemoryRegion, Message, PageContentRef,
+    PageRef, ProtocolError, SenderAction, SenderSession, SessionError, SevPlatform, SevShape,
+    SevStart, State, VmShape, PROTOCOL_VERSION,
 };
 use crate::protocol::{stream_of, StreamToken, Streams};
 use veil_sev::firmware::{Firmware, Handle};
@@ -749,6 +749,7 @@ impl<'a, S: Duplex + Send> Sender<'a, '_, S> {
             &mut self.encoder,
             Some(&mut self.session),
             &mut *self.stream,
+            pages.memory,
             self.monitor,
             self.deadline,
         );
@@ -818,12 +819,24 @@ impl<'a, S: Duplex + Send> Sender<'a, '_, S> {
         });
         self.data = data;
         let (own, streams) = results;
+        let own_went = own.is_ok();
         let mut results = vec![own];
         for (result, share) in streams {
             share.add_to(&mut self.report);
             results.push(result);
         }
-        first_failure(results)
+        match first_failure(results) {
+            // A data stream found the target gone while the control stream's share went
+            // out whole: a target that fails says why on the control stream, then hangs up
+            // every stream, so its reason is there to read.
+            Err(e) if own_went && e.is_broken_stream() => {
+                Err(match hear(&mut *self.stream, Some(&mut self.session)) {
+                    reason @ SendError::Aborted(_) => reason,
+                    _ => e,
+                })
+            }
+            other => other,
+        }
     }
 
     /// Marks every data stream: all its pages before the control stream's next Sync or
@@ -908,7 +921,7 @@ pub(crate) fn push_pages<S: Duplex>(
             out.push_encrypted(gfn, &page, send)?;
             tally.private_pages += 1;
         } else {
-            if out.push_clear(gfn, pages.zero_pages, pages.memory)? {
+            if out.push_clear(gfn, pages.zero_pages)? {
                 tally.zero_pages += 1;
             }
             tally.clear_pages += 1;
@@ -927,6 +940,12 @@ pub(crate) struct ChunkOut<'a, S> {
     encoder: &'a mut ChunkEncoder,
     session: Option<&'a mut SenderSession>,
     stream: &'a mut S,
+    /// Where the plain pages' bodies are read from as the chunk goes out.
+    memory: &'a veil_hypervisor::GuestMemory,
+    /// The plain pages of the chunk being built, whose bodies follow its head.
+    bodies: Vec<GuestAddress>,
+    /// A page read to check it and hash it, small enough to stay in the cache.
+    scratch: Box<[u8; PAGE_SIZE as usize]>,
     /// Bytes written.
     pub bytes: u64,
     monitor: &'a MigrationMonitor,
@@ -940,6 +959,7 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
         encoder: &'a mut ChunkEncoder,
         session: Option<&'a mut SenderSession>,
         stream: &'a mut S,
+        memory: &'a veil_hypervisor::GuestMemory,
         monitor: &'a MigrationMonitor,
         deadline: Option<(Instant, Duration)>,
     ) -> Self {
@@ -947,6 +967,9 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
             encoder,
             session,
             stream,
+            memory,
+            bodies: Vec::new(),
+            scratch: Box::new([0; PAGE_SIZE as usize]),
             bytes: 0,
             monitor,
             pending: 0,
@@ -954,19 +977,34 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
         }
     }
 
-    /// A page in the clear, read from guest memory straight into the chunk; `true` if it
-    /// went as a zero page.
-    fn push_clear(
-        &mut self,
-        gfn: u64,
-        zero_pages: bool,
-        memory: &veil_hypervisor::GuestMemory,
-    ) -> Result<bool, SendError> {
+    /// A page in the clear; `true` if it went as a zero page. Over a plain socket the page
+    /// is read once here, to check for zeros and to take its CRC, and its body goes out from
+    /// guest memory with the chunk: if the guest writes it in between, it arrives damaged, and
+    /// it is dirty again. A transport that must see the bytes anyway (TLS) gets them copied
+    /// into the chunk once, hashed there.
+    fn push_clear(&mut self, gfn: u64, zero_pages: bool) -> Result<bool, SendError> {
         let at = GuestAddress(gfn * PAGE_SIZE);
-        let read = |dst: &mut [u8]| memory.read_slice(dst, at);
+        if !self.stream.sends_from_guest_memory() {
+            let memory = self.memory;
+            let read = |dst: &mut [u8]| memory.read_slice(dst, at).map_err(SendError::from);
+            return self.add_page(crate::protocol::chunk::PLAIN_PAGE_WIRE_BYTES, |encoder| {
+                encoder.push_plain_filled(gfn, zero_pages, read)
+            });
+        }
+        self.memory.read_slice(&mut self.scratch[..], at)?;
+        if zero_pages && crate::protocol::chunk::is_zero(&self.scratch[..]) {
+            self.push(PageRef {
+                gfn,
+                content: PageContentRef::Zero,
+            })?;
+            return Ok(true);
+        }
+        let crc = crate::protocol::chunk::body_crc(&self.scratch[..]);
         self.add_page(crate::protocol::chunk::PLAIN_PAGE_WIRE_BYTES, |encoder| {
-            Ok(encoder.push_clear_page(gfn, zero_pages, read)?)
-        })
+            Ok(encoder.push_plain_elsewhere(gfn, crc)?.then_some(()))
+        })?;
+        self.bodies.push(at);
+        Ok(false)
     }
 
     /// A private page, SEND_UPDATE_DATA writing its packet straight into the chunk.
@@ -1019,22 +1057,27 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
 
     fn flush(&mut self) -> Result<(), SendError> {
         if let Some(frame) = self.encoder.frame() {
-            let payload = &frame[crate::protocol::frame::HEADER_BYTES..];
-            let chunk = MemoryChunkRef::parse(payload)?;
             if let Some(session) = self.session.as_deref_mut() {
-                session.send_memory_chunk(&chunk)?;
+                session.send_memory_chunk(&frame.index()?)?;
             }
-            match self
-                .stream
-                .write_or_hear(frame)
-                .map_err(ProtocolError::Io)?
-            {
-                Written::All => {}
-                Written::PeerSpoke => return Err(hear(self.stream, self.session.as_deref_mut())),
+            debug_assert_eq!(frame.bodies_elsewhere, self.bodies.len());
+            let written = if frame.bodies.is_empty() {
+                self.stream
+                    .write_pages_or_hear(frame.head, self.memory, &self.bodies)
+            } else {
+                self.stream.write_or_hear(frame.head).and_then(|w| match w {
+                    Written::All => self.stream.write_or_hear(frame.bodies),
+                    spoke => Ok(spoke),
+                })
             }
-            self.bytes += frame.len() as u64;
+            .map_err(ProtocolError::Io)?;
+            if written == Written::PeerSpoke {
+                return Err(hear(self.stream, self.session.as_deref_mut()));
+            }
+            let bytes = frame.len() as u64;
+            self.bytes += bytes;
             // Once per chunk, not per page: the monitor's lock stays off the page loop.
-            let (bytes, pages) = (frame.len() as u64, self.pending);
+            let pages = self.pending;
             self.monitor.update(|p| {
                 p.bytes_sent += bytes;
                 p.pages_sent += pages;
@@ -1043,6 +1086,7 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
             self.pending = 0;
         }
         self.encoder.clear();
+        self.bodies.clear();
         // Between chunks: the earliest a cancel can take effect without a torn frame.
         if self.monitor.cancelled() {
             return Err(SendError::Cancelled);

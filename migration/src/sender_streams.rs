@@ -35,7 +35,14 @@ impl<S: Duplex> DataStream<S> {
         deadline: Option<(Instant, Duration)>,
         tally: &mut Tally,
     ) -> Result<(), SendError> {
-        let mut out = ChunkOut::new(&mut self.encoder, None, &mut self.stream, monitor, deadline);
+        let mut out = ChunkOut::new(
+            &mut self.encoder,
+            None,
+            &mut self.stream,
+            pages.memory,
+            monitor,
+            deadline,
+        );
         let result = push_pages(&mut out, gfns, known_zero, pages, None, tally);
         tally.bytes += out.bytes;
         result.map_err(|e| target_reason(&mut self.stream, e))

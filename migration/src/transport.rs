@@ -270,6 +270,27 @@ impl crate::duplex::Duplex for Stream {
             }
         }
     }
+
+    fn sends_from_guest_memory(&self) -> bool {
+        matches!(self, Stream::Unix(_) | Stream::Tcp(_))
+    }
+
+    fn write_pages_or_hear(
+        &mut self,
+        head: &[u8],
+        memory: &veil_hypervisor::GuestMemory,
+        pages: &[vm_memory::GuestAddress],
+    ) -> io::Result<crate::duplex::Written> {
+        use crate::duplex::copy_pages_or_hear;
+        match self {
+            Stream::Unix(s) => s.write_pages_or_hear(head, memory, pages),
+            Stream::Tcp(s) => s.write_pages_or_hear(head, memory, pages),
+            // The cipher needs the bytes: they are copied into rustls's records anyway.
+            Stream::TlsClient(_) | Stream::TlsServer(_) => {
+                copy_pages_or_hear(self, head, memory, pages)
+            }
+        }
+    }
 }
 
 /// Writes through TLS, failing on the first socket error. (`rustls::StreamOwned::write`

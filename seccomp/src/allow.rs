@@ -108,6 +108,8 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_read,
             libc::SYS_recvfrom,
             libc::SYS_writev,
+            // A chunk's plain pages, gathered from guest memory behind its head.
+            libc::SYS_sendmsg,
             // --sev-trust-chain.
             libc::SYS_openat,
             libc::SYS_statx,

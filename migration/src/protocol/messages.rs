@@ -52,6 +52,8 @@ pub enum MessageError {
     },
     #[error("Invalid VM shape")]
     Shape(#[source] ShapeError),
+    #[error("A chunk holds its plain pages' bodies or has them sent after it, not both")]
+    MixedBodies,
 }
 
 /// The message types, as numbered in the frame header.

@@ -88,7 +88,8 @@ pub mod streams;
 mod wire;
 
 pub use chunk::{
-    ChunkEncoder, MemoryChunk, MemoryChunkRef, Page, PageContent, PageContentRef, PageRef,
+    Arrived, ChunkEncoder, ChunkFrame, ChunkIndex, MemoryChunk, MemoryChunkRef, Page, PageContent,
+    PageContentRef, PageRef,
 };
 pub use frame::{
     read_frame, write_frame, Frame, FrameHeader, FrameReader, ProtocolError, RawFrame,
@@ -108,4 +109,4 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VEIL");
 
 /// The protocol version this implementation speaks. Bumped for any change a peer of the
 /// previous version would misread; additive capabilities are [`Features`] instead.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -24,7 +24,7 @@
 //! side may send exactly one Error (or Cancel) carrying the reason. A refused outgoing
 //! message is a bug on this side and changes nothing.
 
-use super::chunk::{MemoryChunkRef, Page, PageContentRef, PageRef};
+use super::chunk::{ChunkIndex, EntryRef, MemoryChunkRef, PageContentRef};
 use super::messages::{Features, Hello, HelloReply, Message, MessageType, SevStart};
 use super::shape::{ShapeError, VmShape};
 use super::streams::Streams;
@@ -164,20 +164,48 @@ struct ChunkFacts {
     encrypted: bool,
 }
 
-fn chunk_facts<'p>(
+fn chunk_facts(
     vm: &VmShape,
-    pages: impl Iterator<Item = PageRef<'p>> + Clone,
+    pages: impl Iterator<Item = (u64, ChunkPageKind)> + Clone,
 ) -> Result<ChunkFacts, ShapeError> {
-    vm.check_gfns(pages.clone().map(|p| p.gfn))?;
+    vm.check_gfns(pages.clone().map(|(gfn, _)| gfn))?;
     let mut facts = ChunkFacts::default();
-    for p in pages {
-        match p.content {
-            PageContentRef::Zero => facts.zero = true,
-            PageContentRef::Encrypted { .. } => facts.encrypted = true,
-            PageContentRef::Plain(_) => {}
+    for (_, kind) in pages {
+        match kind {
+            ChunkPageKind::Zero => facts.zero = true,
+            ChunkPageKind::Encrypted => facts.encrypted = true,
+            ChunkPageKind::Plain => {}
         }
     }
     Ok(facts)
+}
+
+/// What the order needs to know of a page of a chunk.
+#[derive(Clone, Copy)]
+enum ChunkPageKind {
+    Zero,
+    Plain,
+    Encrypted,
+}
+
+impl From<PageContentRef<'_>> for ChunkPageKind {
+    fn from(content: PageContentRef<'_>) -> Self {
+        match content {
+            PageContentRef::Zero => ChunkPageKind::Zero,
+            PageContentRef::Plain(_) => ChunkPageKind::Plain,
+            PageContentRef::Encrypted { .. } => ChunkPageKind::Encrypted,
+        }
+    }
+}
+
+impl From<EntryRef<'_>> for ChunkPageKind {
+    fn from(entry: EntryRef<'_>) -> Self {
+        match entry {
+            EntryRef::Zero => ChunkPageKind::Zero,
+            EntryRef::Plain { .. } => ChunkPageKind::Plain,
+            EntryRef::Encrypted { .. } => ChunkPageKind::Encrypted,
+        }
+    }
 }
 
 /// A message as the order sees it.
@@ -548,7 +576,10 @@ fn with_view<T>(m: &Message, f: impl FnOnce(View<'_>) -> T) -> T {
         Message::Streams(s) => f(View::Streams(s)),
         Message::Join(_) => f(View::Join),
         Message::MemoryChunk(c) => f(View::Chunk(&|vm: &VmShape| {
-            chunk_facts(vm, c.pages.iter().map(Page::as_ref))
+            chunk_facts(
+                vm,
+                c.pages.iter().map(|p| (p.gfn, p.as_ref().content.into())),
+            )
         })),
         Message::State(_) => f(View::State),
         Message::Complete => f(View::Complete),
@@ -570,8 +601,10 @@ fn with_view<T>(m: &Message, f: impl FnOnce(View<'_>) -> T) -> T {
     }
 }
 
-fn with_chunk_view<T>(c: &MemoryChunkRef<'_>, f: impl FnOnce(View<'_>) -> T) -> T {
-    f(View::Chunk(&|vm: &VmShape| chunk_facts(vm, c.pages())))
+fn with_chunk_view<T>(c: &ChunkIndex<'_>, f: impl FnOnce(View<'_>) -> T) -> T {
+    f(View::Chunk(&|vm: &VmShape| {
+        chunk_facts(vm, c.entries().map(|e| (e.gfn, e.entry.into())))
+    }))
 }
 
 /// What the target does with a message it received.
@@ -628,7 +661,7 @@ impl ReceiverSession {
         &mut self,
         chunk: &MemoryChunkRef<'_>,
     ) -> Result<ReceiverAction, SessionError> {
-        let event = with_chunk_view(chunk, |v| self.order.incoming(Side::Target, v))?;
+        let event = with_chunk_view(chunk.index(), |v| self.order.incoming(Side::Target, v))?;
         Self::action(event)
     }
 
@@ -765,8 +798,10 @@ impl SenderSession {
     }
 
     /// A chunk this side is about to send, e.g. from a
-    /// [`ChunkEncoder`](super::chunk::ChunkEncoder)'s frame.
-    pub fn send_memory_chunk(&mut self, chunk: &MemoryChunkRef<'_>) -> Result<(), SessionError> {
+    /// [`ChunkEncoder`](super::chunk::ChunkEncoder)'s frame ([`ChunkFrame::index`]).
+    ///
+    /// [`ChunkFrame::index`]: super::chunk::ChunkFrame::index
+    pub fn send_memory_chunk(&mut self, chunk: &ChunkIndex<'_>) -> Result<(), SessionError> {
         with_chunk_view(chunk, |v| self.order.outgoing(Side::Source, v)).map(drop)
     }
 
@@ -1155,13 +1190,13 @@ mod tests {
         .unwrap();
         let borrowed = MemoryChunkRef::parse(&payload).unwrap();
         let mut pair = accepted(true, Features::ZERO_PAGES);
-        assert!(pair.source.send_memory_chunk(&borrowed).is_err());
+        assert!(pair.source.send_memory_chunk(borrowed.index()).is_err());
         assert_eq!(
             pair.clone_target().on_memory_chunk(&borrowed),
             Err(SessionError::EncryptedBeforeSevStart)
         );
         pair.send_to_target(Message::SevStart(sev_start())).unwrap();
-        pair.source.send_memory_chunk(&borrowed).unwrap();
+        pair.source.send_memory_chunk(borrowed.index()).unwrap();
         assert_eq!(
             pair.target.on_memory_chunk(&borrowed),
             Ok(ReceiverAction::WritePages)

@@ -18,7 +18,7 @@
 //! and a reason to stop; the target says nothing on it but an Error. An SEV guest's pages go
 //! through its firmware context one at a time, so it migrates over one stream.
 
-use super::chunk::{MemoryChunkRef, PageContentRef};
+use super::chunk::{EntryRef, MemoryChunkRef};
 use super::limits::MAX_STREAMS;
 use super::messages::{Features, Message};
 use super::session::SessionError;
@@ -126,15 +126,12 @@ impl DataStreamSession {
     }
 
     fn check_chunk(&self, chunk: &MemoryChunkRef<'_>) -> Result<(), SessionError> {
-        self.vm
-            .check_gfns(chunk.pages().map(|p| p.gfn))
-            .map_err(SessionError::Chunk)?;
-        for page in chunk.pages() {
-            match page.content {
-                PageContentRef::Encrypted { .. } => {
-                    return Err(SessionError::EncryptedOnDataStream)
-                }
-                PageContentRef::Zero if !self.agreed.contains(Features::ZERO_PAGES) => {
+        let index = chunk.index();
+        index.validate(&self.vm).map_err(SessionError::Chunk)?;
+        for entry in index.entries() {
+            match entry.entry {
+                EntryRef::Encrypted { .. } => return Err(SessionError::EncryptedOnDataStream),
+                EntryRef::Zero if !self.agreed.contains(Features::ZERO_PAGES) => {
                     return Err(SessionError::ZeroPagesNotAgreed)
                 }
                 _ => {}

@@ -13,6 +13,7 @@ impl<'a> Cursor<'a> {
         Self { bytes }
     }
 
+    #[cfg(test)]
     pub(crate) fn remaining(&self) -> usize {
         self.bytes.len()
     }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// The snapshot format this version of Veil writes and reads. Its payloads are migration
 /// frames: a change of the migration protocol version changes this too.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const MAGIC: [u8; 8] = *b"VEILSNAP";
 const HEADER_BYTES: usize = 32;
@@ -173,8 +173,9 @@ mod tests {
             FileError::Corrupted { .. }
         ));
         assert!(matches!(
-            damaged(&|b| b[8] = 2),
-            FileError::Version { found: 2, .. }
+            // A snapshot of the format before protocol version 3's chunks.
+            damaged(&|b| b[8] = 1),
+            FileError::Version { found: 1, .. }
         ));
         assert!(matches!(
             damaged(&|b| b[0] = b'X'),
@@ -186,7 +187,7 @@ mod tests {
         ));
         let message = damaged(&|b| b[8] = 7).to_string();
         assert!(
-            message.contains("format version 7") && message.contains("version 1 only"),
+            message.contains("format version 7") && message.contains("version 2 only"),
             "{message}"
         );
         std::fs::remove_file(&path).unwrap();

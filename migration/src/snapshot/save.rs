@@ -529,7 +529,9 @@ fn write_every_page(
                     };
                     let len = slice.len();
                     if encoder.push_encrypted_page(gfn, len, &mut seal)?.is_none() {
-                        private.extend_from_slice(encoder.frame().unwrap_or_default());
+                        if let Some(frame) = encoder.frame() {
+                            frame.append_to(&mut private);
+                        }
                         encoder.clear();
                         encoder
                             .push_encrypted_page(gfn, len, &mut seal)?
@@ -550,7 +552,7 @@ fn write_every_page(
     }
     drop(states);
     if let Some(frame) = encoder.frame() {
-        private.extend_from_slice(frame);
+        frame.append_to(&mut private);
     }
     if send.is_some() {
         let path = partial.temp_path(PRIVATE_PAGES_FILE);
