@@ -21,8 +21,8 @@ use crate::duplex::{connection_or_hang_up, Woken};
 use crate::page_bits::PageBits;
 use crate::page_writer::PageWriter;
 use crate::protocol::{
-    read_frame, write_frame, DataAction, DataStreamSession, Features, FrameReader, MemoryChunkRef,
-    Message, MessageType, ProtocolError, RecoveryOutcome, Streams, VmShape,
+    read_frame, write_frame, ChunkIndex, DataAction, DataStreamSession, Features, FrameReader,
+    Message, MessageError, MessageType, ProtocolError, RecoveryOutcome, Streams, VmShape,
 };
 use crate::receiver::{ByDeadline, ReceiveError};
 use crate::transport::{Accepted, Listener, Stream, TransportError};
@@ -205,15 +205,25 @@ fn run<S: Read + Write>(
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let raw = reader.read(&mut stream)?;
+        // A chunk's bodies stay on the stream until its index has been checked: then they
+        // go into guest memory through a small buffer, not through a frame's.
+        let (raw, bodies) = reader.read_to_bodies(&mut stream)?;
         if raw.header.kind == MessageType::MemoryChunk {
-            let chunk =
-                MemoryChunkRef::parse(raw.payload).map_err(|source| ProtocolError::Payload {
-                    kind: MessageType::MemoryChunk,
-                    source,
-                })?;
-            session.on_memory_chunk(&chunk)?;
-            writer.write_chunk(raw.payload)?;
+            let payload_error = |source| ProtocolError::Payload {
+                kind: MessageType::MemoryChunk,
+                source,
+            };
+            let index = ChunkIndex::parse(raw.payload).map_err(payload_error)?;
+            if index.body_bytes() as u64 != bodies {
+                return Err(payload_error(MessageError::WrongLength {
+                    what: "plain page bodies",
+                    len: bodies as usize,
+                    expected: index.body_bytes(),
+                })
+                .into());
+            }
+            session.on_memory_chunk(&index)?;
+            writer.write_chunk_from(&index, &mut stream)?;
             continue;
         }
         let frame = raw.decode()?;
@@ -337,6 +347,83 @@ mod tests {
             assert!(
                 matches!(&ended, ReceiveError::Aborted(r) if r == "done here"),
                 "{ended:?}"
+            );
+        });
+        drop(listener);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A data stream reads a chunk's bodies straight from the stream, a few at a time, once
+    /// its index is checked: the intact pages land, a damaged one is set aside until it
+    /// comes again whole.
+    #[test]
+    fn a_data_stream_writes_the_bodies_it_reads_and_sets_a_damaged_one_aside() {
+        let (listener, path, dir) = listener("bodies");
+        let ram = fresh_ram();
+        let byte =
+            |gfn: u64| -> u8 { ram.memory().read_obj(GuestAddress(gfn * 4096 + 9)).unwrap() };
+        std::thread::scope(|scope| {
+            let receiving = scope.spawn(|| {
+                let mut incoming =
+                    accept_from(&listener, Duration::from_secs(5), |_| Ok(()), None).unwrap();
+                incoming.receive_into(ram.memory(), None).map(drop)
+            });
+            let (mut control, mut data) = open(&path, 2);
+            // 40 plain pages (more than one read's worth) and a zero page among them.
+            let pages: Vec<Page> = (520..561u64)
+                .map(|gfn| Page {
+                    gfn,
+                    content: if gfn == 530 {
+                        PageContent::Zero
+                    } else {
+                        PageContent::Plain(Box::new([gfn as u8; 4096]))
+                    },
+                })
+                .collect();
+            let mut frame =
+                crate::protocol::frame::encode_frame(&Message::MemoryChunk(MemoryChunk { pages }))
+                    .unwrap();
+            // Page 550's body: the 30th body (page 530 has none).
+            let bodies_start = frame.len() - 40 * 4096;
+            frame[bodies_start + 29 * 4096 + 9] ^= 0xff;
+            data[0].write_all(&frame).unwrap();
+            write_frame(&mut data[0], &Message::Sync).unwrap();
+            write_frame(&mut control, &Message::Sync).unwrap();
+            assert_eq!(read_frame(&mut control).unwrap().message, Message::Synced);
+            for gfn in (520..561u64).filter(|&g| g != 530 && g != 550) {
+                assert_eq!(byte(gfn), gfn as u8, "gfn {gfn}");
+            }
+            assert_eq!(byte(530), 0);
+            assert_eq!(byte(550), 0, "the damaged page was not written");
+            // Sent again, whole.
+            write_frame(&mut data[0], &page(550, 0x55)).unwrap();
+            write_frame(&mut data[0], &Message::Sync).unwrap();
+            write_frame(&mut control, &Message::Sync).unwrap();
+            assert_eq!(read_frame(&mut control).unwrap().message, Message::Synced);
+            assert_eq!(byte(550), 0x55);
+            // A chunk whose bodies end early fails the receive, and the source is told.
+            frame.truncate(frame.len() - 100);
+            data[0].write_all(&frame).unwrap();
+            data[0].shutdown(std::net::Shutdown::Write).unwrap();
+            let told = read_frame(&mut data[0]).unwrap().message;
+            let Message::Error { reason } = &told else {
+                panic!("the data stream said {told:?}")
+            };
+            assert!(
+                reason.contains("Payload ends inside plain page"),
+                "{reason}"
+            );
+            write_frame(&mut control, &Message::error(reason.clone())).unwrap();
+            let failed = receiving.join().unwrap().unwrap_err();
+            assert!(
+                matches!(
+                    failed,
+                    ReceiveError::Protocol(ProtocolError::Payload {
+                        source: MessageError::Truncated { .. },
+                        ..
+                    })
+                ),
+                "{failed:?}"
             );
         });
         drop(listener);

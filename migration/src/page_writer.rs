@@ -5,7 +5,13 @@
 //! decrypts each private page), so where the host has a core to spare the two halves overlap.
 //! A writer that fails stops at once; the connection's thread finds it gone when it next hands
 //! it a chunk, a Sync or the State (within one frame of the source's), and reports its error.
+//!
+//! A plain page whose body fails its CRC (torn by the guest while the source sent it, or
+//! damaged on the way) is not written but marked, until it arrives whole. A data stream's
+//! thread uses a writer of its own, in line, and reads the bodies straight from its stream
+//! ([`PageWriter::write_chunk_from`]).
 
+use std::io::Read;
 use std::sync::mpsc::{Receiver, Sender};
 
 use veil_hypervisor::memory::PAGE_SIZE;
@@ -14,8 +20,10 @@ use veil_sev::firmware::{Firmware, PacketRef, SendStart};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::page_bits::PageBits;
+use crate::protocol::chunk::{EntryRef, IndexEntry};
 use crate::protocol::{
-    Arrived, FrameReader, MemoryChunkRef, MessageType, PageContentRef, ProtocolError,
+    Arrived, ChunkIndex, FrameReader, MemoryChunkRef, MessageError, MessageType, PageContentRef,
+    ProtocolError,
 };
 use crate::receiver::ReceiveError;
 
@@ -44,7 +52,13 @@ pub(crate) struct PageWriter<'m, 'f> {
     /// Plain pages that arrived damaged and have not arrived whole since; shared too.
     damaged: &'m PageBits,
     scratch: Vec<u8>,
+    /// Bodies read from the stream before they are checked and written.
+    staged: Vec<u8>,
 }
+
+/// Bodies [`PageWriter::write_chunk_from`] reads at a time: 64 KiB, one read call, in the
+/// cache while they are checked and copied.
+const STAGED_BODIES: usize = 16;
 
 impl<'m, 'f> PageWriter<'m, 'f> {
     /// A writer into `memory`, with `firmware` for an SEV guest's private pages. Anonymous
@@ -65,6 +79,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             written,
             damaged,
             scratch: vec![0; PAGE_SIZE as usize],
+            staged: vec![0; STAGED_BODIES * PAGE_SIZE as usize],
         }
     }
 
@@ -101,7 +116,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             kind: MessageType::MemoryChunk,
             source,
         })?;
-        self.populate_runs(&chunk)?;
+        self.populate_runs(chunk.index())?;
         for arrived in chunk.arrived() {
             let page = match arrived {
                 Arrived::Page(page) => page,
@@ -121,14 +136,78 @@ impl<'m, 'f> PageWriter<'m, 'f> {
                     self.mark_written(page.gfn);
                 }
                 PageContentRef::Encrypted { header, data } => {
-                    let receiver = self.sev.as_mut().ok_or(ReceiveError::Sev)?;
-                    // Read where it lies in the frame and decrypted in place in guest RAM,
-                    // as the PSP does on hardware.
-                    let dest = self.memory.get_slice(at, data.len())?;
-                    receiver.update_data(PacketRef { header, data }, &dest)?;
-                    self.mark_written(page.gfn);
+                    self.write_encrypted(page.gfn, PacketRef { header, data })?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Writes a chunk of which only the index has been read (checked by the session): its
+    /// plain pages' bodies are read from `bodies` a few at a time into a buffer that stays in
+    /// the cache, checked against their CRCs there and copied into guest memory, where a
+    /// whole frame read first would have gone through memory once more. For a data stream,
+    /// whose thread writes its own pages.
+    pub(crate) fn write_chunk_from(
+        &mut self,
+        index: &ChunkIndex<'_>,
+        bodies: &mut impl Read,
+    ) -> Result<(), ReceiveError> {
+        self.populate_runs(index)?;
+        let mut pending = [(0u64, 0u32); STAGED_BODIES];
+        let mut queued = 0;
+        for IndexEntry { gfn, entry } in index.entries() {
+            match entry {
+                EntryRef::Plain { body_crc } => {
+                    pending[queued] = (gfn, body_crc);
+                    queued += 1;
+                    if queued == STAGED_BODIES {
+                        self.write_bodies(&pending[..queued], bodies)?;
+                        queued = 0;
+                    }
+                }
+                EntryRef::Zero => {
+                    self.damaged.clear(gfn);
+                    self.write_zero(gfn, GuestAddress(gfn * PAGE_SIZE))?;
+                }
+                EntryRef::Encrypted { header, data } => {
+                    self.damaged.clear(gfn);
+                    self.write_encrypted(gfn, PacketRef { header, data })?;
+                }
+            }
+        }
+        self.write_bodies(&pending[..queued], bodies)
+    }
+
+    /// Reads the bodies of `pages` (number and CRC each), in order, and writes the intact ones.
+    fn write_bodies(
+        &mut self,
+        pages: &[(u64, u32)],
+        bodies: &mut impl Read,
+    ) -> Result<(), ReceiveError> {
+        let page_bytes = PAGE_SIZE as usize;
+        let staged = &mut self.staged[..pages.len() * page_bytes];
+        bodies.read_exact(staged).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ProtocolError::Payload {
+                kind: MessageType::MemoryChunk,
+                source: MessageError::Truncated {
+                    field: "plain page",
+                },
+            },
+            _ => ProtocolError::Io(e),
+        })?;
+        for (&(gfn, crc), body) in pages.iter().zip(self.staged.chunks_exact(page_bytes)) {
+            if crate::protocol::chunk::body_crc(body) != crc {
+                self.damaged.set(gfn);
+                continue;
+            }
+            self.damaged.clear(gfn);
+            veil_hypervisor::memory::fill_unlogged(
+                self.memory,
+                body,
+                GuestAddress(gfn * PAGE_SIZE),
+            )?;
+            self.mark_written(gfn);
         }
         Ok(())
     }
@@ -137,7 +216,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
     /// (plain, or decrypted by RECEIVE_UPDATE_DATA) and, in file-backed memory, the zero pages
     /// it will read to check. A run that cannot be backed fails the receive here, where the
     /// access would have died of SIGBUS.
-    fn populate_runs(&self, chunk: &MemoryChunkRef<'_>) -> Result<(), ReceiveError> {
+    fn populate_runs(&self, chunk: &ChunkIndex<'_>) -> Result<(), ReceiveError> {
         use veil_hypervisor::memory::{populate, Populate};
         let reads_zero_pages = self.written.is_none();
         let fault_in = |(first, count, how): (u64, u64, Populate)| {
@@ -154,10 +233,10 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             })
         };
         let mut run: Option<(u64, u64, Populate)> = None;
-        for page in chunk.pages() {
-            let how = match page.content {
-                PageContentRef::Zero if reads_zero_pages => Populate::Read,
-                PageContentRef::Zero => continue,
+        for page in chunk.entries() {
+            let how = match page.entry {
+                EntryRef::Zero if reads_zero_pages => Populate::Read,
+                EntryRef::Zero => continue,
                 _ => Populate::Write,
             };
             run = match run {
@@ -174,6 +253,18 @@ impl<'m, 'f> PageWriter<'m, 'f> {
         run.map_or(Ok(()), fault_in)
     }
 
+    /// A private page: read where it lies in the frame and decrypted in place in guest RAM,
+    /// as the PSP does on hardware.
+    fn write_encrypted(&mut self, gfn: u64, packet: PacketRef<'_>) -> Result<(), ReceiveError> {
+        let receiver = self.sev.as_mut().ok_or(ReceiveError::Sev)?;
+        let dest = self
+            .memory
+            .get_slice(GuestAddress(gfn * PAGE_SIZE), packet.data.len())?;
+        receiver.update_data(packet, &dest)?;
+        self.mark_written(gfn);
+        Ok(())
+    }
+
     /// Untouched fresh RAM is zero already: only data an earlier pass brought is cleared.
     fn write_zero(&mut self, gfn: u64, at: GuestAddress) -> Result<(), ReceiveError> {
         match self.written.map(|w| w.clear(gfn)) {
@@ -187,7 +278,7 @@ impl<'m, 'f> PageWriter<'m, 'f> {
         Ok(())
     }
 
-    fn mark_written(&mut self, gfn: u64) {
+    fn mark_written(&self, gfn: u64) {
         if let Some(written) = self.written {
             written.set(gfn);
         }

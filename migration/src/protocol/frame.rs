@@ -323,6 +323,62 @@ impl FrameReader {
 
     /// Reads one frame's header and payload; the payload is valid until the next read.
     pub fn read<'a>(&'a mut self, r: &mut impl Read) -> Result<RawFrame<'a>, ProtocolError> {
+        let header = self.read_header(r)?;
+        let length = header.length as usize;
+        let mut hashed = CoveredHash::new(header.kind, length);
+        self.read_checked(r, &header, 0, length, &mut hashed)?;
+        // Nothing decodes a payload that is not what the peer sent.
+        header.verify(&hashed.crc)?;
+        self.len = length;
+        Ok(RawFrame {
+            header,
+            payload: &self.buf[..length],
+        })
+    }
+
+    /// As [`read`](Self::read), but of a MemoryChunk only up to its plain pages' bodies: the
+    /// payload returned is the chunk's head and index, checksum verified, and the bodies'
+    /// bytes (the second value) are still to be read from `r`, to go straight where they
+    /// belong. Any other frame is read whole.
+    pub fn read_to_bodies<'a>(
+        &'a mut self,
+        r: &mut impl Read,
+    ) -> Result<(RawFrame<'a>, u64), ProtocolError> {
+        let header = self.read_header(r)?;
+        if header.kind != MessageType::MemoryChunk {
+            let length = header.length as usize;
+            let mut hashed = CoveredHash::new(header.kind, length);
+            self.read_checked(r, &header, 0, length, &mut hashed)?;
+            header.verify(&hashed.crc)?;
+            self.len = length;
+            return Ok((
+                RawFrame {
+                    header,
+                    payload: &self.buf[..length],
+                },
+                0,
+            ));
+        }
+        let length = header.length as usize;
+        let mut hashed = CoveredHash::new(header.kind, length);
+        let start = CHUNK_HEAD_BYTES.min(length);
+        self.read_checked(r, &header, 0, start, &mut hashed)?;
+        let covered = checksummed_len(&self.buf[..start])
+            .unwrap_or(start)
+            .clamp(start, length);
+        self.read_checked(r, &header, start, covered, &mut hashed)?;
+        header.verify(&hashed.crc)?;
+        self.len = covered;
+        Ok((
+            RawFrame {
+                header,
+                payload: &self.buf[..covered],
+            },
+            (length - covered) as u64,
+        ))
+    }
+
+    fn read_header(&mut self, r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
         self.len = 0;
         let mut header = [0; HEADER_BYTES];
         match read_full(r, &mut header, |_| {}).map_err(ProtocolError::Io)? {
@@ -333,32 +389,39 @@ impl FrameReader {
         let header = FrameHeader::decode(&header)?;
         // The header's type bounded the length: this allocation is at most its limit.
         debug_assert!(header.length <= MAX_PAYLOAD_BYTES);
-        let length = usize::try_from(header.length).map_err(|_| ProtocolError::TooLarge {
-            kind: header.kind,
-            length: header.length,
-            limit: header.kind.max_payload(),
-        })?;
-        let mut hashed = CoveredHash::new(header.kind, length);
-        let got = self.read_payload(r, length, &mut hashed)?;
-        if got < length {
+        if usize::try_from(header.length).is_err() {
+            return Err(ProtocolError::TooLarge {
+                kind: header.kind,
+                length: header.length,
+                limit: header.kind.max_payload(),
+            });
+        }
+        Ok(header)
+    }
+
+    /// Reads payload bytes `from..to` of the frame `header` begins; fewer is a truncation.
+    fn read_checked(
+        &mut self,
+        r: &mut impl Read,
+        header: &FrameHeader,
+        from: usize,
+        to: usize,
+        hashed: &mut CoveredHash,
+    ) -> Result<(), ProtocolError> {
+        let got = self.read_payload(r, from, to, hashed)?;
+        if got < to {
             return Err(ProtocolError::TruncatedPayload {
                 kind: header.kind,
                 expected: header.length,
                 got: got as u64,
             });
         }
-        // Nothing decodes a payload that is not what the peer sent.
-        header.verify(&hashed.crc)?;
-        self.len = length;
-        Ok(RawFrame {
-            header,
-            payload: &self.buf[..length],
-        })
+        Ok(())
     }
 }
 
 impl FrameReader {
-    /// Reads up to `length` payload bytes into the buffer, growing it only as bytes arrive
+    /// Reads payload bytes from `from` up to `length` into the buffer, growing it only as bytes arrive
     /// (doubling from [`FIRST_READ_BYTES`]): a header that claims 64 MiB and then a trickle
     /// makes this side hold at most about twice what the peer really sent, not the claim.
     /// Each read's bytes go into `hashed` at once, while the kernel's copy has them in the
@@ -366,10 +429,11 @@ impl FrameReader {
     fn read_payload(
         &mut self,
         r: &mut impl Read,
+        from: usize,
         length: usize,
         hashed: &mut CoveredHash,
     ) -> Result<usize, ProtocolError> {
-        let mut got = 0;
+        let mut got = from;
         while got < length {
             let step = (length - got).min(got.max(FIRST_READ_BYTES));
             if self.buf.len() < got + step {

@@ -18,7 +18,7 @@
 //! and a reason to stop; the target says nothing on it but an Error. An SEV guest's pages go
 //! through its firmware context one at a time, so it migrates over one stream.
 
-use super::chunk::{EntryRef, MemoryChunkRef};
+use super::chunk::{ChunkIndex, EntryRef};
 use super::limits::MAX_STREAMS;
 use super::messages::{Features, Message};
 use super::session::SessionError;
@@ -114,19 +114,16 @@ impl DataStreamSession {
         }
     }
 
-    /// A memory chunk, borrowed from the frame it was read into.
-    pub fn on_memory_chunk(
-        &mut self,
-        chunk: &MemoryChunkRef<'_>,
-    ) -> Result<DataAction, SessionError> {
+    /// A memory chunk's index, borrowed from the frame it was read into (the bodies of its
+    /// plain pages may still be on the stream).
+    pub fn on_memory_chunk(&mut self, chunk: &ChunkIndex<'_>) -> Result<DataAction, SessionError> {
         self.open(super::MessageType::MemoryChunk)?;
         let checked = self.check_chunk(chunk);
         self.over |= checked.is_err();
         checked.map(|()| DataAction::WritePages)
     }
 
-    fn check_chunk(&self, chunk: &MemoryChunkRef<'_>) -> Result<(), SessionError> {
-        let index = chunk.index();
+    fn check_chunk(&self, index: &ChunkIndex<'_>) -> Result<(), SessionError> {
         index.validate(&self.vm).map_err(SessionError::Chunk)?;
         for entry in index.entries() {
             match entry.entry {
@@ -177,10 +174,12 @@ mod tests {
     use crate::protocol::chunk::MemoryChunk;
     use crate::protocol::messages::tests::hello;
 
-    fn parse_and<T>(pages: Vec<crate::protocol::Page>, f: impl FnOnce(&MemoryChunkRef) -> T) -> T {
+    fn parse_and<T>(pages: Vec<crate::protocol::Page>, f: impl FnOnce(&ChunkIndex) -> T) -> T {
         let mut payload = Vec::new();
         MemoryChunk { pages }.encode(&mut payload).unwrap();
-        f(&MemoryChunkRef::parse(&payload).unwrap())
+        f(crate::protocol::MemoryChunkRef::parse(&payload)
+            .unwrap()
+            .index())
     }
 
     #[test]
