@@ -103,47 +103,35 @@ impl<T: Duplex + ?Sized> Duplex for &mut T {
     }
 }
 
-impl Duplex for UnixStream {
-    fn write_or_hear(&mut self, buf: &[u8]) -> io::Result<Written> {
-        let timeout = self.write_timeout()?;
-        socket_write_or_hear(self.as_fd(), buf, timeout)
-    }
+/// A plain socket: non-blocking sends that watch the return path, pages gathered from guest
+/// memory; the same for a UNIX and a TCP stream.
+macro_rules! socket_duplex {
+    ($socket:ty) => {
+        impl Duplex for $socket {
+            fn write_or_hear(&mut self, buf: &[u8]) -> io::Result<Written> {
+                let timeout = self.write_timeout()?;
+                socket_write_or_hear(self.as_fd(), buf, timeout)
+            }
 
-    fn sends_from_guest_memory(&self) -> bool {
-        true
-    }
+            fn sends_from_guest_memory(&self) -> bool {
+                true
+            }
 
-    fn write_pages_or_hear(
-        &mut self,
-        head: &[u8],
-        memory: &GuestMemory,
-        pages: &[GuestAddress],
-    ) -> io::Result<Written> {
-        let timeout = self.write_timeout()?;
-        socket_write_pages_or_hear(self.as_fd(), head, memory, pages, timeout)
-    }
+            fn write_pages_or_hear(
+                &mut self,
+                head: &[u8],
+                memory: &GuestMemory,
+                pages: &[GuestAddress],
+            ) -> io::Result<Written> {
+                let timeout = self.write_timeout()?;
+                socket_write_pages_or_hear(self.as_fd(), head, memory, pages, timeout)
+            }
+        }
+    };
 }
 
-impl Duplex for TcpStream {
-    fn write_or_hear(&mut self, buf: &[u8]) -> io::Result<Written> {
-        let timeout = self.write_timeout()?;
-        socket_write_or_hear(self.as_fd(), buf, timeout)
-    }
-
-    fn sends_from_guest_memory(&self) -> bool {
-        true
-    }
-
-    fn write_pages_or_hear(
-        &mut self,
-        head: &[u8],
-        memory: &GuestMemory,
-        pages: &[GuestAddress],
-    ) -> io::Result<Written> {
-        let timeout = self.write_timeout()?;
-        socket_write_pages_or_hear(self.as_fd(), head, memory, pages, timeout)
-    }
-}
+socket_duplex!(UnixStream);
+socket_duplex!(TcpStream);
 
 /// Whether `socket` becomes readable (for a listener: a connection is waiting) before
 /// `deadline`.
