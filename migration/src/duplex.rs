@@ -487,18 +487,23 @@ mod tests {
         speaker.join().unwrap();
     }
 
-    #[test]
-    fn a_write_a_reading_peer_takes_goes_out_whole() {
+    /// What a reading peer got of `write`, which must have gone out whole.
+    fn received(write: impl FnOnce(&mut UnixStream) -> io::Result<Written>) -> Vec<u8> {
         let (mut source, mut target) = UnixStream::pair().unwrap();
-        let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             target.read_to_end(&mut got).unwrap();
             got
         });
-        assert_eq!(source.write_or_hear(&data).unwrap(), Written::All);
+        assert_eq!(write(&mut source).unwrap(), Written::All);
         drop(source);
-        assert_eq!(reader.join().unwrap(), data);
+        reader.join().unwrap()
+    }
+
+    #[test]
+    fn a_write_a_reading_peer_takes_goes_out_whole() {
+        let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        assert_eq!(received(|source| source.write_or_hear(&data)), data);
     }
 
     #[test]
@@ -556,37 +561,10 @@ mod tests {
             memory.read_slice(&mut page, *at).unwrap();
             expected.extend_from_slice(&page);
         }
-        let copied = {
-            let (mut source, mut target) = UnixStream::pair().unwrap();
-            let reader = std::thread::spawn(move || {
-                let mut got = Vec::new();
-                target.read_to_end(&mut got).unwrap();
-                got
-            });
-            assert_eq!(
-                copy_pages_or_hear(&mut source, head, memory, &pages).unwrap(),
-                Written::All
-            );
-            drop(source);
-            reader.join().unwrap()
-        };
+        let copied = received(|source| copy_pages_or_hear(source, head, memory, &pages));
         assert_eq!(copied, expected, "the copying default");
-        let (mut source, mut target) = UnixStream::pair().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            target.read_to_end(&mut got).unwrap();
-            got
-        });
-        assert_eq!(
-            source.write_pages_or_hear(head, memory, &pages).unwrap(),
-            Written::All
-        );
-        drop(source);
-        assert_eq!(
-            reader.join().unwrap(),
-            expected,
-            "gathered from guest memory"
-        );
+        let gathered = received(|source| source.write_pages_or_hear(head, memory, &pages));
+        assert_eq!(gathered, expected, "gathered from guest memory");
     }
 
     #[test]

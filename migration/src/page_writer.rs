@@ -22,8 +22,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::page_bits::PageBits;
 use crate::protocol::chunk::{EntryRef, IndexEntry};
 use crate::protocol::{
-    Arrived, ChunkIndex, FrameReader, MemoryChunkRef, MessageError, MessageType, PageContentRef,
-    ProtocolError,
+    Arrived, ChunkBodies, ChunkIndex, FrameReader, MemoryChunkRef, MessageType, PageContentRef,
+    PageRef, ProtocolError,
 };
 use crate::receiver::ReceiveError;
 
@@ -118,29 +118,41 @@ impl<'m, 'f> PageWriter<'m, 'f> {
         })?;
         self.populate_runs(chunk.index())?;
         for arrived in chunk.arrived() {
-            let page = match arrived {
-                Arrived::Page(page) => page,
-                Arrived::Damaged { gfn } => {
-                    // Torn while the source sent it, or damaged on the way: the guest's
-                    // write put it in the dirty log, so it comes again.
-                    self.damaged.set(gfn);
-                    continue;
-                }
-            };
-            self.damaged.clear(page.gfn);
-            let at = GuestAddress(page.gfn * PAGE_SIZE);
-            match page.content {
-                PageContentRef::Zero => self.write_zero(page.gfn, at)?,
-                PageContentRef::Plain(bytes) => {
-                    veil_hypervisor::memory::fill_unlogged(self.memory, bytes, at)?;
-                    self.mark_written(page.gfn);
-                }
-                PageContentRef::Encrypted { header, data } => {
-                    self.write_encrypted(page.gfn, PacketRef { header, data })?;
-                }
+            match arrived {
+                Arrived::Page(page) => self.write_page(page)?,
+                Arrived::Damaged { gfn } => self.set_aside(gfn),
             }
         }
         Ok(())
+    }
+
+    /// Writes one intact page: zero, plain, or decrypted by RECEIVE_UPDATE_DATA.
+    fn write_page(&mut self, page: PageRef<'_>) -> Result<(), ReceiveError> {
+        self.damaged.clear(page.gfn);
+        let at = GuestAddress(page.gfn * PAGE_SIZE);
+        match page.content {
+            PageContentRef::Zero => self.write_zero(page.gfn, at)?,
+            PageContentRef::Plain(bytes) => {
+                veil_hypervisor::memory::fill_unlogged(self.memory, bytes, at)?;
+                self.mark_written(page.gfn);
+            }
+            PageContentRef::Encrypted { header, data } => {
+                let receiver = self.sev.as_mut().ok_or(ReceiveError::Sev)?;
+                // Read where it lies in the frame and decrypted in place in guest RAM, as the
+                // PSP does on hardware.
+                let dest = self.memory.get_slice(at, data.len())?;
+                receiver.update_data(PacketRef { header, data }, &dest)?;
+                self.mark_written(page.gfn);
+            }
+        }
+        Ok(())
+    }
+
+    /// A plain page whose body failed its CRC, torn while the source sent it or damaged on
+    /// the way: not written, and remembered until it comes again whole (the guest's write put
+    /// it in the dirty log, so it does).
+    fn set_aside(&self, gfn: u64) {
+        self.damaged.set(gfn);
     }
 
     /// Writes a chunk of which only the index has been read (checked by the session): its
@@ -148,10 +160,10 @@ impl<'m, 'f> PageWriter<'m, 'f> {
     /// the cache, checked against their CRCs there and copied into guest memory, where a
     /// whole frame read first would have gone through memory once more. For a data stream,
     /// whose thread writes its own pages.
-    pub(crate) fn write_chunk_from(
+    pub(crate) fn write_chunk_from<R: Read>(
         &mut self,
         index: &ChunkIndex<'_>,
-        bodies: &mut impl Read,
+        bodies: &mut ChunkBodies<'_, R>,
     ) -> Result<(), ReceiveError> {
         self.populate_runs(index)?;
         let mut pending = [(0u64, 0u32); STAGED_BODIES];
@@ -166,50 +178,44 @@ impl<'m, 'f> PageWriter<'m, 'f> {
                         queued = 0;
                     }
                 }
-                EntryRef::Zero => {
-                    self.damaged.clear(gfn);
-                    self.write_zero(gfn, GuestAddress(gfn * PAGE_SIZE))?;
-                }
-                EntryRef::Encrypted { header, data } => {
-                    self.damaged.clear(gfn);
-                    self.write_encrypted(gfn, PacketRef { header, data })?;
-                }
+                EntryRef::Zero => self.write_page(PageRef {
+                    gfn,
+                    content: PageContentRef::Zero,
+                })?,
+                EntryRef::Encrypted { header, data } => self.write_page(PageRef {
+                    gfn,
+                    content: PageContentRef::Encrypted { header, data },
+                })?,
             }
         }
         self.write_bodies(&pending[..queued], bodies)
     }
 
     /// Reads the bodies of `pages` (number and CRC each), in order, and writes the intact ones.
-    fn write_bodies(
+    fn write_bodies<R: Read>(
         &mut self,
         pages: &[(u64, u32)],
-        bodies: &mut impl Read,
+        bodies: &mut ChunkBodies<'_, R>,
     ) -> Result<(), ReceiveError> {
         let page_bytes = PAGE_SIZE as usize;
-        let staged = &mut self.staged[..pages.len() * page_bytes];
-        bodies.read_exact(staged).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => ProtocolError::Payload {
-                kind: MessageType::MemoryChunk,
-                source: MessageError::Truncated {
-                    field: "plain page",
-                },
-            },
-            _ => ProtocolError::Io(e),
-        })?;
-        for (&(gfn, crc), body) in pages.iter().zip(self.staged.chunks_exact(page_bytes)) {
-            if crate::protocol::chunk::body_crc(body) != crc {
-                self.damaged.set(gfn);
-                continue;
-            }
-            self.damaged.clear(gfn);
-            veil_hypervisor::memory::fill_unlogged(
-                self.memory,
-                body,
-                GuestAddress(gfn * PAGE_SIZE),
-            )?;
-            self.mark_written(gfn);
-        }
-        Ok(())
+        bodies.read_exact(&mut self.staged[..pages.len() * page_bytes])?;
+        let staged = std::mem::take(&mut self.staged);
+        let written = pages
+            .iter()
+            .zip(staged.chunks_exact(page_bytes))
+            .try_for_each(|(&(gfn, crc), body)| {
+                if crate::protocol::chunk::body_crc(body) != crc {
+                    self.set_aside(gfn);
+                    return Ok(());
+                }
+                let body = body.try_into().expect("a page's bytes");
+                self.write_page(PageRef {
+                    gfn,
+                    content: PageContentRef::Plain(body),
+                })
+            });
+        self.staged = staged;
+        written
     }
 
     /// Faults in, in one call per run of consecutive pages, those this chunk will write
@@ -251,18 +257,6 @@ impl<'m, 'f> PageWriter<'m, 'f> {
             };
         }
         run.map_or(Ok(()), fault_in)
-    }
-
-    /// A private page: read where it lies in the frame and decrypted in place in guest RAM,
-    /// as the PSP does on hardware.
-    fn write_encrypted(&mut self, gfn: u64, packet: PacketRef<'_>) -> Result<(), ReceiveError> {
-        let receiver = self.sev.as_mut().ok_or(ReceiveError::Sev)?;
-        let dest = self
-            .memory
-            .get_slice(GuestAddress(gfn * PAGE_SIZE), packet.data.len())?;
-        receiver.update_data(packet, &dest)?;
-        self.mark_written(gfn);
-        Ok(())
     }
 
     /// Untouched fresh RAM is zero already: only data an earlier pass brought is cleared.

@@ -942,6 +942,9 @@ pub(crate) struct ChunkOut<'a, S> {
     stream: &'a mut S,
     /// Where the plain pages' bodies are read from as the chunk goes out.
     memory: &'a veil_hypervisor::GuestMemory,
+    /// Whether the stream sends bodies from guest memory itself (a plain socket), or the
+    /// chunk holds them (TLS).
+    from_guest: bool,
     /// The plain pages of the chunk being built, whose bodies follow its head.
     bodies: Vec<GuestAddress>,
     /// A page read to check it and hash it, small enough to stay in the cache.
@@ -966,6 +969,7 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
         Self {
             encoder,
             session,
+            from_guest: stream.sends_from_guest_memory(),
             stream,
             memory,
             bodies: Vec::new(),
@@ -984,7 +988,7 @@ impl<'a, S: Duplex> ChunkOut<'a, S> {
     /// into the chunk once, hashed there.
     fn push_clear(&mut self, gfn: u64, zero_pages: bool) -> Result<bool, SendError> {
         let at = GuestAddress(gfn * PAGE_SIZE);
-        if !self.stream.sends_from_guest_memory() {
+        if !self.from_guest {
             let memory = self.memory;
             let read = |dst: &mut [u8]| memory.read_slice(dst, at).map_err(SendError::from);
             return self.add_page(crate::protocol::chunk::PLAIN_PAGE_WIRE_BYTES, |encoder| {

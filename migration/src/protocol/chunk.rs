@@ -295,6 +295,22 @@ impl<'a> ChunkIndex<'a> {
         })
     }
 
+    /// As [`parse`](Self::parse), for a head that `body_bytes` of bodies follow in its
+    /// frame: they must be a body for every plain entry, no more, no less.
+    pub fn parse_followed_by(head: &'a [u8], body_bytes: u64) -> Result<Self, MessageError> {
+        let index = Self::parse(head)?;
+        let expected = index.body_bytes() as u64;
+        match body_bytes.cmp(&expected) {
+            std::cmp::Ordering::Less => Err(MessageError::Truncated {
+                field: "plain page",
+            }),
+            std::cmp::Ordering::Greater => Err(MessageError::TrailingBytes {
+                count: (body_bytes - expected) as usize,
+            }),
+            std::cmp::Ordering::Equal => Ok(index),
+        }
+    }
+
     /// Number of pages.
     pub fn len(&self) -> usize {
         self.count
@@ -409,16 +425,8 @@ impl<'a> MemoryChunkRef<'a> {
             return Err(MessageError::Truncated { field: "index" });
         }
         let (head, bodies) = payload.split_at(head_len);
-        let index = ChunkIndex::parse(head)?;
-        match bodies.len().cmp(&index.body_bytes()) {
-            std::cmp::Ordering::Less => Err(MessageError::Truncated {
-                field: "plain page",
-            }),
-            std::cmp::Ordering::Greater => Err(MessageError::TrailingBytes {
-                count: bodies.len() - index.body_bytes(),
-            }),
-            std::cmp::Ordering::Equal => Ok(Self { index, bodies }),
-        }
+        let index = ChunkIndex::parse_followed_by(head, bodies.len() as u64)?;
+        Ok(Self { index, bodies })
     }
 
     /// The index: what the session checks.
@@ -901,6 +909,51 @@ pub(crate) mod tests {
             FrameReader::new().read(&mut index.as_slice()),
             Err(crate::protocol::ProtocolError::Corrupted { .. })
         ));
+    }
+
+    #[test]
+    fn bodies_left_on_the_stream_are_read_after_the_index_and_an_early_end_is_a_truncation() {
+        use crate::protocol::frame::FrameReader;
+        use crate::protocol::ProtocolError;
+        let chunk = MemoryChunk {
+            pages: vec![plain(1, 1), zero(2), plain(3, 3)],
+        };
+        let frame = encode_frame(&Message::MemoryChunk(chunk)).unwrap();
+        let mut reader = FrameReader::new();
+        let mut stream = frame.as_slice();
+        let (raw, mut bodies) = reader.read_to_bodies(&mut stream).unwrap();
+        let index = ChunkIndex::parse_followed_by(raw.payload, bodies.len()).unwrap();
+        assert_eq!(index.len(), 3);
+        let mut got = vec![0; 2 * PAGE_SIZE];
+        bodies.read_exact(&mut got).unwrap();
+        assert!(bodies.is_empty());
+        assert!(got[..PAGE_SIZE].iter().all(|&b| b == 1));
+        assert!(got[PAGE_SIZE..].iter().all(|&b| b == 3));
+
+        // The stream ends 100 bytes into the second body: the link, not the chunk, failed.
+        let cut = &frame[..frame.len() - PAGE_SIZE + 100];
+        let mut stream = cut;
+        let (_, mut bodies) = reader.read_to_bodies(&mut stream).unwrap();
+        bodies.read_exact(&mut got[..PAGE_SIZE]).unwrap();
+        let short = bodies.read_exact(&mut got[PAGE_SIZE..]).unwrap_err();
+        assert!(
+            matches!(
+                short,
+                ProtocolError::TruncatedPayload { kind: MessageType::MemoryChunk, got, .. }
+                    if got == (cut.len() - HEADER_BYTES) as u64
+            ),
+            "{short:?}"
+        );
+        // Other frames are read whole, nothing left.
+        let ack = encode_frame(&Message::Ack).unwrap();
+        let mut stream = ack.as_slice();
+        let (raw, bodies) = reader.read_to_bodies(&mut stream).unwrap();
+        assert_eq!((raw.header.kind, bodies.len()), (MessageType::Ack, 0));
+        // Bodies that do not match the index are refused.
+        let head_len = frame.len() - 2 * PAGE_SIZE - HEADER_BYTES;
+        let head = &frame[HEADER_BYTES..HEADER_BYTES + head_len];
+        assert!(ChunkIndex::parse_followed_by(head, PAGE_SIZE as u64).is_err());
+        assert!(ChunkIndex::parse_followed_by(head, 3 * PAGE_SIZE as u64).is_err());
     }
 
     /// Hands out at most `step` bytes a read.

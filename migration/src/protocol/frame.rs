@@ -271,6 +271,59 @@ pub(crate) fn seal_hashed(
     frame[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 4].copy_from_slice(&checksum.to_le_bytes());
 }
 
+/// The payload bytes [`FrameReader::read_to_bodies`] left on the stream: a MemoryChunk's
+/// plain pages' bodies, for the caller to read where they belong.
+#[derive(Debug)]
+pub struct ChunkBodies<'r, R> {
+    r: &'r mut R,
+    header: FrameHeader,
+    /// Payload bytes read so far.
+    read: u64,
+}
+
+impl<'r, R: Read> ChunkBodies<'r, R> {
+    fn after(r: &'r mut R, header: FrameHeader, read: usize) -> Self {
+        Self {
+            r,
+            header,
+            read: read as u64,
+        }
+    }
+
+    /// Bytes still to read.
+    pub fn len(&self) -> u64 {
+        self.header.length - self.read
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` (at most [`len`](Self::len) bytes) with the next bodies; a stream that
+    /// ends first is a truncation of the frame, as [`FrameReader::read`] reports it.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ProtocolError> {
+        let kind = self.header.kind;
+        if buf.len() as u64 > self.len() {
+            return Err(ProtocolError::Payload {
+                kind,
+                source: MessageError::Truncated {
+                    field: "plain page",
+                },
+            });
+        }
+        let got = read_full(self.r, buf, |_| {}).map_err(ProtocolError::Io)?;
+        self.read += got as u64;
+        if got < buf.len() {
+            return Err(ProtocolError::TruncatedPayload {
+                kind,
+                expected: self.header.length,
+                got: self.read,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -324,58 +377,65 @@ impl FrameReader {
     /// Reads one frame's header and payload; the payload is valid until the next read.
     pub fn read<'a>(&'a mut self, r: &mut impl Read) -> Result<RawFrame<'a>, ProtocolError> {
         let header = self.read_header(r)?;
-        let length = header.length as usize;
-        let mut hashed = CoveredHash::new(header.kind, length);
-        self.read_checked(r, &header, 0, length, &mut hashed)?;
+        self.read_rest(r, header, header.length as usize)
+    }
+
+    /// Reads the first `to` payload bytes of the frame `header` begins, which the checksum
+    /// covers, and checks them.
+    fn read_rest<'a>(
+        &'a mut self,
+        r: &mut impl Read,
+        header: FrameHeader,
+        to: usize,
+    ) -> Result<RawFrame<'a>, ProtocolError> {
+        let mut hashed = CoveredHash::new(header.kind, header.length as usize);
+        let got = self.read_payload(r, to, &mut hashed)?;
+        if got < to {
+            return Err(ProtocolError::TruncatedPayload {
+                kind: header.kind,
+                expected: header.length,
+                got: got as u64,
+            });
+        }
         // Nothing decodes a payload that is not what the peer sent.
         header.verify(&hashed.crc)?;
-        self.len = length;
+        self.len = to;
         Ok(RawFrame {
             header,
-            payload: &self.buf[..length],
+            payload: &self.buf[..to],
         })
     }
 
     /// As [`read`](Self::read), but of a MemoryChunk only up to its plain pages' bodies: the
-    /// payload returned is the chunk's head and index, checksum verified, and the bodies'
-    /// bytes (the second value) are still to be read from `r`, to go straight where they
-    /// belong. Any other frame is read whole.
-    pub fn read_to_bodies<'a>(
+    /// payload returned is the chunk's head and index, checksum verified, and the bodies are
+    /// left on `r` ([`ChunkBodies`]), to go straight where they belong. Any other frame is
+    /// read whole.
+    pub fn read_to_bodies<'a, 'r, R: Read>(
         &'a mut self,
-        r: &mut impl Read,
-    ) -> Result<(RawFrame<'a>, u64), ProtocolError> {
+        r: &'r mut R,
+    ) -> Result<(RawFrame<'a>, ChunkBodies<'r, R>), ProtocolError> {
         let header = self.read_header(r)?;
-        if header.kind != MessageType::MemoryChunk {
-            let length = header.length as usize;
-            let mut hashed = CoveredHash::new(header.kind, length);
-            self.read_checked(r, &header, 0, length, &mut hashed)?;
-            header.verify(&hashed.crc)?;
-            self.len = length;
-            return Ok((
-                RawFrame {
-                    header,
-                    payload: &self.buf[..length],
-                },
-                0,
-            ));
-        }
         let length = header.length as usize;
-        let mut hashed = CoveredHash::new(header.kind, length);
+        if header.kind != MessageType::MemoryChunk {
+            let frame = self.read_rest(r, header, length)?;
+            return Ok((frame, ChunkBodies::after(r, header, length)));
+        }
+        // The chunk's first bytes say how long its head and index are.
         let start = CHUNK_HEAD_BYTES.min(length);
-        self.read_checked(r, &header, 0, start, &mut hashed)?;
-        let covered = checksummed_len(&self.buf[..start])
+        let mut prefix = [0; CHUNK_HEAD_BYTES];
+        let got = read_full(r, &mut prefix[..start], |_| {}).map_err(ProtocolError::Io)?;
+        if got < start {
+            return Err(ProtocolError::TruncatedPayload {
+                kind: header.kind,
+                expected: header.length,
+                got: got as u64,
+            });
+        }
+        let covered = checksummed_len(&prefix[..start])
             .unwrap_or(start)
             .clamp(start, length);
-        self.read_checked(r, &header, start, covered, &mut hashed)?;
-        header.verify(&hashed.crc)?;
-        self.len = covered;
-        Ok((
-            RawFrame {
-                header,
-                payload: &self.buf[..covered],
-            },
-            (length - covered) as u64,
-        ))
+        let frame = self.read_rest(&mut prefix[..start].chain(&mut *r), header, covered)?;
+        Ok((frame, ChunkBodies::after(r, header, covered)))
     }
 
     fn read_header(&mut self, r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
@@ -398,30 +458,10 @@ impl FrameReader {
         }
         Ok(header)
     }
-
-    /// Reads payload bytes `from..to` of the frame `header` begins; fewer is a truncation.
-    fn read_checked(
-        &mut self,
-        r: &mut impl Read,
-        header: &FrameHeader,
-        from: usize,
-        to: usize,
-        hashed: &mut CoveredHash,
-    ) -> Result<(), ProtocolError> {
-        let got = self.read_payload(r, from, to, hashed)?;
-        if got < to {
-            return Err(ProtocolError::TruncatedPayload {
-                kind: header.kind,
-                expected: header.length,
-                got: got as u64,
-            });
-        }
-        Ok(())
-    }
 }
 
 impl FrameReader {
-    /// Reads payload bytes from `from` up to `length` into the buffer, growing it only as bytes arrive
+    /// Reads up to `length` payload bytes into the buffer, growing it only as bytes arrive
     /// (doubling from [`FIRST_READ_BYTES`]): a header that claims 64 MiB and then a trickle
     /// makes this side hold at most about twice what the peer really sent, not the claim.
     /// Each read's bytes go into `hashed` at once, while the kernel's copy has them in the
@@ -429,11 +469,10 @@ impl FrameReader {
     fn read_payload(
         &mut self,
         r: &mut impl Read,
-        from: usize,
         length: usize,
         hashed: &mut CoveredHash,
     ) -> Result<usize, ProtocolError> {
-        let mut got = from;
+        let mut got = 0;
         while got < length {
             let step = (length - got).min(got.max(FIRST_READ_BYTES));
             if self.buf.len() < got + step {

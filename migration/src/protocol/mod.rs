@@ -92,7 +92,7 @@ pub use chunk::{
     PageContentRef, PageRef,
 };
 pub use frame::{
-    read_frame, write_frame, Frame, FrameHeader, FrameReader, ProtocolError, RawFrame,
+    read_frame, write_frame, ChunkBodies, Frame, FrameHeader, FrameReader, ProtocolError, RawFrame,
 };
 pub use messages::{
     Features, Hello, HelloReply, Message, MessageError, MessageType, SevStart, State,
